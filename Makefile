@@ -1,0 +1,52 @@
+# meddx: `make demo` and `make test` work on a fresh machine; both install first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# torch/torchvision come from pip exactly as pinned in pyproject.toml.
+PIP_INSTALL := $(BIN)/pip install --disable-pip-version-check
+
+.PHONY: install demo test test-fast lint bench train-ddp score submit-score submit-train clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP_INSTALL) -e '.[test]'
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/meddx demo
+
+test: install
+	$(BIN)/python -m pytest -v --durations=15
+
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow"
+
+lint: install
+	$(BIN)/ruff check meddx jobs tests
+	$(BIN)/ruff format --check meddx jobs tests
+
+# DDP training on a synthetic archive with 2 CPU workers (set ARGS for more).
+DATA ?= data/synth-train
+CKPT ?= models/resnet18.pt
+train-ddp: install
+	test -f $(DATA)/_manifest.csv || $(BIN)/meddx synth $(DATA) --n 480 --seed 1
+	$(BIN)/meddx train $(DATA) --out $(CKPT) --workers 2 --epochs 6 --image-size 160 $(ARGS)
+
+INPUT ?= data/synth-holdout
+OUT ?= results
+score: install
+	test -f $(INPUT)/_manifest.csv || $(BIN)/meddx synth $(INPUT) --n 240 --seed 2
+	$(BIN)/meddx score $(INPUT) --model $(CKPT) --out $(OUT) $(ARGS)
+
+# Submit to a running cluster: RAY_ADDRESS=http://head:8265 make submit-score INPUT=s3://... ...
+submit-score: install
+	$(BIN)/ray job submit --working-dir . -- python jobs/score.py $(INPUT) --model $(CKPT) --out $(OUT) $(ARGS)
+
+submit-train: install
+	$(BIN)/ray job submit --working-dir . -- python jobs/train.py $(DATA) --out $(CKPT) --workers 2 $(ARGS)
+
+clean:
+	rm -rf demo-output data models results .pytest_cache

@@ -1,0 +1,297 @@
+"""The ``meddx`` command line. Each command builds a frozen config and calls one function."""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import sys
+
+import click
+
+from meddx import MeddxError, __version__
+from meddx.storage import StorageSettings
+
+s3_endpoint_option = click.option(
+    "--s3-endpoint",
+    envvar="MEDDX_S3_ENDPOINT",
+    default=None,
+    metavar="URL",
+    help="S3-compatible endpoint (MinIO, Ceph, ...); env MEDDX_S3_ENDPOINT. "
+    "Credentials come from the standard AWS chain.",
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="meddx")
+def cli():
+    """Score and train CNNs on medical image archives (local or S3) with Ray."""
+
+
+@cli.command()
+@click.argument("out")
+@click.option(
+    "--n", "n", type=click.IntRange(min=1), default=200, show_default=True, help="Number of images."
+)
+@click.option(
+    "--size",
+    type=click.IntRange(min=64, max=4096),
+    default=256,
+    show_default=True,
+    help="Image side in pixels.",
+)
+@click.option(
+    "--format", "fmt", type=click.Choice(["png", "jpeg"]), default="png", show_default=True
+)
+@click.option(
+    "--positive-rate",
+    type=click.FloatRange(0, 1),
+    default=0.5,
+    show_default=True,
+    help="Fraction of images with an opacity.",
+)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@s3_endpoint_option
+def synth(out, n, size, fmt, positive_rate, seed, s3_endpoint):
+    """Write a labelled synthetic chest-X-ray archive to OUT (folder or s3:// prefix).
+
+    Layout: OUT/<normal|opacity>/cxr-NNNNNN.<ext> and OUT/_manifest.csv (uri,label).
+    """
+    from meddx.synth import SynthConfig, write_archive
+
+    cfg = SynthConfig(
+        out=out,
+        n=n,
+        size=size,
+        format=fmt,
+        positive_rate=positive_rate,
+        seed=seed,
+        storage=StorageSettings.from_env(s3_endpoint),
+    )
+    rows = write_archive(cfg)
+    positives = sum(label == "opacity" for _, label in rows)
+    click.echo(f"wrote {len(rows)} images ({positives} opacity) and _manifest.csv to {out}")
+
+
+@cli.command()
+@click.argument("data")
+@click.option(
+    "--out", required=True, metavar="CKPT", help="Checkpoint file to write (local or s3://)."
+)
+@click.option(
+    "--model",
+    default="resnet18",
+    show_default=True,
+    type=click.Choice(["seednet", "resnet18", "resnet50", "densenet121"]),
+)
+@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option(
+    "--workers", type=click.IntRange(min=1), default=2, show_default=True, help="DDP workers."
+)
+@click.option("--use-gpu/--no-use-gpu", default=False, show_default=True)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=32,
+    show_default=True,
+    help="Per-worker batch size.",
+)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
+@click.option(
+    "--val-fraction",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    default=0.2,
+    show_default=True,
+)
+@click.option("--image-size", type=click.IntRange(min=32, max=1024), default=224, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option(
+    "--storage-path",
+    default=None,
+    metavar="URI",
+    help="Ray Train run folder (shared storage such as s3:// on multi-node clusters).",
+)
+@s3_endpoint_option
+def train(
+    data,
+    out,
+    model,
+    epochs,
+    workers,
+    use_gpu,
+    batch_size,
+    lr,
+    val_fraction,
+    image_size,
+    seed,
+    storage_path,
+    s3_endpoint,
+):
+    """Train a classifier with Ray Train (PyTorch DDP) on the labelled archive DATA.
+
+    Labels come from DATA/_manifest.csv when present, else from class folder names.
+    """
+    from meddx.training import TrainConfig
+    from meddx.training import train as run
+
+    cfg = TrainConfig(
+        data=data,
+        out=out,
+        model=model,
+        epochs=epochs,
+        workers=workers,
+        use_gpu=use_gpu,
+        batch_size=batch_size,
+        lr=lr,
+        val_fraction=val_fraction,
+        image_size=image_size,
+        seed=seed,
+        storage_path=storage_path,
+        storage=StorageSettings.from_env(s3_endpoint),
+    )
+    summary = run(cfg)
+    m = summary.metrics
+    click.echo(
+        f"trained {model} on {summary.n_train} images (validation {summary.n_val}) "
+        f"in {summary.seconds:.1f}s; best epoch {int(m.get('epoch', 0))}: "
+        f"val_auroc={m.get('val_auroc', math.nan):.4f} val_f1={m.get('val_f1', math.nan):.4f}"
+    )
+    click.echo(f"checkpoint {summary.checkpoint} sha256={summary.sha256}")
+
+
+def _run_date(ctx, param, value):
+    if value is None:
+        return dt.date.today().isoformat()
+    try:
+        return dt.date.fromisoformat(value).isoformat()
+    except ValueError:
+        raise click.BadParameter(f"expected YYYY-MM-DD, got {value!r}") from None
+
+
+@cli.command()
+@click.argument("input")
+@click.option("--model", required=True, metavar="CKPT", help="Checkpoint file (local or s3://).")
+@click.option("--out", required=True, metavar="OUT", help="Results folder or s3:// prefix.")
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=64,
+    show_default=True,
+    help="Images per inference batch.",
+)
+@click.option(
+    "--actors",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Predictor actors [default: one per GPU, or 1 on CPU].",
+)
+@click.option(
+    "--run-date",
+    callback=_run_date,
+    default=None,
+    metavar="YYYY-MM-DD",
+    help="Partition to write: OUT/dt=RUN_DATE/ [default: today].",
+)
+@click.option(
+    "--precision",
+    type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+    default="auto",
+    show_default=True,
+)
+@click.option(
+    "--max-pixels",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Refuse images with more pixels (decompression bombs) [default: 60,000,000].",
+)
+@s3_endpoint_option
+def score(input, model, out, batch_size, actors, run_date, precision, max_pixels, s3_endpoint):
+    """Score every image under INPUT (folder or s3:// prefix) and write Parquet to OUT.
+
+    One row per input object; unreadable inputs are rows with status=error.
+    """
+    from meddx import decode
+    from meddx.scoring import ScoreConfig
+    from meddx.scoring import score as run
+
+    cfg = ScoreConfig(
+        input=input,
+        model=model,
+        out=out,
+        batch_size=batch_size,
+        actors=actors,
+        run_date=run_date,
+        precision=precision,
+        max_pixels=max_pixels or decode.DEFAULT_MAX_PIXELS,
+        storage=StorageSettings.from_env(s3_endpoint),
+    )
+    s = run(cfg)
+    click.echo(
+        f"inputs={s.inputs} ok={s.ok} errors={s.errors} rows_written={s.rows_written} "
+        f"seconds={s.seconds:.1f} images_per_s={s.images_per_s:.1f}"
+    )
+    click.echo(f"wrote {s.output} (run_id {s.run_id})")
+    if s.rows_written != s.inputs:
+        raise MeddxError(f"wrote {s.rows_written} rows for {s.inputs} inputs")
+
+
+@cli.command()
+@click.argument("predictions")
+@click.option(
+    "--labels",
+    default=None,
+    metavar="MANIFEST",
+    help="CSV manifest with uri,label [default: class folder in image_uri].",
+)
+@click.option("--json", "json_path", default=None, metavar="PATH", help="Also write metrics JSON.")
+@s3_endpoint_option
+def evaluate(predictions, labels, json_path, s3_endpoint):
+    """Metrics of scored PREDICTIONS (results folder, partition or file) against labels."""
+    from meddx import evaluation, metrics
+
+    settings = StorageSettings.from_env(s3_endpoint)
+    result = evaluation.evaluate(predictions, labels, settings)
+    click.echo(metrics.format_metrics(result))
+    click.echo(f"rows={result['rows']} errors={result['errors']} unlabelled={result['unlabelled']}")
+    if json_path:
+        evaluation.write_json(result, json_path, settings)
+        click.echo(f"wrote {json_path}")
+
+
+@cli.command()
+@click.option("--workdir", default=None, help="Where results go [default: ./demo-output].")
+@click.option("--n-train", type=click.IntRange(min=20), default=480, show_default=True)
+@click.option("--n-holdout", type=click.IntRange(min=10), default=240, show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=6, show_default=True)
+def demo(workdir, n_train, n_holdout, epochs):
+    """The whole path on this machine: local S3 -> synth -> DDP train -> score -> evaluate."""
+    from meddx.demo import run_demo
+
+    run_demo(workdir=workdir or "demo-output", n_train=n_train, n_holdout=n_holdout, epochs=epochs)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: user errors are one line on stderr and a non-zero exit, no traceback."""
+    try:
+        cli.main(args=argv, prog_name="meddx", standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as exc:
+        click.echo(exc.ctx.get_help())
+        sys.exit(2)
+    except click.UsageError as exc:
+        hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx else ""
+        click.echo(f"meddx: error: {exc.format_message()}{hint}", err=True)
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        click.echo("meddx: aborted", err=True)
+        sys.exit(130)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except MeddxError as exc:
+        click.echo(f"meddx: error: {exc}", err=True)
+        sys.exit(1)
+    except click.ClickException as exc:
+        click.echo(f"meddx: error: {exc.format_message()}", err=True)
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""Model registry and the one-file checkpoint format.
+
+A checkpoint is a plain dict (torchvision references style) saved with ``torch.save``
+and loaded with ``torch.load(..., weights_only=True)``: tensors, strings, numbers, lists
+and dicts only, so loading never runs code. All models start from random weights:
+meddx never downloads weights from a hub.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import io
+from collections.abc import Callable
+
+import torch
+import torchvision
+from torch import nn
+
+from meddx import MeddxError, __version__, storage
+from meddx.storage import StorageSettings
+
+CHECKPOINT_FORMAT = 1
+# Grayscale is replicated to 3 channels so torchvision architectures (and weights a
+# user converts from them) work unchanged; ImageNet statistics are the usual default.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class SeedNet(nn.Module):
+    """The small 3-conv CNN of the classic PyTorch chest X-ray tutorial.
+
+    The tutorial's first linear layer expects 8x8 feature maps and fails on its own
+    224 px input; adaptive pooling to 8x8 makes it work at any input size.
+    """
+
+    def __init__(self, num_classes: int = 2):
+        super().__init__()
+
+        def block(c_in, c_out):
+            return nn.Sequential(
+                nn.Conv2d(c_in, c_out, 3, padding=1),
+                nn.BatchNorm2d(c_out),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(2),
+            )
+
+        self.features = nn.Sequential(block(3, 32), block(32, 64), block(64, 128))
+        self.pool = nn.AdaptiveAvgPool2d((8, 8))
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(128 * 8 * 8, 256),
+            nn.ReLU(inplace=True),
+            nn.Dropout(0.3),
+            nn.Linear(256, num_classes),
+        )
+
+    def forward(self, x):
+        return self.classifier(self.pool(self.features(x)))
+
+
+def _densenet121(num_classes: int) -> nn.Module:
+    # CheXNet: DenseNet-121 with its classifier replaced by one output per class.
+    return torchvision.models.densenet121(weights=None, num_classes=num_classes)
+
+
+MODELS: dict[str, Callable[[int], nn.Module]] = {
+    "seednet": lambda n: SeedNet(n),
+    "resnet18": lambda n: torchvision.models.resnet18(weights=None, num_classes=n),
+    "resnet50": lambda n: torchvision.models.resnet50(weights=None, num_classes=n),
+    "densenet121": _densenet121,
+}
+
+
+def build_model(name: str, num_classes: int) -> nn.Module:
+    try:
+        factory = MODELS[name]
+    except KeyError:
+        raise MeddxError(f"unknown model {name!r}; choose from {', '.join(MODELS)}") from None
+    return factory(num_classes)
+
+
+def make_checkpoint(
+    model: nn.Module,
+    *,
+    model_name: str,
+    class_names: list[str],
+    positive_class: str,
+    input_size: int,
+    threshold: float = 0.5,
+    train_config: dict | None = None,
+    metrics: dict | None = None,
+) -> dict:
+    state = model.module.state_dict() if hasattr(model, "module") else model.state_dict()
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "model_name": model_name,
+        "class_names": list(class_names),
+        "positive_class": positive_class,
+        "input_size": int(input_size),
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
+        "threshold": float(threshold),
+        "train_config": dict(train_config or {}),
+        "metrics": {k: float(v) for k, v in (metrics or {}).items()},
+        "meddx_version": __version__,
+        "created_at": dt.datetime.now(dt.UTC).isoformat(),
+        "state_dict": {k: v.detach().cpu() for k, v in state.items()},
+    }
+
+
+def checkpoint_bytes(ckpt: dict) -> bytes:
+    buf = io.BytesIO()
+    torch.save(ckpt, buf)
+    return buf.getvalue()
+
+
+def save_checkpoint(ckpt: dict, uri: str, settings: StorageSettings) -> str:
+    """Write the checkpoint to ``uri`` (local or s3://); return its sha256."""
+    data = checkpoint_bytes(ckpt)
+    storage.write_bytes(uri, data, settings)
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_checkpoint(uri: str, settings: StorageSettings) -> tuple[dict, str]:
+    """Load a checkpoint dict and the sha256 of its file. Refuses pickled code."""
+    try:
+        data = storage.read_bytes(uri, settings)
+    except FileNotFoundError:
+        raise MeddxError(f"checkpoint not found: {uri}") from None
+    sha = hashlib.sha256(data).hexdigest()
+    try:
+        ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        reason = " ".join(str(exc).split())[:200]
+        raise MeddxError(f"{uri} is not a loadable meddx checkpoint: {reason}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise MeddxError(f"{uri} is not a meddx checkpoint (format {CHECKPOINT_FORMAT})")
+    return ckpt, sha
+
+
+def model_from_checkpoint(ckpt: dict) -> nn.Module:
+    model = build_model(ckpt["model_name"], len(ckpt["class_names"]))
+    model.load_state_dict(ckpt["state_dict"])
+    return model.eval()

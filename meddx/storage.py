@@ -1,0 +1,123 @@
+"""One place that turns a URI plus settings into a filesystem.
+
+Every Ray read and write gets ``filesystem=`` from here explicitly: Ray workers are
+separate processes and must not guess endpoints or credentials. S3 credentials come
+from the standard AWS chain (environment, config files, instance role); they are never
+passed through meddx objects, so they cannot leak into logs or outputs.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import posixpath
+from dataclasses import dataclass
+
+import fsspec
+import pyarrow.fs as pafs
+
+from meddx import MeddxError
+
+ENDPOINT_ENV = "MEDDX_S3_ENDPOINT"
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    """How to reach object storage. Only the endpoint: credentials stay in the AWS chain."""
+
+    s3_endpoint: str | None = None
+
+    @classmethod
+    def from_env(cls, s3_endpoint: str | None = None) -> StorageSettings:
+        return cls(s3_endpoint=s3_endpoint or os.environ.get(ENDPOINT_ENV) or None)
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith(("s3://", "s3a://"))
+
+
+def strip_scheme(uri: str) -> str:
+    """The path a filesystem object understands: ``bucket/key`` for S3, absolute for local."""
+    if is_s3(uri):
+        return uri.split("://", 1)[1]
+    if uri.startswith("file://"):
+        uri = uri[len("file://") :]
+    return os.path.abspath(os.path.expanduser(uri))
+
+
+def to_uri(uri_like: str, path: str) -> str:
+    """Inverse of :func:`strip_scheme` for a path listed from the same filesystem."""
+    return f"s3://{path}" if is_s3(uri_like) else path
+
+
+def join(base: str, *parts: str) -> str:
+    if is_s3(base):
+        return posixpath.join(base.rstrip("/"), *parts)
+    return os.path.join(base, *parts)
+
+
+@functools.lru_cache(maxsize=8)
+def _s3(endpoint: str | None):
+    import s3fs
+
+    client_kwargs = {"endpoint_url": endpoint} if endpoint else {}
+    # Retries with backoff for throttling and 5xx come from botocore's "standard" mode.
+    config_kwargs = {"retries": {"max_attempts": 8, "mode": "standard"}}
+    return s3fs.S3FileSystem(
+        client_kwargs=client_kwargs, config_kwargs=config_kwargs, skip_instance_cache=True
+    )
+
+
+def filesystem(uri: str, settings: StorageSettings) -> fsspec.AbstractFileSystem:
+    """An fsspec filesystem for ``uri`` (cached per process, so Ray workers build it once)."""
+    if is_s3(uri):
+        return _s3(settings.s3_endpoint)
+    if "://" in uri and not uri.startswith("file://"):
+        raise MeddxError(f"unsupported URI scheme in {uri!r}: use a local path or s3://")
+    return fsspec.filesystem("file")
+
+
+def arrow_filesystem(uri: str, settings: StorageSettings) -> pafs.FileSystem:
+    """The same filesystem wrapped for pyarrow and Ray Data's ``filesystem=`` argument."""
+    if is_s3(uri):
+        return pafs.PyFileSystem(pafs.FSSpecHandler(filesystem(uri, settings)))
+    return pafs.LocalFileSystem()
+
+
+def read_bytes(uri: str, settings: StorageSettings) -> bytes:
+    return filesystem(uri, settings).cat_file(strip_scheme(uri))
+
+
+def write_bytes(uri: str, data: bytes, settings: StorageSettings) -> None:
+    fs = filesystem(uri, settings)
+    path = strip_scheme(uri)
+    if not is_s3(uri):
+        fs.makedirs(os.path.dirname(path), exist_ok=True)
+    fs.pipe_file(path, data)
+
+
+def exists(uri: str, settings: StorageSettings) -> bool:
+    return filesystem(uri, settings).exists(strip_scheme(uri))
+
+
+def is_hidden(path: str) -> bool:
+    """Names starting with ``_`` or ``.`` are metadata, never inputs (Hadoop/Spark convention)."""
+    return any(part.startswith(("_", ".")) for part in path.split("/") if part)
+
+
+def list_files(prefix: str, settings: StorageSettings) -> list[str]:
+    """Every object under ``prefix`` (recursively), as URIs, sorted, without metadata names."""
+    fs = filesystem(prefix, settings)
+    root = strip_scheme(prefix).rstrip("/")
+    try:
+        if fs.isfile(root):
+            return [to_uri(prefix, root)]
+        found = fs.find(root)
+    except FileNotFoundError:
+        found = []
+    except PermissionError as exc:
+        raise MeddxError(f"cannot list {prefix}: access denied") from exc
+    if not found and not fs.exists(root):
+        raise MeddxError(f"input not found: {prefix}")
+    files = [p for p in found if not is_hidden(p[len(root) :])]
+    return sorted(to_uri(prefix, p) for p in files)

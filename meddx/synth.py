@@ -1,0 +1,175 @@
+"""Synthetic chest-X-ray-like archives with a learnable, subtle finding.
+
+The images are built like a frontal radiograph: dark air, soft-tissue body, two dark
+lung fields, a bright mediastinum, heart and spine, ribs and clavicles crossing the
+lungs, vascular texture, quantum noise and detector blur, with random patient position
+and exposure. An ``opacity`` image adds a soft, irregular increase in density inside one
+lung field (a consolidation-like patch), weaker than a rib's contrast: a CNN has to learn
+its shape and place, there is no marker pixel to find.
+
+Every image depends only on ``(seed, index)``: the same seed gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+
+from meddx import MeddxError, storage
+from meddx.storage import StorageSettings
+
+CLASSES = ("normal", "opacity")
+MANIFEST_NAME = "_manifest.csv"
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    out: str
+    n: int = 200
+    size: int = 256
+    format: str = "png"
+    positive_rate: float = 0.5
+    seed: int = 0
+    storage: StorageSettings = StorageSettings()
+
+
+def _soft(inside: np.ndarray, edge: float) -> np.ndarray:
+    """A smooth 0..1 mask from a signed 'how far inside' field (positive = inside)."""
+    return 1.0 / (1.0 + np.exp(-inside / edge))
+
+
+def _smooth_noise(rng: np.random.Generator, size: int, sigma: float) -> np.ndarray:
+    field = ndimage.gaussian_filter(rng.standard_normal((size, size)), sigma)
+    return field / (field.std() + 1e-8)
+
+
+def render(index: int, *, positive: bool, size: int, seed: int) -> np.ndarray:
+    """One radiograph as uint8 (size x size); bright = dense (bone, tissue, fluid)."""
+    rng = np.random.default_rng([seed, index])
+    # Patient position: shift, scale, small rotation (normalised coordinates in [-1, 1]).
+    ys, xs = np.mgrid[-1 : 1 : size * 1j, -1 : 1 : size * 1j].astype(np.float32)
+    angle = np.deg2rad(rng.uniform(-5, 5))
+    scale = rng.uniform(0.9, 1.1)
+    dx, dy = rng.uniform(-0.08, 0.08, size=2)
+    x = (np.cos(angle) * xs + np.sin(angle) * ys) / scale - dx
+    y = (-np.sin(angle) * xs + np.cos(angle) * ys) / scale - dy
+    edge = 2.0 / size  # one pixel, so shapes are anti-aliased at any size
+
+    body = _soft(1 - np.hypot(x / 0.86, (y - 0.25) / 1.2), 4 * edge)
+    img = 0.04 + 0.5 * body
+
+    # Lung fields: dark, slightly tilted ellipses with a domed base (the diaphragm).
+    lung_w, lung_h = rng.uniform(0.25, 0.31), rng.uniform(0.5, 0.6)
+    lungs = []
+    for side in (-1, 1):
+        cx = side * rng.uniform(0.33, 0.4)
+        lx = (x - cx) * np.cos(0.12 * side) - (y + 0.05) * np.sin(0.12 * side)
+        ly = y + 0.05
+        lungs.append(_soft(1 - np.hypot(lx / lung_w, ly / lung_h), 6 * edge))
+    lung = np.maximum(*lungs)
+    img -= 0.33 * lung * body
+
+    # Mediastinum, heart (to the patient's left, the image's right) and spine.
+    heart_x = rng.uniform(0.06, 0.14)
+    img += 0.16 * _soft(1 - np.hypot((x - heart_x) / 0.3, (y - 0.32) / 0.26), 10 * edge)
+    img += 0.14 * _soft(1 - np.hypot(x / 0.12, (y - 0.05) / 0.8), 8 * edge)
+    img += 0.06 * _soft(0.04 - np.abs(x), edge) * body
+
+    # Ribs: posterior arcs bending down laterally, and the two clavicles.
+    rib_gap = rng.uniform(0.1, 0.12)
+    for k in range(10):
+        y0 = -0.66 + k * rib_gap
+        arc = y0 + 0.35 * np.maximum(np.abs(x) - 0.05, 0) ** 1.3
+        band = _soft(0.018 - np.abs(y - arc), edge) * (np.abs(x) > 0.05) * (np.abs(x) < 0.74)
+        img += 0.08 * band * body
+    for side in (-1, 1):
+        clav = -0.72 + 0.18 * (side * x - 0.35) ** 2
+        img += 0.1 * _soft(0.022 - np.abs(y - clav), edge) * (side * x > 0.05) * (side * x < 0.7)
+
+    # Vascular markings: smooth texture, strongest inside the lungs.
+    img += 0.025 * _smooth_noise(rng, size, size / 90) * lung
+
+    if positive:
+        img += _opacity(rng, lungs[rng.integers(2)], x, y, size)
+
+    # Exposure (gamma, window), detector blur, quantum noise.
+    img = np.clip(img, 0, 1) ** rng.uniform(0.8, 1.25)
+    img = img * rng.uniform(0.85, 1.1) + rng.uniform(-0.05, 0.05)
+    img = ndimage.gaussian_filter(img, max(size / 400, 0.5))
+    img += rng.normal(0, 0.018, img.shape)
+    return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
+def _opacity(rng, lung_mask, x, y, size) -> np.ndarray:
+    """A soft irregular patch of increased density inside ``lung_mask``."""
+    candidates = np.argwhere(lung_mask > 0.95)
+    cy, cx = candidates[rng.integers(len(candidates))]
+    centre_x, centre_y = x[cy, cx], y[cy, cx]
+    patch = np.zeros_like(x)
+    for _ in range(rng.integers(2, 5)):
+        ox, oy = rng.normal(0, 0.05, size=2)
+        sigma = rng.uniform(0.05, 0.11)
+        patch += np.exp(-((x - centre_x - ox) ** 2 + (y - centre_y - oy) ** 2) / (2 * sigma**2))
+    patch /= patch.max()
+    return rng.uniform(0.12, 0.2) * patch * lung_mask
+
+
+def encode(pixels: np.ndarray, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    if fmt == "png":
+        Image.fromarray(pixels, mode="L").save(buf, format="PNG", compress_level=6)
+    elif fmt == "jpeg":
+        Image.fromarray(pixels, mode="L").save(buf, format="JPEG", quality=92)
+    else:
+        raise MeddxError(f"unknown image format {fmt!r}: use png or jpeg")
+    return buf.getvalue()
+
+
+def labels_for(n: int, positive_rate: float, seed: int) -> list[str]:
+    """Exactly round(n * rate) positives in a seeded order, so small archives have both classes."""
+    n_pos = round(n * positive_rate)
+    labels = np.array([CLASSES[1]] * n_pos + [CLASSES[0]] * (n - n_pos))
+    # [seed, 0, 1] is a random stream that no image index uses.
+    np.random.default_rng([seed, 0, 1]).shuffle(labels)
+    return labels.tolist()
+
+
+def write_archive(cfg: SynthConfig) -> list[tuple[str, str]]:
+    """Write ``OUT/<class>/<id>.<ext>`` and ``OUT/_manifest.csv``; return (uri, label) rows."""
+    if cfg.n < 1:
+        raise MeddxError("--n must be at least 1")
+    if not 0.0 <= cfg.positive_rate <= 1.0:
+        raise MeddxError("--positive-rate must lie in [0, 1]")
+    if cfg.size < 64:
+        raise MeddxError("--size must be at least 64 pixels")
+    ext = {"png": "png", "jpeg": "jpg"}.get(cfg.format)
+    if ext is None:
+        raise MeddxError(f"unknown image format {cfg.format!r}: use png or jpeg")
+
+    out = cfg.out if storage.is_s3(cfg.out) else storage.strip_scheme(cfg.out)
+
+    def make(i_label):
+        i, label = i_label
+        uri = storage.join(out, label, f"cxr-{i:06d}.{ext}")
+        data = encode(
+            render(i, positive=label == CLASSES[1], size=cfg.size, seed=cfg.seed), cfg.format
+        )
+        storage.write_bytes(uri, data, cfg.storage)
+        return uri, label
+
+    # Threads overlap storage round trips; numpy and zlib release the GIL for the pixels.
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        rows = list(pool.map(make, enumerate(labels_for(cfg.n, cfg.positive_rate, cfg.seed))))
+
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["uri", "label"])
+    writer.writerows(rows)
+    storage.write_bytes(storage.join(out, MANIFEST_NAME), buf.getvalue().encode(), cfg.storage)
+    return rows

@@ -1,0 +1,305 @@
+"""DDP training with Ray Train, fed by the same read/decode stages as scoring.
+
+The driver lists the labelled inputs, splits them (stratified, seeded) into train and
+validation sets, and hands both to a ``TorchTrainer`` as Ray Datasets. Each worker runs
+``train_loop_per_worker``: plain ``train_one_epoch`` and ``evaluate`` calls, logging and
+checkpointing from rank 0. The best epoch by validation AUROC becomes the checkpoint file.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import ray
+import ray.train
+import ray.train.torch
+import torch
+from sklearn.model_selection import train_test_split
+from torch import nn
+
+from meddx import MeddxError, metrics, models, sources, storage
+from meddx.decode import DecodeSettings, decode_images
+from meddx.scoring import init_ray
+from meddx.sources import read_objects
+from meddx.storage import StorageSettings
+from meddx.transforms import TrainAugment, to_model_input
+
+CHECKPOINT_FILE = "model.pt"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data: str
+    out: str
+    model: str = "resnet18"
+    epochs: int = 10
+    workers: int = 2
+    use_gpu: bool = False
+    batch_size: int = 32
+    lr: float = 1e-3
+    val_fraction: float = 0.2
+    image_size: int = 224
+    seed: int = 0
+    storage_path: str | None = None  # Ray Train run folder; shared storage on multi-node
+    storage: StorageSettings = field(default_factory=StorageSettings)
+
+
+def positive_class_of(class_names: list[str]) -> str:
+    """The class whose probability is the screening score: the one that is not 'normal'."""
+    others = [c for c in class_names if c != "normal"]
+    return others[0] if others else class_names[-1]
+
+
+def split(items: list[tuple[str, str]], val_fraction: float, seed: int):
+    uris, labels = zip(*items, strict=True)
+    n_val = max(1, round(len(uris) * val_fraction))
+    if n_val >= len(uris):
+        raise MeddxError("--val-fraction leaves no training images")
+    # Stratify when every class has at least two images, so both sets see every class.
+    counts = np.unique(labels, return_counts=True)[1]
+    stratify = labels if counts.min() >= 2 and n_val >= len(counts) else None
+    tr_u, va_u, tr_l, va_l = train_test_split(
+        uris, labels, test_size=n_val, random_state=seed, stratify=stratify
+    )
+    return list(zip(tr_u, tr_l, strict=True)), list(zip(va_u, va_l, strict=True))
+
+
+def labelled_dataset(items, class_names, cfg: TrainConfig) -> ray.data.Dataset:
+    index = {c: i for i, c in enumerate(class_names)}
+    rows = [{"image_uri": u, "label": index[lbl]} for u, lbl in items]
+    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), len(rows) // 64)))
+    ds = ds.map_batches(read_objects, fn_kwargs={"settings": cfg.storage}, batch_size=None)
+    ds = ds.map_batches(
+        decode_images, fn_kwargs={"settings": DecodeSettings(size=cfg.image_size)}, batch_size=None
+    )
+    # Unreadable training images cannot teach anything; scoring is where every input counts.
+    return ds.filter(lambda row: row["status"] == "ok").select_columns(["image", "label"])
+
+
+# ---- per worker ----------------------------------------------------------------------
+
+
+def train_one_epoch(model, loader, optimizer, loss_fn, augment, mean, std, device) -> float:
+    model.train()
+    total, count = 0.0, 0
+    for batch in loader:
+        x = to_model_input(augment(batch["image"].to(device)), mean, std)
+        y = batch["label"].to(device)
+        loss = loss_fn(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += loss.item() * len(y)
+        count += len(y)
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def evaluate(model, loader, loss_fn, mean, std, device):
+    """Loss, and softmax probabilities with their labels, over one full pass."""
+    model.eval()
+    probs, labels, total = [], [], 0.0
+    for batch in loader:
+        x = to_model_input(batch["image"].to(device), mean, std)
+        y = batch["label"].to(device)
+        logits = model(x)
+        total += loss_fn(logits, y).item() * len(y)
+        probs.append(torch.softmax(logits.float(), 1).cpu())
+        labels.append(y.cpu())
+    probs_t, labels_t = torch.cat(probs), torch.cat(labels)
+    return total / max(len(labels_t), 1), probs_t.numpy(), labels_t.numpy()
+
+
+def train_loop_per_worker(config: dict) -> None:
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    torch.manual_seed(config["seed"] + rank)
+    torch.set_num_threads(config["threads"])
+    device = ray.train.torch.get_device()
+
+    class_names = config["class_names"]
+    positive = class_names.index(config["positive_class"])
+    net = models.build_model(config["model"], len(class_names))
+    model = ray.train.torch.prepare_model(net)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=1e-4)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config["epochs"])
+    loss_fn = nn.CrossEntropyLoss(weight=torch.tensor(config["class_weights"], device=device))
+    mean = torch.tensor(models.IMAGENET_MEAN, device=device)
+    std = torch.tensor(models.IMAGENET_STD, device=device)
+    augment = TrainAugment()
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    batch_kwargs = {
+        "batch_size": config["batch_size"],
+        "dtypes": {"image": torch.uint8, "label": torch.int64},
+    }
+
+    for epoch in range(config["epochs"]):
+        start = time.perf_counter()
+        train_loss = train_one_epoch(
+            model,
+            train_shard.iter_torch_batches(**batch_kwargs, local_shuffle_buffer_size=256),
+            optimizer,
+            loss_fn,
+            augment,
+            mean,
+            std,
+            device,
+        )
+        scheduler.step()  # per epoch: cosine from lr to 0 over the run
+        report = {"epoch": epoch + 1, "train_loss": train_loss}
+        checkpoint = None
+        with tempfile.TemporaryDirectory() as tmp:
+            if rank == 0:
+                # Validation on rank 0 over the whole (unsplit) validation set, unwrapped
+                # from DDP so the other ranks need not join its collectives.
+                val_loss, probs, labels = evaluate(
+                    net, val_shard.iter_torch_batches(**batch_kwargs), loss_fn, mean, std, device
+                )
+                m = metrics.binary_metrics(labels == positive, probs[:, positive], 0.5)
+                report.update(
+                    val_loss=val_loss,
+                    **{
+                        f"val_{k}": m[k] for k in ("accuracy", "precision", "recall", "f1", "auroc")
+                    },
+                )
+                # A NaN AUROC (one-class validation set) must not win checkpoint ranking.
+                report["val_auroc_rank"] = -1.0 if math.isnan(m["auroc"]) else m["auroc"]
+                print(
+                    f"[meddx train] epoch {epoch + 1}/{config['epochs']} "
+                    f"train_loss={train_loss:.4f} val_loss={val_loss:.4f} "
+                    f"acc={m['accuracy']:.3f} prec={m['precision']:.3f} rec={m['recall']:.3f} "
+                    f"f1={m['f1']:.3f} auroc={m['auroc']:.3f} "
+                    f"({time.perf_counter() - start:.1f}s)",
+                    flush=True,
+                )
+                ckpt = models.make_checkpoint(
+                    net,
+                    model_name=config["model"],
+                    class_names=class_names,
+                    positive_class=config["positive_class"],
+                    input_size=config["image_size"],
+                    train_config=config["resolved"],
+                    metrics={k: v for k, v in report.items() if k != "val_auroc_rank"},
+                )
+                torch.save(ckpt, os.path.join(tmp, CHECKPOINT_FILE))
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            else:
+                report["val_auroc_rank"] = -1.0
+            ray.train.report(report, checkpoint=checkpoint)
+
+
+# ---- driver ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainSummary:
+    checkpoint: str
+    sha256: str
+    metrics: dict
+    seconds: float
+    n_train: int
+    n_val: int
+
+
+def worker_resources(cfg: TrainConfig) -> tuple[dict, int]:
+    """CPU per worker and torch threads: leave one CPU for Ray Data's decode tasks."""
+    if cfg.use_gpu:
+        return {"CPU": 1, "GPU": 1}, 1
+    total = ray.cluster_resources().get("CPU", 1)
+    per_worker = max(0.1, min(1.0, (total - 1) / cfg.workers))
+    threads = max(1, int((os.cpu_count() or 1) // cfg.workers))
+    return {"CPU": per_worker}, threads
+
+
+def run_storage(cfg: TrainConfig) -> dict:
+    """Where Ray Train keeps per-epoch checkpoints (must be shared storage on multi-node)."""
+    path = cfg.storage_path or os.path.expanduser("~/ray_results")
+    if storage.is_s3(path):
+        return {
+            "storage_path": storage.strip_scheme(path),
+            "storage_filesystem": storage.arrow_filesystem(path, cfg.storage),
+        }
+    return {"storage_path": storage.strip_scheme(path)}
+
+
+def train(cfg: TrainConfig) -> TrainSummary:
+    if cfg.workers < 1:
+        raise MeddxError("--workers must be at least 1")
+    if cfg.epochs < 1:
+        raise MeddxError("--epochs must be at least 1")
+    if not 0 < cfg.val_fraction < 1:
+        raise MeddxError("--val-fraction must lie strictly between 0 and 1")
+    models.build_model(cfg.model, 2)  # unknown names fail here, before Ray starts
+    start = time.perf_counter()
+    items = sources.labelled_inputs(cfg.data, cfg.storage)
+    class_names = sorted({label for _, label in items})
+    if len(class_names) < 2:
+        raise MeddxError(f"training needs at least two classes, found {class_names}")
+    train_items, val_items = split(items, cfg.val_fraction, cfg.seed)
+    counts = np.array([sum(lbl == c for _, lbl in train_items) for c in class_names])
+    # Inverse-frequency class weights: a rare finding costs as much as the common normal.
+    class_weights = (counts.sum() / (len(class_names) * np.maximum(counts, 1))).tolist()
+
+    init_ray()
+    if cfg.use_gpu and not ray.cluster_resources().get("GPU"):
+        raise MeddxError("--use-gpu asked for, but this Ray cluster has no GPUs")
+    resources, threads = worker_resources(cfg)
+    resolved = {k: v for k, v in asdict(cfg).items() if k != "storage"}
+    trainer = ray.train.torch.TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "model": cfg.model,
+            "epochs": cfg.epochs,
+            "batch_size": cfg.batch_size,
+            "lr": cfg.lr,
+            "seed": cfg.seed,
+            "image_size": cfg.image_size,
+            "threads": threads,
+            "class_names": class_names,
+            "positive_class": positive_class_of(class_names),
+            "class_weights": class_weights,
+            "resolved": resolved,
+        },
+        torch_config=ray.train.torch.TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker=resources
+        ),
+        datasets={
+            "train": labelled_dataset(train_items, class_names, cfg),
+            "val": labelled_dataset(val_items, class_names, cfg),
+        },
+        # Validation runs whole on rank 0; only the training set is sharded across workers.
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        run_config=ray.train.RunConfig(
+            name=f"meddx-train-{time.strftime('%Y%m%d-%H%M%S')}",
+            **run_storage(cfg),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=2,
+                checkpoint_score_attribute="val_auroc_rank",
+                checkpoint_score_order="max",
+            ),
+        ),
+    )
+    result = trainer.fit()
+    best = result.get_best_checkpoint(metric="val_auroc_rank", mode="max")
+    if best is None:
+        raise MeddxError("training finished without a checkpoint")
+    with best.as_directory() as folder:
+        with open(os.path.join(folder, CHECKPOINT_FILE), "rb") as fh:
+            data = fh.read()
+    storage.write_bytes(cfg.out, data, cfg.storage)
+    ckpt, sha = models.read_checkpoint(cfg.out, cfg.storage)  # proves it loads safely
+    return TrainSummary(
+        checkpoint=cfg.out,
+        sha256=sha,
+        metrics=ckpt["metrics"],
+        seconds=time.perf_counter() - start,
+        n_train=len(train_items),
+        n_val=len(val_items),
+    )
