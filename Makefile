@@ -33,7 +33,7 @@ DATA ?= data/synth-train
 CKPT ?= models/resnet18.pt
 train-ddp: install
 	test -f $(DATA)/_manifest.csv || $(BIN)/meddx synth $(DATA) --n 480 --seed 1
-	$(BIN)/meddx train $(DATA) --out $(CKPT) --workers 2 --epochs 6 --image-size 160 $(ARGS)
+	$(BIN)/meddx train $(DATA) --out $(CKPT) --workers 2 --epochs 6 --image-size 128 $(ARGS)
 
 INPUT ?= data/synth-holdout
 OUT ?= results

@@ -8,6 +8,7 @@ stay in the work folder.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
@@ -41,6 +42,7 @@ def start_s3_server():
         "AWS_DEFAULT_REGION": "us-east-1",
     }.items():
         os.environ.setdefault(key, value)
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per S3 request
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
@@ -70,7 +72,7 @@ def run_demo(workdir: str, n_train: int, n_holdout: int, epochs: int) -> dict:
         )
 
         ckpt = os.path.join(workdir, "model.pt")
-        # 160 px keeps CPU training to a couple of minutes; the opacity stays visible.
+        # 128 px keeps CPU training to a couple of minutes; the opacity stays visible.
         trained = train(
             TrainConfig(
                 data=f"s3://{BUCKET}/train",
@@ -79,8 +81,8 @@ def run_demo(workdir: str, n_train: int, n_holdout: int, epochs: int) -> dict:
                 epochs=epochs,
                 workers=2,
                 batch_size=32,
-                lr=2e-3,
-                image_size=160,
+                lr=1e-3,
+                image_size=128,
                 storage_path=os.path.join(workdir, "ray"),
                 storage=settings,
             )

@@ -124,7 +124,9 @@ def train_loop_per_worker(config: dict) -> None:
 
     class_names = config["class_names"]
     positive = class_names.index(config["positive_class"])
-    net = models.build_model(config["model"], len(class_names))
+    net = models.build_model(config["model"], len(class_names)).to(
+        memory_format=torch.channels_last
+    )
     model = ray.train.torch.prepare_model(net)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=1e-4)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config["epochs"])

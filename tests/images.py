@@ -1,0 +1,75 @@
+"""Small test images of every kind meddx must read, and the broken ones it must survive."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+from PIL import Image
+
+
+def gradient(size=80) -> np.ndarray:
+    row = np.linspace(0, 1, size, dtype=np.float32)
+    return np.outer(row, row)
+
+
+def png(mode="L", size=80) -> bytes:
+    g = gradient(size)
+    if mode == "L":
+        img = Image.fromarray((g * 255).astype(np.uint8), "L")
+    elif mode == "I;16":
+        img = Image.fromarray((g * 4095).astype(np.uint16))  # 12-bit data in 16-bit PNG
+    elif mode == "RGB":
+        img = Image.fromarray(np.stack([(g * 255).astype(np.uint8)] * 3, -1), "RGB")
+    elif mode == "RGBA":
+        rgb = np.stack([(g * 255).astype(np.uint8)] * 3, -1)
+        alpha = np.full((size, size, 1), 128, np.uint8)
+        img = Image.fromarray(np.concatenate([rgb, alpha], -1), "RGBA")
+    else:
+        raise ValueError(mode)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def jpeg(size=80, mode="L") -> bytes:
+    g = (gradient(size) * 255).astype(np.uint8)
+    img = Image.fromarray(g, "L") if mode == "L" else Image.fromarray(np.stack([g] * 3, -1))
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def png_bomb(width=100_000, height=100_000) -> bytes:
+    """A valid-looking PNG header declaring 10^10 pixels, with a tiny IDAT."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data))
+            + kind
+            + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        )
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 1024))
+        + chunk(b"IEND", b"")
+    )
+
+
+def broken_inputs() -> dict[str, bytes]:
+    """name -> bytes for every kind of bad object a scoring run must turn into an error row."""
+    good_png, good_jpeg = png(), jpeg(size=256)
+    return {
+        "truncated.png": good_png[: len(good_png) // 2],
+        "empty.png": b"",
+        "notes.png": b"this is a text file, not an image\n",
+        "random.jpg": np.random.default_rng(0).bytes(4096),
+        "half.jpg": good_jpeg[: len(good_jpeg) // 2],
+        "bomb.png": png_bomb(),
+    }

@@ -1,0 +1,78 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from meddx.cli import cli
+
+MEDDX = str(Path(sys.executable).with_name("meddx"))
+COMMANDS = ["synth", "train", "score", "evaluate", "demo"]
+
+
+def run(*args):
+    return subprocess.run([MEDDX, *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help(command):
+    result = CliRunner().invoke(cli, [command, "--help"])
+    assert result.exit_code == 0
+    assert "Usage:" in result.output and "--help" in result.output
+
+
+def test_top_level_help_lists_every_command():
+    result = CliRunner().invoke(cli, ["--help"])
+    assert result.exit_code == 0
+    for command in COMMANDS:
+        assert command in result.output
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["score", "in", "--model", "m.pt", "--out", "o", "--bogus"], "No such option '--bogus'"),
+        (["score", "in", "--out", "o"], "Missing option '--model'"),
+        (["score", "in", "--model", "m", "--out", "o", "--run-date", "yesterday"], "YYYY-MM-DD"),
+        (["train", "d", "--out", "m.pt", "--model", "vgg"], "'vgg' is not one of"),
+        (["train", "d", "--out", "m.pt", "--workers", "0"], "--workers"),
+        (["synth", "out", "--n", "-3"], "--n"),
+        (["frobnicate"], "No such command 'frobnicate'"),
+    ],
+)
+def test_bad_flags_are_one_line_errors(args, expected):
+    result = run(*args)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("meddx: error:") and expected in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_input_is_one_line_error(tmp_path):
+    result = run("score", str(tmp_path / "nothing-here"), "--model", "m.pt", "--out", str(tmp_path))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"meddx: error: input not found: {tmp_path / 'nothing-here'}"
+    ]
+
+
+def test_missing_checkpoint_is_one_line_error(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"x")
+    result = run("score", str(tmp_path), "--model", str(tmp_path / "m.pt"), "--out", str(tmp_path))
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"meddx: error: checkpoint not found: {tmp_path / 'm.pt'}"
+
+
+def test_synth_command(tmp_path):
+    result = run("synth", str(tmp_path / "a"), "--n", "4", "--size", "64", "--format", "jpeg")
+    assert result.returncode == 0, result.stderr
+    assert "wrote 4 images (2 opacity)" in result.stdout
+    assert len(list((tmp_path / "a").rglob("*.jpg"))) == 4
+
+
+def test_version():
+    result = run("--version")
+    assert result.returncode == 0 and "meddx, version" in result.stdout

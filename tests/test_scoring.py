@@ -1,0 +1,137 @@
+"""Scoring on a real local Ray against a real S3 endpoint: one row per object, always."""
+
+import datetime as dt
+import json
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pytest
+
+from meddx import MeddxError
+from meddx.scoring import OUTPUT_SCHEMA, ScoreConfig, score
+from meddx.storage import arrow_filesystem, filesystem
+
+from .images import broken_inputs, jpeg, png
+
+GOOD = {
+    "cases/gray.png": png("L"),
+    "cases/sixteen.png": png("I;16"),
+    "cases/rgb.png": png("RGB"),
+    "cases/rgba.png": png("RGBA"),
+    "cases/nested/deeper/photo.jpg": jpeg(),
+    "cases/no-extension": png("L"),
+    "cases/looks-like-text.txt": jpeg(mode="RGB"),
+}
+HIDDEN = {
+    "cases/_manifest.csv": b"uri,label\n",
+    "cases/.DS_Store": b"\0\0",
+    "cases/_tmp/x.png": png(),
+}
+
+
+def upload(fs, bucket, objects):
+    for key, data in objects.items():
+        fs.pipe_file(f"{bucket.removeprefix('s3://')}/{key}", data)
+
+
+def read_rows(uri, settings):
+    fs = arrow_filesystem(uri, settings)
+    ds = pads.dataset(
+        uri.removeprefix("s3://"), filesystem=fs, format="parquet", partitioning="hive"
+    )
+    return ds.to_table(), ds
+
+
+def test_every_object_gives_exactly_one_row(ray_session, bucket, settings, random_checkpoint):
+    fs = filesystem(bucket, settings)
+    broken = {f"cases/bad/{name}": data for name, data in broken_inputs().items()}
+    upload(fs, bucket, {**GOOD, **broken, **HIDDEN})
+    ckpt_path, ckpt_sha = random_checkpoint
+    model_uri = f"{bucket}/models/seednet.pt"
+    fs.put_file(ckpt_path, model_uri.removeprefix("s3://"))
+
+    summary = score(
+        ScoreConfig(
+            input=f"{bucket}/cases",
+            model=model_uri,
+            out=f"{bucket}/results",
+            batch_size=4,
+            run_date="2026-01-02",
+            storage=settings,
+        )
+    )
+    n_inputs = len(GOOD) + len(broken)
+    assert (summary.inputs, summary.rows_written) == (n_inputs, n_inputs)
+    assert (summary.ok, summary.errors) == (len(GOOD), len(broken))
+
+    table, ds = read_rows(f"{bucket}/results", settings)
+    assert table.num_rows == n_inputs
+    rows = {r["image_uri"]: r for r in table.to_pylist()}
+    assert set(rows) == {f"{bucket}/{key}" for key in [*GOOD, *broken]}  # hidden names skipped
+    assert {r["dt"] for r in rows.values()} == {"2026-01-02"}
+    assert len({r["run_id"] for r in rows.values()}) == 1
+
+    for key in GOOD:
+        row = rows[f"{bucket}/{key}"]
+        assert row["status"] == "ok" and row["error"] is None, row
+        assert row["label"] in ("normal", "opacity")
+        assert len(row["probs"]) == 2 and abs(sum(row["probs"]) - 1) < 1e-4
+        assert row["score"] == pytest.approx(row["probs"][1])
+        assert (row["label"] == "opacity") == (row["score"] >= row["threshold"])
+        assert len(row["content_sha256"]) == 64
+    for key in broken:
+        row = rows[f"{bucket}/{key}"]
+        assert row["status"] == "error" and row["error"], row
+        assert "\n" not in row["error"]
+        assert row["label"] is None and row["score"] is None and row["probs"] is None
+    assert "decompression bomb" in rows[f"{bucket}/cases/bad/bomb.png"]["error"]
+    assert "empty object" in rows[f"{bucket}/cases/bad/empty.png"]["error"]
+
+    for row in rows.values():
+        assert row["model_name"] == "seednet" and row["model_sha256"] == ckpt_sha
+        assert row["threshold"] == pytest.approx(0.5)
+        assert row["scored_at"].tzinfo is not None
+        assert dt.datetime.now(dt.UTC) - row["scored_at"] < dt.timedelta(hours=1)
+
+    # The file schema is the design's, with provenance in the key-value metadata.
+    file_schema = ds.schema
+    for field in OUTPUT_SCHEMA:
+        assert file_schema.field(field.name).type == field.type, field.name
+    assert file_schema.field("score").type == pa.float32()
+    meta = {k.decode(): v.decode() for k, v in file_schema.metadata.items()}
+    assert json.loads(meta["meddx.class_names"]) == ["normal", "opacity"]
+    assert meta["meddx.positive_class"] == "opacity"
+    assert meta["meddx.model_sha256"] == ckpt_sha
+
+
+def test_local_folder_and_rerun_replaces_the_partition(ray_session, tmp_path, random_checkpoint):
+    inputs = tmp_path / "in"
+    (inputs / "a").mkdir(parents=True)
+    for i in range(5):
+        (inputs / "a" / f"{i}.png").write_bytes(png("L", size=40 + i))
+    (inputs / "a" / "_SUCCESS").write_bytes(b"")
+    cfg = ScoreConfig(
+        input=str(inputs),
+        model=random_checkpoint[0],
+        out=str(tmp_path / "out"),
+        run_date="2026-03-04",
+    )
+    first = score(cfg)
+    second = score(cfg)
+    assert first.rows_written == second.rows_written == 5
+    table = pads.dataset(str(tmp_path / "out"), format="parquet", partitioning="hive").to_table()
+    assert table.num_rows == 5  # a rerun of the same date does not duplicate rows
+    assert set(table["run_id"].to_pylist()) == {second.run_id}
+
+
+def test_empty_prefix_is_a_clear_error(ray_session, bucket, settings, random_checkpoint):
+    upload(filesystem(bucket, settings), bucket, {"only/_manifest.csv": b"uri\n"})
+    with pytest.raises(MeddxError, match="no inputs under"):
+        score(
+            ScoreConfig(
+                input=f"{bucket}/only",
+                model=random_checkpoint[0],
+                out=f"{bucket}/o",
+                storage=settings,
+            )
+        )
