@@ -60,8 +60,8 @@ def test_opacity_is_subtle_and_inside_a_lung_field():
         changed = np.abs(diff) > 6
         # A patch, not a marker pixel, and not the whole film.
         assert 0.005 < changed.mean() < 0.15, changed.mean()
-        # Denser (brighter) than the lung it sits in, but weaker than bone contrast.
-        assert diff.max() < 70
+        # Denser (brighter) than the lung it sits in, but a haze, not a white marker.
+        assert diff.max() < 115  # under 45% of the grey range
         assert diff.sum() > 0
         # Inside a lung field: darker than the body on average, and off the midline.
         assert normal[changed].mean() < 0.85 * normal[normal > 40].mean()
