@@ -17,34 +17,14 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import ray
-import torch
 
 from meddx import MeddxError, __version__, decode, models, sources, storage
 from meddx.decode import DecodeSettings
+from meddx.predict import OUTPUT_SCHEMA, Predictor
 from meddx.storage import StorageSettings
-from meddx.transforms import to_model_input
-
-OUTPUT_SCHEMA = pa.schema(
-    [
-        ("image_uri", pa.string()),
-        ("status", pa.string()),
-        ("error", pa.string()),
-        ("label", pa.string()),
-        ("score", pa.float32()),
-        ("probs", pa.list_(pa.float32())),
-        ("threshold", pa.float32()),
-        ("model_name", pa.string()),
-        ("model_sha256", pa.string()),
-        ("content_sha256", pa.string()),
-        ("run_id", pa.string()),
-        ("scored_at", pa.timestamp("us", tz="UTC")),
-    ]
-)
 
 
 @dataclass(frozen=True)
@@ -73,86 +53,6 @@ class ScoreSummary:
     @property
     def images_per_s(self) -> float:
         return self.inputs / self.seconds if self.seconds > 0 else 0.0
-
-
-# ---- stage 3: predict (actor pool) ---------------------------------------------------
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``precision`` on ``device`` (None: plain fp32)."""
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision == "fp16":
-        return torch.float16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return None  # CPU: fp32 unless asked otherwise
-
-
-class Predictor:
-    """Loads the model once per actor and scores batches under inference mode."""
-
-    def __init__(self, checkpoint_uri: str, settings: StorageSettings, precision: str, run_id: str):
-        ckpt, self.model_sha256 = models.read_checkpoint(checkpoint_uri, settings)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = models.model_from_checkpoint(ckpt).to(self.device)
-        self.model = self.model.to(memory_format=torch.channels_last)
-        self.autocast_dtype = resolve_precision(precision, self.device)
-        self.class_names = list(ckpt["class_names"])
-        self.positive_index = self.class_names.index(ckpt["positive_class"])
-        self.threshold = float(ckpt["threshold"])
-        self.model_name = ckpt["model_name"]
-        self.run_id = run_id
-        self.mean = torch.tensor(ckpt["mean"], device=self.device)
-        self.std = torch.tensor(ckpt["std"], device=self.device)
-
-    @torch.inference_mode()
-    def predict_probs(self, images: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(images).to(self.device, non_blocking=True)
-        x = to_model_input(x, self.mean, self.std)
-        with torch.autocast(
-            self.device.type,
-            dtype=self.autocast_dtype or torch.float32,
-            enabled=self.autocast_dtype is not None,
-        ):
-            logits = self.model(x)
-        return torch.softmax(logits.float(), dim=1).cpu().numpy()
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        ok = batch["status"] == "ok"
-        probs = [None] * len(ok)
-        scores = [None] * len(ok)
-        labels = [None] * len(ok)
-        if ok.any():
-            p = self.predict_probs(batch["image"][ok])
-            for i, row in zip(np.flatnonzero(ok), p, strict=True):
-                probs[i] = row.tolist()
-                scores[i] = float(row[self.positive_index])
-                labels[i] = self.label_for(row)
-        n = len(ok)
-        columns = {
-            "image_uri": batch["image_uri"].tolist(),
-            "status": batch["status"].tolist(),
-            "error": [e or None for e in batch["error"].tolist()],
-            "label": labels,
-            "score": scores,
-            "probs": probs,
-            "threshold": [self.threshold] * n,
-            "model_name": [self.model_name] * n,
-            "model_sha256": [self.model_sha256] * n,
-            "content_sha256": [h or None for h in batch["content_sha256"].tolist()],
-            "run_id": [self.run_id] * n,
-            "scored_at": [dt.datetime.now(dt.UTC)] * n,
-        }
-        return pa.Table.from_pydict(columns, schema=OUTPUT_SCHEMA)
-
-    def label_for(self, probs: np.ndarray) -> str:
-        if len(self.class_names) == 2:
-            positive = probs[self.positive_index] >= self.threshold
-            return self.class_names[self.positive_index if positive else 1 - self.positive_index]
-        return self.class_names[int(np.argmax(probs))]
 
 
 # ---- the pipeline --------------------------------------------------------------------
