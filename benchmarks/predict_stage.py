@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from meddx import models
+from meddx.decode import INFO_DEFAULTS
 from meddx.predict import Predictor
 from meddx.storage import StorageSettings
 
@@ -61,6 +62,7 @@ def main() -> None:
         "status": np.array(["ok"] * n, dtype=object),
         "error": np.array([""] * n, dtype=object),
         "content_sha256": np.array([""] * n, dtype=object),
+        **{k: np.array([v] * n) for k, v in INFO_DEFAULTS.items()},
     }
     with tempfile.NamedTemporaryFile(suffix=".pt") as fh:
         models.save_checkpoint(ckpt, fh.name, StorageSettings())

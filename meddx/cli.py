@@ -105,6 +105,13 @@ def synth(out, n, size, fmt, positive_rate, seed, s3_endpoint):
 @click.option("--image-size", type=click.IntRange(min=32, max=1024), default=224, show_default=True)
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option(
+    "--modalities",
+    default="CR,DX",
+    show_default=True,
+    metavar="LIST",
+    help="DICOM Modality values to train on and later accept when scoring, or 'any'.",
+)
+@click.option(
     "--storage-path",
     default=None,
     metavar="URI",
@@ -123,12 +130,15 @@ def train(
     val_fraction,
     image_size,
     seed,
+    modalities,
     storage_path,
     s3_endpoint,
 ):
     """Train a classifier with Ray Train (PyTorch DDP) on the labelled archive DATA.
 
-    Labels come from DATA/_manifest.csv when present, else from class folder names.
+    DATA is a folder or s3:// prefix, or a .csv/.parquet manifest with uri and label
+    columns. Labels come from the manifest (DATA/_manifest.csv when present), else from
+    class folder names.
     """
     from meddx.training import TrainConfig
     from meddx.training import train as run
@@ -145,6 +155,9 @@ def train(
         val_fraction=val_fraction,
         image_size=image_size,
         seed=seed,
+        modalities=None
+        if modalities.strip().lower() == "any"
+        else tuple(m.strip().upper() for m in modalities.split(",") if m.strip()),
         storage_path=storage_path,
         storage=StorageSettings.from_env(s3_endpoint),
     )
@@ -203,11 +216,22 @@ def _run_date(ctx, param, value):
     default=None,
     help="Refuse images with more pixels (decompression bombs) [default: 60,000,000].",
 )
+@click.option(
+    "--modalities",
+    default=None,
+    metavar="LIST",
+    help="DICOM Modality values to score, e.g. CR,DX, or 'any' [default: the checkpoint's].",
+)
 @s3_endpoint_option
-def score(input, model, out, batch_size, actors, run_date, precision, max_pixels, s3_endpoint):
-    """Score every image under INPUT (folder or s3:// prefix) and write Parquet to OUT.
+def score(
+    input, model, out, batch_size, actors, run_date, precision, max_pixels, modalities, s3_endpoint
+):
+    """Score every image named by INPUT and write Parquet to OUT/dt=RUN_DATE/.
 
-    One row per input object; unreadable inputs are rows with status=error.
+    INPUT is a folder or s3:// prefix (PNG, JPEG, DICOM and .tar shards, recursively) or
+    a .csv/.parquet manifest with a uri column. One row per input image; unreadable
+    inputs are rows with status=error. Set MEDDX_PSEUDONYM_KEY to get keyed-hash
+    pseudonyms of DICOM study/series/instance UIDs.
     """
     from meddx import decode
     from meddx.scoring import ScoreConfig
@@ -222,6 +246,7 @@ def score(input, model, out, batch_size, actors, run_date, precision, max_pixels
         run_date=run_date,
         precision=precision,
         max_pixels=max_pixels or decode.DEFAULT_MAX_PIXELS,
+        modalities=modalities,
         storage=StorageSettings.from_env(s3_endpoint),
     )
     s = run(cfg)

@@ -1,6 +1,7 @@
 """Bytes -> model-ready pixels. Errors are values, never exceptions that kill a block.
 
-Formats are detected from the bytes (magic numbers), not from the object's name.
+Formats are detected from the bytes (magic numbers, or a DICOM dataset that parses
+without its preamble), not from the object's name. DICOM handling is in ``dicom.py``.
 Output pixels are uint8 grayscale at the model's input size: 8-bit images keep their
 values, 16-bit images are windowed to their full stored range first. uint8 between
 stages keeps Ray's object store traffic at 50 KB per 224 px image.
@@ -11,11 +12,12 @@ from __future__ import annotations
 import hashlib
 import io
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
 
+from meddx import dicom
 from meddx.sources import one_line
 
 # Largest chest detectors are about 4,300 x 4,300 (18.5 Mpx); 60 Mpx leaves room for
@@ -27,10 +29,32 @@ class DecodeError(Exception):
     """Why one input could not be turned into pixels (one line, no patient data)."""
 
 
+# Radiography: a chest-X-ray model must not score CT slices or MR images.
+DEFAULT_MODALITIES = ("CR", "DX")
+
+# Columns every decoded row carries (strings "" and ints 0 when unknown: an all-None
+# column does not survive Ray's Arrow conversion as None).
+INFO_DEFAULTS = {
+    "modality": "",
+    "view_position": "",
+    "body_part": "",
+    "photometric": "",
+    "transfer_syntax": "",
+    "rows": 0,
+    "columns": 0,
+    "frames": 0,
+    "study_pseudonym": "",
+    "series_pseudonym": "",
+    "instance_pseudonym": "",
+}
+
+
 @dataclass(frozen=True)
 class DecodeSettings:
     size: int = 224
     max_pixels: int = DEFAULT_MAX_PIXELS
+    modalities: tuple[str, ...] | None = DEFAULT_MODALITIES  # None: any DICOM modality
+    pseudonym_key: bytes | None = field(default=None, repr=False)  # HMAC key for UIDs
 
 
 def sniff(data: bytes) -> str | None:
@@ -40,6 +64,8 @@ def sniff(data: bytes) -> str | None:
     if data.startswith(b"\xff\xd8\xff"):
         return "jpeg"
     if len(data) >= 132 and data[128:132] == b"DICM":
+        return "dicom"
+    if dicom.looks_like_dicom(data):
         return "dicom"
     return None
 
@@ -56,15 +82,18 @@ def _to_gray(img: Image.Image) -> np.ndarray | Image.Image:
     return img.convert("L")
 
 
-def decode_image(data: bytes, settings: DecodeSettings) -> np.ndarray:
-    """Decode PNG or JPEG bytes into a (size, size) uint8 array, or raise DecodeError."""
+def decode_image(data: bytes, settings: DecodeSettings) -> tuple[np.ndarray, dict]:
+    """Decode PNG, JPEG or DICOM bytes into (size, size) uint8 pixels and info columns.
+
+    Raises DecodeError with a one-line reason for anything that cannot be scored.
+    """
     if not data:
         raise DecodeError("empty object (0 bytes)")
     fmt = sniff(data)
     if fmt is None:
         raise DecodeError("not a PNG, JPEG or DICOM image (unrecognised leading bytes)")
     if fmt == "dicom":
-        raise DecodeError("DICOM input is not supported by this decoder yet")
+        return _decode_dicom(data, settings)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -86,7 +115,20 @@ def decode_image(data: bytes, settings: DecodeSettings) -> np.ndarray:
         raise DecodeError(f"decompression bomb refused: {one_line(exc)}") from exc
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, zlib.error...
         raise DecodeError(f"cannot decode {fmt.upper()}: {one_line(exc)}") from exc
-    return resize(gray, settings.size)
+    info = {**INFO_DEFAULTS, "rows": height, "columns": width, "frames": 1}
+    return resize(gray, settings.size), info
+
+
+def _decode_dicom(data: bytes, settings: DecodeSettings) -> tuple[np.ndarray, dict]:
+    try:
+        ds = dicom.parse(data)
+        info = {**INFO_DEFAULTS, **dicom.attributes(ds, settings.pseudonym_key)}
+        unit = dicom.to_unit_gray(
+            ds, max_pixels=settings.max_pixels, modalities=settings.modalities
+        )
+    except dicom.DicomError as exc:
+        raise DecodeError(str(exc)) from None
+    return resize(unit, settings.size), info
 
 
 def resize(gray: np.ndarray | Image.Image, size: int) -> np.ndarray:
@@ -102,21 +144,24 @@ def decode_images(batch: dict[str, np.ndarray], settings: DecodeSettings) -> dic
     """Bytes -> uint8 (size, size) pixels, status, error and content hash per input."""
     n = len(batch["image_uri"])
     images = np.zeros((n, settings.size, settings.size), dtype=np.uint8)
-    status, errors, hashes = [], [], []
+    status, errors, hashes, infos = [], [], [], []
     for i, (data, read_error) in enumerate(zip(batch["bytes"], batch["read_error"], strict=True)):
+        info = INFO_DEFAULTS
         if read_error:
             status.append("error")
             errors.append(read_error)
             hashes.append("")
+            infos.append(info)
             continue
         hashes.append(hashlib.sha256(data).hexdigest())
         try:
-            images[i] = decode_image(data, settings)
+            images[i], info = decode_image(data, settings)
             status.append("ok")
             errors.append("")
         except DecodeError as exc:
             status.append("error")
             errors.append(str(exc))
+        infos.append(info)
     passthrough = {k: v for k, v in batch.items() if k not in ("bytes", "read_error")}
     return {
         **passthrough,
@@ -124,4 +169,11 @@ def decode_images(batch: dict[str, np.ndarray], settings: DecodeSettings) -> dic
         "status": np.array(status, dtype=object),
         "error": np.array(errors, dtype=object),
         "content_sha256": np.array(hashes, dtype=object),
+        **{
+            name: np.array(
+                [info[name] for info in infos],
+                dtype=np.int64 if isinstance(default, int) else object,
+            )
+            for name, default in INFO_DEFAULTS.items()
+        },
     }

@@ -36,7 +36,7 @@ def evaluate(predictions: str, labels: str | None, settings: StorageSettings) ->
     positive = meta.get("meddx.positive_class")
     if positive is None:
         raise MeddxError(f"{predictions} has no meddx metadata (meddx.positive_class)")
-    truth = sources.read_manifest(labels, settings) if labels else None
+    truth = sources.manifest_labels(labels, settings) if labels else None
     rows = table.to_pylist()
     errors = sum(r["status"] != "ok" for r in rows)
     y_true, scores, unlabelled = [], [], 0

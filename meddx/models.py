@@ -88,6 +88,7 @@ def make_checkpoint(
     positive_class: str,
     input_size: int,
     threshold: float = 0.5,
+    modalities: list[str] | tuple[str, ...] = ("CR", "DX"),
     train_config: dict | None = None,
     metrics: dict | None = None,
 ) -> dict:
@@ -101,6 +102,8 @@ def make_checkpoint(
         "mean": list(IMAGENET_MEAN),
         "std": list(IMAGENET_STD),
         "threshold": float(threshold),
+        # DICOM Modality values the model may score; empty: any.
+        "modalities": list(modalities),
         "train_config": dict(train_config or {}),
         "metrics": {k: float(v) for k, v in (metrics or {}).items()},
         "meddx_version": __version__,

@@ -15,6 +15,7 @@ import pyarrow as pa
 import torch
 
 from meddx import models
+from meddx.decode import INFO_DEFAULTS
 from meddx.storage import StorageSettings
 from meddx.transforms import to_model_input
 
@@ -30,6 +31,19 @@ OUTPUT_SCHEMA = pa.schema(
         ("model_name", pa.string()),
         ("model_sha256", pa.string()),
         ("content_sha256", pa.string()),
+        # DICOM attributes that identify no one (null for PNG/JPEG), image geometry,
+        # and keyed-hash pseudonyms of the UIDs (null without MEDDX_PSEUDONYM_KEY).
+        ("modality", pa.string()),
+        ("view_position", pa.string()),
+        ("body_part", pa.string()),
+        ("photometric", pa.string()),
+        ("transfer_syntax", pa.string()),
+        ("rows", pa.int32()),
+        ("columns", pa.int32()),
+        ("frames", pa.int32()),
+        ("study_pseudonym", pa.string()),
+        ("series_pseudonym", pa.string()),
+        ("instance_pseudonym", pa.string()),
         ("run_id", pa.string()),
         ("scored_at", pa.timestamp("us", tz="UTC")),
     ]
@@ -105,6 +119,8 @@ class Predictor:
             "model_name": [self.model_name] * n,
             "model_sha256": [self.model_sha256] * n,
             "content_sha256": [h or None for h in batch["content_sha256"].tolist()],
+            # "" and 0 mean unknown between stages; null in the output.
+            **{name: [v or None for v in batch[name].tolist()] for name in INFO_DEFAULTS},
             "run_id": [self.run_id] * n,
             "scored_at": [dt.datetime.now(dt.UTC)] * n,
         }

@@ -26,6 +26,8 @@ from meddx.decode import DecodeSettings
 from meddx.predict import OUTPUT_SCHEMA, Predictor
 from meddx.storage import StorageSettings
 
+PSEUDONYM_KEY_ENV = "MEDDX_PSEUDONYM_KEY"
+
 
 @dataclass(frozen=True)
 class ScoreConfig:
@@ -37,6 +39,7 @@ class ScoreConfig:
     run_date: str = field(default_factory=lambda: dt.date.today().isoformat())
     precision: str = "auto"
     max_pixels: int = decode.DEFAULT_MAX_PIXELS
+    modalities: str | None = None  # "CR,DX", "any", or None: the checkpoint's list
     storage: StorageSettings = StorageSettings()
 
 
@@ -92,11 +95,35 @@ def file_metadata(ckpt: dict, sha: str, run_id: str, cfg: ScoreConfig) -> dict[s
     }
 
 
+def resolve_modalities(option: str | None, ckpt: dict) -> tuple[str, ...] | None:
+    """Which DICOM Modality values to score: the option, else the checkpoint's list."""
+    if option is None:
+        chosen = ckpt.get("modalities", list(decode.DEFAULT_MODALITIES))
+    elif option.strip().lower() == "any":
+        return None
+    else:
+        chosen = [m.strip().upper() for m in option.split(",") if m.strip()]
+    return tuple(chosen) or None
+
+
+def pseudonym_key() -> bytes | None:
+    """The site's HMAC key for DICOM UID pseudonyms (never logged; no key, no UIDs)."""
+    key = os.environ.get(PSEUDONYM_KEY_ENV, "")
+    return key.encode() if key else None
+
+
 def build_dataset(cfg: ScoreConfig, uris: list[str], ckpt: dict, run_id: str) -> ray.data.Dataset:
-    decode_settings = DecodeSettings(size=int(ckpt["input_size"]), max_pixels=cfg.max_pixels)
+    decode_settings = DecodeSettings(
+        size=int(ckpt["input_size"]),
+        max_pixels=cfg.max_pixels,
+        modalities=resolve_modalities(cfg.modalities, ckpt),
+        pseudonym_key=pseudonym_key(),
+    )
     actors, resources = predictor_resources(cfg.actors)
-    # Small read tasks keep every CPU busy and memory flat: ~64 objects per block.
-    blocks = max(1, min(len(uris), -(-len(uris) // 64)))
+    # Small read tasks keep every CPU busy and memory flat: ~64 objects per block, and
+    # at least one block per tar shard (a shard holds many images).
+    shards = sum(sources.is_shard(u) for u in uris)
+    blocks = max(1, min(len(uris), max(shards, -(-len(uris) // 64))))
     ds = ray.data.from_items([{"image_uri": u} for u in uris], override_num_blocks=blocks)
     ds = ds.map_batches(sources.read_objects, fn_kwargs={"settings": cfg.storage}, batch_size=None)
     ds = ds.map_batches(

@@ -1,19 +1,43 @@
-"""What to read: the inputs under a prefix, and their labels where known.
+"""What to read, and reading it: loose objects, tar shards and manifests.
+
+INPUT is one of
+- a folder or s3:// prefix: every object under it, recursively;
+- a ``.csv`` or ``.parquet`` manifest with a ``uri`` column (optional ``label`` and
+  ``study_id``): only the listed objects, nothing is listed, so a night's new studies
+  start scoring at once;
+- and wherever an object ends in ``.tar`` (``.tar.gz``, ``.tgz``) it is a shard in the
+  WebDataset layout: each image member gives one row, ``image_uri = SHARD#MEMBER``.
 
 Names starting with ``_`` or ``.`` are metadata (manifests, markers, run artefacts),
-never inputs, everywhere in meddx.
+never inputs, everywhere in meddx. Member names are only ever strings in the output:
+nothing is extracted to a file system.
 """
 
 from __future__ import annotations
 
-import csv
 import io
 import posixpath
+import tarfile
+from collections.abc import Iterator
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
 
 from meddx import MeddxError, storage
 from meddx.storage import StorageSettings
+
+MANIFEST_NAME = "_manifest.csv"
+MANIFEST_SUFFIXES = (".csv", ".parquet")
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+# Tar members that are images; companions (.json, .cls, .txt) are metadata, not inputs.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
+# A member larger than this is refused unread: no chest radiograph comes near 512 MiB.
+MAX_MEMBER_BYTES = 512 * 2**20
+# Rows per batch out of the read stage: bounds memory when one shard holds thousands.
+READ_CHUNK = 64
 
 
 def one_line(exc: BaseException) -> str:
@@ -22,29 +46,59 @@ def one_line(exc: BaseException) -> str:
     return text[:300]
 
 
-MANIFEST_NAME = "_manifest.csv"
+def is_manifest(uri: str) -> bool:
+    return uri.lower().endswith(MANIFEST_SUFFIXES)
+
+
+def is_shard(uri: str) -> bool:
+    return uri.split("#", 1)[0].lower().endswith(SHARD_SUFFIXES)
 
 
 def list_inputs(input_uri: str, settings: StorageSettings) -> list[str]:
-    """Every object under ``input_uri`` (a local folder or an s3:// prefix), sorted."""
-    uris = storage.list_files(input_uri, settings)
+    """The inputs named by INPUT (prefix, folder or manifest), in a stable order."""
+    if is_manifest(input_uri):
+        uris = read_manifest(input_uri, settings).column("uri").to_pylist()
+        # A study listed twice is still one input.
+        uris = list(dict.fromkeys(uris))
+    else:
+        uris = storage.list_files(input_uri, settings)
     if not uris:
         raise MeddxError(f"no inputs under {input_uri}")
     return uris
 
 
-def read_manifest(uri: str, settings: StorageSettings) -> dict[str, str]:
-    """``uri -> label`` from a CSV manifest with columns ``uri`` and ``label``."""
+def read_manifest(uri: str, settings: StorageSettings) -> pa.Table:
+    """A manifest as a table with a non-null string ``uri`` column (CSV or Parquet)."""
     try:
-        text = storage.read_bytes(uri, settings).decode("utf-8-sig")
+        data = storage.read_bytes(uri, settings)
     except FileNotFoundError:
         raise MeddxError(f"manifest not found: {uri}") from None
-    reader = csv.DictReader(io.StringIO(text))
-    if not reader.fieldnames or "uri" not in reader.fieldnames:
+    try:
+        if uri.lower().endswith(".parquet"):
+            table = pq.read_table(io.BytesIO(data))
+        else:
+            strings = pacsv.ConvertOptions(
+                column_types={"uri": pa.string(), "label": pa.string(), "study_id": pa.string()}
+            )
+            table = pacsv.read_csv(io.BytesIO(data), convert_options=strings)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise MeddxError(f"cannot read manifest {uri}: {one_line(exc)}") from None
+    if "uri" not in table.column_names:
         raise MeddxError(f"manifest {uri} needs a 'uri' column")
-    if "label" not in reader.fieldnames:
+    # URIs in a manifest are taken as written: absolute paths or s3:// URIs.
+    return table.filter(pc.is_valid(table["uri"]))
+
+
+def manifest_labels(uri: str, settings: StorageSettings) -> dict[str, str]:
+    """``uri -> label`` from a manifest (rows without a label are left out)."""
+    table = read_manifest(uri, settings)
+    if "label" not in table.column_names:
         raise MeddxError(f"manifest {uri} needs a 'label' column")
-    return {row["uri"]: row["label"] for row in reader if row["uri"]}
+    return {
+        u: str(lbl)
+        for u, lbl in zip(table["uri"].to_pylist(), table["label"].to_pylist(), strict=True)
+        if lbl not in (None, "")
+    }
 
 
 def label_from_path(uri: str) -> str:
@@ -53,34 +107,97 @@ def label_from_path(uri: str) -> str:
 
 
 def labelled_inputs(data_uri: str, settings: StorageSettings) -> list[tuple[str, str]]:
-    """(uri, label) for training: ``DATA/_manifest.csv`` if present, else class folders."""
+    """(uri, label) for training: a manifest given as DATA, ``DATA/_manifest.csv`` if
+    present, else class folder names."""
+    if is_manifest(data_uri):
+        return sorted(manifest_labels(data_uri, settings).items())
     manifest = storage.join(data_uri, MANIFEST_NAME)
     if storage.exists(manifest, settings):
-        labels = read_manifest(manifest, settings)
-        return sorted(labels.items())
+        return sorted(manifest_labels(manifest, settings).items())
     return [(uri, label_from_path(uri)) for uri in list_inputs(data_uri, settings)]
 
 
-def read_objects(batch: dict[str, np.ndarray], settings: StorageSettings) -> dict[str, np.ndarray]:
-    """Fetch each object's bytes; a missing or unreadable object becomes an error value.
+# ---- the read stage (Ray CPU tasks) --------------------------------------------------
 
-    Columns crossing Ray stages use "" for "no error": an all-None column does not
-    survive Arrow conversion as None.
+
+def read_object(uri: str, settings: StorageSettings) -> tuple[bytes, str]:
+    """(bytes, "") or (b"", reason): a missing or unreadable object is a value."""
+    try:
+        return storage.read_bytes(uri, settings), ""
+    except FileNotFoundError:
+        return b"", "object not found"
+    except PermissionError:
+        return b"", "access denied"
+    except IsADirectoryError:
+        return b"", "is a folder, not an object"
+    except Exception as exc:  # network errors, throttling beyond the retries, ...
+        return b"", f"read failed: {one_line(exc)}"
+
+
+def read_shard(uri: str, settings: StorageSettings) -> Iterator[tuple[str, bytes, str]]:
+    """(member_uri, bytes, error) for each image member of a tar shard, streamed.
+
+    A corrupt member is the decoder's to reject; a truncated or unreadable shard gives
+    an error row naming the shard (for the member it broke in, or the shard itself).
     """
-    data, errors = [], []
-    for uri in batch["image_uri"]:
-        try:
-            data.append(storage.read_bytes(uri, settings))
-            errors.append("")
-        except FileNotFoundError:
-            data.append(b"")
-            errors.append("object not found")
-        except PermissionError:
-            data.append(b"")
-            errors.append("access denied")
-        except Exception as exc:  # network, throttling past retries, ...
-            data.append(b"")
-            errors.append(f"read failed: {one_line(exc)}")
-    batch["bytes"] = np.array(data, dtype=object)
-    batch["read_error"] = np.array(errors, dtype=object)
-    return batch
+    fs = storage.filesystem(uri, settings)
+    current = uri
+    try:
+        with fs.open(storage.strip_scheme(uri), "rb") as fh:
+            with tarfile.open(fileobj=fh, mode="r|*") as tar:
+                for member in tar:
+                    name = member.name
+                    if member.isdir() or storage.is_hidden(name):
+                        continue
+                    if not name.lower().endswith(IMAGE_SUFFIXES):
+                        continue
+                    current = f"{uri}#{name}"
+                    if not member.isfile():
+                        yield current, b"", "tar member is a link or device, not a file"
+                    elif member.size > MAX_MEMBER_BYTES:
+                        yield current, b"", f"tar member of {member.size:,} bytes is over the limit"
+                    else:
+                        yield current, tar.extractfile(member).read(), ""
+                    current = uri
+    except FileNotFoundError:
+        yield uri, b"", "object not found"
+    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+        yield current, b"", f"unreadable or truncated tar shard {uri}: {one_line(exc)}"
+
+
+def read_objects(
+    batch: dict[str, np.ndarray], settings: StorageSettings
+) -> Iterator[dict[str, np.ndarray]]:
+    """Fetch each input's bytes (expanding tar shards into their members).
+
+    Yields batches of at most READ_CHUNK rows with ``bytes`` and ``read_error`` added;
+    other columns (a label, say) are carried along. "" means "no error": an all-None
+    column does not survive Ray's Arrow conversion as None.
+    """
+    extra = [k for k in batch if k != "image_uri"]
+    rows: list[tuple] = []
+
+    def flush():
+        out = {
+            "image_uri": np.array([r[0] for r in rows], dtype=object),
+            "bytes": np.array([r[1] for r in rows], dtype=object),
+            "read_error": np.array([r[2] for r in rows], dtype=object),
+        }
+        for j, key in enumerate(extra):
+            out[key] = np.array([r[3 + j] for r in rows], dtype=batch[key].dtype)
+        rows.clear()
+        return out
+
+    for i, uri in enumerate(batch["image_uri"]):
+        carried = tuple(batch[k][i] for k in extra)
+        if is_shard(uri):
+            for member_uri, data, error in read_shard(uri, settings):
+                rows.append((member_uri, data, error, *carried))
+                if len(rows) >= READ_CHUNK:
+                    yield flush()
+        else:
+            rows.append((uri, *read_object(uri, settings), *carried))
+            if len(rows) >= READ_CHUNK:
+                yield flush()
+    if rows:
+        yield flush()

@@ -23,7 +23,7 @@ from sklearn.model_selection import train_test_split
 from torch import nn
 
 from meddx import MeddxError, metrics, models, sources, storage
-from meddx.decode import DecodeSettings, decode_images
+from meddx.decode import DEFAULT_MODALITIES, DecodeSettings, decode_images
 from meddx.scoring import init_ray
 from meddx.sources import read_objects
 from meddx.storage import StorageSettings
@@ -45,6 +45,8 @@ class TrainConfig:
     val_fraction: float = 0.2
     image_size: int = 224
     seed: int = 0
+    # DICOM Modality values trained on (and so accepted when scoring); None: any.
+    modalities: tuple[str, ...] | None = DEFAULT_MODALITIES
     storage_path: str | None = None  # Ray Train run folder; shared storage on multi-node
     storage: StorageSettings = field(default_factory=StorageSettings)
 
@@ -75,7 +77,9 @@ def labelled_dataset(items, class_names, cfg: TrainConfig) -> ray.data.Dataset:
     ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), len(rows) // 64)))
     ds = ds.map_batches(read_objects, fn_kwargs={"settings": cfg.storage}, batch_size=None)
     ds = ds.map_batches(
-        decode_images, fn_kwargs={"settings": DecodeSettings(size=cfg.image_size)}, batch_size=None
+        decode_images,
+        fn_kwargs={"settings": DecodeSettings(size=cfg.image_size, modalities=cfg.modalities)},
+        batch_size=None,
     )
     # Unreadable training images cannot teach anything; scoring is where every input counts.
     return ds.filter(lambda row: row["status"] == "ok").select_columns(["image", "label"])
@@ -185,6 +189,7 @@ def train_loop_per_worker(config: dict) -> None:
                     model_name=config["model"],
                     class_names=class_names,
                     positive_class=config["positive_class"],
+                    modalities=config["modalities"],
                     input_size=config["image_size"],
                     train_config=config["resolved"],
                     metrics={k: v for k, v in report.items() if k != "val_auroc_rank"},
@@ -267,6 +272,7 @@ def train(cfg: TrainConfig) -> TrainSummary:
             "positive_class": positive_class_of(class_names),
             "class_weights": class_weights,
             "resolved": resolved,
+            "modalities": list(cfg.modalities or []),
         },
         torch_config=ray.train.torch.TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(

@@ -14,7 +14,7 @@ SETTINGS = DecodeSettings(size=32)
 
 @pytest.mark.parametrize("mode", ["L", "I;16", "RGB", "RGBA"])
 def test_png_modes_decode_to_gray_uint8(mode):
-    out = decode_image(png(mode), SETTINGS)
+    out = decode_image(png(mode), SETTINGS)[0]
     assert out.shape == (32, 32) and out.dtype == np.uint8
     # The test image is a diagonal gradient: dark top-left, bright bottom-right.
     assert out[0, 0] < 20 and out[-1, -1] > 200
@@ -22,12 +22,12 @@ def test_png_modes_decode_to_gray_uint8(mode):
 
 def test_16_bit_is_windowed_to_its_stored_range():
     # 12-bit values in a 16-bit PNG must not come out nearly black.
-    assert decode_image(png("I;16"), SETTINGS).max() > 240
+    assert decode_image(png("I;16"), SETTINGS)[0].max() > 240
 
 
 @pytest.mark.parametrize("mode", ["L", "RGB"])
 def test_jpeg_decodes(mode):
-    out = decode_image(jpeg(mode=mode), SETTINGS)
+    out = decode_image(jpeg(mode=mode), SETTINGS)[0]
     assert out.shape == (32, 32) and out[-1, -1] > 200
 
 
@@ -65,7 +65,7 @@ def test_batch_stages_turn_failures_into_values(tmp_path):
     (tmp_path / "good.png").write_bytes(png())
     (tmp_path / "bad.png").write_bytes(b"nope")
     uris = [str(tmp_path / "good.png"), str(tmp_path / "bad.png"), str(tmp_path / "missing.png")]
-    batch = read_objects({"image_uri": np.array(uris, dtype=object)}, StorageSettings())
+    (batch,) = read_objects({"image_uri": np.array(uris, dtype=object)}, StorageSettings())
     out = decode_images(batch, SETTINGS)
     assert out["status"].tolist() == ["ok", "error", "error"]
     assert out["error"][0] == ""

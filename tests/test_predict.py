@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from meddx.decode import INFO_DEFAULTS
 from meddx.predict import OUTPUT_SCHEMA, Predictor, resolve_precision
 from meddx.storage import StorageSettings
 
@@ -17,6 +18,10 @@ def batch(n_ok=3, n_err=2, size=64):
         "status": np.array(status, dtype=object),
         "error": np.array([""] * n_ok + ["empty object (0 bytes)"] * n_err, dtype=object),
         "content_sha256": np.array(["ab" * 32] * (n_ok + n_err), dtype=object),
+        **{
+            name: np.array([default] * (n_ok + n_err), dtype=object if default == "" else np.int64)
+            for name, default in INFO_DEFAULTS.items()
+        },
     }
 
 
