@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # torch/torchvision come from pip exactly as pinned in pyproject.toml.
 PIP_INSTALL := $(BIN)/pip install --disable-pip-version-check
 
-.PHONY: install demo test test-fast lint bench train-ddp score submit-score submit-train clean
+.PHONY: install demo test test-fast lint bench-inputs train-ddp score submit-score submit-train clean
 
 install: $(STAMP)
 
@@ -50,3 +50,7 @@ submit-train: install
 
 clean:
 	rm -rf demo-output data models results .pytest_cache
+
+# Benchmarks (not tests): throughput by input layout on a local S3 endpoint.
+bench-inputs: install
+	$(BIN)/python benchmarks/inputs.py --n 2000 --size 512 --out benchmarks/results/inputs-$$(hostname)-$$(date +%F).json

@@ -157,15 +157,20 @@ def to_unit_gray(ds: Dataset, *, max_pixels: int, modalities: tuple[str, ...] | 
                 arr = apply_color_lut(arr, ds)
             if arr.ndim == 3:
                 return _luminance(arr, ds)
-            values = apply_modality_lut(arr, ds).astype(np.float64)
+            values = apply_modality_lut(arr, ds)
             if "VOILUTSequence" in ds or "WindowCenter" in ds:
-                shown = apply_voi_lut(values, ds, index=0)
-                # The VOI output range: what the same transform gives the extremes.
-                lo, hi = apply_voi_lut(np.array([-1e12, 1e12]), ds, index=0).tolist()
-                lo, hi = min(lo, hi), max(lo, hi)
+                if "VOILUTSequence" in ds:
+                    # A VOI LUT is indexed by integers; its output spans 2**bits values.
+                    shown = apply_voi_lut(np.rint(values).astype(np.int64), ds, index=0)
+                    lo, hi = 0.0, float(2 ** int(ds.VOILUTSequence[0].LUTDescriptor[2]) - 1)
+                else:
+                    shown = apply_voi_lut(values.astype(np.float64), ds, index=0)
+                    # The window's output range: what the same transform gives the extremes.
+                    extremes = apply_voi_lut(np.array([-1e12, 1e12]), ds, index=0)
+                    lo, hi = sorted(extremes.astype(float).tolist())
             else:
-                shown = values
-                lo, hi = float(values.min()), float(values.max())
+                shown = values.astype(np.float64)
+                lo, hi = float(shown.min()), float(shown.max())
     except DicomError:
         raise
     except Exception as exc:

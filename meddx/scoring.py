@@ -27,6 +27,8 @@ from meddx.predict import OUTPUT_SCHEMA, Predictor
 from meddx.storage import StorageSettings
 
 PSEUDONYM_KEY_ENV = "MEDDX_PSEUDONYM_KEY"
+# A CPU predictor holds the model (resnet50: 100 MB) and a batch's activations.
+PREDICTOR_MEMORY = 1 * 2**30
 
 
 @dataclass(frozen=True)
@@ -71,8 +73,11 @@ def predictor_resources(actors: int | None) -> tuple[int, dict]:
     if gpus:
         return actors or gpus, {"num_gpus": 1}
     # On CPU one actor uses every core through torch's intra-op threads; more actors
-    # would only split the same cores (and load the model again for each).
-    return actors or 1, {"num_cpus": 1}
+    # would only split the same cores (and load the model again for each). The memory
+    # reservation (model plus a batch of activations) also makes the actor's resources
+    # differ from the decode tasks', so Ray does not fuse decoding into the actor:
+    # decoding stays on parallel CPU tasks.
+    return actors or 1, {"num_cpus": 1, "memory": PREDICTOR_MEMORY}
 
 
 def partition_uri(out: str, run_date: str) -> str:

@@ -102,7 +102,9 @@ def exists(uri: str, settings: StorageSettings) -> bool:
 
 def is_hidden(path: str) -> bool:
     """Names starting with ``_`` or ``.`` are metadata, never inputs (Hadoop/Spark convention)."""
-    return any(part.startswith(("_", ".")) for part in path.split("/") if part)
+    return any(
+        part.startswith(("_", ".")) and part not in (".", "..") for part in path.split("/") if part
+    )
 
 
 def list_files(prefix: str, settings: StorageSettings) -> list[str]:

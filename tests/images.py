@@ -73,3 +73,47 @@ def broken_inputs() -> dict[str, bytes]:
         "half.jpg": good_jpeg[: len(good_jpeg) // 2],
         "bomb.png": png_bomb(),
     }
+
+
+def dicom_cr(
+    pixels: np.ndarray | None = None,
+    *,
+    patient_name: str = "Doe^Jane",
+    photometric: str = "MONOCHROME2",
+    modality: str = "CR",
+    window: tuple[float, float] | None = (2048.0, 4096.0),
+    preamble: bool = True,
+) -> bytes:
+    """A 12-bit computed radiograph as DICOM bytes (explicit VR little endian)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    if pixels is None:
+        pixels = (gradient(64) * 4095).astype(np.uint16)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"  # CR Image Storage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID = "1.2.826.0.1.3680043.8.498.1"
+    ds.SeriesInstanceUID = "1.2.826.0.1.3680043.8.498.2"
+    ds.PatientName = patient_name
+    ds.PatientID = "MRN-0042"
+    ds.PatientBirthDate = "19700101"
+    ds.Modality = modality
+    ds.ViewPosition = "PA"
+    ds.BodyPartExamined = "CHEST"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    if window:
+        ds.WindowCenter, ds.WindowWidth = window
+    ds.PixelData = pixels.astype(np.uint16).tobytes()
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    data = buf.getvalue()
+    return data if preamble else data[132:]

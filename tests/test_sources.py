@@ -1,0 +1,195 @@
+"""Inputs as hospitals hold them: tar shards and manifests, from a real S3 endpoint."""
+
+import io
+import tarfile
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+
+from meddx import MeddxError
+from meddx.scoring import ScoreConfig, score
+from meddx.sources import labelled_inputs, list_inputs, manifest_labels, read_objects
+from meddx.storage import StorageSettings, arrow_filesystem, filesystem
+
+from .images import dicom_cr, png
+
+
+def make_tar(members: list[tuple[str, bytes | None]], *, symlink: str | None = None) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        if symlink:
+            link = tarfile.TarInfo(symlink)
+            link.type = tarfile.SYMTYPE
+            link.linkname = "/etc/passwd"
+            tar.addfile(link)
+    return buf.getvalue()
+
+
+def good_shard() -> bytes:
+    members = []
+    for i in range(4):
+        members += [(f"sample{i:03d}.png", png("L", size=40 + i)), (f"sample{i:03d}.cls", b"1")]
+    members += [
+        ("sample004.dcm", dicom_cr()),
+        ("corrupt.png", b"\x89PNG\r\n\x1a\n" + b"\0" * 50),
+        ("../../escape.png", png("L")),
+        ("/abs/path.jpg", png("RGB")),
+        ("._hidden.png", png("L")),
+        ("notes.json", b"{}"),
+    ]
+    return make_tar(members, symlink="link.png")
+
+
+def truncated_shard() -> bytes:
+    full = make_tar([(f"t{i}.png", png("L", size=64)) for i in range(4)])
+    # Cut inside the third member's data: two members whole, then the shard ends.
+    return full[: 512 * 2 + len(png("L", size=64)) * 2 + 1024 + 300]
+
+
+def rows_by_uri(uri, settings):
+    ds = pads.dataset(
+        uri.removeprefix("s3://"),
+        filesystem=arrow_filesystem(uri, settings),
+        format="parquet",
+        partitioning="hive",
+    )
+    return {r["image_uri"]: r for r in ds.to_table().to_pylist()}
+
+
+def test_read_shard_members_locally(tmp_path):
+    shard = tmp_path / "s.tar"
+    shard.write_bytes(good_shard())
+    batches = list(
+        read_objects({"image_uri": np.array([str(shard)], dtype=object)}, StorageSettings())
+    )
+    uris = [u for b in batches for u in b["image_uri"]]
+    errors = {u: e for b in batches for u, e in zip(b["image_uri"], b["read_error"], strict=True)}
+    names = [u.split("#", 1)[1] for u in uris]
+    assert names == [
+        "sample000.png",
+        "sample001.png",
+        "sample002.png",
+        "sample003.png",
+        "sample004.dcm",
+        "corrupt.png",
+        "../../escape.png",
+        "/abs/path.jpg",
+        "link.png",
+    ]
+    assert "link or device" in errors[f"{shard}#link.png"]
+    assert not (tmp_path / "escape.png").exists() and not (tmp_path.parent / "escape.png").exists()
+
+
+def test_read_objects_chunks_large_shards(tmp_path):
+    shard = tmp_path / "big.tar"
+    shard.write_bytes(make_tar([(f"{i:04d}.png", png("L", size=16)) for i in range(150)]))
+    batches = list(
+        read_objects({"image_uri": np.array([str(shard)], dtype=object)}, StorageSettings())
+    )
+    assert [len(b["image_uri"]) for b in batches] == [64, 64, 22]
+
+
+def test_tar_shards_from_s3(ray_session, bucket, settings, random_checkpoint):
+    fs = filesystem(bucket, settings)
+    root = bucket.removeprefix("s3://")
+    fs.pipe_file(f"{root}/shards/shard-000.tar", good_shard())
+    fs.pipe_file(f"{root}/shards/shard-001.tar", truncated_shard())
+    fs.pipe_file(f"{root}/shards/loose.png", png("L"))
+    fs.pipe_file(f"{root}/shards/not-a-tar.tar", b"this is not a tar file at all" * 40)
+
+    summary = score(
+        ScoreConfig(
+            input=f"{bucket}/shards",
+            model=random_checkpoint[0],
+            out=f"{bucket}/out",
+            modalities="CR",
+            storage=settings,
+        )
+    )
+    rows = rows_by_uri(f"{bucket}/out", settings)
+    s0, s1 = f"{bucket}/shards/shard-000.tar", f"{bucket}/shards/shard-001.tar"
+    ok = {u for u, r in rows.items() if r["status"] == "ok"}
+    assert ok == {f"{s0}#sample{i:03d}.png" for i in range(4)} | {
+        f"{s0}#sample004.dcm",
+        f"{s0}#../../escape.png",
+        f"{s0}#/abs/path.jpg",
+        f"{s1}#t0.png",
+        f"{s1}#t1.png",
+        f"{bucket}/shards/loose.png",
+    }
+    assert rows[f"{s0}#sample004.dcm"]["modality"] == "CR"
+    assert "cannot decode PNG" in rows[f"{s0}#corrupt.png"]["error"]
+    assert "link or device" in rows[f"{s0}#link.png"]["error"]
+    truncated = [r for u, r in rows.items() if u.startswith(s1) and r["status"] == "error"]
+    assert len(truncated) == 1 and s1 in truncated[0]["error"]
+    assert "truncated" in truncated[0]["error"]
+    bad = rows[f"{bucket}/shards/not-a-tar.tar"]
+    assert bad["status"] == "error" and "tar shard" in bad["error"]
+    assert summary.rows_written == len(rows) == 9 + 3 + 1 + 1
+
+
+def test_manifest_lists_only_what_it_names(ray_session, bucket, settings, random_checkpoint):
+    fs = filesystem(bucket, settings)
+    root = bucket.removeprefix("s3://")
+    for i in range(5):
+        fs.pipe_file(f"{root}/pacs/{i}.png", png("L", size=40 + i))
+    listed = [f"{bucket}/pacs/{i}.png" for i in (0, 2, 4)] + [
+        f"{bucket}/pacs/missing-1.png",
+        f"{bucket}/gone/missing-2.dcm",
+    ]
+    labels = ["opacity", "normal", "", "normal", "opacity"]
+    lines = ["uri,label,study_id"] + [
+        f"{u},{lbl},S{i}" for i, (u, lbl) in enumerate(zip(listed, labels, strict=True))
+    ]
+    fs.pipe_file(f"{root}/manifests/night.csv", ("\n".join(lines) + "\n").encode())
+
+    assert list_inputs(f"{bucket}/manifests/night.csv", settings) == listed
+    summary = score(
+        ScoreConfig(
+            input=f"{bucket}/manifests/night.csv",
+            model=random_checkpoint[0],
+            out=f"{bucket}/out",
+            storage=settings,
+        )
+    )
+    rows = rows_by_uri(f"{bucket}/out", settings)
+    assert set(rows) == set(listed) and summary.rows_written == 5
+    assert {u for u, r in rows.items() if r["status"] == "error"} == set(listed[3:])
+    assert all(rows[u]["error"] == "object not found" for u in listed[3:])
+    # Labels flow into evaluation and training.
+    assert manifest_labels(f"{bucket}/manifests/night.csv", settings) == {
+        listed[0]: "opacity",
+        listed[1]: "normal",
+        listed[3]: "normal",
+        listed[4]: "opacity",
+    }
+
+
+def test_parquet_manifest_and_training_labels(bucket, settings):
+    fs = filesystem(bucket, settings)
+    root = bucket.removeprefix("s3://")
+    table = pa.table(
+        {"uri": [f"{bucket}/a.png", f"{bucket}/b.png"], "label": ["normal", "opacity"]}
+    )
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    fs.pipe_file(f"{root}/m.parquet", buf.getvalue())
+    assert labelled_inputs(f"{bucket}/m.parquet", settings) == [
+        (f"{bucket}/a.png", "normal"),
+        (f"{bucket}/b.png", "opacity"),
+    ]
+
+
+def test_bad_manifests_are_clear(tmp_path):
+    (tmp_path / "no-uri.csv").write_text("path,label\nx,y\n")
+    with pytest.raises(MeddxError, match="needs a 'uri' column"):
+        list_inputs(str(tmp_path / "no-uri.csv"), StorageSettings())
+    with pytest.raises(MeddxError, match="manifest not found"):
+        list_inputs(str(tmp_path / "absent.csv"), StorageSettings())
