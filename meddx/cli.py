@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from meddx import MeddxError, __version__
+from meddx import MeddxAlarm, MeddxError, __version__
 from meddx.storage import StorageSettings
 
 s3_endpoint_option = click.option(
@@ -260,6 +260,97 @@ def score(
 
 
 @cli.command()
+@click.argument("source")
+@click.option("--model", required=True, metavar="CKPT", help="Checkpoint file (local or s3://).")
+@click.option("--out", required=True, metavar="OUT", help="Results folder or s3:// prefix.")
+@click.option(
+    "--run-date",
+    callback=_run_date,
+    default=None,
+    metavar="YYYY-MM-DD",
+    help="Night to write: OUT/dt=RUN_DATE/ [default: today].",
+)
+@click.option(
+    "--new-model",
+    is_flag=True,
+    help="OUT holds another model's results: score everything again with this one.",
+)
+@click.option(
+    "--max-error-rate",
+    type=click.FloatRange(0, 1),
+    default=0.05,
+    show_default=True,
+    help="Alarm (exit 3) when more of this run's rows are errors.",
+)
+@click.option(
+    "--max-psi",
+    type=click.FloatRange(min=0),
+    default=0.25,
+    show_default=True,
+    help="Alarm (exit 3) when scores drift further from the recent runs (PSI).",
+)
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--actors", type=click.IntRange(min=1), default=None)
+@click.option(
+    "--precision",
+    type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+    default="auto",
+    show_default=True,
+)
+@click.option(
+    "--modalities",
+    default=None,
+    metavar="LIST",
+    help="DICOM Modality values to score, or 'any' [default: the checkpoint's].",
+)
+@s3_endpoint_option
+def screen(
+    source,
+    model,
+    out,
+    run_date,
+    new_model,
+    max_error_rate,
+    max_psi,
+    batch_size,
+    actors,
+    precision,
+    modalities,
+    s3_endpoint,
+):
+    """Nightly screening: score only what is new in SOURCE since the last run.
+
+    Commits OUT/dt=RUN_DATE/ atomically (a killed run leaves nothing half-written and
+    the next run scores what is missing), then writes the worklist, summary.json and
+    report.html to OUT/_runs/dt=RUN_DATE/. Exits 3 with one line on an alarm.
+    """
+    from meddx.screening import ScreenConfig
+    from meddx.screening import screen as run
+
+    cfg = ScreenConfig(
+        source=source,
+        model=model,
+        out=out,
+        run_date=run_date,
+        new_model=new_model,
+        max_error_rate=max_error_rate,
+        max_psi=max_psi,
+        batch_size=batch_size,
+        actors=actors,
+        precision=precision,
+        modalities=modalities,
+        storage=StorageSettings.from_env(s3_endpoint),
+    )
+    s = run(cfg)
+    click.echo(
+        f"night {s['run_date']}: inputs_seen={s['inputs_seen']} new={s['new_inputs']} "
+        f"rows={s['rows']} ok={s['ok']} errors={s['errors']} positives={s['positives']} "
+        f"seconds={s['seconds']}"
+    )
+    click.echo(f"report: {out.rstrip('/')}/_runs/dt={s['run_date']}/report.html")
+
+
+@cli.command()
 @click.argument("predictions")
 @click.option(
     "--labels",
@@ -311,6 +402,9 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except MeddxError as exc:
+        if isinstance(exc, MeddxAlarm):
+            click.echo(f"meddx: alarm: {exc}", err=True)
+            sys.exit(3)
         click.echo(f"meddx: error: {exc}", err=True)
         sys.exit(1)
     except click.ClickException as exc:

@@ -9,7 +9,6 @@ stages keeps Ray's object store traffic at 50 KB per 224 px image.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import warnings
 from dataclasses import dataclass, field
@@ -141,19 +140,17 @@ def resize(gray: np.ndarray | Image.Image, size: int) -> np.ndarray:
 
 
 def decode_images(batch: dict[str, np.ndarray], settings: DecodeSettings) -> dict[str, np.ndarray]:
-    """Bytes -> uint8 (size, size) pixels, status, error and content hash per input."""
+    """Bytes -> uint8 (size, size) pixels, status, error and info columns per input."""
     n = len(batch["image_uri"])
     images = np.zeros((n, settings.size, settings.size), dtype=np.uint8)
-    status, errors, hashes, infos = [], [], [], []
+    status, errors, infos = [], [], []
     for i, (data, read_error) in enumerate(zip(batch["bytes"], batch["read_error"], strict=True)):
         info = INFO_DEFAULTS
         if read_error:
             status.append("error")
             errors.append(read_error)
-            hashes.append("")
             infos.append(info)
             continue
-        hashes.append(hashlib.sha256(data).hexdigest())
         try:
             images[i], info = decode_image(data, settings)
             status.append("ok")
@@ -168,7 +165,6 @@ def decode_images(batch: dict[str, np.ndarray], settings: DecodeSettings) -> dic
         "image": images,
         "status": np.array(status, dtype=object),
         "error": np.array(errors, dtype=object),
-        "content_sha256": np.array(hashes, dtype=object),
         **{
             name: np.array(
                 [info[name] for info in infos],

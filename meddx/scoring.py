@@ -117,7 +117,14 @@ def pseudonym_key() -> bytes | None:
     return key.encode() if key else None
 
 
-def build_dataset(cfg: ScoreConfig, uris: list[str], ckpt: dict, run_id: str) -> ray.data.Dataset:
+def build_dataset(
+    cfg: ScoreConfig,
+    uris: list[str],
+    ckpt: dict,
+    run_id: str,
+    known: dict[str, list[str]] | None = None,
+) -> ray.data.Dataset:
+    """list -> read -> [drop already-scored bytes] -> decode -> predict, as a Ray Dataset."""
     decode_settings = DecodeSettings(
         size=int(ckpt["input_size"]),
         max_pixels=cfg.max_pixels,
@@ -131,6 +138,8 @@ def build_dataset(cfg: ScoreConfig, uris: list[str], ckpt: dict, run_id: str) ->
     blocks = max(1, min(len(uris), max(shards, -(-len(uris) // 64))))
     ds = ray.data.from_items([{"image_uri": u} for u in uris], override_num_blocks=blocks)
     ds = ds.map_batches(sources.read_objects, fn_kwargs={"settings": cfg.storage}, batch_size=None)
+    if known:
+        ds = ds.map_batches(sources.drop_known, fn_kwargs={"known": known}, batch_size=None)
     ds = ds.map_batches(
         decode.decode_images, fn_kwargs={"settings": decode_settings}, batch_size=None
     )

@@ -15,6 +15,7 @@ nothing is extracted to a file system.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import posixpath
 import tarfile
@@ -170,7 +171,8 @@ def read_objects(
 ) -> Iterator[dict[str, np.ndarray]]:
     """Fetch each input's bytes (expanding tar shards into their members).
 
-    Yields batches of at most READ_CHUNK rows with ``bytes`` and ``read_error`` added;
+    Yields batches of at most READ_CHUNK rows with ``bytes``, ``read_error`` and
+    ``content_sha256`` added;
     other columns (a label, say) are carried along. "" means "no error": an all-None
     column does not survive Ray's Arrow conversion as None.
     """
@@ -182,6 +184,9 @@ def read_objects(
             "image_uri": np.array([r[0] for r in rows], dtype=object),
             "bytes": np.array([r[1] for r in rows], dtype=object),
             "read_error": np.array([r[2] for r in rows], dtype=object),
+            "content_sha256": np.array(
+                [hashlib.sha256(r[1]).hexdigest() if not r[2] else "" for r in rows], dtype=object
+            ),
         }
         for j, key in enumerate(extra):
             out[key] = np.array([r[3 + j] for r in rows], dtype=batch[key].dtype)
@@ -201,3 +206,16 @@ def read_objects(
                 yield flush()
     if rows:
         yield flush()
+
+
+def drop_known(batch: dict[str, np.ndarray], known: dict[str, list[str]]) -> dict[str, np.ndarray]:
+    """Drop rows whose (image_uri, content_sha256) was already scored: an object that was
+    touched but not changed. Unreadable rows are kept (they become error rows)."""
+    keep = np.array(
+        [
+            not (sha and sha in known.get(uri, ()))
+            for uri, sha in zip(batch["image_uri"], batch["content_sha256"], strict=True)
+        ],
+        dtype=bool,
+    )
+    return {k: v[keep] for k, v in batch.items()}

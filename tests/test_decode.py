@@ -72,6 +72,7 @@ def test_batch_stages_turn_failures_into_values(tmp_path):
     assert "not a PNG" in out["error"][1]
     assert out["error"][2] == "object not found"
     assert out["content_sha256"][0] == hashlib.sha256(png()).hexdigest()
+    assert out["content_sha256"][1] == hashlib.sha256(b"nope").hexdigest()
     assert out["content_sha256"][2] == ""
     assert out["image"].shape == (3, 32, 32)
     assert out["image"][0].max() > 200 and out["image"][1].max() == 0
