@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # torch/torchvision come from pip exactly as pinned in pyproject.toml.
 PIP_INSTALL := $(BIN)/pip install --disable-pip-version-check
 
-.PHONY: install demo test test-fast lint bench-inputs train-ddp score submit-score submit-train clean
+.PHONY: install demo test test-fast lint nightly bench-inputs train-ddp score submit-score submit-train clean
 
 install: $(STAMP)
 
@@ -54,3 +54,10 @@ clean:
 # Benchmarks (not tests): throughput by input layout on a local S3 endpoint.
 bench-inputs: install
 	$(BIN)/python benchmarks/inputs.py --n 2000 --size 512 --out benchmarks/results/inputs-$$(hostname)-$$(date +%F).json
+
+# One night of screening on this machine: synthetic arrivals, then `meddx screen`.
+NIGHT ?= $(shell date +%F)
+nightly: install
+	test -f $(CKPT) || $(MAKE) train-ddp
+	test -f data/incoming/_manifest.csv || $(BIN)/meddx synth data/incoming --n 200 --seed 3
+	$(BIN)/meddx screen data/incoming --model $(CKPT) --out results/nightly --run-date $(NIGHT) $(ARGS)

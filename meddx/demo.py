@@ -16,7 +16,7 @@ import time
 import click
 
 from meddx import MeddxError, evaluation, metrics
-from meddx.scoring import ScoreConfig, score
+from meddx.screening import ScreenConfig, screen
 from meddx.storage import StorageSettings, filesystem
 from meddx.synth import SynthConfig, write_archive
 from meddx.training import TrainConfig, train
@@ -92,15 +92,17 @@ def run_demo(workdir: str, n_train: int, n_holdout: int, epochs: int) -> dict:
             f"{trained.metrics['val_auroc']:.4f} -> {ckpt}"
         )
 
-        predictions = os.path.join(workdir, "predictions")
-        scored = score(
-            ScoreConfig(
-                input=f"s3://{BUCKET}/holdout", model=ckpt, out=predictions, storage=settings
+        # Score the held-out archive as a nightly screening run: results, worklist, report.
+        predictions = os.path.join(workdir, "results")
+        night = screen(
+            ScreenConfig(
+                source=f"s3://{BUCKET}/holdout", model=ckpt, out=predictions, storage=settings
             )
         )
         click.echo(
-            f"[demo] scored {scored.inputs} images from S3 in {scored.seconds:.1f}s "
-            f"({scored.images_per_s:.1f} images/s): ok={scored.ok} errors={scored.errors}"
+            f"[demo] scored {night['rows']} images from S3 in {night['seconds']:.1f}s "
+            f"({night['images_per_s']:.1f} images/s): ok={night['ok']} errors={night['errors']}"
+            f" worklist={night['positives']}"
         )
 
         result = evaluation.evaluate(predictions, f"s3://{BUCKET}/holdout/_manifest.csv", settings)
@@ -109,7 +111,8 @@ def run_demo(workdir: str, n_train: int, n_holdout: int, epochs: int) -> dict:
     finally:
         ray.shutdown()
         server.stop()
-    click.echo(f"[demo] predictions: {predictions}/  metrics: {workdir}/metrics.json")
+    click.echo(f"[demo] results: {predictions}/dt=*/  metrics: {workdir}/metrics.json")
+    click.echo(f"[demo] report: {predictions}/_runs/dt={night['run_date']}/report.html")
     click.echo(
         f"[demo] done in {time.perf_counter() - start:.1f}s, held-out AUROC {result['auroc']:.4f}"
     )
