@@ -51,7 +51,11 @@ submit-train: install
 clean:
 	rm -rf demo-output data models results .pytest_cache
 
-# Benchmarks (not tests): throughput by input layout on a local S3 endpoint.
+# Benchmarks (not tests). bench: meddx score vs the model's ceiling and the classic loop.
+bench: install
+	$(BIN)/python benchmarks/bench.py --n 2000 --size 512 --model resnet18
+
+# Throughput by input layout (loose, tar shards, manifest) on a local S3 endpoint.
 bench-inputs: install
 	$(BIN)/python benchmarks/inputs.py --n 2000 --size 512 --out benchmarks/results/inputs-$$(hostname)-$$(date +%F).json
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from meddx.decode import INFO_DEFAULTS
-from meddx.predict import OUTPUT_SCHEMA, Predictor, resolve_precision
+from meddx.predict import OUTPUT_SCHEMA, Predictor, cpu_has_native_bf16, resolve_precision
 from meddx.storage import StorageSettings
 
 
@@ -61,6 +61,8 @@ def test_precision_choice():
     assert resolve_precision("fp32", cpu) is None
     assert resolve_precision("bf16", cpu) is torch.bfloat16
     assert resolve_precision("fp16", cpu) is torch.float16
+    expected = torch.bfloat16 if cpu_has_native_bf16() else None
+    assert resolve_precision("auto", cpu) is expected
 
 
 @pytest.mark.gpu
