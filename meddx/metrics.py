@@ -33,6 +33,20 @@ def binary_metrics(y_true: np.ndarray, scores: np.ndarray, threshold: float) -> 
     }
 
 
+def youden_threshold(y_true: np.ndarray, scores: np.ndarray) -> float:
+    """The score cut that maximises sensitivity + specificity on a validation set.
+
+    0.5 is only right for a calibrated model on balanced data; a screening model is
+    used at the operating point its validation data supports. 0.5 when undefined.
+    """
+    y_true = np.asarray(y_true, dtype=int)
+    if len(np.unique(y_true)) < 2:
+        return 0.5
+    fpr, tpr, thresholds = skm.roc_curve(y_true, scores)
+    best = int(np.argmax(tpr - fpr))
+    return float(np.clip(thresholds[best], 0.0, 1.0))
+
+
 def format_metrics(m: dict) -> str:
     cm = m["confusion_matrix"]
     lines = [

@@ -167,9 +167,12 @@ def train_loop_per_worker(config: dict) -> None:
                 val_loss, probs, labels = evaluate(
                     net, val_shard.iter_torch_batches(**batch_kwargs), loss_fn, mean, std, device
                 )
-                m = metrics.binary_metrics(labels == positive, probs[:, positive], 0.5)
+                truth, scores = labels == positive, probs[:, positive]
+                threshold = metrics.youden_threshold(truth, scores)
+                m = metrics.binary_metrics(truth, scores, threshold)
                 report.update(
                     val_loss=val_loss,
+                    val_threshold=threshold,
                     **{
                         f"val_{k}": m[k] for k in ("accuracy", "precision", "recall", "f1", "auroc")
                     },
@@ -180,7 +183,7 @@ def train_loop_per_worker(config: dict) -> None:
                     f"[meddx train] epoch {epoch + 1}/{config['epochs']} "
                     f"train_loss={train_loss:.4f} val_loss={val_loss:.4f} "
                     f"acc={m['accuracy']:.3f} prec={m['precision']:.3f} rec={m['recall']:.3f} "
-                    f"f1={m['f1']:.3f} auroc={m['auroc']:.3f} "
+                    f"f1={m['f1']:.3f} auroc={m['auroc']:.3f} threshold={threshold:.3f} "
                     f"({time.perf_counter() - start:.1f}s)",
                     flush=True,
                 )
@@ -189,6 +192,7 @@ def train_loop_per_worker(config: dict) -> None:
                     model_name=config["model"],
                     class_names=class_names,
                     positive_class=config["positive_class"],
+                    threshold=threshold,
                     modalities=config["modalities"],
                     input_size=config["image_size"],
                     train_config=config["resolved"],

@@ -91,3 +91,15 @@ def test_labels_from_manifest_and_json(tmp_path):
 def test_missing_predictions_is_clear(tmp_path):
     with pytest.raises(MeddxError, match="predictions"):
         evaluate(str(tmp_path / "none"), None, StorageSettings())
+
+
+def test_youden_threshold_separates_the_classes():
+    import numpy as np
+
+    from meddx.metrics import youden_threshold
+
+    truth = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    scores = np.array([0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4])  # all below 0.5
+    cut = youden_threshold(truth, scores)
+    assert 0.2 < cut <= 0.25
+    assert youden_threshold(np.zeros(4), np.ones(4)) == 0.5

@@ -33,6 +33,7 @@ def test_train_one_epoch_two_workers_from_s3(ray_session, bucket, settings, tmp_
     for key in ("val_loss", "val_accuracy", "val_precision", "val_recall", "val_f1", "val_auroc"):
         assert key in ckpt["metrics"], key
     assert 0.0 <= ckpt["metrics"]["val_auroc"] <= 1.0
+    assert 0.0 <= ckpt["threshold"] <= 1.0 and ckpt["threshold"] == ckpt["metrics"]["val_threshold"]
     model = models.model_from_checkpoint(ckpt)
     assert sum(p.numel() for p in model.parameters()) > 0
 
