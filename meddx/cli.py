@@ -327,21 +327,99 @@ def screen(source, new_model, max_error_rate, max_psi, **opts):
     "--labels",
     default=None,
     metavar="MANIFEST",
-    help="CSV manifest with uri,label [default: class folder in image_uri].",
+    help="CSV/Parquet manifest with uri,label [default: class folder in image_uri].",
 )
 @click.option("--json", "json_path", default=None, metavar="PATH", help="Also write metrics JSON.")
+@click.option(
+    "--plots",
+    default=None,
+    metavar="DIR",
+    help="Write ROC, precision-recall, reliability and histogram PNGs here.",
+)
+@click.option(
+    "--by",
+    default=None,
+    metavar="COLUMN",
+    help="Also per subgroup: a predictions column (modality, view_position, ...) "
+    "or a manifest column (site, ...).",
+)
 @s3_endpoint_option
-def evaluate(predictions, labels, json_path, s3_endpoint):
-    """Metrics of scored PREDICTIONS (results folder, partition or file) against labels."""
+def evaluate(predictions, labels, json_path, plots, by, s3_endpoint):
+    """Metrics of scored PREDICTIONS (results folder, partition or file) against labels.
+
+    At the stored threshold (sensitivity, specificity, PPV, NPV, F1, confusion matrix),
+    AUROC with a 95% bootstrap CI, average precision, sensitivity at specificity 0.90 and
+    0.95 and the reverse, expected calibration error and calibration slope/intercept.
+    """
     from meddx import evaluation, metrics
 
     settings = StorageSettings.from_env(s3_endpoint)
-    result = evaluation.evaluate(predictions, labels, settings)
+    result = evaluation.evaluate(predictions, labels, settings, by=by, plots=plots)
     click.echo(metrics.format_metrics(result))
     click.echo(f"rows={result['rows']} errors={result['errors']} unlabelled={result['unlabelled']}")
+    for value, sub in result.get("by", {}).get(by, {}).items():
+        click.echo(
+            f"{by}={value}: n={sub['n']} auroc={sub['auroc']:.4f} "
+            f"sensitivity={sub['sensitivity']:.4f} specificity={sub['specificity']:.4f}"
+        )
+    for path in result.get("plots", []):
+        click.echo(f"wrote {path}")
     if json_path:
         evaluation.write_json(result, json_path, settings)
         click.echo(f"wrote {json_path}")
+
+
+@cli.command()
+@click.argument("predictions")
+@click.option("--model", required=True, metavar="CKPT", help="The checkpoint that scored them.")
+@click.option("--out", required=True, metavar="CKPT2", help="The calibrated checkpoint to write.")
+@click.option(
+    "--labels",
+    default=None,
+    metavar="MANIFEST",
+    help="CSV/Parquet manifest with uri,label [default: class folder in image_uri].",
+)
+@click.option("--target-sensitivity", type=click.FloatRange(0, 1, min_open=True), default=None)
+@click.option("--target-specificity", type=click.FloatRange(0, 1, min_open=True), default=None)
+@click.option("--temperature", is_flag=True, help="Also fit temperature scaling.")
+@s3_endpoint_option
+def calibrate(
+    predictions,
+    model,
+    out,
+    labels,
+    target_sensitivity,
+    target_specificity,
+    temperature,
+    s3_endpoint,
+):
+    """Choose the threshold (and a temperature) on scored validation PREDICTIONS.
+
+    Writes CKPT2: the same weights with the threshold for the target, the fitted
+    temperature, the validation metrics and what it was calibrated on. Scoring with it
+    applies both; every output row carries the threshold used.
+    """
+    from meddx import calibration
+
+    if (target_sensitivity is None) == (target_specificity is None):
+        raise click.UsageError("give exactly one of --target-sensitivity, --target-specificity")
+    settings = StorageSettings.from_env(s3_endpoint)
+    result = calibration.calibrate(
+        predictions,
+        model,
+        out,
+        labels=labels,
+        sensitivity=target_sensitivity,
+        specificity=target_specificity,
+        temperature=temperature,
+        settings=settings,
+    )
+    click.echo(
+        f"threshold={result['threshold']:.4f} temperature={result['temperature']:.3f} "
+        f"validation sensitivity={result['metrics']['sensitivity']:.4f} "
+        f"specificity={result['metrics']['specificity']:.4f} n={result['metrics']['n']}"
+    )
+    click.echo(f"wrote {out} sha256={result['sha256']}")
 
 
 @cli.command()

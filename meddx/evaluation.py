@@ -22,7 +22,7 @@ def read_predictions(uri: str, settings: StorageSettings):
             partitioning="hive",
             exclude_invalid_files=False,
         )
-        table = ds.to_table(columns=["image_uri", "status", "score", "threshold"])
+        table = ds.to_table()
     except (FileNotFoundError, OSError) as exc:
         raise MeddxError(f"cannot read predictions at {uri}: {exc}") from None
     if table.num_rows == 0:
@@ -31,43 +31,85 @@ def read_predictions(uri: str, settings: StorageSettings):
     return table, {k.decode(): v.decode() for k, v in meta.items()}
 
 
-def evaluate(predictions: str, labels: str | None, settings: StorageSettings) -> dict:
+def labelled_scores(table, truth, positive):
+    """(rows with a label, their 0/1 truth) from ok rows; labels from a manifest or folder."""
+    kept, y_true, unlabelled = [], [], 0
+    for r in table.to_pylist():
+        if r["status"] != "ok":
+            continue
+        if truth is not None:
+            label = truth.get(r["image_uri"])
+        else:
+            label = sources.label_from_path(r["image_uri"])
+        if not label:
+            unlabelled += 1
+            continue
+        kept.append(r)
+        y_true.append(label == positive)
+    return kept, np.array(y_true, dtype=int), unlabelled
+
+
+def evaluate(
+    predictions: str,
+    labels: str | None,
+    settings: StorageSettings,
+    by: str | None = None,
+    plots: str | None = None,
+) -> dict:
     table, meta = read_predictions(predictions, settings)
     positive = meta.get("meddx.positive_class")
     if positive is None:
         raise MeddxError(f"{predictions} has no meddx metadata (meddx.positive_class)")
     truth = sources.manifest_labels(labels, settings) if labels else None
-    rows = table.to_pylist()
-    errors = sum(r["status"] != "ok" for r in rows)
-    y_true, scores, unlabelled = [], [], 0
-    for r in rows:
-        if r["status"] != "ok":
-            continue
-        label = (
-            truth.get(r["image_uri"])
-            if truth is not None
-            else sources.label_from_path(r["image_uri"])
-        )
-        if not label:
-            unlabelled += 1
-            continue
-        y_true.append(label == positive)
-        scores.append(r["score"])
-    if not y_true:
+    rows, y_true, unlabelled = labelled_scores(table, truth, positive)
+    if not rows:
         raise MeddxError("no scored row has a label: pass --labels MANIFEST")
-    thresholds = {r["threshold"] for r in rows}
+    thresholds = set(table["threshold"].to_pylist())
     if len(thresholds) > 1:
         raise MeddxError(f"predictions mix thresholds {sorted(thresholds)}: evaluate one model")
-    result = metrics.binary_metrics(np.array(y_true), np.array(scores), thresholds.pop())
+    threshold = thresholds.pop()
+    scores = np.array([r["score"] for r in rows], dtype=float)
+    result = metrics.clinical_metrics(y_true, scores, threshold)
+    result["per_class"] = {
+        positive: {k: result[k] for k in ("auroc", "auroc_ci95", "sensitivity", "specificity")}
+    }
+    statuses = table["status"].to_pylist()
     result.update(
-        rows=len(rows),
-        errors=errors,
+        rows=len(statuses),
+        errors=sum(s != "ok" for s in statuses),
         unlabelled=unlabelled,
         positive_class=positive,
         model_name=meta.get("meddx.model_name"),
         model_sha256=meta.get("meddx.model_sha256"),
     )
+    if by:
+        result["by"] = {by: subgroups(rows, y_true, scores, threshold, by, labels, settings)}
+    if plots:
+        from meddx import plots as plotting
+
+        result["plots"] = plotting.write_evaluation_plots(
+            y_true, scores, threshold, plots, settings
+        )
     return result
+
+
+def subgroups(rows, y_true, scores, threshold, column, labels, settings) -> dict:
+    """The same metrics per value of a predictions column or a manifest column."""
+    if column in rows[0]:
+        values = [r[column] for r in rows]
+    elif labels:
+        table = sources.read_manifest(labels, settings)
+        if column not in table.column_names:
+            raise MeddxError(f"--by {column}: neither the predictions nor {labels} have it")
+        lookup = dict(zip(table["uri"].to_pylist(), table[column].to_pylist(), strict=True))
+        values = [lookup.get(r["image_uri"]) for r in rows]
+    else:
+        raise MeddxError(f"--by {column}: no such column in the predictions")
+    out = {}
+    for value in sorted({str(v) for v in values}):
+        mask = np.array([str(v) == value for v in values])
+        out[value] = metrics.clinical_metrics(y_true[mask], scores[mask], threshold)
+    return out
 
 
 def write_json(result: dict, uri: str, settings: StorageSettings) -> None:

