@@ -423,6 +423,20 @@ def calibrate(
 
 
 @cli.command()
+@click.argument("predictions")
+@click.option("--model", required=True, metavar="CKPT", help="The checkpoint that scored them.")
+@click.option("--top", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--out", required=True, metavar="DIR", help="Folder (or s3:// prefix) for PNGs.")
+@s3_endpoint_option
+def explain(predictions, model, top, out, s3_endpoint):
+    """Grad-CAM overlays (PNG) for the TOP highest-scoring studies in PREDICTIONS."""
+    from meddx.explain import explain as run
+
+    for uri in run(predictions, model, top, out, StorageSettings.from_env(s3_endpoint)):
+        click.echo(f"wrote {uri}")
+
+
+@cli.command()
 @click.option("--workdir", default=None, help="Where results go [default: ./demo-output].")
 @click.option("--n-train", type=click.IntRange(min=20), default=480, show_default=True)
 @click.option("--n-holdout", type=click.IntRange(min=10), default=240, show_default=True)

@@ -110,11 +110,15 @@ def throughput_plot(rows: pa.Table) -> str:
     return _png(fig)
 
 
-def render(summary: dict, rows: pa.Table, triage: pa.Table, history: dict) -> str:
+def render(summary: dict, rows: pa.Table, triage: pa.Table, history: dict, heatmaps=()) -> str:
     esc = html.escape
     plots = [
         ("Score distribution", histogram_plot(history, summary["run_date"], summary["threshold"])),
         ("Throughput", throughput_plot(rows)),
+    ]
+    plots += [
+        (f"Grad-CAM, worklist #{rank}", base64.b64encode(png).decode())
+        for rank, (_, png) in enumerate(heatmaps, start=1)
     ]
     counts = [
         ("inputs seen", summary["inputs_seen"]),

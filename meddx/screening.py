@@ -257,7 +257,7 @@ def screen(cfg: ScreenConfig) -> dict:
     summary = summarise(cfg, rows, listing, todo, ckpt, sha, run_id, seconds, recovered)
     alarms = check_alarms(cfg, summary, rows, reference, reference_dates)
     summary["alarms"] = alarms
-    write_artefacts(cfg, summary, rows, reference)
+    write_artefacts(cfg, summary, rows, ckpt)
     if alarms:
         raise MeddxAlarm("; ".join(alarms))
     return summary
@@ -352,7 +352,22 @@ def worklist(rows: pa.Table, threshold: float) -> pa.Table:
     return table.add_column(0, "rank", pa.array(range(1, table.num_rows + 1), pa.int32()))
 
 
-def write_artefacts(cfg, summary, rows, reference) -> None:
+# Grad-CAM overlays for the top of the worklist in the report: enough to see what the
+# model looked at, few enough to compute on the driver's CPU in seconds.
+REPORT_HEATMAPS = 3
+
+
+def worklist_heatmaps(cfg, triage: pa.Table, ckpt: dict) -> list[tuple[dict, bytes]]:
+    from meddx.explain import heatmaps
+
+    try:
+        return heatmaps(triage.slice(0, REPORT_HEATMAPS).to_pylist(), ckpt, cfg.storage)
+    except Exception as exc:  # a heatmap is a courtesy: never fail a night for it
+        print(f"meddx: no heatmaps in the report: {type(exc).__name__}")
+        return []
+
+
+def write_artefacts(cfg, summary, rows, ckpt) -> None:
     folder = storage.join(cfg.out, RUNS, f"dt={cfg.run_date}")
     triage = worklist(rows, summary["threshold"])
     buf = pa.BufferOutputStream()
@@ -366,7 +381,7 @@ def write_artefacts(cfg, summary, rows, reference) -> None:
         storage.join(folder, "worklist.csv"), csv_buf.getvalue().to_pybytes(), cfg.storage
     )
     history = report.score_history(cfg, summary["model_sha256"])
-    html = report.render(summary, rows, triage, history)
+    html = report.render(summary, rows, triage, history, worklist_heatmaps(cfg, triage, ckpt))
     storage.write_bytes(storage.join(folder, "report.html"), html.encode(), cfg.storage)
     storage.write_bytes(
         storage.join(folder, "summary.json"),

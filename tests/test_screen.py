@@ -272,7 +272,9 @@ def test_report_renders_in_chromium(ray_session, tmp_path, triage_checkpoint):
         text=True,
         timeout=120,
     ).stdout
-    assert 'data-images="2/2"' in dom  # every plot decoded by the browser
+    # Every image (2 plots + 3 Grad-CAM overlays of the worklist's top) decoded by the browser.
+    images = page.read_text().count("<img ")
+    assert images == 5 and f'data-images="{images}/{images}"' in dom
     shot = tmp_path / "report.png"
     subprocess.run(
         ["chromium", *flags, "--window-size=1000,1600", f"--screenshot={shot}", page.as_uri()],

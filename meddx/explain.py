@@ -1,0 +1,110 @@
+"""Grad-CAM heatmaps: where in the film the model looked for its positive score.
+
+    meddx explain OUT/dt=2026-11-26 --model CKPT --top 10 --out heatmaps/
+
+For the K highest-scoring studies, the gradient of the positive class's logit weights
+the last convolutional block's feature maps (Selvaraju et al., Grad-CAM); the result is
+overlaid on the preprocessed image the model saw. Files are named by rank and pseudonym.
+"""
+
+from __future__ import annotations
+
+import io
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a window
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pyarrow.compute as pc  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+from meddx import MeddxError, decode, models, sources, storage  # noqa: E402
+from meddx.report import pseudonymous_id  # noqa: E402
+from meddx.storage import StorageSettings  # noqa: E402
+from meddx.transforms import to_model_input  # noqa: E402
+
+
+def last_conv_block(model: nn.Module) -> nn.Module:
+    """The layer whose feature maps Grad-CAM weighs, for each registered architecture."""
+    if hasattr(model, "layer4"):  # resnets
+        return model.layer4[-1]
+    if isinstance(getattr(model, "features", None), nn.Sequential):  # seednet, densenet
+        return model.features[-1]
+    raise MeddxError(f"no Grad-CAM layer known for {type(model).__name__}")
+
+
+def grad_cam(model: nn.Module, x: torch.Tensor, class_index: int) -> np.ndarray:
+    """(H, W) heatmap in [0, 1] for one image tensor (1, 3, H, W)."""
+    layer = last_conv_block(model)
+    store = {}
+    handle = layer.register_forward_hook(lambda m, i, o: store.update(act=o))
+    try:
+        model.zero_grad(set_to_none=True)
+        logits = model(x)
+        act = store["act"]
+        grads = torch.autograd.grad(logits[0, class_index], act)[0]
+    finally:
+        handle.remove()
+    weights = grads.mean(dim=(2, 3), keepdim=True)
+    cam = F.relu((weights * act).sum(dim=1, keepdim=True))
+    cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[0, 0]
+    cam = cam.detach().numpy()
+    return cam / cam.max() if cam.max() > 0 else cam
+
+
+def overlay_png(image: np.ndarray, cam: np.ndarray, title: str) -> bytes:
+    fig, ax = plt.subplots(figsize=(3.2, 3.4))
+    ax.imshow(image, cmap="gray", vmin=0, vmax=255)
+    ax.imshow(cam, cmap="jet", alpha=0.35, vmin=0, vmax=1)
+    ax.set_title(title, fontsize=8)
+    ax.axis("off")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def read_input(uri: str, settings: StorageSettings) -> bytes:
+    """The bytes behind an image_uri, a tar member (SHARD#MEMBER) included."""
+    if "#" in uri:
+        for member_uri, data, error in sources.read_shard(uri.split("#", 1)[0], settings):
+            if member_uri == uri and not error:
+                return data
+        raise MeddxError(f"cannot read {uri}")
+    return storage.read_bytes(uri, settings)
+
+
+def heatmaps(rows: list[dict], ckpt: dict, settings: StorageSettings) -> list[tuple[dict, bytes]]:
+    """(row, overlay PNG) for each row, in order."""
+    model = models.model_from_checkpoint(ckpt)
+    positive = ckpt["class_names"].index(ckpt["positive_class"])
+    mean, std = torch.tensor(ckpt["mean"]), torch.tensor(ckpt["std"])
+    settings_decode = decode.DecodeSettings(size=int(ckpt["input_size"]), modalities=None)
+    out = []
+    for rank, row in enumerate(rows, start=1):
+        pixels, _ = decode.decode_image(read_input(row["image_uri"], settings), settings_decode)
+        x = to_model_input(torch.from_numpy(pixels).unsqueeze(0), mean, std).requires_grad_(False)
+        cam = grad_cam(model, x, positive)
+        title = f"#{rank} {pseudonymous_id(row)} score {row['score']:.3f}"
+        out.append((row, overlay_png(pixels, cam, title)))
+    return out
+
+
+def explain(predictions: str, model: str, top: int, out: str, settings: StorageSettings):
+    from meddx.evaluation import read_predictions
+
+    ckpt, sha = models.read_checkpoint(model, settings)
+    table, meta = read_predictions(predictions, settings)
+    if meta.get("meddx.model_sha256") not in (None, sha):
+        raise MeddxError(f"{predictions} was not scored by {model} (sha256 differs)")
+    table = table.filter(pc.equal(table["status"], "ok")).sort_by([("score", "descending")])
+    rows = table.slice(0, top).to_pylist()
+    written = []
+    for rank, (row, png) in enumerate(heatmaps(rows, ckpt, settings), start=1):
+        uri = storage.join(out, f"{rank:03d}-{pseudonymous_id(row)}.png")
+        storage.write_bytes(uri, png, settings)
+        written.append(uri)
+    return written
