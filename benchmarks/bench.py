@@ -115,14 +115,7 @@ def meddx_command(folder: Path, model_name: str, precision: str) -> tuple[float,
                 for p in folder.rglob("*.png")
             }
         )
-        torch.manual_seed(0)
-        ckpt = models.make_checkpoint(
-            models.build_model(model_name, 2),
-            model_name=model_name,
-            class_names=["normal", "opacity"],
-            positive_class="opacity",
-            input_size=224,
-        )
+        ckpt = models.untrained_checkpoint(model_name, input_size=224)
         models.save_checkpoint(ckpt, "s3://bench/model.pt", settings)
         with tempfile.TemporaryDirectory() as out:
             start = time.perf_counter()

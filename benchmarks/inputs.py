@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import ray
-import torch
 
 from meddx import models
 from meddx.demo import start_s3_server
@@ -70,14 +69,7 @@ def main() -> None:
         manifest = "uri\n" + "".join(f"s3://{key}\n" for key in loose)
         fs.pipe_file(f"{BUCKET}/manifests/all.csv", manifest.encode())
 
-        torch.manual_seed(0)
-        ckpt = models.make_checkpoint(
-            models.build_model(args.model, 2),
-            model_name=args.model,
-            class_names=["normal", "opacity"],
-            positive_class="opacity",
-            input_size=224,
-        )
+        ckpt = models.untrained_checkpoint(args.model, input_size=224)
         model_uri = f"s3://{BUCKET}/models/{args.model}.pt"
         models.save_checkpoint(ckpt, model_uri, settings)
 

@@ -46,14 +46,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     args = parser.parse_args()
 
-    torch.manual_seed(0)
-    ckpt = models.make_checkpoint(
-        models.build_model(args.model, 2),
-        model_name=args.model,
-        class_names=["normal", "opacity"],
-        positive_class="opacity",
-        input_size=args.size,
-    )
+    ckpt = models.untrained_checkpoint(args.model, input_size=args.size)
     rng = np.random.default_rng(0)
     n = args.batch_size
     batch = {

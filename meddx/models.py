@@ -112,6 +112,20 @@ def make_checkpoint(
     }
 
 
+def untrained_checkpoint(model_name: str, input_size: int, seed: int = 0, **kwargs) -> dict:
+    """A checkpoint of randomly initialised weights (normal/opacity): for benchmarks and
+    tests of the pipeline, where throughput and plumbing do not depend on the weights."""
+    torch.manual_seed(seed)
+    return make_checkpoint(
+        build_model(model_name, 2),
+        model_name=model_name,
+        class_names=["normal", "opacity"],
+        positive_class="opacity",
+        input_size=input_size,
+        **kwargs,
+    )
+
+
 def checkpoint_bytes(ckpt: dict) -> bytes:
     buf = io.BytesIO()
     torch.save(ckpt, buf)

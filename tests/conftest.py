@@ -119,20 +119,10 @@ def ray_session(aws_credentials):
 @pytest.fixture(scope="session")
 def random_checkpoint(tmp_path_factory):
     """A seednet checkpoint with random weights at 64 px: exercises scoring, fast."""
-    import torch
-
     from meddx import models
     from meddx.storage import StorageSettings
 
-    torch.manual_seed(0)
-    net = models.build_model("seednet", 2)
-    ckpt = models.make_checkpoint(
-        net,
-        model_name="seednet",
-        class_names=["normal", "opacity"],
-        positive_class="opacity",
-        input_size=64,
-    )
+    ckpt = models.untrained_checkpoint("seednet", input_size=64)
     path = tmp_path_factory.mktemp("ckpt") / "seednet.pt"
     sha = models.save_checkpoint(ckpt, str(path), StorageSettings())
     return str(path), sha

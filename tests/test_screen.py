@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow.csv as pacsv
 import pytest
-import torch
 import yaml
 from PIL import Image
 
@@ -31,15 +30,7 @@ MEDDX = str(Path(sys.executable).with_name("meddx"))
 @pytest.fixture(scope="module")
 def triage_checkpoint(tmp_path_factory):
     """Random seednet whose threshold 0 puts every scored study on the worklist."""
-    torch.manual_seed(1)
-    ckpt = models.make_checkpoint(
-        models.build_model("seednet", 2),
-        model_name="seednet",
-        class_names=["normal", "opacity"],
-        positive_class="opacity",
-        input_size=64,
-        threshold=0.0,
-    )
+    ckpt = models.untrained_checkpoint("seednet", input_size=64, seed=1, threshold=0.0)
     path = tmp_path_factory.mktemp("triage") / "m.pt"
     models.save_checkpoint(ckpt, str(path), StorageSettings())
     return str(path)
