@@ -223,6 +223,12 @@ _SCORING_OPTIONS = [
         metavar="LIST",
         help="DICOM Modality values to score, e.g. CR,DX, or 'any' [default: the checkpoint's].",
     ),
+    click.option(
+        "--model-sha256",
+        default=None,
+        metavar="HEX",
+        help="Pin the checkpoint: refuse any file with another sha256.",
+    ),
     s3_endpoint_option,
 ]
 
@@ -246,6 +252,7 @@ def _scoring_kwargs(opts: dict) -> dict:
         "precision": opts["precision"],
         "max_pixels": opts["max_pixels"] or decode.DEFAULT_MAX_PIXELS,
         "modalities": opts["modalities"],
+        "model_sha256": opts["model_sha256"],
         "storage": StorageSettings.from_env(opts["s3_endpoint"]),
     }
 

@@ -139,13 +139,20 @@ def save_checkpoint(ckpt: dict, uri: str, settings: StorageSettings) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def read_checkpoint(uri: str, settings: StorageSettings) -> tuple[dict, str]:
-    """Load a checkpoint dict and the sha256 of its file. Refuses pickled code."""
+def read_checkpoint(
+    uri: str, settings: StorageSettings, expected_sha256: str | None = None
+) -> tuple[dict, str]:
+    """Load a checkpoint dict and the sha256 of its file. Refuses pickled code, and any
+    file but the pinned one when ``expected_sha256`` is given (checked before unpickling)."""
     try:
         data = storage.read_bytes(uri, settings)
     except FileNotFoundError:
         raise MeddxError(f"checkpoint not found: {uri}") from None
     sha = hashlib.sha256(data).hexdigest()
+    if expected_sha256 and sha != expected_sha256.lower():
+        raise MeddxError(
+            f"checkpoint {uri} has sha256 {sha[:16]}..., not the pinned {expected_sha256[:16]}..."
+        )
     try:
         ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:

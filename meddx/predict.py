@@ -76,8 +76,16 @@ def cpu_has_native_bf16() -> bool:
 class Predictor:
     """Loads the model once per actor and scores batches under inference mode."""
 
-    def __init__(self, checkpoint_uri: str, settings: StorageSettings, precision: str, run_id: str):
-        ckpt, self.model_sha256 = models.read_checkpoint(checkpoint_uri, settings)
+    def __init__(
+        self,
+        checkpoint_uri: str,
+        settings: StorageSettings,
+        precision: str,
+        run_id: str,
+        expected_sha256: str | None = None,
+    ):
+        # The driver passes the hash it read: a file swapped during the run is refused.
+        ckpt, self.model_sha256 = models.read_checkpoint(checkpoint_uri, settings, expected_sha256)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.device.type == "cpu":
             # Ray gives a 1-CPU actor OMP_NUM_THREADS=1; on a CPU-only node the model

@@ -42,6 +42,7 @@ class ScoreConfig:
     precision: str = "auto"
     max_pixels: int = decode.DEFAULT_MAX_PIXELS
     modalities: str | None = None  # "CR,DX", "any", or None: the checkpoint's list
+    model_sha256: str | None = None  # pin: refuse any other checkpoint file
     storage: StorageSettings = StorageSettings()
 
 
@@ -123,6 +124,7 @@ def build_dataset(
     ckpt: dict,
     run_id: str,
     known: dict[str, list[str]] | None = None,
+    sha: str | None = None,
 ) -> ray.data.Dataset:
     """list -> read -> [drop already-scored bytes] -> decode -> predict, as a Ray Dataset."""
     decode_settings = DecodeSettings(
@@ -145,7 +147,7 @@ def build_dataset(
     )
     return ds.map_batches(
         Predictor,
-        fn_constructor_args=(cfg.model, cfg.storage, cfg.precision, run_id),
+        fn_constructor_args=(cfg.model, cfg.storage, cfg.precision, run_id, sha),
         batch_size=cfg.batch_size,
         compute=ray.data.ActorPoolStrategy(size=actors),
         **resources,
@@ -158,9 +160,10 @@ def score(cfg: ScoreConfig) -> ScoreSummary:
     _check_run_date(cfg.run_date)
     uris = sources.list_inputs(cfg.input, cfg.storage)
     run_id = f"{cfg.run_date}-{uuid.uuid4().hex[:12]}"
-    ckpt, sha = models.read_checkpoint(cfg.model, cfg.storage)  # fail fast, in the driver
+    # Fail fast, in the driver; the actors then insist on the very same file.
+    ckpt, sha = models.read_checkpoint(cfg.model, cfg.storage, cfg.model_sha256)
     init_ray()
-    ds = build_dataset(cfg, uris, ckpt, run_id)
+    ds = build_dataset(cfg, uris, ckpt, run_id, sha=sha)
     target = partition_uri(cfg.out, cfg.run_date)
     fs = storage.arrow_filesystem(target, cfg.storage)
     schema = OUTPUT_SCHEMA.with_metadata(file_metadata(ckpt, sha, run_id, cfg))

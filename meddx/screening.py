@@ -64,6 +64,7 @@ class ScreenConfig:
     precision: str = "auto"
     max_pixels: int = decode.DEFAULT_MAX_PIXELS
     modalities: str | None = None
+    model_sha256: str | None = None
     storage: StorageSettings = StorageSettings()
 
 
@@ -227,7 +228,7 @@ def screen(cfg: ScreenConfig) -> dict:
     except ValueError:
         raise MeddxError(f"--run-date must be YYYY-MM-DD, got {cfg.run_date!r}") from None
     recovered = recover(cfg)
-    ckpt, sha = models.read_checkpoint(cfg.model, cfg.storage)
+    ckpt, sha = models.read_checkpoint(cfg.model, cfg.storage, cfg.model_sha256)
     listing = listing_with_times(cfg.source, cfg.storage)
     todo, known = select_new(cfg, listing, sha)
     run_id = f"{cfg.run_date}-{uuid.uuid4().hex[:12]}"
@@ -241,6 +242,7 @@ def screen(cfg: ScreenConfig) -> dict:
         precision=cfg.precision,
         max_pixels=cfg.max_pixels,
         modalities=cfg.modalities,
+        model_sha256=cfg.model_sha256,
         storage=cfg.storage,
     )
     reference, reference_dates = reference_scores(cfg, sha)
@@ -248,7 +250,7 @@ def screen(cfg: ScreenConfig) -> dict:
         init_ray()
         staging = _path(cfg, STAGING, run_id)
         schema = OUTPUT_SCHEMA.with_metadata(file_metadata(ckpt, sha, run_id, score_cfg))
-        build_dataset(score_cfg, todo, ckpt, run_id, known=known).write_parquet(
+        build_dataset(score_cfg, todo, ckpt, run_id, known=known, sha=sha).write_parquet(
             staging, filesystem=storage.arrow_filesystem(cfg.out, cfg.storage), schema=schema
         )
         commit(cfg, staging, run_id)

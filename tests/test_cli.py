@@ -76,3 +76,20 @@ def test_synth_command(tmp_path):
 def test_version():
     result = run("--version")
     assert result.returncode == 0 and "meddx, version" in result.stdout
+
+
+def test_pinned_checkpoint_refuses_another_file(tmp_path, random_checkpoint):
+    (tmp_path / "a.png").write_bytes(b"x")
+    result = run(
+        "score",
+        str(tmp_path),
+        "--model",
+        random_checkpoint[0],
+        "--out",
+        str(tmp_path / "o"),
+        "--model-sha256",
+        "f" * 64,
+    )
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "not the pinned ffffffffffffffff" in lines[0]

@@ -88,3 +88,12 @@ def test_non_checkpoint_files_are_refused(tmp_path):
         models.read_checkpoint(str(junk), StorageSettings())
     with pytest.raises(MeddxError, match="checkpoint not found"):
         models.read_checkpoint(str(tmp_path / "missing.pt"), StorageSettings())
+
+
+def test_pinned_sha256(tmp_path):
+    path = tmp_path / "m.pt"
+    sha = models.save_checkpoint(make(), str(path), StorageSettings())
+    assert models.read_checkpoint(str(path), StorageSettings(), sha)[1] == sha
+    assert models.read_checkpoint(str(path), StorageSettings(), sha.upper())[1] == sha
+    with pytest.raises(MeddxError, match="not the pinned"):
+        models.read_checkpoint(str(path), StorageSettings(), "0" * 64)
