@@ -112,6 +112,20 @@ def synth(out, n, size, fmt, positive_rate, seed, s3_endpoint):
     help="DICOM Modality values to train on and later accept when scoring, or 'any'.",
 )
 @click.option(
+    "--run-name",
+    default=None,
+    metavar="NAME",
+    help="Ray Train run name; run again with the same name and --storage-path to continue "
+    "a stopped run from its last epoch.",
+)
+@click.option(
+    "--max-failures",
+    type=click.IntRange(min=0),
+    default=3,
+    show_default=True,
+    help="Restarts from the last checkpoint after a worker dies.",
+)
+@click.option(
     "--storage-path",
     default=None,
     metavar="URI",
@@ -131,6 +145,8 @@ def train(
     image_size,
     seed,
     modalities,
+    run_name,
+    max_failures,
     storage_path,
     s3_endpoint,
 ):
@@ -159,6 +175,8 @@ def train(
         if modalities.strip().lower() == "any"
         else tuple(m.strip().upper() for m in modalities.split(",") if m.strip()),
         storage_path=storage_path,
+        run_name=run_name,
+        max_failures=max_failures,
         storage=StorageSettings.from_env(s3_endpoint),
     )
     summary = run(cfg)

@@ -30,6 +30,7 @@ from meddx.storage import StorageSettings
 from meddx.transforms import TrainAugment, to_model_input
 
 CHECKPOINT_FILE = "model.pt"
+TRAIN_STATE_FILE = "train_state.pt"  # optimiser, schedule, epoch: what resuming needs
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,10 @@ class TrainConfig:
     # DICOM Modality values trained on (and so accepted when scoring); None: any.
     modalities: tuple[str, ...] | None = DEFAULT_MODALITIES
     storage_path: str | None = None  # Ray Train run folder; shared storage on multi-node
+    run_name: str | None = None  # the same name and storage path continue a stopped run
+    # Worker-group restarts from the last checkpoint before the run fails: a preempted
+    # node or a killed worker costs at most one epoch.
+    max_failures: int = 3
     storage: StorageSettings = field(default_factory=StorageSettings)
 
 
@@ -119,6 +124,15 @@ def evaluate(model, loader, loss_fn, mean, std, device):
     return total / max(len(labels_t), 1), probs_t.numpy(), labels_t.numpy()
 
 
+def load_train_state(checkpoint) -> dict | None:
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as folder:
+        ckpt = torch.load(os.path.join(folder, CHECKPOINT_FILE), weights_only=True)
+        state = torch.load(os.path.join(folder, TRAIN_STATE_FILE), weights_only=True)
+    return {**state, "state_dict": ckpt["state_dict"]}
+
+
 def train_loop_per_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
@@ -131,9 +145,21 @@ def train_loop_per_worker(config: dict) -> None:
     net = models.build_model(config["model"], len(class_names)).to(
         memory_format=torch.channels_last
     )
+    # A restarted worker group (a worker died) or a re-run with the same --run-name
+    # continues from the latest checkpoint: weights, optimiser, schedule and epoch.
+    resume = load_train_state(ray.train.get_checkpoint())
+    if resume:
+        net.load_state_dict(resume["state_dict"])
     model = ray.train.torch.prepare_model(net)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=1e-4)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config["epochs"])
+    start_epoch = 0
+    if resume:
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        start_epoch = int(resume["epoch"])
+        if rank == 0:
+            print(f"[meddx train] resuming after epoch {start_epoch}", flush=True)
     loss_fn = nn.CrossEntropyLoss(weight=torch.tensor(config["class_weights"], device=device))
     mean = torch.tensor(models.IMAGENET_MEAN, device=device)
     std = torch.tensor(models.IMAGENET_STD, device=device)
@@ -145,7 +171,7 @@ def train_loop_per_worker(config: dict) -> None:
         "dtypes": {"image": torch.uint8, "label": torch.int64},
     }
 
-    for epoch in range(config["epochs"]):
+    for epoch in range(start_epoch, config["epochs"]):
         start = time.perf_counter()
         train_loss = train_one_epoch(
             model,
@@ -158,7 +184,7 @@ def train_loop_per_worker(config: dict) -> None:
             device,
         )
         scheduler.step()  # per epoch: cosine from lr to 0 over the run
-        report = {"epoch": epoch + 1, "train_loss": train_loss}
+        report = {"epoch": epoch + 1, "train_loss": train_loss, "resumed_from_epoch": start_epoch}
         checkpoint = None
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0:
@@ -199,6 +225,14 @@ def train_loop_per_worker(config: dict) -> None:
                     metrics={k: v for k, v in report.items() if k != "val_auroc_rank"},
                 )
                 torch.save(ckpt, os.path.join(tmp, CHECKPOINT_FILE))
+                torch.save(
+                    {
+                        "epoch": epoch + 1,
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                    },
+                    os.path.join(tmp, TRAIN_STATE_FILE),
+                )
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             else:
                 report["val_auroc_rank"] = -1.0
@@ -216,6 +250,7 @@ class TrainSummary:
     seconds: float
     n_train: int
     n_val: int
+    last: dict = field(default_factory=dict)  # the last epoch's report
 
 
 def worker_resources(cfg: TrainConfig) -> tuple[dict, int]:
@@ -289,7 +324,8 @@ def train(cfg: TrainConfig) -> TrainSummary:
         # Validation runs whole on rank 0; only the training set is sharded across workers.
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
         run_config=ray.train.RunConfig(
-            name=f"meddx-train-{time.strftime('%Y%m%d-%H%M%S')}",
+            name=cfg.run_name or f"meddx-train-{time.strftime('%Y%m%d-%H%M%S')}",
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             **run_storage(cfg),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=2,
@@ -314,4 +350,5 @@ def train(cfg: TrainConfig) -> TrainSummary:
         seconds=time.perf_counter() - start,
         n_train=len(train_items),
         n_val=len(val_items),
+        last=dict(result.metrics or {}),
     )
