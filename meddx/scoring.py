@@ -27,6 +27,7 @@ from meddx.predict import OUTPUT_SCHEMA, Predictor
 from meddx.storage import StorageSettings
 
 PSEUDONYM_KEY_ENV = "MEDDX_PSEUDONYM_KEY"
+PREDICTOR_RESTARTS = 3
 # A CPU predictor holds the model (resnet50: 100 MB) and a batch's activations.
 PREDICTOR_MEMORY = 1 * 2**30
 
@@ -150,6 +151,12 @@ def build_dataset(
         fn_constructor_args=(cfg.model, cfg.storage, cfg.precision, run_id, sha),
         batch_size=cfg.batch_size,
         compute=ray.data.ActorPoolStrategy(size=actors),
+        # A predictor whose process dies (OOM kill, lost node, preempted GPU) is
+        # restarted and its unfinished batches re-run: the model is pure, so a re-run
+        # batch gives the same rows, and Ray Data writes each block once. Bounded, so a
+        # batch that kills its actor every time fails the run instead of looping.
+        max_restarts=PREDICTOR_RESTARTS,
+        max_task_retries=PREDICTOR_RESTARTS,
         **resources,
     )
 

@@ -2,6 +2,7 @@
 
 import datetime as dt
 import json
+import os
 
 import pyarrow as pa
 import pyarrow.dataset as pads
@@ -135,3 +136,47 @@ def test_empty_prefix_is_a_clear_error(ray_session, bucket, settings, random_che
                 storage=settings,
             )
         )
+
+
+@pytest.mark.slow
+def test_killed_predictor_still_one_row_per_input(ray_session, tmp_path, random_checkpoint):
+    import signal
+    import subprocess
+    import threading
+    import time
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for i in range(300):
+        (inputs / f"{i:03d}.png").write_bytes(png("L", size=48 + i % 32))
+    killed = []
+
+    def kill_predictor():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not killed:
+            pids = subprocess.run(
+                ["pgrep", "-f", r"MapBatches\(Predictor\)"], capture_output=True, text=True
+            ).stdout.split()
+            if pids:
+                time.sleep(1.0)  # let it score a few batches first
+                os.kill(int(pids[0]), signal.SIGKILL)
+                killed.append(int(pids[0]))
+            time.sleep(0.1)
+
+    killer = threading.Thread(target=kill_predictor)
+    killer.start()
+    summary = score(
+        ScoreConfig(
+            input=str(inputs),
+            model=random_checkpoint[0],
+            out=str(tmp_path / "out"),
+            batch_size=2,
+            run_date="2026-01-05",
+        )
+    )
+    killer.join()
+    assert killed, "the predictor actor should have been killed"
+    table = pads.dataset(str(tmp_path / "out"), format="parquet", partitioning="hive").to_table()
+    uris = table["image_uri"].to_pylist()
+    assert summary.rows_written == len(uris) == len(set(uris)) == 300
+    assert set(table["status"].to_pylist()) == {"ok"}
