@@ -93,6 +93,16 @@ def test_nights_rerun_and_changed_object(ray_session, bucket, settings, triage_c
     scores = [w["score"] for w in worklist]
     assert scores == sorted(scores, reverse=True)
     assert fs.exists(f"{runs}/report.html") and fs.exists(f"{runs}/worklist.parquet")
+    # No credential in anything the nights wrote: Parquet (metadata too), reports, JSON.
+    secrets = [
+        os.environ["AWS_SECRET_ACCESS_KEY"].encode(),
+        os.environ["AWS_ACCESS_KEY_ID"].encode(),
+    ]
+    written = fs.find(f"{bucket.removeprefix('s3://')}/results")
+    assert len(written) > 10
+    for key in written:
+        data = fs.cat_file(key)
+        assert not any(secret in data for secret in secrets), key
 
 
 @pytest.mark.slow
