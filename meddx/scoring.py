@@ -164,7 +164,7 @@ def build_dataset(
 def score(cfg: ScoreConfig) -> ScoreSummary:
     """Score every input under ``cfg.input`` and write ``OUT/dt=RUN_DATE/``."""
     start = time.perf_counter()
-    _check_run_date(cfg.run_date)
+    check_run_date(cfg.run_date)
     uris = sources.list_inputs(cfg.input, cfg.storage)
     run_id = f"{cfg.run_date}-{uuid.uuid4().hex[:12]}"
     # Fail fast, in the driver; the actors then insist on the very same file.
@@ -200,7 +200,7 @@ def init_ray() -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False
 
 
-def _check_run_date(run_date: str) -> None:
+def check_run_date(run_date: str) -> None:
     try:
         dt.date.fromisoformat(run_date)
     except ValueError:

@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 
 from meddx import MeddxAlarm, MeddxError, decode, models, report, sources, storage
 from meddx.predict import OUTPUT_SCHEMA
-from meddx.scoring import ScoreConfig, build_dataset, file_metadata, init_ray
+from meddx.scoring import ScoreConfig, build_dataset, check_run_date, file_metadata, init_ray
 from meddx.storage import StorageSettings
 
 STAGING = "_staging"
@@ -223,10 +223,7 @@ def reference_scores(cfg: ScreenConfig, sha: str) -> tuple[np.ndarray, list[str]
 
 def screen(cfg: ScreenConfig) -> dict:
     start = time.perf_counter()
-    try:
-        dt.date.fromisoformat(cfg.run_date)
-    except ValueError:
-        raise MeddxError(f"--run-date must be YYYY-MM-DD, got {cfg.run_date!r}") from None
+    check_run_date(cfg.run_date)
     recovered = recover(cfg)
     ckpt, sha = models.read_checkpoint(cfg.model, cfg.storage, cfg.model_sha256)
     listing = listing_with_times(cfg.source, cfg.storage)
