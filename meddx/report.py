@@ -20,7 +20,6 @@ matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
-import pyarrow.compute as pc  # noqa: E402
 
 from meddx import __version__  # noqa: E402
 
@@ -44,20 +43,6 @@ def pseudonymous_id(row: dict) -> str:
         or row.get("instance_pseudonym")
         or "u-" + hashlib.sha256(row["image_uri"].encode()).hexdigest()[:12]
     )
-
-
-def score_history(cfg, sha: str) -> dict[str, np.ndarray]:
-    """ok scores of this model by run date, the most recent HISTORY_RUNS dates up to now."""
-    from meddx.screening import read_results
-
-    rows = read_results(
-        cfg, ["score", "status", "model_sha256", "dt"], where=pc.field("status") == "ok"
-    )
-    rows = rows.filter(pc.equal(rows["model_sha256"], sha))
-    dates = [str(d) for d in rows["dt"].to_pylist()]
-    scores = np.asarray(rows["score"].to_pylist(), dtype=float)
-    wanted = sorted({d for d in dates if d <= cfg.run_date})[-HISTORY_RUNS:]
-    return {d: scores[np.array([x == d for x in dates], dtype=bool)] for d in wanted}
 
 
 def _png(fig) -> str:

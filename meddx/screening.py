@@ -207,15 +207,16 @@ def psi(reference: np.ndarray, current: np.ndarray, bins: int = 10) -> float:
     return float(np.sum((cur - ref) * np.log(cur / ref)))
 
 
-def reference_scores(cfg: ScreenConfig, sha: str) -> tuple[np.ndarray, list[str]]:
+def scores_by_date(cfg: ScreenConfig, sha: str) -> dict[str, np.ndarray]:
+    """This model's ok scores per run date, read once for the drift reference and the
+    report's history."""
     rows = read_results(
         cfg, ["score", "model_sha256", "status", "dt"], where=pc.field("status") == "ok"
     )
     rows = rows.filter(pc.equal(rows["model_sha256"], sha))
-    dates = sorted({d for d in rows["dt"].to_pylist() if str(d) < cfg.run_date})
-    recent = [str(d) for d in dates[-cfg.drift_window :]]
-    rows = rows.filter(pc.is_in(rows["dt"], pa.array(recent, pa.string())))
-    return np.asarray(rows["score"].to_pylist(), dtype=float), recent
+    dates = np.asarray(rows["dt"].to_pylist(), dtype=object)
+    scores = np.asarray(rows["score"].to_pylist(), dtype=float)
+    return {str(d): scores[dates == d] for d in sorted(set(dates.tolist()))}
 
 
 # ---- the run --------------------------------------------------------------------------------
@@ -242,7 +243,6 @@ def screen(cfg: ScreenConfig) -> dict:
         model_sha256=cfg.model_sha256,
         storage=cfg.storage,
     )
-    reference, reference_dates = reference_scores(cfg, sha)
     if todo:
         init_ray()
         staging = _path(cfg, STAGING, run_id)
@@ -254,9 +254,17 @@ def screen(cfg: ScreenConfig) -> dict:
     seconds = time.perf_counter() - start
     rows = read_results(cfg, [f.name for f in OUTPUT_SCHEMA], where=pc.field("run_id") == run_id)
     summary = summarise(cfg, rows, listing, todo, ckpt, sha, run_id, seconds, recovered)
+    by_date = scores_by_date(cfg, sha)
+    # Drift is judged against the nights before this one (a re-run of the same night
+    # is not its own reference); the report shows the recent nights up to this one.
+    reference_dates = [d for d in by_date if d < cfg.run_date][-cfg.drift_window :]
+    reference = np.concatenate([by_date[d] for d in reference_dates] or [np.array([])])
+    history = {
+        d: by_date[d] for d in [d for d in by_date if d <= cfg.run_date][-report.HISTORY_RUNS :]
+    }
     alarms = check_alarms(cfg, summary, rows, reference, reference_dates)
     summary["alarms"] = alarms
-    write_artefacts(cfg, summary, rows, ckpt)
+    write_artefacts(cfg, summary, rows, ckpt, history)
     if alarms:
         raise MeddxAlarm("; ".join(alarms))
     return summary
@@ -366,7 +374,7 @@ def worklist_heatmaps(cfg, triage: pa.Table, ckpt: dict) -> list[tuple[dict, byt
         return []
 
 
-def write_artefacts(cfg, summary, rows, ckpt) -> None:
+def write_artefacts(cfg, summary, rows, ckpt, history) -> None:
     folder = storage.join(cfg.out, RUNS, f"dt={cfg.run_date}")
     triage = worklist(rows, summary["threshold"])
     buf = pa.BufferOutputStream()
@@ -379,7 +387,6 @@ def write_artefacts(cfg, summary, rows, ckpt) -> None:
     storage.write_bytes(
         storage.join(folder, "worklist.csv"), csv_buf.getvalue().to_pybytes(), cfg.storage
     )
-    history = report.score_history(cfg, summary["model_sha256"])
     html = report.render(summary, rows, triage, history, worklist_heatmaps(cfg, triage, ckpt))
     storage.write_bytes(storage.join(folder, "report.html"), html.encode(), cfg.storage)
     storage.write_bytes(
