@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import struct
+import tarfile
 import zlib
 
 import numpy as np
@@ -117,3 +118,18 @@ def dicom_cr(
     ds.save_as(buf, enforce_file_format=True)
     data = buf.getvalue()
     return data if preamble else data[132:]
+
+
+def make_tar(members: list[tuple[str, bytes | None]], *, symlink: str | None = None) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        if symlink:
+            link = tarfile.TarInfo(symlink)
+            link.type = tarfile.SYMTYPE
+            link.linkname = "/etc/passwd"
+            tar.addfile(link)
+    return buf.getvalue()

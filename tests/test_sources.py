@@ -1,7 +1,6 @@
 """Inputs as hospitals hold them: tar shards and manifests, from a real S3 endpoint."""
 
 import io
-import tarfile
 
 import numpy as np
 import pyarrow as pa
@@ -14,22 +13,7 @@ from meddx.scoring import ScoreConfig, score
 from meddx.sources import labelled_inputs, list_inputs, manifest_labels, read_objects
 from meddx.storage import StorageSettings, arrow_filesystem, filesystem
 
-from .images import dicom_cr, png
-
-
-def make_tar(members: list[tuple[str, bytes | None]], *, symlink: str | None = None) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-        if symlink:
-            link = tarfile.TarInfo(symlink)
-            link.type = tarfile.SYMTYPE
-            link.linkname = "/etc/passwd"
-            tar.addfile(link)
-    return buf.getvalue()
+from .images import dicom_cr, make_tar, png
 
 
 def good_shard() -> bytes:
