@@ -7,6 +7,12 @@ and exposure. An ``opacity`` image adds a soft, irregular increase in density in
 lung field (a consolidation-like patch), weaker than a rib's contrast: a CNN has to learn
 its shape and place, there is no marker pixel to find.
 
+With ``findings`` the archive is multi-label: each finding is drawn on its own, with its
+own prevalence, so they co-occur: ``opacity`` (as above), ``effusion`` (fluid density
+filling one costophrenic angle, with a meniscus rising along the lateral chest wall: the
+blunted angle of a small pleural effusion) and ``nodule`` (a small, round, well-defined
+density in a lung field). The manifest then has one 0/1 column per finding.
+
 Every image depends only on ``(seed, index)``: the same seed gives the same bytes.
 """
 
@@ -28,6 +34,11 @@ from meddx.storage import StorageSettings
 
 CLASSES = ("normal", "opacity")
 MANIFEST_NAME = "_manifest.csv"
+# Findings a multi-label archive can draw, with their default prevalence (each finding
+# independent of the others, so about 40% of films have none and some have several).
+FINDINGS = {"opacity": 0.3, "effusion": 0.25, "nodule": 0.2}
+# A multi-label film sits in abnormal/ when it shows any finding, normal/ otherwise.
+ABNORMAL = "abnormal"
 
 
 @dataclass(frozen=True)
@@ -38,7 +49,32 @@ class SynthConfig:
     format: str = "png"
     positive_rate: float = 0.5
     seed: int = 0
+    # Multi-label: (finding, prevalence) pairs; empty: the single-label normal/opacity set.
+    findings: tuple[tuple[str, float], ...] = ()
     storage: StorageSettings = StorageSettings()
+
+
+def parse_findings(text: str) -> tuple[tuple[str, float], ...]:
+    """``opacity,effusion=0.4,nodule`` (or ``all``) -> ((name, prevalence), ...)."""
+    if text.strip().lower() == "all":
+        return tuple(FINDINGS.items())
+    out = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        name, _, rate = part.partition("=")
+        name = name.strip().lower()
+        if name not in FINDINGS:
+            raise MeddxError(f"unknown finding {name!r}: use {', '.join(FINDINGS)} or all")
+        try:
+            prevalence = float(rate) if rate else FINDINGS[name]
+        except ValueError:
+            raise MeddxError(f"--findings {part!r}: the prevalence must be a number") from None
+        out.append((name, prevalence))
+    names = [n for n, _ in out]
+    if not names or len(set(names)) != len(names):
+        raise MeddxError("--findings needs one or more distinct findings, e.g. opacity,nodule")
+    return tuple(out)
 
 
 def _soft(inside: np.ndarray, edge: float) -> np.ndarray:
@@ -51,8 +87,13 @@ def _smooth_noise(rng: np.random.Generator, size: int, sigma: float) -> np.ndarr
     return field / (field.std() + 1e-8)
 
 
-def render(index: int, *, positive: bool, size: int, seed: int) -> np.ndarray:
-    """One radiograph as uint8 (size x size); bright = dense (bone, tissue, fluid)."""
+def render(
+    index: int, *, positive: bool = False, size: int, seed: int, findings: tuple[str, ...] = ()
+) -> np.ndarray:
+    """One radiograph as uint8 (size x size); bright = dense (bone, tissue, fluid).
+
+    ``positive`` is the single-label opacity; ``findings`` names the findings to draw.
+    """
     rng = np.random.default_rng([seed, index])
     # Patient position: shift, scale, small rotation (normalised coordinates in [-1, 1]).
     ys, xs = np.mgrid[-1 : 1 : size * 1j, -1 : 1 : size * 1j].astype(np.float32)
@@ -68,12 +109,13 @@ def render(index: int, *, positive: bool, size: int, seed: int) -> np.ndarray:
 
     # Lung fields: dark, slightly tilted ellipses with a domed base (the diaphragm).
     lung_w, lung_h = rng.uniform(0.25, 0.31), rng.uniform(0.5, 0.6)
-    lungs = []
+    lungs, centres = [], []
     for side in (-1, 1):
         cx = side * rng.uniform(0.33, 0.4)
         lx = (x - cx) * np.cos(0.12 * side) - (y + 0.05) * np.sin(0.12 * side)
         ly = y + 0.05
         lungs.append(_soft(1 - np.hypot(lx / lung_w, ly / lung_h), 6 * edge))
+        centres.append(cx)
     lung = np.maximum(*lungs)
     img -= 0.33 * lung * body
 
@@ -99,11 +141,18 @@ def render(index: int, *, positive: bool, size: int, seed: int) -> np.ndarray:
     # Vascular markings: smooth texture, strongest inside the lungs.
     img += 0.025 * _smooth_noise(rng, size, size / 90) * lung
 
-    if positive:
-        # Its own random stream: a positive and a negative image of the same index
-        # differ by the finding alone, which the tests use to check where it lies.
+    # Each finding has its own random stream: images of the same index with and without
+    # a finding differ by that finding alone, which the tests use to check where it lies.
+    if positive or "opacity" in findings:
         finding_rng = np.random.default_rng([seed, index, 1])
         img += _opacity(finding_rng, lungs[finding_rng.integers(2)], x, y)
+    if "effusion" in findings:
+        finding_rng = np.random.default_rng([seed, index, 2])
+        side = finding_rng.integers(2)
+        img += _effusion(finding_rng, lungs[side], (-1, 1)[side], centres[side], lung_w, x, y)
+    if "nodule" in findings:
+        finding_rng = np.random.default_rng([seed, index, 3])
+        img += _nodule(finding_rng, lungs[finding_rng.integers(2)], x, y, edge)
 
     # Exposure (gamma, window), detector blur, quantum noise.
     img = np.clip(img, 0, 1) ** rng.uniform(0.8, 1.25)
@@ -127,9 +176,31 @@ def _opacity(rng, lung_mask, x, y) -> np.ndarray:
     return rng.uniform(0.3, 0.42) * patch * lung_mask
 
 
-def _render_job(job: tuple[int, bool, int, int, str]) -> bytes:
-    index, positive, size, seed, fmt = job
-    return encode(render(index, positive=positive, size=size, seed=seed), fmt)
+def _effusion(rng, lung_mask, side, centre_x, lung_w, x, y) -> np.ndarray:
+    """Fluid filling one costophrenic angle: the lung below a meniscus turns soft-tissue
+    dense; the meniscus is lowest medially and rises along the lateral chest wall, so the
+    sharp lateral angle of the lung's base is blunted."""
+    base = y[lung_mask > 0.5].max()  # the lowest point of this lung field
+    lateral = np.clip(side * (x - centre_x) / lung_w, -1, 1)  # -1 medial .. 1 lateral wall
+    height = rng.uniform(0.14, 0.24)  # how far up the lateral wall the fluid climbs
+    level = base - height * (0.15 + 0.85 * ((lateral + 1) / 2) ** 2)
+    fluid = _soft(y - level, 0.012) * lung_mask
+    return rng.uniform(0.22, 0.3) * fluid
+
+
+def _nodule(rng, lung_mask, x, y, edge) -> np.ndarray:
+    """A small, round, well-defined density in a lung field, away from its edge."""
+    candidates = np.argwhere(lung_mask > 0.99)
+    cy, cx = candidates[rng.integers(len(candidates))]
+    radius = rng.uniform(0.035, 0.06)  # 0.6-1 cm on a 35 cm film
+    r = np.hypot(x - x[cy, cx], y - y[cy, cx])
+    return rng.uniform(0.2, 0.28) * _soft(radius - r, 1.5 * edge)
+
+
+def _render_job(job: tuple[int, bool, tuple[str, ...], int, int, str]) -> bytes:
+    index, positive, findings, size, seed, fmt = job
+    pixels = render(index, positive=positive, findings=findings, size=size, seed=seed)
+    return encode(pixels, fmt)
 
 
 def encode(pixels: np.ndarray, fmt: str) -> bytes:
@@ -152,12 +223,30 @@ def labels_for(n: int, positive_rate: float, seed: int) -> list[str]:
     return labels.tolist()
 
 
+def finding_labels(n: int, findings: tuple[tuple[str, float], ...], seed: int) -> np.ndarray:
+    """(n, len(findings)) 0/1: each finding's exact count, shuffled on its own stream, so
+    findings fall independently of one another and co-occur by chance."""
+    columns = []
+    for k, (_, prevalence) in enumerate(findings):
+        column = np.zeros(n, dtype=np.int8)
+        column[: round(n * prevalence)] = 1
+        np.random.default_rng([seed, 0x6C616265, 3, k]).shuffle(column)
+        columns.append(column)
+    return np.stack(columns, axis=1)
+
+
 def write_archive(cfg: SynthConfig) -> list[tuple[str, str]]:
-    """Write ``OUT/<class>/<id>.<ext>`` and ``OUT/_manifest.csv``; return (uri, label) rows."""
+    """Write ``OUT/<class>/<id>.<ext>`` and ``OUT/_manifest.csv``; return (uri, label) rows.
+
+    Multi-label (``cfg.findings``): the class folder is ``normal`` or ``abnormal`` (any
+    finding), and the manifest adds one 0/1 column per finding.
+    """
     if cfg.n < 1:
         raise MeddxError("--n must be at least 1")
     if not 0.0 <= cfg.positive_rate <= 1.0:
         raise MeddxError("--positive-rate must lie in [0, 1]")
+    if any(not 0.0 <= rate <= 1.0 for _, rate in cfg.findings):
+        raise MeddxError("--findings prevalences must lie in [0, 1]")
     if cfg.size < 64:
         raise MeddxError("--size must be at least 64 pixels")
     ext = {"png": "png", "jpeg": "jpg"}.get(cfg.format)
@@ -166,11 +255,19 @@ def write_archive(cfg: SynthConfig) -> list[tuple[str, str]]:
 
     out = cfg.out if storage.is_s3(cfg.out) else storage.strip_scheme(cfg.out)
 
-    labels = labels_for(cfg.n, cfg.positive_rate, cfg.seed)
+    names = [name for name, _ in cfg.findings]
+    if names:
+        truth = finding_labels(cfg.n, cfg.findings, cfg.seed)
+        labels = [ABNORMAL if row.any() else CLASSES[0] for row in truth]
+        drawn = [tuple(n for n, t in zip(names, row, strict=True) if t) for row in truth]
+        jobs = [(i, False, d, cfg.size, cfg.seed, cfg.format) for i, d in enumerate(drawn)]
+    else:
+        labels = labels_for(cfg.n, cfg.positive_rate, cfg.seed)
+        jobs = [
+            (i, label == CLASSES[1], (), cfg.size, cfg.seed, cfg.format)
+            for i, label in enumerate(labels)
+        ]
     uris = [storage.join(out, label, f"cxr-{i:06d}.{ext}") for i, label in enumerate(labels)]
-    jobs = [
-        (i, label == CLASSES[1], cfg.size, cfg.seed, cfg.format) for i, label in enumerate(labels)
-    ]
     # Rendering is CPU-bound numpy: spread it over processes ("spawn" is safe beside the
     # threads of a Ray driver or an S3 server); uploads overlap in a thread pool.
     workers = min(os.cpu_count() or 1, max(1, cfg.n // 32))
@@ -194,7 +291,10 @@ def write_archive(cfg: SynthConfig) -> list[tuple[str, str]]:
 
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["uri", "label"])
-    writer.writerows(rows)
+    writer.writerow(["uri", "label", *names])
+    if names:
+        writer.writerows((u, lbl, *t) for (u, lbl), t in zip(rows, truth.tolist(), strict=True))
+    else:
+        writer.writerows(rows)
     storage.write_bytes(storage.join(out, MANIFEST_NAME), buf.getvalue().encode(), cfg.storage)
     return rows

@@ -7,7 +7,15 @@ import pytest
 from PIL import Image
 
 from meddx import MeddxError
-from meddx.synth import SynthConfig, labels_for, render, write_archive
+from meddx.synth import (
+    FINDINGS,
+    SynthConfig,
+    finding_labels,
+    labels_for,
+    parse_findings,
+    render,
+    write_archive,
+)
 
 
 def digest_tree(root):
@@ -101,3 +109,96 @@ def test_write_to_s3(bucket, settings):
     manifest = fs.cat_file(bucket.removeprefix("s3://") + "/syn/_manifest.csv").decode()
     assert [r["uri"] for r in csv.DictReader(io.StringIO(manifest))] == [u for u, _ in rows]
     assert all(u.startswith(f"{bucket}/syn/") for u, _ in rows)
+
+
+def test_single_label_manifest_has_no_finding_columns(tmp_path):
+    write_archive(SynthConfig(out=str(tmp_path), n=3, size=64))
+    assert (tmp_path / "_manifest.csv").read_text().splitlines()[0] == "uri,label"
+
+
+def test_findings_manifest_columns_and_co_occurrence(tmp_path):
+    findings = (("opacity", 0.5), ("effusion", 0.4), ("nodule", 0.3))
+    rows = write_archive(SynthConfig(out=str(tmp_path), n=20, size=64, findings=findings))
+    with open(tmp_path / "_manifest.csv") as fh:
+        manifest = list(csv.DictReader(fh))
+    assert list(manifest[0]) == ["uri", "label", "opacity", "effusion", "nodule"]
+    assert [r["uri"] for r in manifest] == [u for u, _ in rows]
+    truth = np.array([[int(r[f]) for f, _ in findings] for r in manifest])
+    assert set(truth.ravel()) == {0, 1}
+    # Each finding at its own exact prevalence, and drawn independently: films with
+    # several findings and films with none.
+    assert truth.sum(axis=0).tolist() == [10, 8, 6]
+    assert (truth.sum(axis=1) >= 2).any() and (truth.sum(axis=1) == 0).any()
+    for row, flags in zip(manifest, truth, strict=True):
+        folder = "abnormal" if flags.any() else "normal"
+        assert row["label"] == folder and f"/{folder}/" in row["uri"]
+    assert len(list(tmp_path.rglob("*.png"))) == 20
+
+
+def test_findings_fall_independently():
+    truth = finding_labels(2000, tuple(FINDINGS.items()), seed=0)
+    rates = truth.mean(axis=0)
+    np.testing.assert_allclose(rates, list(FINDINGS.values()), atol=1e-3)
+    # P(opacity and nodule) is close to the product of the prevalences.
+    both = (truth[:, 0] & truth[:, 2]).mean()
+    assert both == pytest.approx(rates[0] * rates[2], abs=0.02)
+
+
+def finding_diff(index, finding, size=128, seed=3):
+    normal = render(index, size=size, seed=seed).astype(int)
+    return normal, render(index, size=size, seed=seed, findings=(finding,)).astype(int) - normal
+
+
+def test_effusion_blunts_a_lateral_costophrenic_angle():
+    size, darkness = 128, []
+    for index in range(8):
+        normal, diff = finding_diff(index, "effusion", size)
+        changed = diff > 6
+        assert 0.002 < changed.mean() < 0.05, changed.mean()
+        ys, xs = np.nonzero(changed)
+        # At a lung base (lower half of the film), off the midline, and rising towards
+        # the lateral chest wall: the outer columns reach higher than the inner ones.
+        assert ys.mean() > 0.55 * size and np.abs(xs - size / 2).min() > 0.05 * size
+        lateral = np.abs(xs - size / 2)
+        outer, inner = lateral >= np.median(lateral), lateral < np.median(lateral)
+        assert ys[outer].min() < ys[inner].min()
+        # Its core fills dark lung (the angle lies on the lung's edge, so only a little
+        # darker in some films than the body's mean; never brighter).
+        core = diff > 0.6 * diff.max()
+        darkness.append(normal[core].mean() / normal[normal > 40].mean())
+    assert max(darkness) < 1.0 and np.mean(darkness) < 0.9, darkness
+
+
+def test_nodule_is_small_round_and_in_a_lung_field():
+    size = 128
+    for index in range(6):
+        normal, diff = finding_diff(index, "nodule", size)
+        changed = diff > 12
+        ys, xs = np.nonzero(changed)
+        assert 0.0005 < changed.mean() < 0.01, changed.mean()
+        # Round: as tall as it is wide, and filling most of its bounding box's circle.
+        height, width = np.ptp(ys) + 1, np.ptp(xs) + 1
+        assert abs(height - width) <= 2
+        assert changed.sum() > 0.6 * np.pi * (min(height, width) / 2) ** 2
+        assert normal[changed].mean() < 0.85 * normal[normal > 40].mean()
+
+
+def test_findings_add_up_and_single_label_is_unchanged():
+    plain = render(1, positive=True, size=96, seed=4)
+    np.testing.assert_array_equal(plain, render(1, findings=("opacity",), size=96, seed=4))
+    every = render(1, findings=tuple(FINDINGS), size=96, seed=4).astype(int)
+    for finding in FINDINGS:  # each finding's change is still there with the others
+        alone = render(1, findings=(finding,), size=96, seed=4).astype(int)
+        base = render(1, size=96, seed=4).astype(int)
+        mask = (alone - base) > 12
+        assert (every[mask] - base[mask]).mean() > 8, finding
+
+
+def test_parse_findings():
+    assert parse_findings("opacity, nodule=0.1") == (("opacity", 0.3), ("nodule", 0.1))
+    assert parse_findings("all") == tuple(FINDINGS.items())
+    for bad, message in (("bogus", "unknown finding"), ("nodule,nodule", "distinct"), ("", "")):
+        with pytest.raises(MeddxError, match=message):
+            parse_findings(bad)
+    with pytest.raises(MeddxError, match="prevalences"):
+        write_archive(SynthConfig(out="/nonexistent", n=2, findings=(("nodule", 1.5),)))
