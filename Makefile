@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # torch/torchvision come from pip exactly as pinned in pyproject.toml.
 PIP_INSTALL := $(BIN)/pip install --disable-pip-version-check
 
-.PHONY: install demo test test-fast lint nightly bench-inputs train-ddp score submit-score submit-train clean
+.PHONY: install demo test test-fast lint nightly bench bench-scale bench-inputs train-ddp score submit-score submit-train clean
 
 install: $(STAMP)
 
@@ -54,6 +54,10 @@ clean:
 # Benchmarks (not tests). bench: meddx score vs the model's ceiling and the classic loop.
 bench: install
 	$(BIN)/python benchmarks/bench.py --n 2000 --size 512 --model resnet18
+
+# Memory at scale and the 20,000-image load run: peak PSS of each run's process tree.
+bench-scale: install
+	$(BIN)/python benchmarks/bench.py --scale 1000,10000,20000 --size 128 --model seednet
 
 # Throughput by input layout (loose, tar shards, manifest) on a local S3 endpoint.
 bench-inputs: install
