@@ -4,6 +4,10 @@ The threshold is set for a target sensitivity (the highest cut that still reache
 specificity is as high as it can be) or a target specificity. Temperature scaling
 divides the model's logits by one number fitted to minimise the validation NLL: it
 changes calibration, never the ranking (AUROC is unchanged).
+
+A multi-label checkpoint is calibrated one finding at a time (``finding``): that
+finding's probability against its manifest column sets its threshold and temperature;
+the checkpoint's overall threshold stays the lowest finding threshold.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from scipy.optimize import minimize_scalar
 from sklearn.metrics import log_loss
 
 from meddx import MeddxError, metrics, models, sources
-from meddx.evaluation import labelled_scores, read_predictions
+from meddx.evaluation import finding_truth, labelled_scores, read_predictions
 from meddx.storage import StorageSettings
 
 EPS = 1e-6
@@ -50,26 +54,44 @@ def calibrate(
     specificity: float | None,
     temperature: bool,
     settings: StorageSettings,
+    finding: str | None = None,
 ) -> dict:
     ckpt, sha = models.read_checkpoint(model, settings)
     table, meta = read_predictions(predictions, settings)
     if meta.get("meddx.model_sha256") != sha:
         raise MeddxError(f"{predictions} was not scored by {model} (sha256 differs)")
-    truth = sources.manifest_labels(labels, settings) if labels else None
-    rows, y_true, _ = labelled_scores(table, truth, ckpt["positive_class"])
+    names = list(ckpt["class_names"])
+    multi_label = models.is_multi_label(ckpt)
+    if multi_label:
+        if finding not in names:
+            raise MeddxError(
+                "a multi-label checkpoint is calibrated one finding at a time: "
+                f"--finding one of {', '.join(names)}"
+            )
+        k = names.index(finding)
+        rows, truth, _ = finding_truth(table, labels, names, settings)
+        y_true = truth[:, k]
+        scores = np.array([r["probs"][k] for r in rows], dtype=float)
+        temperatures = ckpt.get("temperature", 1.0)
+        if not isinstance(temperatures, list):
+            temperatures = [float(temperatures)] * len(names)
+        previous = float(temperatures[k])
+    else:
+        if finding is not None:
+            raise MeddxError(f"--finding is for multi-label checkpoints; {model} is not one")
+        truth = sources.manifest_labels(labels, settings) if labels else None
+        rows, y_true, _ = labelled_scores(table, truth, ckpt["positive_class"])
+        scores = np.array([r["score"] for r in rows], dtype=float)
+        previous = float(ckpt.get("temperature", 1.0))
     if len(np.unique(y_true)) < 2:
         raise MeddxError("calibration needs labelled positives and negatives")
-    scores = np.array([r["score"] for r in rows], dtype=float)
-    previous = float(ckpt.get("temperature", 1.0))
     t_fit = fit_temperature(y_true, scores) if temperature else 1.0
     scaled = sigmoid(logit(scores) / t_fit)
     threshold = metrics.threshold_for(
         y_true, scaled, sensitivity=sensitivity, specificity=specificity
     )
     validation = metrics.clinical_metrics(y_true, scaled, threshold)
-    ckpt["threshold"] = threshold
-    ckpt["temperature"] = previous * t_fit
-    ckpt["calibration"] = {
+    record = {
         "predictions": predictions,
         "labels": labels or "class folders",
         "n": int(len(y_true)),
@@ -79,10 +101,21 @@ def calibrate(
         "calibrated_at": dt.datetime.now(dt.UTC).isoformat(),
         "metrics": {k: v for k, v in validation.items() if isinstance(v, float)},
     }
+    if multi_label:
+        ckpt["thresholds"][k] = threshold
+        ckpt["threshold"] = min(ckpt["thresholds"])
+        temperatures[k] = previous * t_fit
+        ckpt["temperature"] = temperatures
+        # One record per finding: calibrating another finding keeps this one's.
+        ckpt["calibration"] = {**ckpt.get("calibration", {}), finding: record}
+    else:
+        ckpt["threshold"] = threshold
+        ckpt["temperature"] = previous * t_fit
+        ckpt["calibration"] = record
     new_sha = models.save_checkpoint(ckpt, out, settings)
     return {
         "threshold": threshold,
-        "temperature": ckpt["temperature"],
+        "temperature": previous * t_fit,
         "metrics": validation,
         "sha256": new_sha,
     }

@@ -50,13 +50,21 @@ def cli():
     help="Fraction of images with an opacity.",
 )
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option(
+    "--findings",
+    default=None,
+    metavar="LIST",
+    help="Multi-label: findings drawn independently, each NAME[=PREVALENCE] "
+    "(opacity, effusion, nodule), or 'all'.",
+)
 @s3_endpoint_option
-def synth(out, n, size, fmt, positive_rate, seed, s3_endpoint):
+def synth(out, n, size, fmt, positive_rate, seed, findings, s3_endpoint):
     """Write a labelled synthetic chest-X-ray archive to OUT (folder or s3:// prefix).
 
     Layout: OUT/<normal|opacity>/cxr-NNNNNN.<ext> and OUT/_manifest.csv (uri,label).
+    With --findings: OUT/<normal|abnormal>/... and a 0/1 manifest column per finding.
     """
-    from meddx.synth import SynthConfig, write_archive
+    from meddx.synth import SynthConfig, parse_findings, write_archive
 
     cfg = SynthConfig(
         out=out,
@@ -65,9 +73,17 @@ def synth(out, n, size, fmt, positive_rate, seed, s3_endpoint):
         format=fmt,
         positive_rate=positive_rate,
         seed=seed,
+        findings=parse_findings(findings) if findings is not None else (),
         storage=StorageSettings.from_env(s3_endpoint),
     )
     rows = write_archive(cfg)
+    if cfg.findings:
+        from meddx.synth import finding_labels
+
+        counts = finding_labels(cfg.n, cfg.findings, cfg.seed).sum(axis=0)
+        drawn = ", ".join(f"{c} {name}" for (name, _), c in zip(cfg.findings, counts, strict=True))
+        click.echo(f"wrote {len(rows)} images ({drawn}) and _manifest.csv to {out}")
+        return
     positives = sum(label == "opacity" for _, label in rows)
     click.echo(f"wrote {len(rows)} images ({positives} opacity) and _manifest.csv to {out}")
 
@@ -131,6 +147,13 @@ def synth(out, n, size, fmt, positive_rate, seed, s3_endpoint):
     metavar="URI",
     help="Ray Train run folder (shared storage such as s3:// on multi-node clusters).",
 )
+@click.option(
+    "--findings",
+    default=None,
+    metavar="LIST",
+    help="Multi-label: the manifest's 0/1 finding columns to learn, e.g. "
+    "opacity,effusion,nodule (one sigmoid output each).",
+)
 @s3_endpoint_option
 def train(
     data,
@@ -148,15 +171,17 @@ def train(
     run_name,
     max_failures,
     storage_path,
+    findings,
     s3_endpoint,
 ):
     """Train a classifier with Ray Train (PyTorch DDP) on the labelled archive DATA.
 
     DATA is a folder or s3:// prefix, or a .csv/.parquet manifest with uri and label
     columns. Labels come from the manifest (DATA/_manifest.csv when present), else from
-    class folder names.
+    class folder names. With --findings, a multi-label model learns the manifest's 0/1
+    column for each finding.
     """
-    from meddx.training import TrainConfig
+    from meddx.training import TrainConfig, parse_findings
     from meddx.training import train as run
 
     cfg = TrainConfig(
@@ -177,6 +202,7 @@ def train(
         storage_path=storage_path,
         run_name=run_name,
         max_failures=max_failures,
+        findings=parse_findings(findings) if findings is not None else None,
         storage=StorageSettings.from_env(s3_endpoint),
     )
     summary = run(cfg)
@@ -186,6 +212,11 @@ def train(
         f"in {summary.seconds:.1f}s; best epoch {int(m.get('epoch', 0))}: "
         f"val_auroc={m.get('val_auroc', math.nan):.4f} val_f1={m.get('val_f1', math.nan):.4f}"
     )
+    for name in cfg.findings or ():
+        click.echo(
+            f"  {name}: val_auroc={m.get(f'val_auroc_{name}', math.nan):.4f} "
+            f"threshold={m.get(f'val_threshold_{name}', math.nan):.4f}"
+        )
     click.echo(f"checkpoint {summary.checkpoint} sha256={summary.sha256}")
 
 
@@ -380,7 +411,18 @@ def evaluate(predictions, labels, json_path, plots, by, s3_endpoint):
 
     settings = StorageSettings.from_env(s3_endpoint)
     result = evaluation.evaluate(predictions, labels, settings, by=by, plots=plots)
+    if result["multi_label"]:
+        click.echo("any finding (abnormal) vs none, score = the highest finding probability:")
     click.echo(metrics.format_metrics(result))
+    if result["multi_label"]:
+        for name, sub in result["per_class"].items():
+            lo, hi = sub["auroc_ci95"]
+            click.echo(
+                f"{name}: n={sub['n']} positives={sub['positives']} auroc={sub['auroc']:.4f} "
+                f"[{lo:.4f}, {hi:.4f}] threshold={sub['threshold']:.4f} "
+                f"sensitivity={sub['sensitivity']:.4f} specificity={sub['specificity']:.4f}"
+            )
+        click.echo(f"macro mean auroc={result['macro']['auroc']:.4f}")
     click.echo(f"rows={result['rows']} errors={result['errors']} unlabelled={result['unlabelled']}")
     for value, sub in result.get("by", {}).get(by, {}).items():
         click.echo(
@@ -407,6 +449,12 @@ def evaluate(predictions, labels, json_path, plots, by, s3_endpoint):
 @click.option("--target-sensitivity", type=click.FloatRange(0, 1, min_open=True), default=None)
 @click.option("--target-specificity", type=click.FloatRange(0, 1, min_open=True), default=None)
 @click.option("--temperature", is_flag=True, help="Also fit temperature scaling.")
+@click.option(
+    "--finding",
+    default=None,
+    metavar="NAME",
+    help="Multi-label checkpoints: the finding whose threshold (and temperature) to set.",
+)
 @s3_endpoint_option
 def calibrate(
     predictions,
@@ -416,6 +464,7 @@ def calibrate(
     target_sensitivity,
     target_specificity,
     temperature,
+    finding,
     s3_endpoint,
 ):
     """Choose the threshold (and a temperature) on scored validation PREDICTIONS.
@@ -438,9 +487,11 @@ def calibrate(
         specificity=target_specificity,
         temperature=temperature,
         settings=settings,
+        finding=finding,
     )
     click.echo(
-        f"threshold={result['threshold']:.4f} temperature={result['temperature']:.3f} "
+        f"{finding + ': ' if finding else ''}threshold={result['threshold']:.4f} "
+        f"temperature={result['temperature']:.3f} "
         f"validation sensitivity={result['metrics']['sensitivity']:.4f} "
         f"specificity={result['metrics']['specificity']:.4f} n={result['metrics']['n']}"
     )

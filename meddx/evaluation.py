@@ -1,8 +1,17 @@
-"""Join scored rows with ground truth and compute screening metrics."""
+"""Join scored rows with ground truth and compute screening metrics.
+
+Single-label: the metrics of ``score`` (the positive class's probability) at the stored
+threshold. Multi-label: the top-level figures are the screening task, any finding
+(``abnormal``) against none, scored by ``score`` (the highest finding probability) at
+the stored threshold (the lowest finding threshold); ``per_class`` has the same metrics
+for each finding (its probability in ``probs`` against its 0/1 manifest column, at its
+own threshold) and ``macro`` their means over the findings.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pyarrow.dataset as pads
@@ -49,6 +58,54 @@ def labelled_scores(table, truth, positive):
     return kept, np.array(y_true, dtype=int), unlabelled
 
 
+def finding_truth(table, labels: str | None, findings: list[str], settings: StorageSettings):
+    """(ok rows with a value for every finding, their 0/1 matrix, unlabelled count)."""
+    if not labels:
+        raise MeddxError(
+            "multi-label predictions need --labels MANIFEST with a 0/1 column per finding "
+            f"({', '.join(findings)})"
+        )
+    truth = sources.manifest_findings(labels, settings, findings)
+    kept, y_true, unlabelled = [], [], 0
+    for r in table.to_pylist():
+        if r["status"] != "ok":
+            continue
+        flags = truth.get(r["image_uri"])
+        if flags is None:
+            unlabelled += 1
+            continue
+        kept.append(r)
+        y_true.append(flags)
+    return kept, np.array(y_true, dtype=int).reshape(-1, len(findings)), unlabelled
+
+
+# The per-finding figures that ``macro`` averages (over findings where they are defined).
+MACRO_KEYS = (
+    "auroc",
+    "average_precision",
+    "sensitivity",
+    "specificity",
+    "ppv",
+    "npv",
+    "f1",
+    "ece",
+)
+
+
+def per_finding(rows, truth, findings, thresholds) -> tuple[dict, dict]:
+    """clinical_metrics of each finding's probability at its own threshold, and means."""
+    probs = np.array([r["probs"] for r in rows], dtype=float).reshape(-1, len(findings))
+    per_class = {
+        name: metrics.clinical_metrics(truth[:, k], probs[:, k], thresholds[k])
+        for k, name in enumerate(findings)
+    }
+    macro = {}
+    for key in MACRO_KEYS:
+        values = [m[key] for m in per_class.values() if not math.isnan(m[key])]
+        macro[key] = float(np.mean(values)) if values else math.nan
+    return per_class, macro
+
+
 def evaluate(
     predictions: str,
     labels: str | None,
@@ -60,8 +117,17 @@ def evaluate(
     positive = meta.get("meddx.positive_class")
     if positive is None:
         raise MeddxError(f"{predictions} has no meddx metadata (meddx.positive_class)")
-    truth = sources.manifest_labels(labels, settings) if labels else None
-    rows, y_true, unlabelled = labelled_scores(table, truth, positive)
+    multi_label = json.loads(meta.get("meddx.multi_label", "false"))
+    if multi_label:
+        findings = json.loads(meta["meddx.class_names"])
+        shas = set(table["model_sha256"].to_pylist())
+        if len(shas) > 1:  # per-finding thresholds come from one model's metadata
+            raise MeddxError(f"predictions mix {len(shas)} checkpoints: evaluate one model")
+        rows, truth, unlabelled = finding_truth(table, labels, findings, settings)
+        y_true = truth.max(axis=1, initial=0)  # abnormal: any finding present
+    else:
+        truth = sources.manifest_labels(labels, settings) if labels else None
+        rows, y_true, unlabelled = labelled_scores(table, truth, positive)
     if not rows:
         raise MeddxError("no scored row has a label: pass --labels MANIFEST")
     thresholds = set(table["threshold"].to_pylist())
@@ -70,15 +136,20 @@ def evaluate(
     threshold = thresholds.pop()
     scores = np.array([r["score"] for r in rows], dtype=float)
     result = metrics.clinical_metrics(y_true, scores, threshold)
-    result["per_class"] = {
-        positive: {k: result[k] for k in ("auroc", "auroc_ci95", "sensitivity", "specificity")}
-    }
+    if multi_label:
+        thresholds = json.loads(meta["meddx.thresholds"])
+        result["per_class"], result["macro"] = per_finding(rows, truth, findings, thresholds)
+    else:
+        result["per_class"] = {
+            positive: {k: result[k] for k in ("auroc", "auroc_ci95", "sensitivity", "specificity")}
+        }
     statuses = table["status"].to_pylist()
     result.update(
         rows=len(statuses),
         errors=sum(s != "ok" for s in statuses),
         unlabelled=unlabelled,
         positive_class=positive,
+        multi_label=bool(multi_label),
         model_name=meta.get("meddx.model_name"),
         model_sha256=meta.get("meddx.model_sha256"),
     )
@@ -90,6 +161,15 @@ def evaluate(
         result["plots"] = plotting.write_evaluation_plots(
             y_true, scores, threshold, plots, settings
         )
+        if multi_label:  # the same four plots for each finding, in plots/FINDING/
+            for k, name in enumerate(findings):
+                result["plots"] += plotting.write_evaluation_plots(
+                    truth[:, k],
+                    np.array([r["probs"][k] for r in rows], dtype=float),
+                    thresholds[k],
+                    storage.join(plots, name),
+                    settings,
+                )
     return result
 
 

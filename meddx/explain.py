@@ -5,6 +5,8 @@
 For the K highest-scoring studies, the gradient of the positive class's logit weights
 the last convolutional block's feature maps (Selvaraju et al., Grad-CAM); the result is
 overlaid on the preprocessed image the model saw. Files are named by rank and pseudonym.
+For a multi-label model the class is the finding that gave the study its score (its
+highest finding probability).
 """
 
 from __future__ import annotations
@@ -36,8 +38,9 @@ def last_conv_block(model: nn.Module) -> nn.Module:
     raise MeddxError(f"no Grad-CAM layer known for {type(model).__name__}")
 
 
-def grad_cam(model: nn.Module, x: torch.Tensor, class_index: int) -> np.ndarray:
-    """(H, W) heatmap in [0, 1] for one image tensor (1, 3, H, W)."""
+def grad_cam(model: nn.Module, x: torch.Tensor, class_index: int | None) -> np.ndarray:
+    """(H, W) heatmap in [0, 1] for one image tensor (1, 3, H, W); ``None``: the class
+    with the highest output."""
     layer = last_conv_block(model)
     store = {}
     handle = layer.register_forward_hook(lambda m, i, o: store.update(act=o))
@@ -45,6 +48,8 @@ def grad_cam(model: nn.Module, x: torch.Tensor, class_index: int) -> np.ndarray:
         model.zero_grad(set_to_none=True)
         logits = model(x)
         act = store["act"]
+        if class_index is None:
+            class_index = int(logits[0].argmax())
         grads = torch.autograd.grad(logits[0, class_index], act)[0]
     finally:
         handle.remove()
@@ -80,15 +85,21 @@ def read_input(uri: str, settings: StorageSettings) -> bytes:
 def heatmaps(rows: list[dict], ckpt: dict, settings: StorageSettings) -> list[tuple[dict, bytes]]:
     """(row, overlay PNG) for each row, in order."""
     model = models.model_from_checkpoint(ckpt)
-    positive = ckpt["class_names"].index(ckpt["positive_class"])
+    multi_label = models.is_multi_label(ckpt)
+    positive = None if multi_label else ckpt["class_names"].index(ckpt["positive_class"])
     mean, std = torch.tensor(ckpt["mean"]), torch.tensor(ckpt["std"])
     settings_decode = decode.DecodeSettings(size=int(ckpt["input_size"]), modalities=None)
     out = []
     for rank, row in enumerate(rows, start=1):
         pixels, _ = decode.decode_image(read_input(row["image_uri"], settings), settings_decode)
         x = to_model_input(torch.from_numpy(pixels).unsqueeze(0), mean, std).requires_grad_(False)
-        cam = grad_cam(model, x, positive)
+        target = positive
+        if multi_label and row.get("probs"):  # the finding behind the score
+            target = int(np.argmax(row["probs"]))
+        cam = grad_cam(model, x, target)
         title = f"#{rank} {pseudonymous_id(row)} score {row['score']:.3f}"
+        if multi_label and row.get("label"):
+            title += f" {row['label']}"
         out.append((row, overlay_png(pixels, cam, title)))
     return out
 

@@ -4,6 +4,12 @@ A checkpoint is a plain dict (torchvision references style) saved with ``torch.s
 and loaded with ``torch.load(..., weights_only=True)``: tensors, strings, numbers, lists
 and dicts only, so loading never runs code. All models start from random weights:
 meddx never downloads weights from a hub.
+
+A multi-label checkpoint (CheXNet's formulation: one sigmoid output per finding) has
+``multi_label: True``, its findings as ``class_names``, one threshold per finding in
+``thresholds`` and, as ``threshold``, the lowest of them: the cut on the row's score
+(its highest finding probability) that puts every study with a finding on the worklist.
+Its ``positive_class`` is ``abnormal``: any finding present.
 """
 
 from __future__ import annotations
@@ -25,6 +31,12 @@ CHECKPOINT_FORMAT = 1
 # user converts from them) work unchanged; ImageNet statistics are the usual default.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# The positive class of a multi-label model's screening score: any finding present.
+ABNORMAL = "abnormal"
+# A multi-label row's label: the findings at or above their thresholds, joined by ";" in
+# the checkpoint's order ("effusion;nodule"), or "normal" when there is none.
+NO_FINDING = "normal"
+LABEL_SEPARATOR = ";"
 
 
 class SeedNet(nn.Module):
@@ -88,11 +100,19 @@ def make_checkpoint(
     positive_class: str,
     input_size: int,
     threshold: float = 0.5,
+    thresholds: list[float] | None = None,
     modalities: list[str] | tuple[str, ...] = ("CR", "DX"),
     train_config: dict | None = None,
     metrics: dict | None = None,
 ) -> dict:
+    """The checkpoint dict; ``thresholds`` (one per class) makes it multi-label."""
     state = model.module.state_dict() if hasattr(model, "module") else model.state_dict()
+    multi = {}
+    if thresholds is not None:
+        if len(thresholds) != len(class_names):
+            raise MeddxError(f"{len(thresholds)} thresholds for {len(class_names)} findings")
+        multi = {"multi_label": True, "thresholds": [float(t) for t in thresholds]}
+        threshold, positive_class = min(thresholds), ABNORMAL
     return {
         "format": CHECKPOINT_FORMAT,
         "model_name": model_name,
@@ -102,6 +122,7 @@ def make_checkpoint(
         "mean": list(IMAGENET_MEAN),
         "std": list(IMAGENET_STD),
         "threshold": float(threshold),
+        **multi,
         # DICOM Modality values the model may score; empty: any.
         "modalities": list(modalities),
         "train_config": dict(train_config or {}),
@@ -112,10 +133,23 @@ def make_checkpoint(
     }
 
 
-def untrained_checkpoint(model_name: str, input_size: int, seed: int = 0, **kwargs) -> dict:
-    """A checkpoint of randomly initialised weights (normal/opacity): for benchmarks and
-    tests of the pipeline, where throughput and plumbing do not depend on the weights."""
+def untrained_checkpoint(
+    model_name: str, input_size: int, seed: int = 0, findings: list[str] | None = None, **kwargs
+) -> dict:
+    """A checkpoint of randomly initialised weights (normal/opacity, or multi-label over
+    ``findings``): for benchmarks and tests of the pipeline, where throughput and
+    plumbing do not depend on the weights."""
     torch.manual_seed(seed)
+    if findings:
+        kwargs.setdefault("thresholds", [0.5] * len(findings))
+        return make_checkpoint(
+            build_model(model_name, len(findings)),
+            model_name=model_name,
+            class_names=list(findings),
+            positive_class=ABNORMAL,
+            input_size=input_size,
+            **kwargs,
+        )
     return make_checkpoint(
         build_model(model_name, 2),
         model_name=model_name,
@@ -124,6 +158,12 @@ def untrained_checkpoint(model_name: str, input_size: int, seed: int = 0, **kwar
         input_size=input_size,
         **kwargs,
     )
+
+
+def is_multi_label(ckpt: dict) -> bool:
+    """One sigmoid per finding (True) or one softmax over classes (False, and every
+    checkpoint written before multi-label existed)."""
+    return bool(ckpt.get("multi_label", False))
 
 
 def checkpoint_bytes(ckpt: dict) -> bytes:

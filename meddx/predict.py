@@ -95,9 +95,19 @@ class Predictor:
         self.model = self.model.to(memory_format=torch.channels_last)
         self.autocast_dtype = resolve_precision(precision, self.device)
         self.class_names = list(ckpt["class_names"])
-        self.positive_index = self.class_names.index(ckpt["positive_class"])
+        # Multi-label: one sigmoid and one threshold per finding; score = the highest.
+        self.multi_label = models.is_multi_label(ckpt)
+        self.thresholds = [float(t) for t in ckpt.get("thresholds", [])]
+        self.positive_index = (
+            None if self.multi_label else self.class_names.index(ckpt["positive_class"])
+        )
         self.threshold = float(ckpt["threshold"])
-        self.temperature = float(ckpt.get("temperature", 1.0))
+        temperature = ckpt.get("temperature", 1.0)  # a list: one per finding
+        self.temperature = (
+            torch.tensor(temperature, device=self.device)
+            if isinstance(temperature, list)
+            else float(temperature)
+        )
         self.model_name = ckpt["model_name"]
         self.run_id = run_id
         self.mean = torch.tensor(ckpt["mean"], device=self.device)
@@ -114,7 +124,10 @@ class Predictor:
         ):
             logits = self.model(x)
         # A calibrated checkpoint divides the logits by its fitted temperature.
-        return torch.softmax(logits.float() / self.temperature, dim=1).cpu().numpy()
+        logits = logits.float() / self.temperature
+        if self.multi_label:
+            return torch.sigmoid(logits).cpu().numpy()
+        return torch.softmax(logits, dim=1).cpu().numpy()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         ok = batch["status"] == "ok"
@@ -125,7 +138,7 @@ class Predictor:
             p = self.predict_probs(batch["image"][ok])
             for i, row in zip(np.flatnonzero(ok), p, strict=True):
                 probs[i] = row.tolist()
-                scores[i] = float(row[self.positive_index])
+                scores[i] = self.score_for(row)
                 labels[i] = self.label_for(row)
         n = len(ok)
         columns = {
@@ -146,7 +159,19 @@ class Predictor:
         }
         return pa.Table.from_pydict(columns, schema=OUTPUT_SCHEMA)
 
+    def score_for(self, probs: np.ndarray) -> float:
+        """The worklist score: the positive class's probability, or for multi-label the
+        highest finding probability."""
+        return float(probs.max() if self.multi_label else probs[self.positive_index])
+
     def label_for(self, probs: np.ndarray) -> str:
+        if self.multi_label:
+            found = [
+                name
+                for name, p, t in zip(self.class_names, probs, self.thresholds, strict=True)
+                if p >= t
+            ]
+            return models.LABEL_SEPARATOR.join(found) or models.NO_FINDING
         if len(self.class_names) == 2:
             positive = probs[self.positive_index] >= self.threshold
             return self.class_names[self.positive_index if positive else 1 - self.positive_index]

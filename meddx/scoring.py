@@ -97,6 +97,9 @@ def file_metadata(ckpt: dict, sha: str, run_id: str, cfg: ScoreConfig) -> dict[s
         "meddx.class_names": json.dumps(ckpt["class_names"]),
         "meddx.positive_class": ckpt["positive_class"],
         "meddx.threshold": repr(float(ckpt["threshold"])),
+        # Multi-label: the findings are class_names; label uses one threshold each.
+        "meddx.multi_label": json.dumps(models.is_multi_label(ckpt)),
+        "meddx.thresholds": json.dumps(ckpt.get("thresholds", [float(ckpt["threshold"])])),
         "meddx.input_size": str(ckpt["input_size"]),
         "meddx.precision": cfg.precision,
     }

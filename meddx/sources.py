@@ -102,6 +102,31 @@ def manifest_labels(uri: str, settings: StorageSettings) -> dict[str, str]:
     }
 
 
+def manifest_findings(
+    uri: str, settings: StorageSettings, findings: list[str] | tuple[str, ...]
+) -> dict[str, tuple[int, ...]]:
+    """``uri -> (0/1 per finding)`` from a multi-label manifest: one 0/1 column per
+    finding, named as the finding. Rows with a missing value are left out."""
+    table = read_manifest(uri, settings)
+    missing = [f for f in findings if f not in table.column_names]
+    if missing:
+        raise MeddxError(f"manifest {uri} has no column for finding(s) {', '.join(missing)}")
+    columns = [table[f].to_pylist() for f in findings]
+    out = {}
+    for i, u in enumerate(table["uri"].to_pylist()):
+        values = [c[i] for c in columns]
+        if any(v in (None, "") for v in values):
+            continue
+        try:
+            flags = tuple(int(float(v)) for v in values)
+        except ValueError:
+            flags = (-1,)
+        if not set(flags) <= {0, 1}:
+            raise MeddxError(f"manifest {uri}: finding columns hold 0 or 1, not {values} ({u})")
+        out[u] = flags
+    return out
+
+
 def label_from_path(uri: str) -> str:
     """The class folder an input sits in: ``.../opacity/x.png`` -> ``opacity``."""
     return posixpath.basename(posixpath.dirname(uri.split("#", 1)[0]))
@@ -116,6 +141,17 @@ def labelled_inputs(data_uri: str, settings: StorageSettings) -> list[tuple[str,
     if storage.exists(manifest, settings):
         return sorted(manifest_labels(manifest, settings).items())
     return [(uri, label_from_path(uri)) for uri in list_inputs(data_uri, settings)]
+
+
+def labelled_findings(
+    data_uri: str, settings: StorageSettings, findings: list[str] | tuple[str, ...]
+) -> list[tuple[str, tuple[int, ...]]]:
+    """(uri, 0/1 per finding) for multi-label training: from a manifest given as DATA or
+    ``DATA/_manifest.csv`` (folder names cannot carry several findings)."""
+    manifest = data_uri if is_manifest(data_uri) else storage.join(data_uri, MANIFEST_NAME)
+    if not storage.exists(manifest, settings):
+        raise MeddxError(f"multi-label training needs a manifest with finding columns: {manifest}")
+    return sorted(manifest_findings(manifest, settings, findings).items())
 
 
 # ---- the read stage (Ray CPU tasks) --------------------------------------------------

@@ -4,6 +4,10 @@ The driver lists the labelled inputs, splits them (stratified, seeded) into trai
 validation sets, and hands both to a ``TorchTrainer`` as Ray Datasets. Each worker runs
 ``train_loop_per_worker``: plain ``train_one_epoch`` and ``evaluate`` calls, logging and
 checkpointing from rank 0. The best epoch by validation AUROC becomes the checkpoint file.
+
+With ``findings`` the model is multi-label (CheXNet's formulation): one logit per
+finding, binary cross-entropy weighted per finding by its training prevalence, and per
+finding a validation AUROC and a Youden threshold; the mean AUROC picks the best epoch.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import math
 import os
 import tempfile
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -53,7 +58,21 @@ class TrainConfig:
     # Worker-group restarts from the last checkpoint before the run fails: a preempted
     # node or a killed worker costs at most one epoch.
     max_failures: int = 3
+    # Multi-label: the manifest's 0/1 finding columns to learn, one sigmoid output each.
+    findings: tuple[str, ...] | None = None
     storage: StorageSettings = field(default_factory=StorageSettings)
+
+
+def parse_findings(text: str) -> tuple[str, ...]:
+    """``opacity,effusion,nodule`` -> the findings, in the order the model outputs them."""
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    reserved = {"uri", "label", "study_id", models.ABNORMAL, models.NO_FINDING}
+    bad = [n for n in names if n in reserved or models.LABEL_SEPARATOR in n]
+    if not names or bad or len(set(names)) != len(names):
+        raise MeddxError(
+            f"--findings needs distinct finding column names (not {', '.join(sorted(reserved))})"
+        )
+    return names
 
 
 def positive_class_of(class_names: list[str]) -> str:
@@ -62,23 +81,50 @@ def positive_class_of(class_names: list[str]) -> str:
     return others[0] if others else class_names[-1]
 
 
-def split(items: list[tuple[str, str]], val_fraction: float, seed: int):
-    uris, labels = zip(*items, strict=True)
-    n_val = max(1, round(len(uris) * val_fraction))
-    if n_val >= len(uris):
+def strata_of(targets: list) -> list[list[str]]:
+    """Stratification keys, finest first: the class; for multi-label targets (0/1 tuples)
+    the combination of findings, else the rarest finding a film shows (so every
+    finding's positives are split in proportion), else whether it shows any."""
+    if not isinstance(targets[0], tuple):
+        return [list(targets)]
+    truth = np.array(targets, dtype=int)
+    by_rarity = np.argsort(truth.sum(axis=0), kind="stable")
+    rarest = [str(next((k for k in by_rarity if row[k]), "none")) for row in truth]
+    return [
+        ["".join(map(str, t)) for t in targets],
+        rarest,
+        [str(int(any(t))) for t in targets],
+    ]
+
+
+def split(items: list[tuple[str, str | tuple[int, ...]]], val_fraction: float, seed: int):
+    """Seeded train/validation split of (uri, target) items, stratified where it can be."""
+    targets = [t for _, t in items]
+    n_val = max(1, round(len(items) * val_fraction))
+    if n_val >= len(items):
         raise MeddxError("--val-fraction leaves no training images")
-    # Stratify when every class has at least two images, so both sets see every class.
-    counts = np.unique(labels, return_counts=True)[1]
-    stratify = labels if counts.min() >= 2 and n_val >= len(counts) else None
-    tr_u, va_u, tr_l, va_l = train_test_split(
-        uris, labels, test_size=n_val, random_state=seed, stratify=stratify
+    # Stratify when every stratum has at least two images, so both sets see every class
+    # (for multi-label: every combination of findings, else normal and abnormal films).
+    stratify = None
+    for strata in strata_of(targets):
+        counts = Counter(strata)
+        if min(counts.values()) >= 2 and n_val >= len(counts):
+            stratify = strata
+            break
+    train_idx, val_idx = train_test_split(
+        np.arange(len(items)), test_size=n_val, random_state=seed, stratify=stratify
     )
-    return list(zip(tr_u, tr_l, strict=True)), list(zip(va_u, va_l, strict=True))
+    return [items[i] for i in train_idx], [items[i] for i in val_idx]
 
 
 def labelled_dataset(items, class_names, cfg: TrainConfig) -> ray.data.Dataset:
-    index = {c: i for i, c in enumerate(class_names)}
-    rows = [{"image_uri": u, "label": index[lbl]} for u, lbl in items]
+    """Rows of decoded images and their label: a class index, or for multi-label a
+    float32 0/1 vector in ``class_names`` (finding) order."""
+    if cfg.findings:
+        rows = [{"image_uri": u, "label": np.asarray(t, dtype=np.float32)} for u, t in items]
+    else:
+        index = {c: i for i, c in enumerate(class_names)}
+        rows = [{"image_uri": u, "label": index[lbl]} for u, lbl in items]
     ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), len(rows) // 64)))
     ds = ds.map_batches(read_objects, fn_kwargs={"settings": cfg.storage}, batch_size=None)
     ds = ds.map_batches(
@@ -109,8 +155,9 @@ def train_one_epoch(model, loader, optimizer, loss_fn, augment, mean, std, devic
 
 
 @torch.no_grad()
-def evaluate(model, loader, loss_fn, mean, std, device):
-    """Loss, and softmax probabilities with their labels, over one full pass."""
+def evaluate(model, loader, loss_fn, mean, std, device, multi_label: bool = False):
+    """Loss, and probabilities with their labels, over one full pass: softmax over the
+    classes, or for multi-label one sigmoid per finding."""
     model.eval()
     probs, labels, total = [], [], 0.0
     for batch in loader:
@@ -118,10 +165,40 @@ def evaluate(model, loader, loss_fn, mean, std, device):
         y = batch["label"].to(device)
         logits = model(x)
         total += loss_fn(logits, y).item() * len(y)
-        probs.append(torch.softmax(logits.float(), 1).cpu())
+        p = torch.sigmoid(logits.float()) if multi_label else torch.softmax(logits.float(), 1)
+        probs.append(p.cpu())
         labels.append(y.cpu())
     probs_t, labels_t = torch.cat(probs), torch.cat(labels)
     return total / max(len(labels_t), 1), probs_t.numpy(), labels_t.numpy()
+
+
+def validation_report(probs, labels, class_names, positive) -> tuple[dict, list[float]]:
+    """Validation figures for the epoch report, and the threshold(s) for the checkpoint.
+
+    Single-label: metrics of the positive class at its Youden threshold. Multi-label
+    (``positive`` is None, ``labels`` 0/1 per finding): each finding at its own Youden
+    threshold; the headline figures are their means (AUROC over findings where it is
+    defined), and ``val_auroc_NAME``/``val_threshold_NAME`` give each finding.
+    """
+    keys = ("accuracy", "precision", "recall", "f1", "auroc")
+    if positive is not None:
+        truth, scores = labels == positive, probs[:, positive]
+        threshold = metrics.youden_threshold(truth, scores)
+        m = metrics.binary_metrics(truth, scores, threshold)
+        return {"val_threshold": threshold, **{f"val_{k}": m[k] for k in keys}}, [threshold]
+    report, thresholds, per_finding = {}, [], []
+    for k, name in enumerate(class_names):
+        threshold = metrics.youden_threshold(labels[:, k], probs[:, k])
+        m = metrics.binary_metrics(labels[:, k], probs[:, k], threshold)
+        report[f"val_auroc_{name}"] = m["auroc"]
+        report[f"val_threshold_{name}"] = threshold
+        thresholds.append(threshold)
+        per_finding.append(m)
+    for key in keys:
+        values = [m[key] for m in per_finding if not math.isnan(m[key])]
+        report[f"val_{key}"] = float(np.mean(values)) if values else math.nan
+    report["val_threshold"] = min(thresholds)
+    return report, thresholds
 
 
 def load_train_state(checkpoint) -> dict | None:
@@ -141,7 +218,8 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
 
     class_names = config["class_names"]
-    positive = class_names.index(config["positive_class"])
+    multi_label = config["multi_label"]
+    positive = None if multi_label else class_names.index(config["positive_class"])
     net = models.build_model(config["model"], len(class_names)).to(
         memory_format=torch.channels_last
     )
@@ -160,7 +238,13 @@ def train_loop_per_worker(config: dict) -> None:
         start_epoch = int(resume["epoch"])
         if rank == 0:
             print(f"[meddx train] resuming after epoch {start_epoch}", flush=True)
-    loss_fn = nn.CrossEntropyLoss(weight=torch.tensor(config["class_weights"], device=device))
+    weights = torch.tensor(config["class_weights"], device=device)
+    # Multi-label: per finding, positives weigh negatives/positives (its pos_weight).
+    loss_fn = (
+        nn.BCEWithLogitsLoss(pos_weight=weights)
+        if multi_label
+        else nn.CrossEntropyLoss(weight=weights)
+    )
     mean = torch.tensor(models.IMAGENET_MEAN, device=device)
     std = torch.tensor(models.IMAGENET_STD, device=device)
     augment = TrainAugment()
@@ -168,7 +252,7 @@ def train_loop_per_worker(config: dict) -> None:
     val_shard = ray.train.get_dataset_shard("val")
     batch_kwargs = {
         "batch_size": config["batch_size"],
-        "dtypes": {"image": torch.uint8, "label": torch.int64},
+        "dtypes": {"image": torch.uint8, "label": torch.float32 if multi_label else torch.int64},
     }
 
     for epoch in range(start_epoch, config["epochs"]):
@@ -191,25 +275,29 @@ def train_loop_per_worker(config: dict) -> None:
                 # Validation on rank 0 over the whole (unsplit) validation set, unwrapped
                 # from DDP so the other ranks need not join its collectives.
                 val_loss, probs, labels = evaluate(
-                    net, val_shard.iter_torch_batches(**batch_kwargs), loss_fn, mean, std, device
+                    net,
+                    val_shard.iter_torch_batches(**batch_kwargs),
+                    loss_fn,
+                    mean,
+                    std,
+                    device,
+                    multi_label,
                 )
-                truth, scores = labels == positive, probs[:, positive]
-                threshold = metrics.youden_threshold(truth, scores)
-                m = metrics.binary_metrics(truth, scores, threshold)
-                report.update(
-                    val_loss=val_loss,
-                    val_threshold=threshold,
-                    **{
-                        f"val_{k}": m[k] for k in ("accuracy", "precision", "recall", "f1", "auroc")
-                    },
-                )
+                figures, thresholds = validation_report(probs, labels, class_names, positive)
+                report.update(val_loss=val_loss, **figures)
                 # A NaN AUROC (one-class validation set) must not win checkpoint ranking.
-                report["val_auroc_rank"] = -1.0 if math.isnan(m["auroc"]) else m["auroc"]
+                auroc = figures["val_auroc"]
+                report["val_auroc_rank"] = -1.0 if math.isnan(auroc) else auroc
+                per_finding = "".join(
+                    f" auroc_{name}={figures[f'val_auroc_{name}']:.3f}"
+                    for name in (class_names if multi_label else [])
+                )
                 print(
                     f"[meddx train] epoch {epoch + 1}/{config['epochs']} "
                     f"train_loss={train_loss:.4f} val_loss={val_loss:.4f} "
-                    f"acc={m['accuracy']:.3f} prec={m['precision']:.3f} rec={m['recall']:.3f} "
-                    f"f1={m['f1']:.3f} auroc={m['auroc']:.3f} threshold={threshold:.3f} "
+                    f"acc={figures['val_accuracy']:.3f} prec={figures['val_precision']:.3f} "
+                    f"rec={figures['val_recall']:.3f} f1={figures['val_f1']:.3f} "
+                    f"auroc={auroc:.3f}{per_finding} threshold={figures['val_threshold']:.3f} "
                     f"({time.perf_counter() - start:.1f}s)",
                     flush=True,
                 )
@@ -218,7 +306,8 @@ def train_loop_per_worker(config: dict) -> None:
                     model_name=config["model"],
                     class_names=class_names,
                     positive_class=config["positive_class"],
-                    threshold=threshold,
+                    threshold=figures["val_threshold"],
+                    thresholds=thresholds if multi_label else None,
                     modalities=config["modalities"],
                     input_size=config["image_size"],
                     train_config=config["resolved"],
@@ -253,6 +342,20 @@ class TrainSummary:
     last: dict = field(default_factory=dict)  # the last epoch's report
 
 
+def finding_weights(items, train_items, findings: list[str]) -> list[float]:
+    """BCE pos_weight per finding: negatives / positives in the training split, so a rare
+    finding's positives weigh as much as its negatives."""
+    if not items:
+        raise MeddxError("no image has a value for every finding")
+    truth = np.array([t for _, t in items], dtype=int)
+    for k, name in enumerate(findings):
+        if truth[:, k].min() == truth[:, k].max():
+            raise MeddxError(f"finding {name!r} needs positive and negative images")
+    train = np.array([t for _, t in train_items], dtype=int)
+    positives = train.sum(axis=0)
+    return ((len(train) - positives) / np.maximum(positives, 1)).tolist()
+
+
 def worker_resources(cfg: TrainConfig) -> tuple[dict, int]:
     """CPU per worker and torch threads: leave one CPU for Ray Data's decode tasks."""
     if cfg.use_gpu:
@@ -283,14 +386,21 @@ def train(cfg: TrainConfig) -> TrainSummary:
         raise MeddxError("--val-fraction must lie strictly between 0 and 1")
     models.build_model(cfg.model, 2)  # unknown names fail here, before Ray starts
     start = time.perf_counter()
-    items = sources.labelled_inputs(cfg.data, cfg.storage)
-    class_names = sorted({label for _, label in items})
-    if len(class_names) < 2:
-        raise MeddxError(f"training needs at least two classes, found {class_names}")
-    train_items, val_items = split(items, cfg.val_fraction, cfg.seed)
-    counts = np.array([sum(lbl == c for _, lbl in train_items) for c in class_names])
-    # Inverse-frequency class weights: a rare finding costs as much as the common normal.
-    class_weights = (counts.sum() / (len(class_names) * np.maximum(counts, 1))).tolist()
+    if cfg.findings:
+        class_names, positive_class = list(cfg.findings), models.ABNORMAL
+        items = sources.labelled_findings(cfg.data, cfg.storage, class_names)
+        train_items, val_items = split(items, cfg.val_fraction, cfg.seed)
+        class_weights = finding_weights(items, train_items, class_names)
+    else:
+        items = sources.labelled_inputs(cfg.data, cfg.storage)
+        class_names = sorted({label for _, label in items})
+        if len(class_names) < 2:
+            raise MeddxError(f"training needs at least two classes, found {class_names}")
+        positive_class = positive_class_of(class_names)
+        train_items, val_items = split(items, cfg.val_fraction, cfg.seed)
+        counts = np.array([sum(lbl == c for _, lbl in train_items) for c in class_names])
+        # Inverse-frequency class weights: a rare finding costs as much as the common normal.
+        class_weights = (counts.sum() / (len(class_names) * np.maximum(counts, 1))).tolist()
 
     init_ray()
     if cfg.use_gpu and not ray.cluster_resources().get("GPU"):
@@ -308,7 +418,8 @@ def train(cfg: TrainConfig) -> TrainSummary:
             "image_size": cfg.image_size,
             "threads": threads,
             "class_names": class_names,
-            "positive_class": positive_class_of(class_names),
+            "positive_class": positive_class,
+            "multi_label": bool(cfg.findings),
             "class_weights": class_weights,
             "resolved": resolved,
             "modalities": list(cfg.modalities or []),

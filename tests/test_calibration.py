@@ -178,3 +178,93 @@ def test_calibrate_refuses_other_models_predictions(tmp_path, random_checkpoint)
         ],
     )
     assert result.exit_code != 0
+
+
+FINDINGS = ["opacity", "effusion", "nodule"]
+
+
+def write_multi_label_scored(root, sha, n=400, seed=0):
+    """Nodule probabilities overconfident as in synthetic_validation; the others noise."""
+    rng = np.random.default_rng(seed)
+    y_nodule, p_nodule = synthetic_validation(n=n, seed=seed)
+    other = rng.uniform(0.05, 0.95, (n, 2))
+    truth = np.c_[rng.integers(0, 2, (n, 2)), y_nodule]
+    rows = [
+        {
+            "image_uri": f"/v/{i}.png",
+            "status": "ok",
+            "probs": [float(other[i, 0]), float(other[i, 1]), float(p_nodule[i])],
+            "score": float(max(other[i].max(), p_nodule[i])),
+            "threshold": 0.5,
+            "label": "x",
+            "model_name": "seednet",
+            "model_sha256": sha,
+            "run_id": "r",
+        }
+        for i in range(n)
+    ]
+    schema = OUTPUT_SCHEMA.with_metadata(
+        {
+            "meddx.positive_class": "abnormal",
+            "meddx.model_sha256": sha,
+            "meddx.multi_label": "true",
+            "meddx.class_names": json.dumps(FINDINGS),
+            "meddx.thresholds": json.dumps([0.5] * 3),
+        }
+    )
+    (root / "val" / "dt=2026-01-01").mkdir(parents=True)
+    pq.write_table(
+        pa.Table.from_pylist(rows, schema=schema), root / "val" / "dt=2026-01-01" / "p.parquet"
+    )
+    lines = ["uri,label,opacity,effusion,nodule"] + [
+        f"/v/{i}.png,x," + ",".join(map(str, t)) for i, t in enumerate(truth)
+    ]
+    (root / "labels.csv").write_text("\n".join(lines) + "\n")
+    return y_nodule, p_nodule
+
+
+def test_calibrate_one_finding_of_a_multi_label_checkpoint(tmp_path):
+    ckpt = models.untrained_checkpoint("seednet", input_size=64, findings=FINDINGS)
+    sha = models.save_checkpoint(ckpt, str(tmp_path / "ml.pt"), StorageSettings())
+    y, scores = write_multi_label_scored(tmp_path, sha)
+    args = ["calibrate", str(tmp_path / "val"), "--model", str(tmp_path / "ml.pt")]
+    args += ["--labels", str(tmp_path / "labels.csv"), "--out", str(tmp_path / "cal.pt")]
+    args += ["--target-sensitivity", "0.9", "--temperature"]
+    refused = CliRunner().invoke(cli, args)
+    assert refused.exit_code != 0 and "--finding one of opacity, effusion, nodule" in str(
+        refused.exception
+    )
+    result = CliRunner().invoke(cli, [*args, "--finding", "nodule"])
+    assert result.exit_code == 0, result.output
+    cal, _ = models.read_checkpoint(str(tmp_path / "cal.pt"), StorageSettings())
+    # Only the nodule's threshold and temperature move; the worklist cut is the lowest.
+    assert cal["thresholds"][:2] == [0.5, 0.5] and cal["thresholds"][2] != 0.5
+    assert cal["threshold"] == min(cal["thresholds"])
+    assert cal["temperature"][:2] == [1.0, 1.0]
+    assert cal["temperature"][2] == pytest.approx(3.0, rel=0.15)
+    assert list(cal["calibration"]) == ["nodule"]
+    stored = scores.astype(np.float32).astype(float)
+    scaled = sigmoid(logit(stored) / cal["temperature"][2])
+    assert (scaled[y == 1] >= cal["thresholds"][2] - 1e-9).mean() >= 0.9
+    # Scoring applies the nodule's temperature to the nodule's logit alone.
+    b = batch(n_ok=4, n_err=0)
+    p0 = np.array(Predictor(str(tmp_path / "ml.pt"), StorageSettings(), "fp32", "r")(b)["probs"])
+    p1 = np.array(Predictor(str(tmp_path / "cal.pt"), StorageSettings(), "fp32", "r")(b)["probs"])
+    p0, p1 = np.stack(p0), np.stack(p1)
+    np.testing.assert_allclose(p1[:, :2], p0[:, :2], atol=1e-6)
+    np.testing.assert_allclose(
+        p1[:, 2], sigmoid(logit(p0[:, 2]) / cal["temperature"][2]), atol=1e-5
+    )
+
+
+def test_finding_option_needs_a_multi_label_checkpoint(tmp_path, random_checkpoint):
+    y, scores = synthetic_validation(n=50)
+    write_scored(tmp_path / "val", scores, y, random_checkpoint[1])
+    result = CliRunner().invoke(
+        cli,
+        ["calibrate", str(tmp_path / "val"), "--model", random_checkpoint[0]]
+        + ["--out", str(tmp_path / "c.pt"), "--target-sensitivity", "0.9"]
+        + ["--finding", "nodule"],
+    )
+    assert result.exit_code != 0 and "multi-label" in str(result.exception)
+    assert not (tmp_path / "c.pt").exists()

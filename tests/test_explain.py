@@ -34,3 +34,26 @@ def test_explain_top_k(ray_session, tmp_path, random_checkpoint):
     for path in written:
         img = np.asarray(Image.open(path).convert("RGB"))
         assert img.shape[0] > 100 and img.std() > 5
+
+
+def test_multi_label_heatmap_follows_the_top_finding(tmp_path, monkeypatch):
+    from meddx import explain as explain_module
+
+    ckpt = models.untrained_checkpoint(
+        "seednet", input_size=64, findings=["opacity", "effusion", "nodule"]
+    )
+    image = tmp_path / "x.png"
+    image.write_bytes(png("L", size=64))
+    rows = [
+        {"image_uri": str(image), "score": 0.7, "probs": [0.1, 0.7, 0.2], "label": "effusion"},
+        {"image_uri": str(image), "score": 0.6, "label": "normal"},  # a worklist row: no probs
+    ]
+    targets = []
+    real = explain_module.grad_cam
+    monkeypatch.setattr(
+        explain_module, "grad_cam", lambda m, x, c: targets.append(c) or real(m, x, c)
+    )
+    out = explain_module.heatmaps(rows, ckpt, StorageSettings())
+    # The finding behind the score, else the model's highest output.
+    assert targets == [1, None]
+    assert len(out) == 2 and all(p[:4] == b"\x89PNG" for _, p in out)

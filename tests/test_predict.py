@@ -75,3 +75,50 @@ def test_gpu_bf16_matches_cpu_fp32(random_checkpoint):
     cpu.device = torch.device("cpu")
     cpu.model, cpu.mean, cpu.std = cpu.model.cpu(), cpu.mean.cpu(), cpu.std.cpu()
     np.testing.assert_allclose(gpu_scores, np.array(cpu(b)["score"].to_pylist()), atol=0.01)
+
+
+FINDINGS = ["opacity", "effusion", "nodule"]
+
+
+@pytest.fixture(scope="module")
+def multi_label_checkpoint(tmp_path_factory):
+    """A random seednet with one sigmoid output per finding; per-finding thresholds."""
+    from meddx import models
+
+    ckpt = models.untrained_checkpoint(
+        "seednet", input_size=64, findings=FINDINGS, thresholds=[0.45, 0.5, 0.55]
+    )
+    path = tmp_path_factory.mktemp("ml") / "seednet-ml.pt"
+    models.save_checkpoint(ckpt, str(path), StorageSettings())
+    return str(path)
+
+
+def test_multi_label_rows(multi_label_checkpoint):
+    predictor = Predictor(multi_label_checkpoint, StorageSettings(), "fp32", "r")
+    table = predictor(batch(n_ok=6, n_err=1))
+    assert table.schema == OUTPUT_SCHEMA
+    rows = table.to_pylist()
+    for r in rows[:6]:
+        probs = r["probs"]
+        assert len(probs) == 3 and all(0 < p < 1 for p in probs)
+        assert sum(probs) != pytest.approx(1.0)  # sigmoids, not a softmax
+        assert r["score"] == max(probs)
+        assert r["threshold"] == pytest.approx(0.45)  # the lowest finding threshold
+        found = [f for f, p, t in zip(FINDINGS, probs, [0.45, 0.5, 0.55], strict=True) if p >= t]
+        assert r["label"] == (";".join(found) or "normal")
+    assert rows[6]["probs"] is None and rows[6]["label"] is None
+
+
+@pytest.mark.parametrize(
+    "thresholds, label",
+    [([0.0, 2.0, 2.0], "opacity"), ([2.0, 0.0, 0.0], "effusion;nodule"), ([2.0] * 3, "normal")],
+)
+def test_multi_label_label_follows_each_threshold(tmp_path, thresholds, label):
+    from meddx import models
+
+    ckpt = models.untrained_checkpoint(
+        "seednet", input_size=64, findings=FINDINGS, thresholds=thresholds
+    )
+    models.save_checkpoint(ckpt, str(tmp_path / "m.pt"), StorageSettings())
+    rows = Predictor(str(tmp_path / "m.pt"), StorageSettings(), "fp32", "r")(batch(n_err=0))
+    assert {r["label"] for r in rows.to_pylist()} == {label}

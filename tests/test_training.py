@@ -54,3 +54,104 @@ def test_bad_training_config_fails_before_ray(tmp_path):
         (tmp_path / "normal").mkdir()
         (tmp_path / "normal" / "a.png").write_bytes(b"x")
         train(TrainConfig(data=str(tmp_path), out="m.pt"))
+
+
+FINDINGS = ("opacity", "effusion", "nodule")
+
+
+@pytest.mark.slow
+def test_multi_label_train_score_evaluate(ray_session, tmp_path):
+    """Three findings end to end: train, score with the Ray pipeline, evaluate."""
+    import json
+
+    import pyarrow.dataset as pads
+
+    from meddx import evaluation
+    from meddx.scoring import ScoreConfig, score
+    from meddx.storage import StorageSettings
+
+    data = tmp_path / "data"
+    write_archive(
+        SynthConfig(
+            out=str(data), n=40, size=64, seed=9, findings=tuple((f, 0.4) for f in FINDINGS)
+        )
+    )
+    out = str(tmp_path / "ml.pt")
+    summary = train(
+        TrainConfig(
+            data=str(data),
+            out=out,
+            model="seednet",
+            epochs=1,
+            workers=1,
+            batch_size=8,
+            image_size=64,
+            findings=FINDINGS,
+            storage_path=str(tmp_path / "runs"),
+        )
+    )
+    ckpt, _ = models.read_checkpoint(out, StorageSettings())
+    assert models.is_multi_label(ckpt) and ckpt["class_names"] == list(FINDINGS)
+    assert len(ckpt["thresholds"]) == 3 and ckpt["threshold"] == min(ckpt["thresholds"])
+    assert ckpt["positive_class"] == "abnormal"
+    for name in FINDINGS:
+        assert f"val_auroc_{name}" in summary.metrics
+        assert ckpt["metrics"][f"val_threshold_{name}"] == ckpt["thresholds"][FINDINGS.index(name)]
+
+    summary = score(
+        ScoreConfig(input=str(data), model=out, out=str(tmp_path / "res"), run_date="2026-01-01")
+    )
+    assert summary.ok == 40
+    rows = pads.dataset(str(tmp_path / "res"), partitioning="hive").to_table().to_pylist()
+    assert len(rows) == 40
+    for r in rows:
+        assert len(r["probs"]) == 3 and r["score"] == max(r["probs"])
+        found = [
+            f for f, p, t in zip(FINDINGS, r["probs"], ckpt["thresholds"], strict=True) if p >= t
+        ]
+        assert r["label"] == (";".join(found) or "normal")
+        assert r["threshold"] == pytest.approx(ckpt["threshold"])
+    meta = pads.dataset(str(tmp_path / "res" / "dt=2026-01-01")).schema.metadata
+    assert json.loads(meta[b"meddx.thresholds"]) == ckpt["thresholds"]
+
+    result = evaluation.evaluate(
+        str(tmp_path / "res"), str(data / "_manifest.csv"), StorageSettings()
+    )
+    assert list(result["per_class"]) == list(FINDINGS)
+    for name in FINDINGS:
+        assert result["per_class"][name]["n"] == 40
+        assert result["per_class"][name]["positives"] == 16
+        assert 0.0 <= result["per_class"][name]["auroc"] <= 1.0
+
+
+def test_multi_label_split_keeps_every_finding_in_validation():
+    from meddx.synth import FINDINGS as PREVALENCE
+    from meddx.synth import finding_labels
+
+    truth = finding_labels(48, tuple(PREVALENCE.items()), seed=3)
+    items = [(f"u{i}", tuple(int(v) for v in row)) for i, row in enumerate(truth)]
+    train_a, val_a = split(items, 0.2, seed=0)
+    assert (train_a, val_a) == split(items, 0.2, seed=0)
+    assert len(val_a) == 10 and not {u for u, _ in train_a} & {u for u, _ in val_a}
+    val_truth = [t for _, t in val_a]
+    assert all(sum(t[k] for t in val_truth) >= 1 for k in range(3))
+
+
+def test_multi_label_config_errors(tmp_path):
+    from meddx.training import parse_findings
+
+    assert parse_findings("opacity, nodule") == ("opacity", "nodule")
+    for bad in ("label", "a;b", "nodule,nodule", "", "normal"):
+        with pytest.raises(MeddxError, match="--findings"):
+            parse_findings(bad)
+    write_archive(SynthConfig(out=str(tmp_path / "single"), n=4, size=64))
+    with pytest.raises(MeddxError, match="no column for finding"):
+        train(TrainConfig(data=str(tmp_path / "single"), out="m.pt", findings=("nodule",)))
+    (tmp_path / "loose" / "a").mkdir(parents=True)
+    with pytest.raises(MeddxError, match="needs a manifest"):
+        train(TrainConfig(data=str(tmp_path / "loose"), out="m.pt", findings=("nodule",)))
+    write_archive(
+        SynthConfig(out=str(tmp_path / "rare"), n=4, size=64, findings=(("nodule", 0.0),))
+    )
+    with pytest.raises(MeddxError, match="'nodule' needs positive and negative"):
+        train(TrainConfig(data=str(tmp_path / "rare"), out="m.pt", findings=("nodule",)))
