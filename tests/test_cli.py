@@ -93,3 +93,21 @@ def test_pinned_checkpoint_refuses_another_file(tmp_path, random_checkpoint):
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "not the pinned ffffffffffffffff" in lines[0]
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["synth", "out", "--findings", "opacity,bogus"], "unknown finding 'bogus'"),
+        (["synth", "out", "--findings", "nodule=lots"], "the prevalence must be a number"),
+        (["train", "d", "--out", "m.pt", "--findings", "label"], "--findings needs distinct"),
+    ],
+)
+def test_bad_findings_are_one_line_errors(args, expected, tmp_path):
+    result = subprocess.run(
+        [MEDDX, *args], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert result.returncode == 1 and result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("meddx: error:") and expected in lines[0]
+    assert not any(tmp_path.iterdir())  # refused before anything was written
