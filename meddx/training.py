@@ -104,7 +104,7 @@ def split(items: list[tuple[str, str | tuple[int, ...]]], val_fraction: float, s
     if n_val >= len(items):
         raise MeddxError("--val-fraction leaves no training images")
     # Stratify when every stratum has at least two images, so both sets see every class
-    # (for multi-label: every combination of findings, else normal and abnormal films).
+    # (multi-label: every finding, by the finest keys that strata_of can fill).
     stratify = None
     for strata in strata_of(targets):
         counts = Counter(strata)
