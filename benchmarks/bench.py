@@ -1,16 +1,17 @@
 """`make bench`: meddx scoring against the model's ceiling and the loop users would write.
 
     python benchmarks/bench.py --n 2000 --size 512 --model resnet18
-    python benchmarks/bench.py --scale 1000,10000 --size 256      # memory at scale
+    python benchmarks/bench.py --scale 1000,10000,20000 --size 128 --model seednet   # memory
 
 Measured side by side in one run, on the same synthetic PNGs and the same model:
-  (a) ceiling: forward passes on ready 224 px tensors in this process, every core, in
-      fp32 and in the precision `--precision auto` picks;
+  (a) ceiling: forward passes on ready 224 px tensors in this process, every core, of
+      the model as meddx's predictor runs it (BatchNorm folded), in fp32 and in the
+      precision `--precision auto` picks; and of the plain eager model in fp32;
   (b) the classic single-process loop: torchvision ImageFolder + DataLoader + model
       (fp32), from local disk;
   (c) `meddx score` as a whole command (start-up included) reading the same images from
-      a local S3 endpoint (moto's server in its own process), in fp32 and in the
-      precision `auto` picks;
+      a local S3 endpoint (moto's server in its own process, sharing the CPUs) or, with
+      `--source local`, from the folder (b) reads; in fp32 and in what `auto` picks;
   (d) decode only: meddx's read and decode stages on Ray, no model (the CPU bound);
   (e) training: `meddx train` images/s with 1 and 2 DDP workers.
 Prints images/s and the ratios c/a and c/b, and writes
@@ -46,7 +47,7 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 
 from meddx import models
-from meddx.predict import resolve_precision
+from meddx.predict import inference_model, resolve_precision
 from meddx.storage import StorageSettings, filesystem
 from meddx.synth import SynthConfig, write_archive
 
@@ -306,16 +307,18 @@ def throughput(args) -> None:
     folder = archive(args.n, args.size, args.cache)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.set_num_threads(os.cpu_count() or 1)
-    torch.manual_seed(0)
-    model = models.build_model(args.model, 2).eval().to(device, memory_format=torch.channels_last)
+    ckpt = models.untrained_checkpoint(args.model, input_size=224)
+    eager = models.model_from_checkpoint(ckpt).eval()
+    eager = eager.to(device, memory_format=torch.channels_last)
+    model = inference_model(ckpt, device)  # as meddx's predictor runs it
     picked = resolve_precision(args.precision, device)
+    a_eager = ceiling(eager, None, device)
     a_fp32 = ceiling(model, None, device)
     a_picked = ceiling(model, picked, device) if picked is not None else a_fp32
-    b = classic_loop(model, folder, device)
-    del model
+    b = classic_loop(eager, folder, device)
+    del model, eager
     store = Store()
     try:
-        ckpt = models.untrained_checkpoint(args.model, input_size=224)
         if args.source == "s3":
             uris, inputs, model_uri = (
                 store.upload(folder, "images"),
@@ -350,6 +353,7 @@ def throughput(args) -> None:
         "source": args.source,
         "precision_auto_picks": str(picked or "fp32").replace("torch.", ""),
         "machine": machine(),
+        "a_ceiling_fp32_eager": round(a_eager, 1),
         "a_ceiling_fp32": round(a_fp32, 1),
         "a_ceiling_picked": round(a_picked, 1),
         "b_classic_loop": round(b, 1),
