@@ -267,6 +267,13 @@ _SCORING_OPTIONS = [
         help="Refuse images with more pixels (decompression bombs) [default: 60,000,000].",
     ),
     click.option(
+        "--max-object-bytes",
+        type=click.IntRange(min=1),
+        default=None,
+        help="Refuse, unread, any object or tar member larger than this "
+        "[default: 536,870,912 (512 MiB)].",
+    ),
+    click.option(
         "--modalities",
         default=None,
         metavar="LIST",
@@ -290,7 +297,7 @@ def scoring_options(command):
 
 
 def _scoring_kwargs(opts: dict) -> dict:
-    from meddx import decode
+    from meddx import decode, sources
 
     return {
         "model": opts["model"],
@@ -300,6 +307,7 @@ def _scoring_kwargs(opts: dict) -> dict:
         "actors": opts["actors"],
         "precision": opts["precision"],
         "max_pixels": opts["max_pixels"] or decode.DEFAULT_MAX_PIXELS,
+        "max_object_bytes": opts["max_object_bytes"] or sources.DEFAULT_MAX_OBJECT_BYTES,
         "modalities": opts["modalities"],
         "model_sha256": opts["model_sha256"],
         "storage": StorageSettings.from_env(opts["s3_endpoint"]),

@@ -18,12 +18,17 @@ from __future__ import annotations
 import hashlib
 import hmac
 import io
+import struct
 import warnings
+import zlib
 
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.encaps import generate_frames
+from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, pixel_array
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 # Attributes that may go into the output: useful, and not identifying.
 COLUMNS = {
@@ -72,6 +77,13 @@ IDENTIFYING = (
 )
 
 
+# pydicom inflates a deflated dataset whole, in memory. The dataset is mostly pixel data
+# (60 Mpx of 16-bit is 120 MB), so anything inflating past this is a decompression bomb.
+MAX_INFLATED_BYTES = 512 * 2**20
+# Start-of-frame markers of JPEG (baseline to lossless, arithmetic too) and JPEG-LS (SOF55).
+JPEG_SOF = {*range(0xC0, 0xC4), *range(0xC5, 0xC8), *range(0xC9, 0xCC), *range(0xCD, 0xD0), 0xF7}
+
+
 class DicomError(Exception):
     """Why a DICOM object cannot be scored (one line, no identifying values)."""
 
@@ -81,9 +93,33 @@ def parse(data: bytes) -> Dataset:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # malformed-but-readable values: not the job's concern
         try:
+            check_inflated_size(data)
             return pydicom.dcmread(io.BytesIO(data), force=True)
+        except DicomError:
+            raise
         except Exception as exc:
             raise DicomError(f"cannot parse DICOM ({type(exc).__name__})") from None
+
+
+def check_inflated_size(data: bytes) -> None:
+    """Refuse a deflated dataset that inflates past MAX_INFLATED_BYTES, counting in 1 MiB
+    steps without keeping them (pydicom would inflate it whole)."""
+    if DeflatedExplicitVRLittleEndian.encode() not in data[:4096]:  # the file meta's UID
+        return
+    fp = io.BytesIO(data)
+    read_preamble(fp, True)
+    # pydicom's own reader of the file meta group (read_file_meta_info wants a path).
+    if _read_file_meta_info(fp).get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+        return
+    inflater, pending, total = zlib.decompressobj(-zlib.MAX_WBITS), data[fp.tell() :], 0
+    while pending and not inflater.eof:
+        total += len(inflater.decompress(pending, 2**20))
+        pending = inflater.unconsumed_tail
+        if total > MAX_INFLATED_BYTES:
+            raise DicomError(
+                f"deflated DICOM inflates past {MAX_INFLATED_BYTES:,} bytes"
+                " (possible decompression bomb)"
+            )
 
 
 def looks_like_dicom(data: bytes) -> bool:
@@ -147,6 +183,7 @@ def to_unit_gray(ds: Dataset, *, max_pixels: int, modalities: tuple[str, ...] | 
             f"{cols}x{rows} pixels exceeds the limit of {max_pixels:,}"
             " (possible decompression bomb)"
         )
+    check_codestream_size(ds, max_pixels)
     frames = _frames(ds)
     try:
         with warnings.catch_warnings():
@@ -183,6 +220,47 @@ def to_unit_gray(ds: Dataset, *, max_pixels: int, modalities: tuple[str, ...] | 
     if photometric == "MONOCHROME1":
         unit = 1.0 - unit  # MONOCHROME1 shows low values bright: make bone bright always
     return unit.astype(np.float32)
+
+
+def check_codestream_size(ds: Dataset, max_pixels: int) -> None:
+    """A compressed frame's decoder allocates what the codestream's own header declares,
+    whatever Rows/Columns say: refuse a bomb before any decoder sees it."""
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if not (syntax and syntax.is_encapsulated and "PixelData" in ds):
+        return
+    try:
+        frame = next(generate_frames(ds.PixelData, number_of_frames=_frames(ds)))
+    except Exception:
+        return  # no frame to find: the decoder reports it
+    size = codestream_size(frame)
+    if size and size[0] * size[1] > max_pixels:
+        raise DicomError(
+            f"compressed frame declares {size[0]}x{size[1]} pixels, over the limit of "
+            f"{max_pixels:,} (possible decompression bomb)"
+        )
+
+
+def codestream_size(frame: bytes) -> tuple[int, int] | None:
+    """(width, height) a JPEG, JPEG-LS or JPEG 2000 codestream declares, or None."""
+    j2k = frame.find(b"\xff\x4f\xff\x51", 0, 4096)  # SOC then SIZ
+    if j2k >= 0 and len(frame) >= j2k + 24:
+        xsiz, ysiz, x0, y0 = struct.unpack(">IIII", frame[j2k + 8 : j2k + 24])
+        return xsiz - x0, ysiz - y0
+    if not frame.startswith(b"\xff\xd8"):  # SOI
+        return None
+    i = 2
+    while i + 9 <= len(frame) and frame[i] == 0xFF:
+        marker = frame[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+        elif marker in JPEG_SOF:
+            height, width = struct.unpack(">HH", frame[i + 5 : i + 9])
+            return width, height
+        elif 0xD0 <= marker <= 0xD9 or marker == 0x01:  # markers without a length
+            i += 2
+        else:
+            i += 2 + struct.unpack(">H", frame[i + 2 : i + 4])[0]
+    return None
 
 
 def _luminance(rgb: np.ndarray, ds: Dataset) -> np.ndarray:

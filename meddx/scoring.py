@@ -42,6 +42,7 @@ class ScoreConfig:
     run_date: str = field(default_factory=lambda: dt.date.today().isoformat())
     precision: str = "auto"
     max_pixels: int = decode.DEFAULT_MAX_PIXELS
+    max_object_bytes: int = sources.DEFAULT_MAX_OBJECT_BYTES  # objects and tar members
     modalities: str | None = None  # "CR,DX", "any", or None: the checkpoint's list
     model_sha256: str | None = None  # pin: refuse any other checkpoint file
     storage: StorageSettings = StorageSettings()
@@ -143,7 +144,11 @@ def build_dataset(
     shards = sum(sources.is_shard(u) for u in uris)
     blocks = max(1, min(len(uris), max(shards, -(-len(uris) // 64))))
     ds = ray.data.from_items([{"image_uri": u} for u in uris], override_num_blocks=blocks)
-    ds = ds.map_batches(sources.read_objects, fn_kwargs={"settings": cfg.storage}, batch_size=None)
+    ds = ds.map_batches(
+        sources.read_objects,
+        fn_kwargs={"settings": cfg.storage, "max_bytes": cfg.max_object_bytes},
+        batch_size=None,
+    )
     if known:
         ds = ds.map_batches(sources.drop_known, fn_kwargs={"known": known}, batch_size=None)
     ds = ds.map_batches(

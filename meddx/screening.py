@@ -63,6 +63,7 @@ class ScreenConfig:
     actors: int | None = None
     precision: str = "auto"
     max_pixels: int = decode.DEFAULT_MAX_PIXELS
+    max_object_bytes: int = sources.DEFAULT_MAX_OBJECT_BYTES
     modalities: str | None = None
     model_sha256: str | None = None
     storage: StorageSettings = StorageSettings()
@@ -239,6 +240,7 @@ def screen(cfg: ScreenConfig) -> dict:
         run_date=cfg.run_date,
         precision=cfg.precision,
         max_pixels=cfg.max_pixels,
+        max_object_bytes=cfg.max_object_bytes,
         modalities=cfg.modalities,
         model_sha256=cfg.model_sha256,
         storage=cfg.storage,

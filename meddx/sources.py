@@ -15,10 +15,14 @@ nothing is extracted to a file system.
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import hashlib
 import io
+import lzma
 import posixpath
 import tarfile
+import zlib
 from collections.abc import Iterator
 
 import numpy as np
@@ -35,8 +39,22 @@ MANIFEST_SUFFIXES = (".csv", ".parquet")
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 # Tar members that are images; companions (.json, .cls, .txt) are metadata, not inputs.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
-# A member larger than this is refused unread: no chest radiograph comes near 512 MiB.
-MAX_MEMBER_BYTES = 512 * 2**20
+# An object or tar member larger than this is refused unread (--max-object-bytes): no
+# chest radiograph comes near 512 MiB, and a worker holds a few objects at a time.
+DEFAULT_MAX_OBJECT_BYTES = 512 * 2**20
+# A shard is streamed, never extracted; these bound what one hostile shard can cost.
+# WebDataset shards hold hundreds to a few thousand samples, and tarfile keeps a header
+# object per member, so a shard of millions of empty members would fill memory.
+MAX_SHARD_MEMBERS = 100_000
+# gzip'd images inflate about 1:1 and raw DICOM about 3:1; a decompression bomb 1000:1.
+# (Apache POI refuses zip entries past the same 100:1.)
+MAX_INFLATE_RATIO = 100
+# pax and GNU long-name headers hold a name and a few attributes; tarfile reads their data
+# into memory whole, so a header claiming more is refused.
+MAX_HEADER_BYTES = 2**20
+# tarfile reads a stream in steps of this size (and skips members the same way): 1 MiB
+# steps keep Python's overhead small next to the inflating.
+TAR_READ_BYTES = 2**20
 # Rows per batch out of the read stage: bounds memory when one shard holds thousands.
 READ_CHUNK = 64
 
@@ -157,10 +175,14 @@ def labelled_findings(
 # ---- the read stage (Ray CPU tasks) --------------------------------------------------
 
 
-def read_object(uri: str, settings: StorageSettings) -> tuple[bytes, str]:
-    """(bytes, "") or (b"", reason): a missing or unreadable object is a value."""
+def read_object(
+    uri: str, settings: StorageSettings, max_bytes: int = DEFAULT_MAX_OBJECT_BYTES
+) -> tuple[bytes, str]:
+    """(bytes, "") or (b"", reason): a missing, unreadable or oversized object is a value."""
     try:
-        return storage.read_bytes(uri, settings), ""
+        return storage.read_bytes(uri, settings, max_bytes), ""
+    except storage.TooLarge as exc:
+        return b"", f"{exc} (--max-object-bytes)"
     except FileNotFoundError:
         return b"", "object not found"
     except PermissionError:
@@ -171,18 +193,79 @@ def read_object(uri: str, settings: StorageSettings) -> tuple[bytes, str]:
         return b"", f"read failed: {one_line(exc)}"
 
 
-def read_shard(uri: str, settings: StorageSettings) -> Iterator[tuple[str, bytes, str]]:
+class ShardRefused(Exception):
+    """A tar shard that would cost more than the limits allow (the reason, one line)."""
+
+
+class GuardedStream:
+    """A shard's tar bytes (inflated here when compressed), counted as tarfile reads them.
+
+    Refuses to inflate past ``inflate_limit`` and to read more than MAX_HEADER_BYTES of
+    header data between one member's data and the next member.
+    """
+
+    def __init__(self, raw, inflate_limit: int | None):
+        self._raw = raw
+        self.inflate_limit = inflate_limit
+        self.pos = 0
+        self.header_end = MAX_HEADER_BYTES + TAR_READ_BYTES
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._raw.read(size)
+        self.pos += len(data)
+        if self.inflate_limit is not None and self.pos > self.inflate_limit:
+            raise ShardRefused(
+                f"compressed tar shard inflates past {self.inflate_limit:,} bytes "
+                "(possible decompression bomb)"
+            )
+        if self.pos > self.header_end:  # reads run ahead of tarfile by one step at most
+            raise ShardRefused(f"tar header data over {MAX_HEADER_BYTES:,} bytes")
+        return data
+
+    def entered(self, member: tarfile.TarInfo) -> None:
+        """The next header starts after this member's data (in 512-byte blocks)."""
+        data_end = member.offset_data + -(-member.size // 512) * 512
+        self.header_end = data_end + MAX_HEADER_BYTES + TAR_READ_BYTES
+
+
+def open_tar_stream(fh, compressed_size: int, max_bytes: int) -> GuardedStream:
+    """The tar bytes of an open shard, inflated by the codec its magic bytes name."""
+    magic = fh.read(6)
+    fh.seek(0)
+    if magic.startswith(b"\x1f\x8b"):
+        inflated = gzip.GzipFile(fileobj=fh)
+    elif magic.startswith(b"BZh"):
+        inflated = bz2.BZ2File(fh)
+    elif magic.startswith(b"\xfd7zXZ\x00"):
+        inflated = lzma.LZMAFile(fh)
+    else:
+        return GuardedStream(fh, None)
+    # One member at the object limit may be stored compressed; past that, the ratio.
+    return GuardedStream(inflated, max(MAX_INFLATE_RATIO * compressed_size, max_bytes))
+
+
+def read_shard(
+    uri: str, settings: StorageSettings, max_bytes: int = DEFAULT_MAX_OBJECT_BYTES
+) -> Iterator[tuple[str, bytes, str]]:
     """(member_uri, bytes, error) for each image member of a tar shard, streamed.
 
-    A corrupt member is the decoder's to reject; a truncated or unreadable shard gives
-    an error row naming the shard (for the member it broke in, or the shard itself).
+    A corrupt member is the decoder's to reject; a truncated, unreadable or refused shard
+    gives an error row (for the member it broke in, or the shard itself). Nothing is
+    extracted: links and devices are error rows, names are only strings.
     """
     fs = storage.filesystem(uri, settings)
-    current, images = uri, 0
+    current, images, members = uri, 0, 0
     try:
         with fs.open(storage.strip_scheme(uri), "rb") as fh:
-            with tarfile.open(fileobj=fh, mode="r|*") as tar:
-                for member in tar:
+            size = getattr(fh, "size", None) or fs.size(storage.strip_scheme(uri))
+            stream = open_tar_stream(fh, size, max_bytes)
+            with tarfile.open(fileobj=stream, mode="r|", bufsize=TAR_READ_BYTES) as tar:
+                while (member := tar.next()) is not None:
+                    tar.members.clear()  # kept for random access, which a stream never needs
+                    stream.entered(member)
+                    members += 1
+                    if members > MAX_SHARD_MEMBERS:
+                        raise ShardRefused(f"tar shard holds over {MAX_SHARD_MEMBERS:,} members")
                     name = member.name
                     if member.isdir() or storage.is_hidden(name):
                         continue
@@ -192,8 +275,13 @@ def read_shard(uri: str, settings: StorageSettings) -> Iterator[tuple[str, bytes
                     images += 1
                     if not member.isfile():
                         yield current, b"", "tar member is a link or device, not a file"
-                    elif member.size > MAX_MEMBER_BYTES:
-                        yield current, b"", f"tar member of {member.size:,} bytes is over the limit"
+                    elif member.size > max_bytes:
+                        yield (
+                            current,
+                            b"",
+                            f"tar member of {member.size:,} bytes is over the limit of "
+                            f"{max_bytes:,} (--max-object-bytes)",
+                        )
                     else:
                         yield current, tar.extractfile(member).read(), ""
                     current = uri
@@ -201,14 +289,23 @@ def read_shard(uri: str, settings: StorageSettings) -> Iterator[tuple[str, bytes
             yield uri, b"", "tar shard holds no image members"
     except FileNotFoundError:
         yield uri, b"", "object not found"
-    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+    except PermissionError:
+        yield uri, b"", "access denied"
+    except ShardRefused as exc:
+        yield current, b"", f"{exc}: refused the rest of {uri}"
+    except (tarfile.TarError, EOFError, OSError, ValueError, zlib.error, lzma.LZMAError) as exc:
         yield current, b"", f"unreadable or truncated tar shard {uri}: {one_line(exc)}"
+    except Exception as exc:  # never a crashed block: whatever else, the shard is a row
+        yield current, b"", f"read failed for tar shard {uri}: {one_line(exc)}"
 
 
 def read_objects(
-    batch: dict[str, np.ndarray], settings: StorageSettings
+    batch: dict[str, np.ndarray],
+    settings: StorageSettings,
+    max_bytes: int = DEFAULT_MAX_OBJECT_BYTES,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Fetch each input's bytes (expanding tar shards into their members).
+    """Fetch each input's bytes (expanding tar shards into their members), refusing any
+    object or member over ``max_bytes`` unread.
 
     Yields batches of at most READ_CHUNK rows with ``bytes``, ``read_error`` and
     ``content_sha256`` added;
@@ -235,12 +332,12 @@ def read_objects(
     for i, uri in enumerate(batch["image_uri"]):
         carried = tuple(batch[k][i] for k in extra)
         if is_shard(uri):
-            for member_uri, data, error in read_shard(uri, settings):
+            for member_uri, data, error in read_shard(uri, settings, max_bytes):
                 rows.append((member_uri, data, error, *carried))
                 if len(rows) >= READ_CHUNK:
                     yield flush()
         else:
-            rows.append((uri, *read_object(uri, settings), *carried))
+            rows.append((uri, *read_object(uri, settings, max_bytes), *carried))
             if len(rows) >= READ_CHUNK:
                 yield flush()
     if rows:

@@ -84,8 +84,28 @@ def arrow_filesystem(uri: str, settings: StorageSettings) -> pafs.FileSystem:
     return pafs.LocalFileSystem()
 
 
-def read_bytes(uri: str, settings: StorageSettings) -> bytes:
-    return filesystem(uri, settings).cat_file(strip_scheme(uri))
+class TooLarge(Exception):
+    """An object over the byte limit, refused unread."""
+
+    def __init__(self, size: int, limit: int):
+        super().__init__(f"object of {size:,} bytes is over the limit of {limit:,}")
+        self.size, self.limit = size, limit
+
+
+def read_bytes(uri: str, settings: StorageSettings, max_bytes: int | None = None) -> bytes:
+    """The object's bytes; with ``max_bytes``, a larger object raises TooLarge unread."""
+    fs = filesystem(uri, settings)
+    path = strip_scheme(uri)
+    if max_bytes is None:
+        return fs.cat_file(path)
+    info = fs.info(path)
+    if info["type"] == "directory":
+        raise IsADirectoryError(path)
+    size = int(info["size"])
+    if size > max_bytes:
+        raise TooLarge(size, max_bytes)
+    # The size just seen bounds the read, even if a larger object replaces this one now.
+    return fs.cat_file(path, start=0, end=size) if size else b""
 
 
 def write_bytes(uri: str, data: bytes, settings: StorageSettings) -> None:

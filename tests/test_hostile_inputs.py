@@ -1,0 +1,197 @@
+"""Hostile images and archives: small on disk, huge when decoded or unpacked.
+
+Each must be one error row with a clear reason (a shard refused half way: a row for the
+shard too), never a crash, never a shorter output; memory stays bounded; nothing is
+written to the file system. The bombs run in a subprocess under a 1 GiB address-space
+limit: each would need several GiB if a limit failed (and could not take the machine down
+with it).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import lzma
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.dataset as pads
+import pydicom
+
+from meddx.cli import main
+from meddx.decode import DecodeSettings, decode_image
+from meddx.sources import read_objects
+from meddx.storage import StorageSettings
+
+from . import hostile
+from .images import make_tar, png, png_bomb
+
+# The read and decode stages exactly as a Ray worker runs them, in a process whose
+# address space is capped, with the member limit of a shard given on the command line.
+HARNESS = r"""
+import json, resource, sys
+cap = int(sys.argv[3]) * 2**20
+resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+import numpy as np
+from meddx import sources
+from meddx.decode import DecodeSettings, decode_images
+from meddx.storage import StorageSettings
+sources.MAX_SHARD_MEMBERS = int(sys.argv[2])
+rows = []
+batch = {"image_uri": np.array(json.loads(sys.argv[1]), dtype=object)}
+for chunk in sources.read_objects(batch, StorageSettings()):
+    out = decode_images(chunk, DecodeSettings(size=32))
+    rows += zip(out["image_uri"].tolist(), out["status"].tolist(), out["error"].tolist())
+# This process's own high-water mark (ru_maxrss would count the parent's, from before exec).
+status = open("/proc/self/status").read().split("VmHWM:")[1]
+print(json.dumps({"rows": rows, "peak_mib": int(status.split()[0]) / 1024}))
+"""
+ADDRESS_SPACE_MIB = 1024
+
+
+def run_capped(uris: list[str], cwd: Path, max_members: int) -> tuple[dict, float]:
+    result = subprocess.run(
+        [sys.executable, "-c", HARNESS, json.dumps(uris), str(max_members), str(ADDRESS_SPACE_MIB)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.splitlines()[-1])
+    rows = [tuple(r) for r in out["rows"]]
+    assert len({uri for uri, _, _ in rows}) == len(rows), "one row per image, no duplicates"
+    return {uri: (status, error) for uri, status, error in rows}, out["peak_mib"]
+
+
+def test_bombs_are_error_rows_in_bounded_memory(tmp_path):
+    inputs, work = tmp_path / "in", tmp_path / "work"
+    inputs.mkdir()
+    work.mkdir()
+    files = {
+        "png-bomb.png": png_bomb(),  # 100,000 x 100,000 declared
+        "jpeg-bomb.jpg": hostile.jpeg_bomb(),  # 65,000 x 65,000 declared
+        "rows.dcm": hostile.dicom_huge_rows(),
+        "jpeg-frame.dcm": hostile.dicom_jpeg_frame_bomb(),
+        "deflated.dcm": hostile.deflated_dicom_bomb(),  # 1 MB, inflates to 1 GiB
+        "bomb.tar.gz": hostile.gzip_tar_bomb(),  # 2 MB, one member of 2 GiB
+        "pax.tar.gz": hostile.pax_header_bomb(),  # a 1 GiB pax header
+        "links.tar": hostile.links_tar(),
+        "many.tar": hostile.members_tar(60),
+    }
+    for name, data in files.items():
+        (inputs / name).write_bytes(data)
+    with open(inputs / "huge.png", "wb") as fh:  # sparse: 10 GiB, no disk used
+        fh.truncate(10 * 2**30)
+    assert sum(p.stat().st_blocks * 512 for p in inputs.iterdir()) < 20 * 2**20
+
+    uris = sorted(str(p) for p in inputs.iterdir())
+    rows, peak_mib = run_capped(uris, work, max_members=50)
+
+    def error(name):
+        status, reason = rows[str(inputs / name)]
+        assert status == "error", (name, reason)
+        return reason
+
+    assert "decompression bomb" in error("png-bomb.png")
+    assert "decompression bomb" in error("jpeg-bomb.jpg")
+    assert error("rows.dcm") == (
+        "65535x65535 pixels exceeds the limit of 60,000,000 (possible decompression bomb)"
+    )
+    assert error("jpeg-frame.dcm").startswith("compressed frame declares 65000x65000 pixels")
+    assert error("deflated.dcm").startswith("deflated DICOM inflates past 536,870,912 bytes")
+    assert error("huge.png") == (
+        "object of 10,737,418,240 bytes is over the limit of 536,870,912 (--max-object-bytes)"
+    )
+    assert error("bomb.tar.gz#bomb.png").startswith("tar member of 2,147,483,648 bytes is over")
+    assert error("bomb.tar.gz").startswith(
+        "compressed tar shard inflates past 536,870,912 bytes (possible decompression bomb)"
+    )
+    assert error("pax.tar.gz").startswith("tar header data over 1,048,576 bytes")
+    for name in ("ok.png", "../../escape.png", "/abs/evil.png"):
+        assert rows[f"{inputs}/links.tar#{name}"] == ("ok", "")
+    for name in ("sym.png", "hard.png", "dev.png", "fifo.png"):
+        assert "link or device" in error(f"links.tar#{name}")
+    many = [u for u in rows if u.startswith(f"{inputs}/many.tar#")]
+    assert len(many) == 50 and all(rows[u][1] == "empty object (0 bytes)" for u in many)
+    assert error("many.tar").startswith("tar shard holds over 50 members")
+    assert len(rows) == 6 + 2 + 1 + 7 + 51
+
+    # Memory stayed bounded, and nothing was extracted anywhere.
+    assert peak_mib < 512, peak_mib
+    assert list(work.iterdir()) == []
+    assert not (tmp_path / "escape.png").exists() and not Path("/abs/evil.png").exists()
+    assert sorted(p.name for p in inputs.iterdir()) == sorted([*files, "huge.png"])
+
+
+def test_object_limit_refuses_unread_and_compressed_shards_still_read(tmp_path):
+    small, big = png("L", size=40), png("L", size=400)
+    (tmp_path / "big.png").write_bytes(big)
+    (tmp_path / "s.tar").write_bytes(make_tar([("small.png", small), ("big.png", big)]))
+    tar_bytes = make_tar([("a.png", small), ("b.png", png("L", size=50))])
+    (tmp_path / "s.tar.gz").write_bytes(gzip.compress(tar_bytes))
+    (tmp_path / "xz.tar").write_bytes(lzma.compress(tar_bytes))
+    uris = [str(tmp_path / n) for n in ("big.png", "s.tar", "s.tar.gz", "xz.tar")]
+    (batch,) = read_objects(
+        {"image_uri": np.array(uris, dtype=object)}, StorageSettings(), max_bytes=len(big) - 1
+    )
+    got = dict(zip(batch["image_uri"], batch["read_error"], strict=True))
+    limit = f"over the limit of {len(big) - 1:,} (--max-object-bytes)"
+    assert got == {
+        uris[0]: f"object of {len(big):,} bytes is {limit}",
+        f"{uris[1]}#small.png": "",
+        f"{uris[1]}#big.png": f"tar member of {len(big):,} bytes is {limit}",
+        f"{uris[2]}#a.png": "",
+        f"{uris[2]}#b.png": "",
+        f"{uris[3]}#a.png": "",
+        f"{uris[3]}#b.png": "",
+    }
+
+
+def test_a_real_deflated_dicom_still_decodes():
+    data = Path(pydicom.data.get_testdata_file("image_dfl.dcm")).read_bytes()
+    pixels, info = decode_image(data, DecodeSettings(size=32, modalities=None))
+    assert info["transfer_syntax"] == "1.2.840.10008.1.2.1.99" and pixels.max() > 0
+
+
+def test_limits_flow_from_the_cli_to_the_workers(ray_session, tmp_path, random_checkpoint, capsys):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    (inputs / "ok.png").write_bytes(png("L", size=48))
+    (inputs / "big.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(3_000_000))
+    (inputs / "shard.tar").write_bytes(
+        make_tar([("small.png", png("L", size=40)), ("big.png", bytes(2_500_000))])
+    )
+    (inputs / "bomb.tar.gz").write_bytes(hostile.gzip_tar_bomb(mib=64))
+    (inputs / "links.tar").write_bytes(hostile.links_tar())
+    (inputs / "png-bomb.png").write_bytes(png_bomb())
+    out = tmp_path / "out"
+
+    main(
+        [
+            "score",
+            str(inputs),
+            "--model",
+            random_checkpoint[0],
+            "--out",
+            str(out),
+            "--run-date",
+            "2026-05-06",
+            "--max-object-bytes",
+            "2000000",
+        ]
+    )
+    assert "inputs=6 ok=5 errors=9 rows_written=14" in capsys.readouterr().out
+    table = pads.dataset(str(out), format="parquet", partitioning="hive").to_table()
+    rows = {r["image_uri"]: r["error"] for r in table.to_pylist()}
+    assert len(rows) == table.num_rows == 14
+    assert rows[f"{inputs}/big.png"] == (
+        "object of 3,000,008 bytes is over the limit of 2,000,000 (--max-object-bytes)"
+    )
+    assert rows[f"{inputs}/shard.tar#big.png"].startswith("tar member of 2,500,000 bytes")
+    assert rows[f"{inputs}/bomb.tar.gz#bomb.png"].startswith("tar member of 67,108,864 bytes")
+    assert "inflates past" in rows[f"{inputs}/bomb.tar.gz"]
+    assert "decompression bomb" in rows[f"{inputs}/png-bomb.png"]
+    assert rows[f"{inputs}/ok.png"] is None and rows[f"{inputs}/shard.tar#small.png"] is None
