@@ -259,6 +259,14 @@ _SCORING_OPTIONS = [
         type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
         default="auto",
         show_default=True,
+        help="auto: bf16 on GPUs and CPUs with native bf16 (fp16 on older GPUs), else "
+        "fp32, unless the checkpoint pins one.",
+    ),
+    click.option(
+        "--compile",
+        "compile_model",
+        is_flag=True,
+        help="torch.compile the model in each predictor (pays off on GPUs, long runs).",
     ),
     click.option(
         "--max-pixels",
@@ -306,6 +314,7 @@ def _scoring_kwargs(opts: dict) -> dict:
         "batch_size": opts["batch_size"],
         "actors": opts["actors"],
         "precision": opts["precision"],
+        "compile_model": opts["compile_model"],
         "max_pixels": opts["max_pixels"] or decode.DEFAULT_MAX_PIXELS,
         "max_object_bytes": opts["max_object_bytes"] or sources.DEFAULT_MAX_OBJECT_BYTES,
         "modalities": opts["modalities"],

@@ -8,13 +8,14 @@ never sees them) and every row comes out in the output schema.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import os
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from meddx import models
+from meddx import MeddxError, models
 from meddx.decode import INFO_DEFAULTS
 from meddx.storage import StorageSettings
 from meddx.transforms import to_model_input
@@ -50,6 +51,9 @@ OUTPUT_SCHEMA = pa.schema(
 )
 
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for ``precision`` on ``device`` (None: plain fp32)."""
     if precision == "fp32":
@@ -62,6 +66,42 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     # On CPU bf16 pays only with native instructions; emulated it is several times slower.
     return torch.bfloat16 if cpu_has_native_bf16() else None
+
+
+def inference_model(ckpt: dict, device: torch.device) -> torch.nn.Module:
+    """The checkpoint's model ready to score: eval mode, each BatchNorm that follows a
+    convolution folded into it (the same outputs to float rounding, one pass over the
+    activations less), channels_last, on ``device``."""
+    from torch.fx.experimental.optimization import fuse
+
+    model = models.model_from_checkpoint(ckpt).eval()
+    try:
+        model = fuse(model)
+    except Exception:  # torch.fx cannot trace every model: such a one runs unfolded
+        pass
+    return model.to(device, memory_format=torch.channels_last)
+
+
+def checkpoint_precision(precision: str, ckpt: dict) -> str:
+    """``auto`` defers to a precision the checkpoint pins (a model that does not hold up
+    under bf16); an explicit choice wins."""
+    if precision not in PRECISIONS:
+        raise MeddxError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    pinned = ckpt.get("precision")
+    return pinned if precision == "auto" and pinned in PRECISIONS else precision
+
+
+def node_cpus() -> int:
+    """CPUs for this process's node: Ray's count on a Ray worker (it honours container
+    limits), else the CPUs this process may run on."""
+    import ray
+
+    if ray.is_initialized():
+        node = ray.get_runtime_context().get_node_id()
+        for info in ray.nodes():
+            if info["NodeID"] == node:
+                return max(1, int(info["Resources"].get("CPU", 1)))
+    return len(os.sched_getaffinity(0)) or 1
 
 
 def cpu_has_native_bf16() -> bool:
@@ -78,22 +118,33 @@ class Predictor:
 
     def __init__(
         self,
-        checkpoint_uri: str,
+        checkpoint: str | dict,
         settings: StorageSettings,
         precision: str,
         run_id: str,
         expected_sha256: str | None = None,
+        *,
+        threads: int | None = None,
+        compile_model: bool = False,
     ):
-        # The driver passes the hash it read: a file swapped during the run is refused.
-        ckpt, self.model_sha256 = models.read_checkpoint(checkpoint_uri, settings, expected_sha256)
+        if isinstance(checkpoint, dict):  # already in memory (training's own checks)
+            ckpt = checkpoint
+            self.model_sha256 = hashlib.sha256(models.checkpoint_bytes(ckpt)).hexdigest()
+        else:
+            # The driver passes the hash it read: a file swapped mid-run is refused.
+            ckpt, self.model_sha256 = models.read_checkpoint(checkpoint, settings, expected_sha256)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.device.type == "cpu":
             # Ray gives a 1-CPU actor OMP_NUM_THREADS=1; on a CPU-only node the model
-            # should use every core (decode tasks are light next to the forward pass).
-            torch.set_num_threads(os.cpu_count() or 1)
-        self.model = models.model_from_checkpoint(ckpt).to(self.device)
-        self.model = self.model.to(memory_format=torch.channels_last)
-        self.autocast_dtype = resolve_precision(precision, self.device)
+            # should use the node's cores (decode tasks are light next to the forward
+            # pass); several actors on one node split them (``threads``).
+            torch.set_num_threads(threads or node_cpus())
+        self.model = inference_model(ckpt, self.device)
+        self.precision = checkpoint_precision(precision, ckpt)
+        self.autocast_dtype = resolve_precision(self.precision, self.device)
+        if compile_model:
+            # Worth it on GPUs for long runs; the first batches pay the compilation.
+            self.model = torch.compile(self.model, dynamic=True)
         self.class_names = list(ckpt["class_names"])
         # Multi-label: one sigmoid and one threshold per finding; score = the highest.
         self.multi_label = models.is_multi_label(ckpt)
@@ -115,7 +166,9 @@ class Predictor:
 
     @torch.inference_mode()
     def predict_probs(self, images: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(images).to(self.device, non_blocking=True)
+        x = torch.from_numpy(images)
+        if self.device.type == "cuda":  # page-locked, so the copy overlaps with compute
+            x = x.pin_memory().to(self.device, non_blocking=True)
         x = to_model_input(x, self.mean, self.std)
         with torch.autocast(
             self.device.type,
@@ -176,3 +229,52 @@ class Predictor:
             positive = probs[self.positive_index] >= self.threshold
             return self.class_names[self.positive_index if positive else 1 - self.positive_index]
         return self.class_names[int(np.argmax(probs))]
+
+
+# A lower precision is accepted when no score moves more than this and AUROC not more
+# than that, on labelled validation images.
+MAX_SCORE_DIFF = 0.01
+MAX_AUROC_DIFF = 0.002
+
+
+def precision_check(
+    ckpt: dict, images: np.ndarray, truth: np.ndarray, precision: str = "bf16"
+) -> dict:
+    """Score uint8 ``images`` in fp32 and in ``precision``; compare scores and AUROC.
+
+    ``truth`` is 0/1 per image (single-label) or per image and finding (multi-label).
+    ``holds`` says whether ``precision`` may be used for this model.
+    """
+    from meddx.metrics import binary_metrics
+
+    def probs(name: str) -> np.ndarray:
+        predictor = Predictor(ckpt, StorageSettings(), name, "precision-check")
+        return np.concatenate(
+            [predictor.predict_probs(images[i : i + 64]) for i in range(0, len(images), 64)]
+        )
+
+    fp32, low = probs("fp32"), probs(precision)
+    if not models.is_multi_label(ckpt):
+        positive = list(ckpt["class_names"]).index(ckpt["positive_class"])
+        fp32, low = fp32[:, [positive]], low[:, [positive]]
+    truth = np.asarray(truth).reshape(len(images), -1)
+
+    def auroc(p: np.ndarray) -> float:
+        return float(
+            np.mean(
+                [binary_metrics(truth[:, k], p[:, k], 0.5)["auroc"] for k in range(truth.shape[1])]
+            )
+        )
+
+    result = {
+        "precision": precision,
+        "images": len(images),
+        "max_score_diff": float(np.abs(fp32 - low).max()),
+        "auroc_fp32": auroc(fp32),
+        f"auroc_{precision}": auroc(low),
+    }
+    result["holds"] = bool(
+        result["max_score_diff"] <= MAX_SCORE_DIFF
+        and abs(result["auroc_fp32"] - result[f"auroc_{precision}"]) <= MAX_AUROC_DIFF
+    )
+    return result

@@ -23,7 +23,7 @@ import ray
 
 from meddx import MeddxError, __version__, decode, models, sources, storage
 from meddx.decode import DecodeSettings
-from meddx.predict import OUTPUT_SCHEMA, Predictor
+from meddx.predict import OUTPUT_SCHEMA, Predictor, checkpoint_precision
 from meddx.storage import StorageSettings
 
 PSEUDONYM_KEY_ENV = "MEDDX_PSEUDONYM_KEY"
@@ -45,6 +45,7 @@ class ScoreConfig:
     max_object_bytes: int = sources.DEFAULT_MAX_OBJECT_BYTES  # objects and tar members
     modalities: str | None = None  # "CR,DX", "any", or None: the checkpoint's list
     model_sha256: str | None = None  # pin: refuse any other checkpoint file
+    compile_model: bool = False  # torch.compile in each predictor (GPU runs)
     storage: StorageSettings = StorageSettings()
 
 
@@ -70,17 +71,21 @@ def cluster_gpus() -> int:
     return int(ray.cluster_resources().get("GPU", 0))
 
 
-def predictor_resources(actors: int | None) -> tuple[int, dict]:
-    """How many predictor actors, and what each asks of Ray."""
+def predictor_resources(actors: int | None) -> tuple[int, int | None, dict]:
+    """How many predictor actors, torch threads for each (None: the node's CPUs), and
+    what each asks of Ray."""
     gpus = cluster_gpus()
     if gpus:
-        return actors or gpus, {"num_gpus": 1}
+        return actors or gpus, None, {"num_gpus": 1}
     # On CPU one actor uses every core through torch's intra-op threads; more actors
     # would only split the same cores (and load the model again for each). The memory
     # reservation (model plus a batch of activations) also makes the actor's resources
     # differ from the decode tasks', so Ray does not fuse decoding into the actor:
-    # decoding stays on parallel CPU tasks.
-    return actors or 1, {"num_cpus": 1, "memory": PREDICTOR_MEMORY}
+    # decoding stays on parallel CPU tasks. Several actors asked for split the cores.
+    nodes = max(1, sum(1 for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU")))
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    threads = max(1, cpus // actors) if actors and actors > nodes else None
+    return actors or 1, threads, {"num_cpus": 1, "memory": PREDICTOR_MEMORY}
 
 
 def partition_uri(out: str, run_date: str) -> str:
@@ -102,7 +107,7 @@ def file_metadata(ckpt: dict, sha: str, run_id: str, cfg: ScoreConfig) -> dict[s
         "meddx.multi_label": json.dumps(models.is_multi_label(ckpt)),
         "meddx.thresholds": json.dumps(ckpt.get("thresholds", [float(ckpt["threshold"])])),
         "meddx.input_size": str(ckpt["input_size"]),
-        "meddx.precision": cfg.precision,
+        "meddx.precision": checkpoint_precision(cfg.precision, ckpt),
     }
 
 
@@ -138,7 +143,7 @@ def build_dataset(
         modalities=resolve_modalities(cfg.modalities, ckpt),
         pseudonym_key=pseudonym_key(),
     )
-    actors, resources = predictor_resources(cfg.actors)
+    actors, threads, resources = predictor_resources(cfg.actors)
     # Small read tasks keep every CPU busy and memory flat: ~64 objects per block, and
     # at least one block per tar shard (a shard holds many images).
     shards = sum(sources.is_shard(u) for u in uris)
@@ -157,6 +162,7 @@ def build_dataset(
     return ds.map_batches(
         Predictor,
         fn_constructor_args=(cfg.model, cfg.storage, cfg.precision, run_id, sha),
+        fn_constructor_kwargs={"threads": threads, "compile_model": cfg.compile_model},
         batch_size=cfg.batch_size,
         compute=ray.data.ActorPoolStrategy(size=actors),
         # A predictor whose process dies (OOM kill, lost node, preempted GPU) is
@@ -204,7 +210,14 @@ def score(cfg: ScoreConfig) -> ScoreSummary:
 def init_ray() -> None:
     """Join the cluster this runs on (``ray job submit``) or start a local one."""
     if not ray.is_initialized():
-        ray.init(log_to_driver=os.environ.get("MEDDX_QUIET_WORKERS") is None)
+        # No usage reports leave the machine. A local start skips the dashboard (its
+        # processes cost seconds of start-up and a share of the CPUs); joining a
+        # cluster ignores the flag.
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        ray.init(
+            include_dashboard=False,
+            log_to_driver=os.environ.get("MEDDX_QUIET_WORKERS") is None,
+        )
     ray.data.DataContext.get_current().enable_progress_bars = False
 
 

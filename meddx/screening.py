@@ -62,6 +62,7 @@ class ScreenConfig:
     batch_size: int = 64
     actors: int | None = None
     precision: str = "auto"
+    compile_model: bool = False
     max_pixels: int = decode.DEFAULT_MAX_PIXELS
     max_object_bytes: int = sources.DEFAULT_MAX_OBJECT_BYTES
     modalities: str | None = None
@@ -239,6 +240,7 @@ def screen(cfg: ScreenConfig) -> dict:
         actors=cfg.actors,
         run_date=cfg.run_date,
         precision=cfg.precision,
+        compile_model=cfg.compile_model,
         max_pixels=cfg.max_pixels,
         max_object_bytes=cfg.max_object_bytes,
         modalities=cfg.modalities,

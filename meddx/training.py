@@ -29,6 +29,7 @@ from torch import nn
 
 from meddx import MeddxError, metrics, models, sources, storage
 from meddx.decode import DEFAULT_MODALITIES, DecodeSettings, decode_images
+from meddx.predict import precision_check, resolve_precision
 from meddx.scoring import init_ray
 from meddx.sources import read_objects
 from meddx.storage import StorageSettings
@@ -139,19 +140,23 @@ def labelled_dataset(items, class_names, cfg: TrainConfig) -> ray.data.Dataset:
 # ---- per worker ----------------------------------------------------------------------
 
 
-def train_one_epoch(model, loader, optimizer, loss_fn, augment, mean, std, device) -> float:
+def train_one_epoch(
+    model, loader, optimizer, loss_fn, augment, mean, std, device, amp_dtype=None
+) -> tuple[float, int]:
+    """Mean training loss and the number of images this worker saw."""
     model.train()
     total, count = 0.0, 0
     for batch in loader:
         x = to_model_input(augment(batch["image"].to(device)), mean, std)
         y = batch["label"].to(device)
-        loss = loss_fn(model(x), y)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            loss = loss_fn(model(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         total += loss.item() * len(y)
         count += len(y)
-    return total / max(count, 1)
+    return total / max(count, 1), count
 
 
 @torch.no_grad()
@@ -248,6 +253,10 @@ def train_loop_per_worker(config: dict) -> None:
     mean = torch.tensor(models.IMAGENET_MEAN, device=device)
     std = torch.tensor(models.IMAGENET_STD, device=device)
     augment = TrainAugment()
+    # Where scoring's "auto" takes bf16, training does too (bf16 needs no loss scaling);
+    # fp16 (older GPUs) would, so training stays in fp32 there.
+    amp_dtype = resolve_precision("auto", device)
+    amp_dtype = amp_dtype if amp_dtype is torch.bfloat16 else None
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     batch_kwargs = {
@@ -257,7 +266,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     for epoch in range(start_epoch, config["epochs"]):
         start = time.perf_counter()
-        train_loss = train_one_epoch(
+        train_loss, seen = train_one_epoch(
             model,
             train_shard.iter_torch_batches(**batch_kwargs, local_shuffle_buffer_size=256),
             optimizer,
@@ -266,9 +275,17 @@ def train_loop_per_worker(config: dict) -> None:
             mean,
             std,
             device,
+            amp_dtype,
         )
+        # DDP steps in lockstep: this worker's rate times the number of workers.
+        images_per_s = seen * ctx.get_world_size() / (time.perf_counter() - start)
         scheduler.step()  # per epoch: cosine from lr to 0 over the run
-        report = {"epoch": epoch + 1, "train_loss": train_loss, "resumed_from_epoch": start_epoch}
+        report = {
+            "epoch": epoch + 1,
+            "train_loss": train_loss,
+            "train_images_per_s": images_per_s,
+            "resumed_from_epoch": start_epoch,
+        }
         checkpoint = None
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0:
@@ -298,7 +315,7 @@ def train_loop_per_worker(config: dict) -> None:
                     f"acc={figures['val_accuracy']:.3f} prec={figures['val_precision']:.3f} "
                     f"rec={figures['val_recall']:.3f} f1={figures['val_f1']:.3f} "
                     f"auroc={auroc:.3f}{per_finding} threshold={figures['val_threshold']:.3f} "
-                    f"({time.perf_counter() - start:.1f}s)",
+                    f"train_images_per_s={images_per_s:.1f} ({time.perf_counter() - start:.1f}s)",
                     flush=True,
                 )
                 ckpt = models.make_checkpoint(
@@ -354,6 +371,23 @@ def finding_weights(items, train_items, findings: list[str]) -> list[float]:
     train = np.array([t for _, t in train_items], dtype=int)
     positives = train.sum(axis=0)
     return ((len(train) - positives) / np.maximum(positives, 1)).tolist()
+
+
+def pin_precision(ckpt: dict, val: ray.data.Dataset) -> dict:
+    """Score the validation set in fp32 and bf16; a model whose scores or AUROC move
+    more than predict.precision_check allows is pinned to fp32 (``auto`` obeys)."""
+    images, labels = [], []
+    for batch in val.iter_batches(batch_size=None, batch_format="numpy"):
+        images.append(batch["image"])
+        labels.append(batch["label"])
+    if not images:
+        return ckpt
+    truth = np.concatenate(labels)
+    if not models.is_multi_label(ckpt):
+        truth = truth == list(ckpt["class_names"]).index(ckpt["positive_class"])
+    check = precision_check(ckpt, np.concatenate(images), truth, "bf16")
+    pinned = {} if check["holds"] else {"precision": "fp32"}
+    return {**ckpt, "precision_check": check, **pinned}
 
 
 def worker_resources(cfg: TrainConfig) -> tuple[dict, int]:
@@ -450,9 +484,9 @@ def train(cfg: TrainConfig) -> TrainSummary:
     if best is None:
         raise MeddxError("training finished without a checkpoint")
     with best.as_directory() as folder:
-        with open(os.path.join(folder, CHECKPOINT_FILE), "rb") as fh:
-            data = fh.read()
-    storage.write_bytes(cfg.out, data, cfg.storage)
+        ckpt = torch.load(os.path.join(folder, CHECKPOINT_FILE), weights_only=True)
+    ckpt = pin_precision(ckpt, labelled_dataset(val_items, class_names, cfg))
+    storage.write_bytes(cfg.out, models.checkpoint_bytes(ckpt), cfg.storage)
     ckpt, sha = models.read_checkpoint(cfg.out, cfg.storage)  # proves it loads safely
     return TrainSummary(
         checkpoint=cfg.out,

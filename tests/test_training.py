@@ -36,6 +36,11 @@ def test_train_one_epoch_two_workers_from_s3(ray_session, bucket, settings, tmp_
     assert 0.0 <= ckpt["threshold"] <= 1.0 and ckpt["threshold"] == ckpt["metrics"]["val_threshold"]
     model = models.model_from_checkpoint(ckpt)
     assert sum(p.numel() for p in model.parameters()) > 0
+    # bf16 checked against fp32 on the validation images; pinned to fp32 if it moved.
+    check = ckpt["precision_check"]
+    assert check["images"] == 8 and check["precision"] == "bf16"
+    assert ckpt.get("precision") == (None if check["holds"] else "fp32")
+    assert summary.last["train_images_per_s"] > 0
 
 
 def test_split_is_stratified_and_seeded():

@@ -1,0 +1,99 @@
+"""bf16 against fp32 on a trained model's validation images, and the checkpoint's pin."""
+
+import numpy as np
+import pytest
+import torch
+
+from meddx import MeddxError, models, synth
+from meddx.predict import Predictor, checkpoint_precision, inference_model, precision_check
+from meddx.storage import StorageSettings
+from meddx.transforms import to_model_input
+
+SIZE = 64
+
+
+def images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    labels = np.array([lbl == "opacity" for lbl in synth.labels_for(n, 0.5, seed)], dtype=int)
+    pixels = np.stack(
+        [synth.render(i, positive=bool(y), size=SIZE, seed=seed) for i, y in enumerate(labels)]
+    )
+    return pixels, labels
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A seednet trained in this process (seconds) and its own validation images."""
+    torch.manual_seed(0)
+    x, y = images(256, seed=5)
+    model = models.build_model("seednet", 2)
+    mean = torch.tensor(models.IMAGENET_MEAN)
+    std = torch.tensor(models.IMAGENET_STD)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(8):
+        for i in torch.randperm(len(x)).split(32):
+            loss = torch.nn.functional.cross_entropy(
+                model(to_model_input(torch.from_numpy(x[i.numpy()]), mean, std)),
+                torch.from_numpy(y[i.numpy()]),
+            )
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    ckpt = models.make_checkpoint(
+        model.eval(),
+        model_name="seednet",
+        class_names=list(synth.CLASSES),
+        positive_class="opacity",
+        input_size=SIZE,
+    )
+    return ckpt, *images(200, seed=6)
+
+
+def test_bf16_holds_up_on_the_validation_set(trained):
+    ckpt, x, y = trained
+    check = precision_check(ckpt, x, y, "bf16")
+    assert check["auroc_fp32"] > 0.9  # a model worth comparing, not a coin
+    assert check["max_score_diff"] <= 0.01
+    assert abs(check["auroc_fp32"] - check["auroc_bf16"]) <= 0.002
+    assert check["holds"] and check["images"] == 200
+
+
+def test_a_model_that_does_not_hold_up_is_flagged(trained):
+    ckpt, x, y = trained
+    # Logits scaled up 50 times: bf16's rounding of them now moves scores past the
+    # limit, as in a model whose outputs are too sharp for bf16.
+    sharp = {**ckpt, "temperature": 0.02}
+    assert not precision_check(sharp, x, y, "bf16")["holds"]
+
+
+def test_the_checkpoint_pins_a_precision_that_auto_respects(trained):
+    ckpt = trained[0]
+    assert checkpoint_precision("auto", {**ckpt, "precision": "fp32"}) == "fp32"
+    assert checkpoint_precision("bf16", {**ckpt, "precision": "fp32"}) == "bf16"
+    assert checkpoint_precision("auto", ckpt) == "auto"
+    pinned = Predictor({**ckpt, "precision": "bf16"}, StorageSettings(), "auto", "r")
+    assert pinned.autocast_dtype is torch.bfloat16
+    with pytest.raises(MeddxError, match="precision must be one of"):
+        checkpoint_precision("int8", ckpt)
+
+
+@pytest.mark.parametrize("name", ["seednet", "resnet18", "densenet121"])
+def test_folded_inference_model_gives_the_same_scores(name):
+    ckpt = models.untrained_checkpoint(name, input_size=64, seed=3)
+    plain = models.model_from_checkpoint(ckpt).eval()
+    # Non-trivial running statistics, so folding them in changes the weights.
+    gen = torch.Generator().manual_seed(0)
+    for module in plain.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.2, 0.2, generator=gen)
+            module.running_var.uniform_(0.5, 1.5, generator=gen)
+    ckpt["state_dict"] = plain.state_dict()
+    folded = inference_model(ckpt, torch.device("cpu"))
+
+    def norms(model):
+        return sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+
+    # DenseNet's pre-activation norms follow a concatenation, not a convolution: kept.
+    assert norms(folded) < norms(plain) and (norms(folded) == 0 or name == "densenet121")
+    x = torch.randn(4, 3, 64, 64, generator=gen)
+    with torch.inference_mode():
+        torch.testing.assert_close(folded(x).softmax(1), plain(x).softmax(1), atol=1e-5, rtol=0)
