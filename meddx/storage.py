@@ -8,6 +8,7 @@ passed through meddx objects, so they cannot leak into logs or outputs.
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import posixpath
@@ -85,7 +86,7 @@ def arrow_filesystem(uri: str, settings: StorageSettings) -> pafs.FileSystem:
 
 
 class TooLarge(Exception):
-    """An object over the byte limit, refused unread."""
+    """An object over the byte limit, refused after reading at most limit + 1 bytes."""
 
     def __init__(self, size: int, limit: int):
         super().__init__(f"object of {size:,} bytes is over the limit of {limit:,}")
@@ -93,19 +94,32 @@ class TooLarge(Exception):
 
 
 def read_bytes(uri: str, settings: StorageSettings, max_bytes: int | None = None) -> bytes:
-    """The object's bytes; with ``max_bytes``, a larger object raises TooLarge unread."""
+    """The object's bytes; with ``max_bytes``, a larger object raises TooLarge.
+
+    A local file's size is checked first (a stat costs nothing). On S3 one ranged GET
+    fetches the first ``max_bytes + 1`` bytes: a normal object costs one request rather
+    than a HEAD before every GET, and an oversized one at most the limit in memory.
+    """
     fs = filesystem(uri, settings)
     path = strip_scheme(uri)
     if max_bytes is None:
         return fs.cat_file(path)
-    info = fs.info(path)
-    if info["type"] == "directory":
-        raise IsADirectoryError(path)
-    size = int(info["size"])
-    if size > max_bytes:
-        raise TooLarge(size, max_bytes)
-    # The size just seen bounds the read, even if a larger object replaces this one now.
-    return fs.cat_file(path, start=0, end=size) if size else b""
+    if not is_s3(uri):
+        if os.path.isdir(path):
+            raise IsADirectoryError(path)
+        if (size := os.path.getsize(path)) > max_bytes:
+            raise TooLarge(size, max_bytes)
+        return fs.cat_file(path)
+    try:
+        data = fs.cat_file(path, start=0, end=max_bytes + 1)
+    except OSError as exc:
+        # S3 answers any range on an empty object with 416 (not satisfiable).
+        if exc.errno == errno.EINVAL and fs.size(path) == 0:
+            return b""
+        raise
+    if len(data) > max_bytes:
+        raise TooLarge(fs.size(path), max_bytes)
+    return data
 
 
 def write_bytes(uri: str, data: bytes, settings: StorageSettings) -> None:
@@ -118,6 +132,20 @@ def write_bytes(uri: str, data: bytes, settings: StorageSettings) -> None:
 
 def exists(uri: str, settings: StorageSettings) -> bool:
     return filesystem(uri, settings).exists(strip_scheme(uri))
+
+
+def require_bucket(uri: str, settings: StorageSettings) -> None:
+    """Refuse an s3:// URI whose bucket does not exist. s3fs creates a missing bucket on
+    the first write, so a mistyped output bucket would quietly become a new bucket."""
+    if not is_s3(uri):
+        return
+    bucket = strip_scheme(uri).split("/", 1)[0]
+    try:
+        filesystem(uri, settings).info(bucket)
+    except FileNotFoundError:
+        raise MeddxError(f"bucket s3://{bucket} does not exist (meddx never creates one)") from None
+    except PermissionError:
+        pass  # a role may write where it may not look: the write itself will tell
 
 
 def is_hidden(path: str) -> bool:

@@ -185,3 +185,24 @@ def test_bad_manifests_are_clear(tmp_path):
         list_inputs(str(tmp_path / "no-uri.csv"), StorageSettings())
     with pytest.raises(MeddxError, match="manifest not found"):
         list_inputs(str(tmp_path / "absent.csv"), StorageSettings())
+
+
+def test_s3_reads_one_request_each_with_the_byte_limit(bucket, settings):
+    """Ranged GETs, several in flight: the limit, empty objects and order hold on S3."""
+    fs = filesystem("s3://", settings)
+    bodies = {f"{i:02d}.png": bytes([i]) * (i * 10) for i in range(20)}  # 00.png is empty
+    fs.pipe({f"{bucket[5:]}/o/{name}": data for name, data in bodies.items()})
+    uris = [f"{bucket}/o/{name}" for name in bodies] + [f"{bucket}/o/missing.png"]
+    (batch,) = read_objects({"image_uri": np.array(uris, dtype=object)}, settings, max_bytes=150)
+    assert batch["image_uri"].tolist() == uris
+    for uri, data, error in zip(
+        uris[:-1], batch["bytes"][:-1], batch["read_error"][:-1], strict=True
+    ):
+        expected = bodies[uri.rsplit("/", 1)[1]]
+        if len(expected) > 150:
+            limit = "over the limit of 150 (--max-object-bytes)"
+            assert error == f"object of {len(expected):,} bytes is {limit}"
+            assert data == b""
+        else:
+            assert (data, error) == (expected, "")
+    assert batch["read_error"][-1] == "object not found"
