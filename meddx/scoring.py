@@ -179,6 +179,7 @@ def score(cfg: ScoreConfig) -> ScoreSummary:
     """Score every input under ``cfg.input`` and write ``OUT/dt=RUN_DATE/``."""
     start = time.perf_counter()
     check_run_date(cfg.run_date)
+    storage.require_bucket(cfg.out, cfg.storage)
     uris = sources.list_inputs(cfg.input, cfg.storage)
     run_id = f"{cfg.run_date}-{uuid.uuid4().hex[:12]}"
     # Fail fast, in the driver; the actors then insist on the very same file.

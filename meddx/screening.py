@@ -227,6 +227,7 @@ def scores_by_date(cfg: ScreenConfig, sha: str) -> dict[str, np.ndarray]:
 def screen(cfg: ScreenConfig) -> dict:
     start = time.perf_counter()
     check_run_date(cfg.run_date)
+    storage.require_bucket(cfg.out, cfg.storage)
     recovered = recover(cfg)
     ckpt, sha = models.read_checkpoint(cfg.model, cfg.storage, cfg.model_sha256)
     listing = listing_with_times(cfg.source, cfg.storage)

@@ -3,7 +3,6 @@
 import collections
 import hashlib
 import hmac
-import os
 import re
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from meddx.decode import DecodeError, DecodeSettings, decode_image, sniff
 from meddx.scoring import ScoreConfig, score
 
 from .images import dicom_cr, gradient
+from .leaks import leaks_in_tree, ray_session_dir
 
 CORPUS = Path(pydicom.__file__).parent / "data" / "test_files"
 ANY = DecodeSettings(size=64, modalities=None)
@@ -197,17 +197,10 @@ def test_patient_name_never_leaves_the_job(ray_session, tmp_path, random_checkpo
     assert chest["study_pseudonym"] == expected.hexdigest()[:32]
     assert rows["ct.dcm"]["status"] == "error" and "Modality CT" in rows["ct.dcm"]["error"]
     # Nothing the run wrote, nor Ray's logs of this session, holds the name, the MRN or a UID.
-    secrets = [name.encode(), b"MRN-0042", b"1.2.826.0.1.3680043.8.498.1", b"site-secret"]
-    written = [p for p in out.rglob("*") if p.is_file()]
-    logs = [
-        p
-        for p in Path(
-            ray_session.get_runtime_context().get_node_id() and "/tmp/ray/session_latest/logs"
-        ).rglob("*")
-        if p.is_file()
-    ]
-    for path in written + logs:
-        data = path.read_bytes()
-        for secret in secrets:
-            assert secret not in data, (path, secret)
-    _ = os
+    secrets = {
+        "patient name": name.encode(),
+        "patient id": b"MRN-0042",
+        "study UID": b"1.2.826.0.1.3680043.8.498.1",
+        "pseudonym key": b"site-secret",
+    }
+    assert leaks_in_tree(out, secrets) + leaks_in_tree(ray_session_dir() / "logs", secrets) == []

@@ -138,6 +138,22 @@ def test_empty_prefix_is_a_clear_error(ray_session, bucket, settings, random_che
         )
 
 
+def test_missing_output_bucket_is_refused_not_created(bucket, settings, random_checkpoint):
+    fs = filesystem(bucket, settings)
+    upload(fs, bucket, {"in/a.png": png("L")})
+    missing = f"{bucket}-typo"
+    with pytest.raises(MeddxError, match=rf"^bucket {missing} does not exist"):
+        score(
+            ScoreConfig(
+                input=f"{bucket}/in",
+                model=random_checkpoint[0],
+                out=f"{missing}/results",
+                storage=settings,
+            )
+        )
+    assert not fs.exists(missing.removeprefix("s3://"))
+
+
 @pytest.mark.slow
 def test_killed_predictor_still_one_row_per_input(ray_session, tmp_path, random_checkpoint):
     import signal

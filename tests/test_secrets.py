@@ -1,0 +1,143 @@
+"""Secrets stay secret: nothing a run writes or prints holds a credential or the site's
+pseudonym key. A real scoring run and a real screening night, through the CLI, with
+credentials in the environment, then every output, Ray's session folder, what the
+commands printed and the text of exceptions are searched for them.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+
+from meddx import MeddxError
+from meddx.scoring import ScoreConfig, score
+from meddx.storage import arrow_filesystem, filesystem
+
+from .conftest import DUMMY_AWS
+from .images import broken_inputs, dicom_cr, png
+from .leaks import files_under, leaks, leaks_in_s3, leaks_in_tree, ray_session_dir
+
+MEDDX = str(Path(sys.executable).with_name("meddx"))
+# The driver's credentials and key, distinct from the ones Ray's workers inherited.
+DRIVER_ENV = {
+    "AWS_ACCESS_KEY_ID": "AKIALEAKCHECK7Q2W9E4R",
+    "AWS_SECRET_ACCESS_KEY": "leakcheck/9fQ2+Secret+Zx7Kp3Lm8Nb4Vc1",
+    "MEDDX_PSEUDONYM_KEY": "pseudonym-key-leakcheck-5Hj8Kq",
+}
+NEEDLES = {
+    "driver AWS key id": DRIVER_ENV["AWS_ACCESS_KEY_ID"].encode(),
+    "driver AWS secret": DRIVER_ENV["AWS_SECRET_ACCESS_KEY"].encode(),
+    "pseudonym key": DRIVER_ENV["MEDDX_PSEUDONYM_KEY"].encode(),
+    "worker AWS key id": DUMMY_AWS["AWS_ACCESS_KEY_ID"].encode(),
+    "worker AWS secret": DUMMY_AWS["AWS_SECRET_ACCESS_KEY"].encode(),
+}
+MISSING_BUCKET = "s3://meddx-leakcheck-no-such-bucket"
+
+
+def test_the_scanner_finds_what_it_looks_for(tmp_path):
+    secret = NEEDLES["driver AWS secret"]
+    (tmp_path / "a.log").write_bytes(b"x " + secret + b" y")
+    # Compressed column data (without min/max statistics) hides a value from a byte search.
+    pq.write_table(
+        pa.table({"v": [f"{secret.decode()}-{i}" for i in range(50)]}),
+        tmp_path / "b.parquet",
+        compression="gzip",
+        use_dictionary=False,
+        write_statistics=False,
+    )
+    assert secret not in (tmp_path / "b.parquet").read_bytes()
+    assert leaks_in_tree(tmp_path, NEEDLES) == [
+        f"driver AWS secret in {tmp_path / 'a.log'}",
+        f"driver AWS secret in {tmp_path / 'b.parquet'}",
+    ]
+
+
+@pytest.mark.slow
+def test_no_secret_in_outputs_logs_or_errors(ray_session, bucket, settings, random_checkpoint):
+    fs = filesystem(bucket, settings)
+    root = bucket.removeprefix("s3://")
+    for i in range(3):
+        fs.pipe_file(f"{root}/in/cr-{i}.dcm", dicom_cr(patient_name=f"Leak^Check{i}"))
+    for i in range(3):
+        fs.pipe_file(f"{root}/in/img-{i}.png", png("L", size=48 + i))
+    fs.pipe_file(f"{root}/in/broken.png", broken_inputs()["truncated.png"])
+    fs.put_file(random_checkpoint[0], f"{root}/models/m.pt")
+    env = {k: v for k, v in os.environ.items() if k != "MEDDX_QUIET_WORKERS"}
+    env.update(DRIVER_ENV, RAY_ADDRESS=ray_session.get_runtime_context().gcs_address)
+    common = ["--model", f"{bucket}/models/m.pt", "--s3-endpoint", settings.s3_endpoint]
+
+    def meddx(*args):
+        return subprocess.run(
+            [MEDDX, *args, *common], env=env, capture_output=True, text=True, timeout=300
+        )
+
+    scored = meddx("score", f"{bucket}/in", "--out", f"{bucket}/out", "--run-date", "2026-06-01")
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    assert "inputs=7 ok=6 errors=1 rows_written=7" in scored.stdout
+    night = meddx(
+        "screen",
+        f"{bucket}/in",
+        "--out",
+        f"{bucket}/nightly",
+        "--run-date",
+        "2026-06-01",
+        "--max-error-rate",
+        "1",
+    )
+    assert night.returncode == 0, night.stderr[-3000:]
+    wrong = meddx("score", f"{MISSING_BUCKET}/in", "--out", f"{bucket}/o2")
+    assert wrong.returncode == 1
+    assert wrong.stderr.startswith("meddx: error:") and wrong.stderr.count("\n") == 1
+
+    # The text of exceptions, tracebacks and chained causes included.
+    with pytest.raises(MeddxError, match="^input not found: s3://") as missing_input:
+        score(
+            ScoreConfig(
+                input=f"{MISSING_BUCKET}/in",
+                model=random_checkpoint[0],
+                out=f"{bucket}/x",
+                storage=settings,
+            )
+        )
+    with pytest.raises(
+        MeddxError, match="^bucket s3://meddx-leakcheck-no-such-bucket does not"
+    ) as missing_output:
+        score(
+            ScoreConfig(
+                input=f"{bucket}/in",
+                model=random_checkpoint[0],
+                out=f"{MISSING_BUCKET}/o",
+                storage=settings,
+            )
+        )
+    errors = ["".join(traceback.format_exception(e.value)) for e in (missing_input, missing_output)]
+
+    found, scanned = [], 0
+    for prefix in (f"{bucket}/out", f"{bucket}/nightly"):
+        hits, n = leaks_in_s3(fs, prefix, NEEDLES)
+        found, scanned = found + hits, scanned + n
+    written = {key.rsplit("/", 1)[-1] for key in fs.find(f"{root}/nightly")}
+    assert {"report.html", "summary.json", "worklist.csv", "worklist.parquet"} <= written
+    assert scanned >= 6
+    session = ray_session_dir()
+    assert len(files_under(session / "logs")) > 10
+    found += leaks_in_tree(session, NEEDLES)
+    for name, result in (("score", scored), ("screen", night), ("wrong bucket", wrong)):
+        found += leaks(f"{name} stdout", result.stdout.encode(), NEEDLES)
+        found += leaks(f"{name} stderr", result.stderr.encode(), NEEDLES)
+    for i, text in enumerate(errors):
+        found += leaks(f"exception {i}", text.encode(), NEEDLES)
+    assert found == []
+    # The pseudonym key was in use: the DICOM rows carry keyed pseudonyms.
+    rows = pads.dataset(
+        f"{root}/out", filesystem=arrow_filesystem(bucket, settings), format="parquet"
+    ).to_table(columns=["image_uri", "study_pseudonym"])
+    assert sum(p is not None for p in rows["study_pseudonym"].to_pylist()) == 3
