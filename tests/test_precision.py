@@ -97,3 +97,17 @@ def test_folded_inference_model_gives_the_same_scores(name):
     x = torch.randn(4, 3, 64, 64, generator=gen)
     with torch.inference_mode():
         torch.testing.assert_close(folded(x).softmax(1), plain(x).softmax(1), atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_compiled_predictor_scores_as_the_eager_one():
+    """--compile: torch.compile (inductor, here on CPU) gives the same probabilities,
+    also for a batch of another size (dynamic shapes: no recompile per last batch)."""
+    ckpt = models.untrained_checkpoint("seednet", input_size=64, seed=2)
+    compiled = Predictor(ckpt, StorageSettings(), "fp32", "r", compile_model=True)
+    eager = Predictor(ckpt, StorageSettings(), "fp32", "r")
+    x = np.random.default_rng(0).integers(0, 255, (8, 64, 64), dtype=np.uint8)
+    for batch in (x, x[:5]):
+        np.testing.assert_allclose(
+            compiled.predict_probs(batch), eager.predict_probs(batch), atol=1e-5
+        )
