@@ -137,8 +137,10 @@ def evaluate(
     scores = np.array([r["score"] for r in rows], dtype=float)
     result = metrics.clinical_metrics(y_true, scores, threshold)
     if multi_label:
-        thresholds = json.loads(meta["meddx.thresholds"])
-        result["per_class"], result["macro"] = per_finding(rows, truth, findings, thresholds)
+        finding_thresholds = json.loads(meta["meddx.thresholds"])
+        result["per_class"], result["macro"] = per_finding(
+            rows, truth, findings, finding_thresholds
+        )
     else:
         result["per_class"] = {
             positive: {k: result[k] for k in ("auroc", "auroc_ci95", "sensitivity", "specificity")}
@@ -166,7 +168,7 @@ def evaluate(
                 result["plots"] += plotting.write_evaluation_plots(
                     truth[:, k],
                     np.array([r["probs"][k] for r in rows], dtype=float),
-                    thresholds[k],
+                    finding_thresholds[k],
                     storage.join(plots, name),
                     settings,
                 )
