@@ -278,7 +278,7 @@ _SCORING_OPTIONS = [
         "--max-object-bytes",
         type=click.IntRange(min=1),
         default=None,
-        help="Refuse, unread, any object or tar member larger than this "
+        help="Refuse any object or tar member larger than this (read no further) "
         "[default: 536,870,912 (512 MiB)].",
     ),
     click.option(

@@ -93,12 +93,17 @@ class TooLarge(Exception):
         self.size, self.limit = size, limit
 
 
+# The first GET of an S3 object asks for this much: all of any radiograph, so one
+# request per object; a longer object's size is then looked up before reading on.
+FIRST_READ_BYTES = 64 * 2**20
+
+
 def read_bytes(uri: str, settings: StorageSettings, max_bytes: int | None = None) -> bytes:
     """The object's bytes; with ``max_bytes``, a larger object raises TooLarge.
 
     A local file's size is checked first (a stat costs nothing). On S3 one ranged GET
-    fetches the first ``max_bytes + 1`` bytes: a normal object costs one request rather
-    than a HEAD before every GET, and an oversized one at most the limit in memory.
+    fetches up to FIRST_READ_BYTES: a normal object costs one request rather than a
+    HEAD before every GET, and one over the limit is refused having cost at most that.
     """
     fs = filesystem(uri, settings)
     path = strip_scheme(uri)
@@ -110,16 +115,20 @@ def read_bytes(uri: str, settings: StorageSettings, max_bytes: int | None = None
         if (size := os.path.getsize(path)) > max_bytes:
             raise TooLarge(size, max_bytes)
         return fs.cat_file(path)
+    first = min(max_bytes + 1, FIRST_READ_BYTES)
     try:
-        data = fs.cat_file(path, start=0, end=max_bytes + 1)
+        data = fs.cat_file(path, start=0, end=first)
     except OSError as exc:
         # S3 answers any range on an empty object with 416 (not satisfiable).
         if exc.errno == errno.EINVAL and fs.size(path) == 0:
             return b""
         raise
-    if len(data) > max_bytes:
-        raise TooLarge(fs.size(path), max_bytes)
-    return data
+    if len(data) < first:  # the whole object
+        return data
+    size = fs.size(path)
+    if size > max_bytes:
+        raise TooLarge(size, max_bytes)
+    return data + fs.cat_file(path, start=len(data), end=size) if size > len(data) else data
 
 
 def write_bytes(uri: str, data: bytes, settings: StorageSettings) -> None:

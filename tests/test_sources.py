@@ -187,8 +187,13 @@ def test_bad_manifests_are_clear(tmp_path):
         list_inputs(str(tmp_path / "absent.csv"), StorageSettings())
 
 
-def test_s3_reads_one_request_each_with_the_byte_limit(bucket, settings):
-    """Ranged GETs, several in flight: the limit, empty objects and order hold on S3."""
+def test_s3_reads_one_request_each_with_the_byte_limit(bucket, settings, monkeypatch):
+    """Ranged GETs, several in flight: the limit, empty objects and order hold on S3.
+    A first read of 64 bytes: objects up to it take one GET, longer ones are sized,
+    then read on (up to the limit) or refused."""
+    from meddx import storage
+
+    monkeypatch.setattr(storage, "FIRST_READ_BYTES", 64)
     fs = filesystem("s3://", settings)
     bodies = {f"{i:02d}.png": bytes([i]) * (i * 10) for i in range(20)}  # 00.png is empty
     fs.pipe({f"{bucket[5:]}/o/{name}": data for name, data in bodies.items()})
