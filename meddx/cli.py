@@ -210,7 +210,8 @@ def train(
     click.echo(
         f"trained {model} on {summary.n_train} images (validation {summary.n_val}) "
         f"in {summary.seconds:.1f}s; best epoch {int(m.get('epoch', 0))}: "
-        f"val_auroc={m.get('val_auroc', math.nan):.4f} val_f1={m.get('val_f1', math.nan):.4f}"
+        f"val_auroc={m.get('val_auroc', math.nan):.4f} val_f1={m.get('val_f1', math.nan):.4f}; "
+        f"last epoch train_images_per_s={summary.last.get('train_images_per_s', math.nan):.1f}"
     )
     for name in cfg.findings or ():
         click.echo(
