@@ -121,6 +121,7 @@ class Store:
         os.environ.update(creds)
         self.env = {**os.environ, **creds, "MEDDX_S3_ENDPOINT": self.endpoint}
         self.env["MEDDX_QUIET_WORKERS"] = "1"
+        self.env["RAY_ADDRESS"] = "local"  # a Ray of its own, never another running one
         self.proc = subprocess.Popen(
             [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
             stdout=subprocess.DEVNULL,
@@ -224,7 +225,7 @@ def decode_only(store: Store, uris: list[str]) -> float:
 
     from meddx import decode, sources
 
-    ray.init(include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
     try:
         settings = decode.DecodeSettings(size=224)
         start = time.perf_counter()
@@ -314,7 +315,11 @@ def throughput(args) -> None:
     picked = resolve_precision(args.precision, device)
     a_eager = ceiling(eager, None, device)
     a_fp32 = ceiling(model, None, device)
-    a_picked = ceiling(model, picked, device) if picked is not None else a_fp32
+    a_picked = (
+        ceiling(inference_model(ckpt, device, fold=False), picked, device)  # as the predictor
+        if picked is not None
+        else a_fp32
+    )
     b = classic_loop(eager, folder, device)
     del model, eager
     store = Store()
