@@ -140,8 +140,8 @@ class Store:
         self.fs = filesystem("s3://", self.settings)
         self.fs.mkdir(BUCKET)
 
-    def upload(self, folder: Path, prefix: str) -> list[str]:
-        files = sorted(folder.rglob("*.png"))
+    def upload(self, folder: Path, prefix: str, limit: int | None = None) -> list[str]:
+        files = sorted(folder.rglob("*.png"))[:limit]
         uris = []
         for start in range(0, len(files), 500):
             part = {f"{BUCKET}/{prefix}/{p.parent.name}/{p.name}": p for p in files[start:][:500]}
@@ -379,11 +379,15 @@ def throughput(args) -> None:
 
 def scale(args) -> None:
     sizes = sorted(int(n) for n in args.scale.split(","))
-    folder = archive(sizes[-1], args.size, args.cache)
+    # Any cached archive at least this large serves: the first N images are taken.
+    cached = [p for p in args.cache.glob(f"synth-*-{args.size}") if p.is_dir()]
+    big = [p for p in cached if int(p.name.split("-")[1]) >= sizes[-1]]
+    folder = min(big, key=lambda p: int(p.name.split("-")[1])) if big else None
+    folder = folder or archive(sizes[-1], args.size, args.cache)
     store = Store()
     runs = []
     try:
-        uris = store.upload(folder, "scale")
+        uris = store.upload(folder, "scale", limit=sizes[-1])
         ckpt = models.untrained_checkpoint(args.model, input_size=224)
         models.save_checkpoint(ckpt, f"s3://{BUCKET}/model.pt", store.settings)
         for n in sizes:
