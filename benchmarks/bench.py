@@ -48,18 +48,35 @@ from torchvision import transforms
 
 from meddx import models
 from meddx.predict import inference_model, resolve_precision
+from meddx.scoring import CPU_BATCH, GPU_BATCH
 from meddx.storage import StorageSettings, filesystem
 from meddx.synth import SynthConfig, write_archive
 
 BIN = Path(sys.executable).parent
-BATCH = 64  # the CLI's default inference batch
+MEDDX = [sys.executable, "-m", "meddx"]  # works installed or from a checkout on PYTHONPATH
+BATCH = 64  # the classic loop's batch
 BUCKET = "bench"
 
 
-def archive(n: int, size: int, cache: Path) -> Path:
-    folder = cache / f"synth-{n}-{size}"
-    if not (folder / "_manifest.csv").exists():
+def archive(n: int, size: int, cache: Path, unique: int | None = None) -> Path:
+    """``n`` synthetic PNGs; with ``unique`` < n, only that many are rendered (about
+    0.2 core-seconds each at 512 px) and the rest are hard links to them, each read and
+    decoded on its own like any other file."""
+    unique = min(unique or n, n)
+    folder = cache / (f"synth-{n}-{size}" if unique == n else f"synth-{n}-{size}-u{unique}")
+    if (folder / "_manifest.csv").exists():
+        return folder
+    if unique == n:
         write_archive(SynthConfig(out=str(folder), n=n, size=size, seed=11))
+        return folder
+    rendered = sorted(archive(unique, size, cache).rglob("*.png"))
+    for i in range(n):
+        src = rendered[i % unique]
+        dst = folder / src.parent.name / f"cxr-{i:06d}.png"
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if not dst.exists():
+            os.link(src, dst)
+    (folder / "_manifest.csv").write_text("links\n")
     return folder
 
 
@@ -67,7 +84,8 @@ def archive(n: int, size: int, cache: Path) -> Path:
 
 
 def ceiling(model: torch.nn.Module, dtype, device: torch.device, seconds: float = 15.0):
-    x = torch.randn(BATCH, 3, 224, 224, device=device)
+    batch = GPU_BATCH if device.type == "cuda" else CPU_BATCH  # meddx score's defaults
+    x = torch.randn(batch, 3, 224, 224, device=device)
     x = x.contiguous(memory_format=torch.channels_last)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     with (
@@ -79,12 +97,15 @@ def ceiling(model: torch.nn.Module, dtype, device: torch.device, seconds: float 
         n, start = 0, time.perf_counter()
         while time.perf_counter() - start < seconds:
             model(x)
-            n += BATCH
+            n += batch
         sync()
     return n / (time.perf_counter() - start)
 
 
-def classic_loop(model: torch.nn.Module, folder: Path, device: torch.device) -> float:
+def classic_loop(
+    model: torch.nn.Module, folder: Path, device: torch.device, seconds: float | None = None
+) -> float:
+    """Images/s of the loop users would write; over the first ``seconds`` if given."""
     tf = transforms.Compose(
         [
             transforms.Grayscale(3),
@@ -99,6 +120,8 @@ def classic_loop(model: torch.nn.Module, folder: Path, device: torch.device) -> 
         for x, _ in loader:
             model(x.to(device).contiguous(memory_format=torch.channels_last)).cpu()
             n += len(x)
+            if seconds is not None and time.perf_counter() - start > seconds:
+                break
     return n / (time.perf_counter() - start)
 
 
@@ -119,9 +142,7 @@ class Store:
             "AWS_DEFAULT_REGION": "us-east-1",
         }
         os.environ.update(creds)
-        self.env = {**os.environ, **creds, "MEDDX_S3_ENDPOINT": self.endpoint}
-        self.env["MEDDX_QUIET_WORKERS"] = "1"
-        self.env["RAY_ADDRESS"] = "local"  # a Ray of its own, never another running one
+        self.env = {**meddx_env(), **creds, "MEDDX_S3_ENDPOINT": self.endpoint}
         self.proc = subprocess.Popen(
             [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
             stdout=subprocess.DEVNULL,
@@ -154,6 +175,11 @@ class Store:
         self.proc.wait(timeout=30)
 
 
+def meddx_env() -> dict:
+    # A Ray of its own, never another running one; workers' logs stay out of the output.
+    return {**os.environ, "RAY_ADDRESS": "local", "MEDDX_QUIET_WORKERS": "1"}
+
+
 def tree_pss_bytes(root: int) -> int:
     """Proportional set size of ``root`` and all its descendants (shared pages, such as
     the object store's, counted once in total)."""
@@ -181,7 +207,7 @@ def run_meddx(args: list[str], env: dict, sample_memory: bool = False) -> dict:
     """Run a meddx command; its wall time, last summary line and peak tree PSS."""
     start = time.perf_counter()
     proc = subprocess.Popen(
-        [str(BIN / "meddx"), *args],
+        [*MEDDX, *args],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -204,22 +230,33 @@ def run_meddx(args: list[str], env: dict, sample_memory: bool = False) -> dict:
     return {"seconds": seconds, "stdout": out, "peak_pss_bytes": peak[0]}
 
 
-def meddx_score(store: Store, inputs: str, model: str, precision: str, **kw) -> dict:
+def meddx_score(env: dict, inputs: str, model: str, precision: str, **kw) -> dict:
     with tempfile.TemporaryDirectory() as out:
         run = run_meddx(
             ["score", inputs, "--model", model, "--out", out, "--precision", precision],
-            store.env,
+            env,
             **kw,
         )
     summary = next(line for line in run["stdout"].splitlines()[::-1] if "rows_written=" in line)
     rows = int(summary.split("rows_written=")[1].split()[0])
-    return {**run, "rows": rows, "images_per_s": rows / run["seconds"], "summary": summary}
+    # The command's own clock starts after its imports and ends before it exits; its
+    # pipeline clock starts once Ray is up and the dataset is planned.
+    inside = float(re.search(r"\bseconds=([\d.]+)", summary).group(1))
+    pipeline = float(re.search(r"\bpipeline_seconds=([\d.]+)", summary).group(1))
+    return {
+        **run,
+        "rows": rows,
+        "images_per_s": rows / run["seconds"],
+        "images_per_s_inside": rows / inside,
+        "images_per_s_pipeline": rows / pipeline,
+        "summary": summary,
+    }
 
 
 # ---- (d) decode only ------------------------------------------------------------------
 
 
-def decode_only(store: Store, uris: list[str]) -> float:
+def decode_only(settings: StorageSettings, uris: list[str]) -> float:
     """meddx's read and decode stages on Ray with nothing after them (start-up excluded)."""
     import ray
 
@@ -227,15 +264,16 @@ def decode_only(store: Store, uris: list[str]) -> float:
 
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
     try:
-        settings = decode.DecodeSettings(size=224)
         start = time.perf_counter()
         ds = ray.data.from_items(
             [{"image_uri": u} for u in uris], override_num_blocks=-(-len(uris) // 64)
         )
+        ds = ds.map_batches(sources.read_objects, fn_kwargs={"settings": settings}, batch_size=None)
         ds = ds.map_batches(
-            sources.read_objects, fn_kwargs={"settings": store.settings}, batch_size=None
+            decode.decode_images,
+            fn_kwargs={"settings": decode.DecodeSettings(size=224)},
+            batch_size=None,
         )
-        ds = ds.map_batches(decode.decode_images, fn_kwargs={"settings": settings}, batch_size=None)
         n = sum(len(b["status"]) for b in ds.iter_batches(batch_size=None, batch_format="numpy"))
         return n / (time.perf_counter() - start)
     finally:
@@ -297,15 +335,17 @@ def machine() -> dict:
 
 def write_result(result: dict, kind: str) -> None:
     print(json.dumps(result, indent=2))
-    tag = (result["machine"]["gpu"] or socket.gethostname()).replace(" ", "-")
-    path = Path("benchmarks/results") / f"{kind}{tag}-{result['date']}.json"
+    host = result["machine"]["gpu"] or f"cpu{result['machine']['cpus']}"
+    parts = [host, result["model"], result.get("source"), result["date"]]
+    name = "-".join(str(p).replace(" ", "-") for p in parts if p)
+    path = Path("benchmarks/results") / f"{kind}{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")
 
 
 def throughput(args) -> None:
-    folder = archive(args.n, args.size, args.cache)
+    folder = archive(args.n, args.size, args.cache, args.unique)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.set_num_threads(os.cpu_count() or 1)
     ckpt = models.untrained_checkpoint(args.model, input_size=224)
@@ -320,33 +360,37 @@ def throughput(args) -> None:
         if picked is not None
         else a_fp32
     )
-    b = classic_loop(eager, folder, device)
+    b = classic_loop(eager, folder, device, args.loop_seconds)
     del model, eager
-    store = Store()
+    store = Store() if args.source == "s3" else None
+    env = store.env if store else meddx_env()
     try:
-        if args.source == "s3":
+        if store:
             uris, inputs, model_uri = (
                 store.upload(folder, "images"),
                 f"s3://{BUCKET}/images",
                 f"s3://{BUCKET}/model.pt",
             )
-            models.save_checkpoint(ckpt, model_uri, store.settings)
+            settings = store.settings
         else:
             uris = [str(p) for p in sorted(folder.rglob("*.png"))]
             inputs, model_uri = str(folder), str(args.cache / f"{args.model}.pt")
-            models.save_checkpoint(ckpt, model_uri, StorageSettings())
-        c_fp32 = meddx_score(store, inputs, model_uri, "fp32")
+            settings = StorageSettings()
+        models.save_checkpoint(ckpt, model_uri, settings)
+        c_fp32 = meddx_score(env, inputs, model_uri, "fp32")
         c_picked = (
-            meddx_score(store, inputs, model_uri, args.precision) if picked is not None else c_fp32
+            meddx_score(env, inputs, model_uri, args.precision) if picked is not None else c_fp32
         )
-        d = decode_only(store, uris)
+        d = decode_only(settings, uris)
     finally:
-        store.close()
+        if store:
+            store.close()
     c, cp = c_fp32["images_per_s"], c_picked["images_per_s"]
     result = {
         "date": dt.date.today().isoformat(),
         "model": args.model,
         "n": args.n,
+        "unique": min(args.unique or args.n, args.n),
         "size": args.size,
         "source": args.source,
         "precision_auto_picks": str(picked or "fp32").replace("torch.", ""),
@@ -357,6 +401,10 @@ def throughput(args) -> None:
         "b_classic_loop": round(b, 1),
         "c_meddx_score_fp32": round(c, 1),
         "c_meddx_score_picked": round(cp, 1),
+        "c_fp32_inside_command": round(c_fp32["images_per_s_inside"], 1),
+        "c_picked_inside_command": round(c_picked["images_per_s_inside"], 1),
+        "c_fp32_pipeline": round(c_fp32["images_per_s_pipeline"], 1),
+        "c_picked_pipeline": round(c_picked["images_per_s_pipeline"], 1),
         "d_decode_only": round(d, 1),
         "c_fp32_over_a_fp32": round(c / a_fp32, 3),
         "c_fp32_over_b": round(c / b, 3),
@@ -371,7 +419,7 @@ def throughput(args) -> None:
         subset = archive(args.train_n, args.size, args.cache)
         result["train_n"] = args.train_n
         result["train_images_per_s"] = {
-            f"{workers}_workers": round(training(subset, args.model, workers, store.env), 1)
+            f"{workers}_workers": round(training(subset, args.model, workers, env), 1)
             for workers in (1, 2)
         }
         write_result(result, "")
@@ -397,7 +445,7 @@ def scale(args) -> None:
                 writer.writerow(["uri"])
                 writer.writerows([u] for u in uris[:n])
             run = meddx_score(
-                store,
+                store.env,
                 f"s3://{manifest}",
                 f"s3://{BUCKET}/model.pt",
                 args.precision,
@@ -443,6 +491,18 @@ def main() -> None:
         default="s3",
         help="where (c) and (d) read: moto's S3 server, or the local folder (a GPU node "
         "outruns one moto process)",
+    )
+    parser.add_argument(
+        "--unique",
+        type=int,
+        default=None,
+        help="render only this many distinct images; the rest of --n are hard links",
+    )
+    parser.add_argument(
+        "--loop-seconds",
+        type=float,
+        default=None,
+        help="time (b) over its first seconds instead of all --n images",
     )
     parser.add_argument("--scale", default=None, metavar="N1,N2,...")
     parser.add_argument("--cache", type=Path, default=Path("benchmarks/.cache"))

@@ -245,9 +245,8 @@ _SCORING_OPTIONS = [
     click.option(
         "--batch-size",
         type=click.IntRange(min=1),
-        default=64,
-        show_default=True,
-        help="Images per inference batch.",
+        default=None,
+        help="Images per inference batch [default: 256 with GPUs, 64 on CPU].",
     ),
     click.option(
         "--actors",
@@ -341,7 +340,8 @@ def score(input, **opts):
     s = run(ScoreConfig(input=input, **_scoring_kwargs(opts)))
     click.echo(
         f"inputs={s.inputs} ok={s.ok} errors={s.errors} rows_written={s.rows_written} "
-        f"seconds={s.seconds:.1f} images_per_s={s.images_per_s:.1f}"
+        f"seconds={s.seconds:.1f} images_per_s={s.images_per_s:.1f} "
+        f"startup_seconds={s.startup_seconds:.1f} pipeline_seconds={s.pipeline_seconds:.1f}"
     )
     click.echo(f"wrote {s.output} (run_id {s.run_id})")
 

@@ -20,7 +20,6 @@ import io
 from collections.abc import Callable
 
 import torch
-import torchvision
 from torch import nn
 
 from meddx import MeddxError, __version__, storage
@@ -71,16 +70,23 @@ class SeedNet(nn.Module):
         return self.classifier(self.pool(self.features(x)))
 
 
-def _densenet121(num_classes: int) -> nn.Module:
-    # CheXNet: DenseNet-121 with its classifier replaced by one output per class.
-    return torchvision.models.densenet121(weights=None, num_classes=num_classes)
+def _torchvision(arch: str) -> Callable[[int], nn.Module]:
+    def build(num_classes: int) -> nn.Module:
+        # Imported when a model is built: torchvision's import takes about 3 s (it
+        # brings in torch._dynamo), which a driver that only reads checkpoints skips.
+        import torchvision
+
+        return getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
+
+    return build
 
 
 MODELS: dict[str, Callable[[int], nn.Module]] = {
     "seednet": lambda n: SeedNet(n),
-    "resnet18": lambda n: torchvision.models.resnet18(weights=None, num_classes=n),
-    "resnet50": lambda n: torchvision.models.resnet50(weights=None, num_classes=n),
-    "densenet121": _densenet121,
+    "resnet18": _torchvision("resnet18"),
+    "resnet50": _torchvision("resnet50"),
+    # CheXNet: DenseNet-121 with its classifier replaced by one output per class.
+    "densenet121": _torchvision("densenet121"),
 }
 
 

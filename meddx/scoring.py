@@ -28,8 +28,13 @@ from meddx.storage import StorageSettings
 
 PSEUDONYM_KEY_ENV = "MEDDX_PSEUDONYM_KEY"
 PREDICTOR_RESTARTS = 3
-# A CPU predictor holds the model (resnet50: 100 MB) and a batch's activations.
-PREDICTOR_MEMORY = 1 * 2**30
+# A CPU predictor holds the model (resnet50: 100 MB), torch's runtime and a batch's
+# activations (resnet18 at batch 64 peaked at 970 MiB).
+PREDICTOR_MEMORY = 3 * 2**29
+# Inference batch when none is asked for: a GPU needs large batches to stay busy (the
+# uint8 batch is 38 MB at 224 px); on CPU larger batches gain nothing and hold memory.
+GPU_BATCH = 256
+CPU_BATCH = 64
 
 
 @dataclass(frozen=True)
@@ -37,7 +42,7 @@ class ScoreConfig:
     input: str
     model: str
     out: str
-    batch_size: int = 64
+    batch_size: int | None = None  # None: GPU_BATCH with GPUs, else CPU_BATCH
     actors: int | None = None  # None: one per GPU, or one on a CPU-only cluster
     run_date: str = field(default_factory=lambda: dt.date.today().isoformat())
     precision: str = "auto"
@@ -58,6 +63,12 @@ class ScoreSummary:
     seconds: float
     output: str
     run_id: str
+    startup_seconds: float = 0.0  # listing, checkpoint check and Ray's start
+
+    @property
+    def pipeline_seconds(self) -> float:
+        """From the first block read to the last Parquet file (actor start included)."""
+        return self.seconds - self.startup_seconds
 
     @property
     def images_per_s(self) -> float:
@@ -71,7 +82,7 @@ def cluster_gpus() -> int:
     return int(ray.cluster_resources().get("GPU", 0))
 
 
-def predictor_resources(actors: int | None) -> tuple[int, int | None, dict]:
+def predictor_resources(actors: int | None) -> tuple[int, int | None, dict[str, float]]:
     """How many predictor actors, torch threads for each (None: the node's CPUs), and
     what each asks of Ray."""
     gpus = cluster_gpus()
@@ -84,8 +95,12 @@ def predictor_resources(actors: int | None) -> tuple[int, int | None, dict]:
     # decoding stays on parallel CPU tasks. Several actors asked for split the cores.
     nodes = max(1, sum(1 for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU")))
     cpus = int(ray.cluster_resources().get("CPU", 1))
-    threads = max(1, cpus // actors) if actors and actors > nodes else None
-    return actors or 1, threads, {"num_cpus": 1, "memory": PREDICTOR_MEMORY}
+    n = actors or 1
+    threads = max(1, cpus // n) if n > nodes else None
+    # At least one CPU stays free for reading and decoding, or the actors would hold
+    # every CPU slot and the pipeline would wait on itself.
+    share = min(1.0, max(0.1, (cpus - 1) / n))
+    return n, threads, {"num_cpus": share, "memory": PREDICTOR_MEMORY}
 
 
 def partition_uri(out: str, run_date: str) -> str:
@@ -163,7 +178,7 @@ def build_dataset(
         Predictor,
         fn_constructor_args=(cfg.model, cfg.storage, cfg.precision, run_id, sha),
         fn_constructor_kwargs={"threads": threads, "compile_model": cfg.compile_model},
-        batch_size=cfg.batch_size,
+        batch_size=cfg.batch_size or (GPU_BATCH if "num_gpus" in resources else CPU_BATCH),
         compute=ray.data.ActorPoolStrategy(size=actors),
         # A predictor whose process dies (OOM kill, lost node, preempted GPU) is
         # restarted and its unfinished batches re-run: the model is pure, so a re-run
@@ -186,6 +201,7 @@ def score(cfg: ScoreConfig) -> ScoreSummary:
     ckpt, sha = models.read_checkpoint(cfg.model, cfg.storage, cfg.model_sha256)
     init_ray()
     ds = build_dataset(cfg, uris, ckpt, run_id, sha=sha)
+    startup = time.perf_counter() - start
     target = partition_uri(cfg.out, cfg.run_date)
     fs = storage.arrow_filesystem(target, cfg.storage)
     schema = OUTPUT_SCHEMA.with_metadata(file_metadata(ckpt, sha, run_id, cfg))
@@ -205,6 +221,7 @@ def score(cfg: ScoreConfig) -> ScoreSummary:
         seconds=seconds,
         output=target,
         run_id=run_id,
+        startup_seconds=startup,
     )
 
 

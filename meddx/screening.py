@@ -59,7 +59,7 @@ class ScreenConfig:
     max_error_rate: float = 0.05
     max_psi: float = 0.25
     drift_window: int = 7  # how many earlier run dates form the reference distribution
-    batch_size: int = 64
+    batch_size: int | None = None
     actors: int | None = None
     precision: str = "auto"
     compile_model: bool = False

@@ -1,0 +1,5 @@
+"""`python -m meddx ...`: the same as the `meddx` command."""
+
+from meddx.cli import main
+
+main()
