@@ -252,7 +252,8 @@ _SCORING_OPTIONS = [
         "--actors",
         type=click.IntRange(min=1),
         default=None,
-        help="Predictor actors [default: one per GPU, or 1 on CPU].",
+        help="Predictor actors [default: one per GPU; on CPU one per node, growing to one "
+        "per core for every 1,000 inputs].",
     ),
     click.option(
         "--precision",
@@ -380,7 +381,7 @@ def screen(source, new_model, max_error_rate, max_psi, **opts):
 
     s = run(
         ScreenConfig(
-            source=source,
+            input=source,
             new_model=new_model,
             max_error_rate=max_error_rate,
             max_psi=max_psi,

@@ -96,7 +96,7 @@ def run_demo(workdir: str, n_train: int, n_holdout: int, epochs: int) -> dict:
         predictions = os.path.join(workdir, "results")
         night = screen(
             ScreenConfig(
-                source=f"s3://{BUCKET}/holdout", model=ckpt, out=predictions, storage=settings
+                input=f"s3://{BUCKET}/holdout", model=ckpt, out=predictions, storage=settings
             )
         )
         click.echo(

@@ -35,6 +35,7 @@ PREDICTOR_MEMORY = 3 * 2**29
 # uint8 batch is 38 MB at 224 px); on CPU larger batches gain nothing and hold memory.
 GPU_BATCH = 256
 CPU_BATCH = 64
+INPUTS_PER_CPU_ACTOR = 1000  # a CPU job this long gets one more predictor actor
 
 
 @dataclass(frozen=True)
@@ -82,25 +83,35 @@ def cluster_gpus() -> int:
     return int(ray.cluster_resources().get("GPU", 0))
 
 
-def predictor_resources(actors: int | None) -> tuple[int, int | None, dict[str, float]]:
-    """How many predictor actors, torch threads for each (None: the node's CPUs), and
-    what each asks of Ray."""
+def predictor_resources(
+    actors: int | None, inputs: int
+) -> tuple[ray.data.ActorPoolStrategy, int | None, dict[str, float]]:
+    """The predictor pool, torch threads for each actor (None: the node's CPUs), and
+    what each actor asks of Ray."""
     gpus = cluster_gpus()
     if gpus:
-        return actors or gpus, None, {"num_gpus": 1}
-    # On CPU one actor uses every core through torch's intra-op threads; more actors
-    # would only split the same cores (and load the model again for each). The memory
-    # reservation (model plus a batch of activations) also makes the actor's resources
-    # differ from the decode tasks', so Ray does not fuse decoding into the actor:
-    # decoding stays on parallel CPU tasks. Several actors asked for split the cores.
+        return ray.data.ActorPoolStrategy(size=actors or gpus), None, {"num_gpus": 1}
     nodes = max(1, sum(1 for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU")))
     cpus = int(ray.cluster_resources().get("CPU", 1))
-    n = actors or 1
-    threads = max(1, cpus // n) if n > nodes else None
+    # On CPU, by default one actor per node uses the node's cores through torch's
+    # threads. A long job instead runs up to one single-thread actor per core: separate
+    # processes do not stall at each other's thread barriers when a decode task takes a
+    # core (resnet18 on 2 cores: 2 x 1 thread 28.0 images/s, 1 x 2 threads 25.4), but
+    # each loads its own model, seconds of start-up a short job would not win back.
+    # Their memory reservations may take at most half of the cluster's.
+    fits = int(ray.cluster_resources().get("memory", 0) / 2 // PREDICTOR_MEMORY)
+    wanted = actors or max(nodes, min(cpus, fits, inputs // INPUTS_PER_CPU_ACTOR))
+    threads = max(1, cpus // wanted) if wanted > nodes else None
     # At least one CPU stays free for reading and decoding, or the actors would hold
-    # every CPU slot and the pipeline would wait on itself.
-    share = min(1.0, max(0.1, (cpus - 1) / n))
-    return n, threads, {"num_cpus": share, "memory": PREDICTOR_MEMORY}
+    # every CPU slot and the pipeline would wait on itself. The memory reservation also
+    # makes the actors' resources differ from the decode tasks', so Ray does not fuse
+    # decoding into the actors: decoding stays on parallel CPU tasks.
+    share = min(1.0, max(0.1, (cpus - 1) / wanted))
+    return (
+        ray.data.ActorPoolStrategy(size=wanted),
+        threads,
+        {"num_cpus": share, "memory": PREDICTOR_MEMORY},
+    )
 
 
 def partition_uri(out: str, run_date: str) -> str:
@@ -158,7 +169,7 @@ def build_dataset(
         modalities=resolve_modalities(cfg.modalities, ckpt),
         pseudonym_key=pseudonym_key(),
     )
-    actors, threads, resources = predictor_resources(cfg.actors)
+    pool, threads, resources = predictor_resources(cfg.actors, len(uris))
     # Small read tasks keep every CPU busy and memory flat: ~64 objects per block, and
     # at least one block per tar shard (a shard holds many images).
     shards = sum(sources.is_shard(u) for u in uris)
@@ -179,7 +190,7 @@ def build_dataset(
         fn_constructor_args=(cfg.model, cfg.storage, cfg.precision, run_id, sha),
         fn_constructor_kwargs={"threads": threads, "compile_model": cfg.compile_model},
         batch_size=cfg.batch_size or (GPU_BATCH if "num_gpus" in resources else CPU_BATCH),
-        compute=ray.data.ActorPoolStrategy(size=actors),
+        compute=pool,
         # A predictor whose process dies (OOM kill, lost node, preempted GPU) is
         # restarted and its unfinished batches re-run: the model is pure, so a re-run
         # batch gives the same rows, and Ray Data writes each block once. Bounded, so a

@@ -28,7 +28,7 @@ import posixpath
 import time
 import uuid
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -37,7 +37,7 @@ import pyarrow.csv as pacsv
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from meddx import MeddxAlarm, MeddxError, decode, models, report, sources, storage
+from meddx import MeddxAlarm, MeddxError, models, report, sources, storage
 from meddx.predict import OUTPUT_SCHEMA
 from meddx.scoring import ScoreConfig, build_dataset, check_run_date, file_metadata, init_ray
 from meddx.storage import StorageSettings
@@ -50,24 +50,13 @@ MIN_DRIFT_SAMPLES = 30
 
 
 @dataclass(frozen=True)
-class ScreenConfig:
-    source: str
-    model: str
-    out: str
-    run_date: str = field(default_factory=lambda: dt.date.today().isoformat())
+class ScreenConfig(ScoreConfig):
+    """What ``meddx score`` takes (``input`` is the watched source) plus a night's own."""
+
     new_model: bool = False
     max_error_rate: float = 0.05
     max_psi: float = 0.25
     drift_window: int = 7  # how many earlier run dates form the reference distribution
-    batch_size: int | None = None
-    actors: int | None = None
-    precision: str = "auto"
-    compile_model: bool = False
-    max_pixels: int = decode.DEFAULT_MAX_PIXELS
-    max_object_bytes: int = sources.DEFAULT_MAX_OBJECT_BYTES
-    modalities: str | None = None
-    model_sha256: str | None = None
-    storage: StorageSettings = StorageSettings()
 
 
 # ---- staging and commit ----------------------------------------------------------------
@@ -230,29 +219,14 @@ def screen(cfg: ScreenConfig) -> dict:
     storage.require_bucket(cfg.out, cfg.storage)
     recovered = recover(cfg)
     ckpt, sha = models.read_checkpoint(cfg.model, cfg.storage, cfg.model_sha256)
-    listing = listing_with_times(cfg.source, cfg.storage)
+    listing = listing_with_times(cfg.input, cfg.storage)
     todo, known = select_new(cfg, listing, sha)
     run_id = f"{cfg.run_date}-{uuid.uuid4().hex[:12]}"
-    score_cfg = ScoreConfig(
-        input=cfg.source,
-        model=cfg.model,
-        out=cfg.out,
-        batch_size=cfg.batch_size,
-        actors=cfg.actors,
-        run_date=cfg.run_date,
-        precision=cfg.precision,
-        compile_model=cfg.compile_model,
-        max_pixels=cfg.max_pixels,
-        max_object_bytes=cfg.max_object_bytes,
-        modalities=cfg.modalities,
-        model_sha256=cfg.model_sha256,
-        storage=cfg.storage,
-    )
     if todo:
         init_ray()
         staging = _path(cfg, STAGING, run_id)
-        schema = OUTPUT_SCHEMA.with_metadata(file_metadata(ckpt, sha, run_id, score_cfg))
-        build_dataset(score_cfg, todo, ckpt, run_id, known=known, sha=sha).write_parquet(
+        schema = OUTPUT_SCHEMA.with_metadata(file_metadata(ckpt, sha, run_id, cfg))
+        build_dataset(cfg, todo, ckpt, run_id, known=known, sha=sha).write_parquet(
             staging, filesystem=storage.arrow_filesystem(cfg.out, cfg.storage), schema=schema
         )
         commit(cfg, staging, run_id)
@@ -286,7 +260,7 @@ def summarise(cfg, rows, listing, todo, ckpt, sha, run_id, seconds, recovered) -
     return {
         "run_id": run_id,
         "run_date": cfg.run_date,
-        "source": cfg.source,
+        "source": cfg.input,
         "inputs_seen": len(listing),
         "new_inputs": len(todo),
         "rows": len(status),

@@ -196,3 +196,20 @@ def test_killed_predictor_still_one_row_per_input(ray_session, tmp_path, random_
     uris = table["image_uri"].to_pylist()
     assert summary.rows_written == len(uris) == len(set(uris)) == 300
     assert set(table["status"].to_pylist()) == {"ok"}
+
+
+def test_predictor_pool_is_sized_from_the_cluster_and_the_job(ray_session):
+    from meddx.scoring import PREDICTOR_MEMORY, predictor_resources
+
+    # A short job on this 2-CPU node: one actor using the node's cores.
+    pool, threads, resources = predictor_resources(None, inputs=500)
+    assert (pool.min_size, pool.max_size, threads) == (1, 1, None)
+    assert resources == {"num_cpus": 1.0, "memory": PREDICTOR_MEMORY}
+    # A long one: one single-thread actor per core, one CPU left for decoding.
+    pool, threads, resources = predictor_resources(None, inputs=2000)
+    assert (pool.min_size, pool.max_size, threads) == (2, 2, 1)
+    assert resources["num_cpus"] == 0.5
+    # Asked for: as many as asked, the cores split between them, decoding not starved.
+    pool, threads, resources = predictor_resources(3, inputs=10)
+    assert (pool.min_size, pool.max_size, threads) == (3, 3, 1)
+    assert resources["num_cpus"] * 3 <= 1.0

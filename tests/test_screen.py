@@ -44,7 +44,7 @@ def upload(fs, prefix, start, stop, size=48):
 
 def config(bucket, settings, model, day, **kw):
     return ScreenConfig(
-        source=f"{bucket}/incoming",
+        input=f"{bucket}/incoming",
         model=model,
         out=f"{bucket}/results",
         run_date=day,
@@ -161,7 +161,7 @@ def test_recover_finishes_a_committed_run_and_drops_the_rest(tmp_path):
     (committed / COMMIT).write_text(
         json.dumps({"run_id": "run-a", "moves": [[str(committed / "x.parquet"), str(target)]]})
     )
-    done = recover(ScreenConfig(source="s", model="m", out=str(out)))
+    done = recover(ScreenConfig(input="s", model="m", out=str(out)))
     assert done == ["finished commit of run-a", "discarded uncommitted run run-b"]
     assert target.exists() and not (out / "_staging" / "run-a").exists()
     assert not partial.exists()
@@ -244,7 +244,7 @@ def test_report_renders_in_chromium(ray_session, tmp_path, triage_checkpoint):
     (src / "broken.png").write_bytes(b"")
     screen(
         ScreenConfig(
-            source=str(src),
+            input=str(src),
             model=triage_checkpoint,
             out=str(tmp_path / "out"),
             run_date="2026-11-15",
