@@ -236,15 +236,16 @@ def score(cfg: ScoreConfig) -> ScoreSummary:
     )
 
 
-def init_ray() -> None:
+def init_ray(dashboard: bool = False) -> None:
     """Join the cluster this runs on (``ray job submit``) or start a local one."""
     if not ray.is_initialized():
-        # No usage reports leave the machine. A local start skips the dashboard (its
-        # processes cost seconds of start-up and a share of the CPUs); joining a
-        # cluster ignores the flag.
+        # No usage reports leave the machine. A local scoring run skips the dashboard
+        # (its processes cost seconds of start-up and a share of the CPUs); training
+        # keeps it, as Ray Train watches its workers through the state API it serves.
+        # Joining a cluster ignores the flag.
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         ray.init(
-            include_dashboard=False,
+            include_dashboard=None if dashboard else False,  # None: when installed
             log_to_driver=os.environ.get("MEDDX_QUIET_WORKERS") is None,
         )
     ray.data.DataContext.get_current().enable_progress_bars = False

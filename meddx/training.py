@@ -436,7 +436,7 @@ def train(cfg: TrainConfig) -> TrainSummary:
         # Inverse-frequency class weights: a rare finding costs as much as the common normal.
         class_weights = (counts.sum() / (len(class_names) * np.maximum(counts, 1))).tolist()
 
-    init_ray()
+    init_ray(dashboard=True)
     if cfg.use_gpu and not ray.cluster_resources().get("GPU"):
         raise MeddxError("--use-gpu asked for, but this Ray cluster has no GPUs")
     resources, threads = worker_resources(cfg)

@@ -3,6 +3,7 @@
 import pytest
 
 from meddx import MeddxError, models
+from meddx.storage import StorageSettings
 from meddx.synth import SynthConfig, write_archive
 from meddx.training import TrainConfig, split, train
 
@@ -160,3 +161,31 @@ def test_multi_label_config_errors(tmp_path):
     )
     with pytest.raises(MeddxError, match="'nodule' needs positive and negative"):
         train(TrainConfig(data=str(tmp_path / "rare"), out="m.pt", findings=("nodule",)))
+
+
+@pytest.mark.slow
+def test_train_command_on_its_own_ray_prints_no_state_api_noise(tmp_path):
+    """`meddx train` starts its own Ray with the dashboard: Ray Train watches its
+    workers through the state API, which otherwise fails and logs about once a second."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    write_archive(SynthConfig(out=str(tmp_path / "data"), n=40, size=64, seed=3))
+    env = {**os.environ, "RAY_ADDRESS": "local"}  # a Ray of its own, not the session's
+    result = subprocess.run(
+        [str(Path(sys.executable).with_name("meddx")), "train", str(tmp_path / "data")]
+        + ["--out", str(tmp_path / "m.pt"), "--model", "seednet", "--workers", "2"]
+        + ["--epochs", "3", "--image-size", "64", "--storage-path", str(tmp_path / "runs")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "trained seednet on 32 images (validation 8)" in result.stdout
+    assert "State API may be temporarily unavailable" not in output
+    ckpt, _ = models.read_checkpoint(str(tmp_path / "m.pt"), StorageSettings())
+    assert ckpt["model_name"] == "seednet"
