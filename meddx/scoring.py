@@ -79,27 +79,24 @@ class ScoreSummary:
 # ---- the pipeline --------------------------------------------------------------------
 
 
-def cluster_gpus() -> int:
-    return int(ray.cluster_resources().get("GPU", 0))
-
-
 def predictor_resources(
     actors: int | None, inputs: int
 ) -> tuple[ray.data.ActorPoolStrategy, int | None, dict[str, float]]:
     """The predictor pool, torch threads for each actor (None: the node's CPUs), and
     what each actor asks of Ray."""
-    gpus = cluster_gpus()
+    total = ray.cluster_resources()
+    gpus = int(total.get("GPU", 0))
     if gpus:
         return ray.data.ActorPoolStrategy(size=actors or gpus), None, {"num_gpus": 1}
     nodes = max(1, sum(1 for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU")))
-    cpus = int(ray.cluster_resources().get("CPU", 1))
+    cpus = int(total.get("CPU", 1))
     # On CPU, by default one actor per node uses the node's cores through torch's
     # threads. A long job instead runs up to one single-thread actor per core: separate
     # processes do not stall at each other's thread barriers when a decode task takes a
     # core (resnet18 on 2 cores: 2 x 1 thread 28.0 images/s, 1 x 2 threads 25.4), but
     # each loads its own model, seconds of start-up a short job would not win back.
     # Their memory reservations may take at most half of the cluster's.
-    fits = int(ray.cluster_resources().get("memory", 0) / 2 // PREDICTOR_MEMORY)
+    fits = int(total.get("memory", 0) / 2 // PREDICTOR_MEMORY)
     wanted = actors or max(nodes, min(cpus, fits, inputs // INPUTS_PER_CPU_ACTOR))
     threads = max(1, cpus // wanted) if wanted > nodes else None
     # At least one CPU stays free for reading and decoding, or the actors would hold

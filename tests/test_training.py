@@ -1,5 +1,10 @@
 """DDP training on a real local Ray, fed from a real S3 endpoint."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from meddx import MeddxError, models
@@ -167,11 +172,6 @@ def test_multi_label_config_errors(tmp_path):
 def test_train_command_on_its_own_ray_prints_no_state_api_noise(tmp_path):
     """`meddx train` starts its own Ray with the dashboard: Ray Train watches its
     workers through the state API, which otherwise fails and logs about once a second."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     write_archive(SynthConfig(out=str(tmp_path / "data"), n=40, size=64, seed=3))
     env = {**os.environ, "RAY_ADDRESS": "local"}  # a Ray of its own, not the session's
     result = subprocess.run(
