@@ -2,6 +2,10 @@
 
 __version__ = "0.1.0"
 
+# An error column holds one line: room for a path and its reason, short enough that a
+# table of errors (or an error hiding a long payload) stays readable.
+ERROR_TEXT_CHARS = 300
+
 
 class MeddxError(Exception):
     """A user-facing error: bad input, bad option, missing file. Printed as one line."""
@@ -9,3 +13,9 @@ class MeddxError(Exception):
 
 class MeddxAlarm(MeddxError):
     """The run finished and wrote everything, but something needs a human (exit 3)."""
+
+
+def one_line(exc: BaseException, limit: int = ERROR_TEXT_CHARS) -> str:
+    """An exception as one short line (no newlines, bounded length) for an error column."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text[:limit]

@@ -60,9 +60,8 @@ def calibrate(
     table, meta = read_predictions(predictions, settings)
     if meta.get("meddx.model_sha256") != sha:
         raise MeddxError(f"{predictions} was not scored by {model} (sha256 differs)")
-    names = list(ckpt["class_names"])
-    multi_label = models.is_multi_label(ckpt)
-    if multi_label:
+    names = list(ckpt.class_names)
+    if ckpt.multi_label:
         if finding not in names:
             raise MeddxError(
                 "a multi-label checkpoint is calibrated one finding at a time: "
@@ -72,17 +71,13 @@ def calibrate(
         rows, truth, _ = finding_truth(table, labels, names, settings)
         y_true = truth[:, k]
         scores = np.array([r["probs"][k] for r in rows], dtype=float)
-        temperatures = ckpt.get("temperature", 1.0)
-        if not isinstance(temperatures, list):
-            temperatures = [float(temperatures)] * len(names)
-        previous = float(temperatures[k])
     else:
         if finding is not None:
             raise MeddxError(f"--finding is for multi-label checkpoints; {model} is not one")
         truth = sources.manifest_labels(labels, settings) if labels else None
-        rows, y_true, _ = labelled_scores(table, truth, ckpt["positive_class"])
+        rows, y_true, _ = labelled_scores(table, truth, ckpt.positive_class)
         scores = np.array([r["score"] for r in rows], dtype=float)
-        previous = float(ckpt.get("temperature", 1.0))
+        k = 0  # one threshold and one temperature
     if len(np.unique(y_true)) < 2:
         raise MeddxError("calibration needs labelled positives and negatives")
     t_fit = fit_temperature(y_true, scores) if temperature else 1.0
@@ -101,21 +96,21 @@ def calibrate(
         "calibrated_at": dt.datetime.now(dt.UTC).isoformat(),
         "metrics": {k: v for k, v in validation.items() if isinstance(v, float)},
     }
-    if multi_label:
-        ckpt["thresholds"][k] = threshold
-        ckpt["threshold"] = min(ckpt["thresholds"])
-        temperatures[k] = previous * t_fit
-        ckpt["temperature"] = temperatures
-        # One record per finding: calibrating another finding keeps this one's.
-        ckpt["calibration"] = {**ckpt.get("calibration", {}), finding: record}
-    else:
-        ckpt["threshold"] = threshold
-        ckpt["temperature"] = previous * t_fit
-        ckpt["calibration"] = record
+    thresholds, temperatures = list(ckpt.thresholds), list(ckpt.temperatures)
+    thresholds[k] = threshold
+    # The scores were already divided by the old temperature: the new one compounds it.
+    temperatures[k] *= t_fit
+    # Multi-label: one record per finding, so calibrating another finding keeps this one's.
+    calibration = {**ckpt.extra.get("calibration", {}), finding: record} if finding else record
+    ckpt = ckpt.replace(
+        thresholds=tuple(thresholds),
+        temperatures=tuple(temperatures),
+        extra={**ckpt.extra, "calibration": calibration},
+    )
     new_sha = models.save_checkpoint(ckpt, out, settings)
     return {
         "threshold": threshold,
-        "temperature": previous * t_fit,
+        "temperature": temperatures[k],
         "metrics": validation,
         "sha256": new_sha,
     }

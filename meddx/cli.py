@@ -1,24 +1,86 @@
-"""The ``meddx`` command line. Each command builds a frozen config and calls one function."""
+"""The ``meddx`` command line. Each command builds a frozen config and calls one function.
+
+Options are declared once, named as the config fields they fill, with the defaults and
+choices of ``meddx.config`` and ``meddx.names``; the limits on their values are the
+configs' own checks. Nothing heavy (torch, Ray) is imported until a command runs.
+"""
 
 from __future__ import annotations
 
-import datetime as dt
+import dataclasses
 import math
 import sys
 
 import click
 
-from meddx import MeddxAlarm, MeddxError, __version__
+from meddx import MeddxAlarm, MeddxError, __version__, names
+from meddx.config import ScoreConfig, ScreenConfig, TrainConfig
 from meddx.storage import StorageSettings
 
-s3_endpoint_option = click.option(
+
+def default(config, name: str):
+    """A config field's default, so ``--help`` shows what the library will use."""
+    f = next(f for f in dataclasses.fields(config) if f.name == name)
+    return f.default
+
+
+def _storage(ctx, param, value) -> StorageSettings:
+    return StorageSettings.from_env(value)
+
+
+storage_option = click.option(
     "--s3-endpoint",
+    "storage",
     envvar="MEDDX_S3_ENDPOINT",
     default=None,
     metavar="URL",
+    callback=_storage,
     help="S3-compatible endpoint (MinIO, Ceph, ...); env MEDDX_S3_ENDPOINT. "
     "Credentials come from the standard AWS chain.",
 )
+
+
+def _parsed(parse):
+    """A click callback from a parser of names.py: its refusal is a usage error."""
+
+    def callback(ctx, param, value):
+        try:
+            return None if value is None else parse(value)
+        except MeddxError as exc:
+            raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+
+    return callback
+
+
+def build(config, **fields):
+    """The command's config. A value its checks refuse is a usage error (exit 2), as a
+    value click refuses would be."""
+    try:
+        return config(**fields)
+    except MeddxError as exc:
+        raise click.UsageError(str(exc), ctx=click.get_current_context()) from None
+
+
+def options(declared: list):
+    """Apply a list of click options in the order they are listed."""
+
+    def apply(command):
+        for option in reversed(declared):
+            command = option(command)
+        return command
+
+    return apply
+
+
+def given(opts: dict) -> dict:
+    """The options that were given a value: the others keep the config's default."""
+    return {k: v for k, v in opts.items() if v is not None}
+
+
+def _prevalences(text: str):
+    from meddx.synth import parse_prevalences  # synth's imports only when it runs
+
+    return parse_prevalences(text)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -54,17 +116,18 @@ def cli():
     "--findings",
     default=None,
     metavar="LIST",
+    callback=_parsed(_prevalences),
     help="Multi-label: findings drawn independently, each NAME[=PREVALENCE] "
     "(opacity, effusion, nodule), or 'all'.",
 )
-@s3_endpoint_option
-def synth(out, n, size, fmt, positive_rate, seed, findings, s3_endpoint):
+@storage_option
+def synth(out, n, size, fmt, positive_rate, seed, findings, storage):
     """Write a labelled synthetic chest-X-ray archive to OUT (folder or s3:// prefix).
 
     Layout: OUT/<normal|opacity>/cxr-NNNNNN.<ext> and OUT/_manifest.csv (uri,label).
     With --findings: OUT/<normal|abnormal>/... and a 0/1 manifest column per finding.
     """
-    from meddx.synth import SynthConfig, parse_findings, write_archive
+    from meddx.synth import SynthConfig, write_archive
 
     cfg = SynthConfig(
         out=out,
@@ -73,8 +136,8 @@ def synth(out, n, size, fmt, positive_rate, seed, findings, s3_endpoint):
         format=fmt,
         positive_rate=positive_rate,
         seed=seed,
-        findings=parse_findings(findings) if findings is not None else (),
-        storage=StorageSettings.from_env(s3_endpoint),
+        findings=findings or (),
+        storage=storage,
     )
     rows = write_archive(cfg)
     if cfg.findings:
@@ -82,98 +145,96 @@ def synth(out, n, size, fmt, positive_rate, seed, findings, s3_endpoint):
 
         counts = finding_labels(cfg.n, cfg.findings, cfg.seed).sum(axis=0)
         drawn = ", ".join(f"{c} {name}" for (name, _), c in zip(cfg.findings, counts, strict=True))
-        click.echo(f"wrote {len(rows)} images ({drawn}) and _manifest.csv to {out}")
+        click.echo(f"wrote {len(rows)} images ({drawn}) and {names.MANIFEST_NAME} to {out}")
         return
-    positives = sum(label == "opacity" for _, label in rows)
-    click.echo(f"wrote {len(rows)} images ({positives} opacity) and _manifest.csv to {out}")
+    positives = sum(label == names.SINGLE_LABEL_CLASSES[1] for _, label in rows)
+    click.echo(
+        f"wrote {len(rows)} images ({positives} {names.SINGLE_LABEL_CLASSES[1]}) and "
+        f"{names.MANIFEST_NAME} to {out}"
+    )
+
+
+TRAIN_OPTIONS = [
+    click.option(
+        "--out", required=True, metavar="CKPT", help="Checkpoint file to write (local or s3://)."
+    ),
+    click.option(
+        "--model",
+        type=click.Choice(names.MODEL_NAMES),
+        default=default(TrainConfig, "model"),
+        show_default=True,
+    ),
+    click.option("--epochs", type=int, default=default(TrainConfig, "epochs"), show_default=True),
+    click.option(
+        "--workers",
+        type=int,
+        default=default(TrainConfig, "workers"),
+        show_default=True,
+        help="DDP workers.",
+    ),
+    click.option("--use-gpu/--no-use-gpu", default=False, show_default=True),
+    click.option(
+        "--batch-size",
+        type=int,
+        default=default(TrainConfig, "batch_size"),
+        show_default=True,
+        help="Per-worker batch size.",
+    ),
+    click.option("--lr", type=float, default=default(TrainConfig, "lr"), show_default=True),
+    click.option(
+        "--val-fraction",
+        type=float,
+        default=default(TrainConfig, "val_fraction"),
+        show_default=True,
+    ),
+    click.option(
+        "--image-size", type=int, default=default(TrainConfig, "image_size"), show_default=True
+    ),
+    click.option("--seed", type=int, default=default(TrainConfig, "seed"), show_default=True),
+    click.option(
+        "--modalities",
+        default=",".join(names.DEFAULT_MODALITIES),
+        show_default=True,
+        metavar="LIST",
+        callback=_parsed(names.parse_modalities),
+        help="DICOM Modality values to train on and later accept when scoring, or 'any'.",
+    ),
+    click.option(
+        "--run-name",
+        default=None,
+        metavar="NAME",
+        help="Ray Train run name; run again with the same name and --storage-path to continue "
+        "a stopped run from its last epoch.",
+    ),
+    click.option(
+        "--max-failures",
+        type=int,
+        default=default(TrainConfig, "max_failures"),
+        show_default=True,
+        help="Restarts from the last checkpoint after a worker dies.",
+    ),
+    click.option(
+        "--storage-path",
+        default=None,
+        metavar="URI",
+        help="Ray Train run folder (shared storage such as s3:// on multi-node clusters).",
+    ),
+    click.option(
+        "--findings",
+        default=None,
+        metavar="LIST",
+        callback=_parsed(names.parse_finding_names),
+        help="Multi-label: the manifest's 0/1 finding columns to learn, e.g. "
+        "opacity,effusion,nodule (one sigmoid output each).",
+    ),
+    storage_option,
+]
 
 
 @cli.command()
 @click.argument("data")
-@click.option(
-    "--out", required=True, metavar="CKPT", help="Checkpoint file to write (local or s3://)."
-)
-@click.option(
-    "--model",
-    default="resnet18",
-    show_default=True,
-    type=click.Choice(["seednet", "resnet18", "resnet50", "densenet121"]),
-)
-@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
-@click.option(
-    "--workers", type=click.IntRange(min=1), default=2, show_default=True, help="DDP workers."
-)
-@click.option("--use-gpu/--no-use-gpu", default=False, show_default=True)
-@click.option(
-    "--batch-size",
-    type=click.IntRange(min=1),
-    default=32,
-    show_default=True,
-    help="Per-worker batch size.",
-)
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
-@click.option(
-    "--val-fraction",
-    type=click.FloatRange(0, 1, min_open=True, max_open=True),
-    default=0.2,
-    show_default=True,
-)
-@click.option("--image-size", type=click.IntRange(min=32, max=1024), default=224, show_default=True)
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
-@click.option(
-    "--modalities",
-    default="CR,DX",
-    show_default=True,
-    metavar="LIST",
-    help="DICOM Modality values to train on and later accept when scoring, or 'any'.",
-)
-@click.option(
-    "--run-name",
-    default=None,
-    metavar="NAME",
-    help="Ray Train run name; run again with the same name and --storage-path to continue "
-    "a stopped run from its last epoch.",
-)
-@click.option(
-    "--max-failures",
-    type=click.IntRange(min=0),
-    default=3,
-    show_default=True,
-    help="Restarts from the last checkpoint after a worker dies.",
-)
-@click.option(
-    "--storage-path",
-    default=None,
-    metavar="URI",
-    help="Ray Train run folder (shared storage such as s3:// on multi-node clusters).",
-)
-@click.option(
-    "--findings",
-    default=None,
-    metavar="LIST",
-    help="Multi-label: the manifest's 0/1 finding columns to learn, e.g. "
-    "opacity,effusion,nodule (one sigmoid output each).",
-)
-@s3_endpoint_option
-def train(
-    data,
-    out,
-    model,
-    epochs,
-    workers,
-    use_gpu,
-    batch_size,
-    lr,
-    val_fraction,
-    image_size,
-    seed,
-    modalities,
-    run_name,
-    max_failures,
-    storage_path,
-    findings,
-    s3_endpoint,
-):
+@options(TRAIN_OPTIONS)
+def train(data, **opts):
     """Train a classifier with Ray Train (PyTorch DDP) on the labelled archive DATA.
 
     DATA is a folder or s3:// prefix, or a .csv/.parquet manifest with uri and label
@@ -181,34 +242,13 @@ def train(
     class folder names. With --findings, a multi-label model learns the manifest's 0/1
     column for each finding.
     """
-    from meddx.training import TrainConfig, parse_findings
+    cfg = build(TrainConfig, data=data, **opts)
     from meddx.training import train as run
 
-    cfg = TrainConfig(
-        data=data,
-        out=out,
-        model=model,
-        epochs=epochs,
-        workers=workers,
-        use_gpu=use_gpu,
-        batch_size=batch_size,
-        lr=lr,
-        val_fraction=val_fraction,
-        image_size=image_size,
-        seed=seed,
-        modalities=None
-        if modalities.strip().lower() == "any"
-        else tuple(m.strip().upper() for m in modalities.split(",") if m.strip()),
-        storage_path=storage_path,
-        run_name=run_name,
-        max_failures=max_failures,
-        findings=parse_findings(findings) if findings is not None else None,
-        storage=StorageSettings.from_env(s3_endpoint),
-    )
     summary = run(cfg)
     m = summary.metrics
     click.echo(
-        f"trained {model} on {summary.n_train} images (validation {summary.n_val}) "
+        f"trained {cfg.model} on {summary.n_train} images (validation {summary.n_val}) "
         f"in {summary.seconds:.1f}s; best epoch {int(m.get('epoch', 0))}: "
         f"val_auroc={m.get('val_auroc', math.nan):.4f} val_f1={m.get('val_f1', math.nan):.4f}; "
         f"last epoch train_images_per_s={summary.last.get('train_images_per_s', math.nan):.1f}"
@@ -221,44 +261,43 @@ def train(
     click.echo(f"checkpoint {summary.checkpoint} sha256={summary.sha256}")
 
 
-def _run_date(ctx, param, value):
-    if value is None:
-        return dt.date.today().isoformat()
-    try:
-        return dt.date.fromisoformat(value).isoformat()
-    except ValueError:
-        raise click.BadParameter(f"expected YYYY-MM-DD, got {value!r}") from None
+MAX_OBJECT_BYTES_OPTION = click.option(
+    "--max-object-bytes",
+    type=int,
+    default=default(ScoreConfig, "max_object_bytes"),
+    show_default=True,
+    help="Refuse any object or tar member larger than this (read no further).",
+)
 
-
-_SCORING_OPTIONS = [
+SCORING_OPTIONS = [
     click.option(
         "--model", required=True, metavar="CKPT", help="Checkpoint file (local or s3://)."
     ),
     click.option("--out", required=True, metavar="OUT", help="Results folder or s3:// prefix."),
     click.option(
         "--run-date",
-        callback=_run_date,
         default=None,
         metavar="YYYY-MM-DD",
         help="Partition to write: OUT/dt=RUN_DATE/ [default: today].",
     ),
     click.option(
         "--batch-size",
-        type=click.IntRange(min=1),
+        type=int,
         default=None,
-        help="Images per inference batch [default: 256 with GPUs, 64 on CPU].",
+        help=f"Images per inference batch [default: {names.GPU_BATCH} with GPUs, "
+        f"{names.CPU_BATCH} on CPU].",
     ),
     click.option(
         "--actors",
-        type=click.IntRange(min=1),
+        type=int,
         default=None,
         help="Predictor actors [default: one per GPU; on CPU one per node, growing to one "
         "per core for every 1,000 inputs].",
     ),
     click.option(
         "--precision",
-        type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
-        default="auto",
+        type=click.Choice(names.PRECISIONS),
+        default=default(ScoreConfig, "precision"),
         show_default=True,
         help="auto: bf16 on GPUs and CPUs with native bf16 (fp16 on older GPUs), else "
         "fp32, unless the checkpoint pins one.",
@@ -271,21 +310,17 @@ _SCORING_OPTIONS = [
     ),
     click.option(
         "--max-pixels",
-        type=click.IntRange(min=1),
-        default=None,
-        help="Refuse images with more pixels (decompression bombs) [default: 60,000,000].",
+        type=int,
+        default=default(ScoreConfig, "max_pixels"),
+        show_default=True,
+        help="Refuse images with more pixels (decompression bombs).",
     ),
-    click.option(
-        "--max-object-bytes",
-        type=click.IntRange(min=1),
-        default=None,
-        help="Refuse any object or tar member larger than this (read no further) "
-        "[default: 536,870,912 (512 MiB)].",
-    ),
+    MAX_OBJECT_BYTES_OPTION,
     click.option(
         "--modalities",
         default=None,
         metavar="LIST",
+        callback=_parsed(names.parse_modalities),
         help="DICOM Modality values to score, e.g. CR,DX, or 'any' [default: the checkpoint's].",
     ),
     click.option(
@@ -294,51 +329,28 @@ _SCORING_OPTIONS = [
         metavar="HEX",
         help="Pin the checkpoint: refuse any file with another sha256.",
     ),
-    s3_endpoint_option,
+    storage_option,
 ]
-
-
-def scoring_options(command):
-    """The options `score` and `screen` share, in one place."""
-    for option in reversed(_SCORING_OPTIONS):
-        command = option(command)
-    return command
-
-
-def _scoring_kwargs(opts: dict) -> dict:
-    from meddx import decode, sources
-
-    return {
-        "model": opts["model"],
-        "out": opts["out"],
-        "run_date": opts["run_date"],
-        "batch_size": opts["batch_size"],
-        "actors": opts["actors"],
-        "precision": opts["precision"],
-        "compile_model": opts["compile_model"],
-        "max_pixels": opts["max_pixels"] or decode.DEFAULT_MAX_PIXELS,
-        "max_object_bytes": opts["max_object_bytes"] or sources.DEFAULT_MAX_OBJECT_BYTES,
-        "modalities": opts["modalities"],
-        "model_sha256": opts["model_sha256"],
-        "storage": StorageSettings.from_env(opts["s3_endpoint"]),
-    }
 
 
 @cli.command()
 @click.argument("input")
-@scoring_options
+@options(SCORING_OPTIONS)
 def score(input, **opts):
     """Score every image named by INPUT and write Parquet to OUT/dt=RUN_DATE/.
 
     INPUT is a folder or s3:// prefix (PNG, JPEG, DICOM and .tar shards, recursively) or
     a .csv/.parquet manifest with a uri column. One row per input image; unreadable
     inputs are rows with status=error. Set MEDDX_PSEUDONYM_KEY to get keyed-hash
-    pseudonyms of DICOM study/series/instance UIDs.
+    pseudonyms of DICOM study/series/instance UIDs. The rows are committed into the
+    partition when the run has written them all, replacing its earlier rows.
     """
-    from meddx.scoring import ScoreConfig
+    cfg = build(ScoreConfig, input=input, **given(opts))
     from meddx.scoring import score as run
 
-    s = run(ScoreConfig(input=input, **_scoring_kwargs(opts)))
+    s = run(cfg)
+    for line in s.recovered:
+        click.echo(f"recovered: {line}")
     click.echo(
         f"inputs={s.inputs} ok={s.ok} errors={s.errors} rows_written={s.rows_written} "
         f"seconds={s.seconds:.1f} images_per_s={s.images_per_s:.1f} "
@@ -349,7 +361,7 @@ def score(input, **opts):
 
 @cli.command()
 @click.argument("source")
-@scoring_options
+@options(SCORING_OPTIONS)
 @click.option(
     "--new-model",
     is_flag=True,
@@ -357,46 +369,38 @@ def score(input, **opts):
 )
 @click.option(
     "--max-error-rate",
-    type=click.FloatRange(0, 1),
-    default=0.05,
+    type=float,
+    default=default(ScreenConfig, "max_error_rate"),
     show_default=True,
     help="Alarm (exit 3) when more of this run's rows are errors.",
 )
 @click.option(
     "--max-psi",
-    type=click.FloatRange(min=0),
-    default=0.25,
+    type=float,
+    default=default(ScreenConfig, "max_psi"),
     show_default=True,
     help="Alarm (exit 3) when scores drift further from the recent runs (PSI).",
 )
-def screen(source, new_model, max_error_rate, max_psi, **opts):
+def screen(source, **opts):
     """Nightly screening: score only what is new in SOURCE since the last run.
 
     Commits OUT/dt=RUN_DATE/ atomically (a killed run leaves nothing half-written and
     the next run scores what is missing), then writes the worklist, summary.json and
     report.html to OUT/_runs/dt=RUN_DATE/. Exits 3 with one line on an alarm.
     """
-    from meddx.screening import ScreenConfig
+    cfg = build(ScreenConfig, input=source, **given(opts))
     from meddx.screening import screen as run
 
-    s = run(
-        ScreenConfig(
-            input=source,
-            new_model=new_model,
-            max_error_rate=max_error_rate,
-            max_psi=max_psi,
-            **_scoring_kwargs(opts),
-        )
-    )
+    s = run(cfg)
     click.echo(
-        f"night {s['run_date']}: inputs_seen={s['inputs_seen']} new={s['new_inputs']} "
-        f"rows={s['rows']} ok={s['ok']} errors={s['errors']} positives={s['positives']} "
-        f"seconds={s['seconds']}"
+        f"night {s.run_date}: inputs_seen={s.inputs_seen} new={s.new_inputs} "
+        f"rows={s.rows} ok={s.ok} errors={s.errors} positives={s.positives} "
+        f"seconds={s.seconds}"
     )
-    click.echo(f"report: {opts['out'].rstrip('/')}/_runs/dt={s['run_date']}/report.html")
+    click.echo(f"report: {cfg.out.rstrip('/')}/_runs/dt={s.run_date}/report.html")
 
 
-@cli.command()
+@cli.command("evaluate")
 @click.argument("predictions")
 @click.option(
     "--labels",
@@ -418,8 +422,8 @@ def screen(source, new_model, max_error_rate, max_psi, **opts):
     help="Also per subgroup: a predictions column (modality, view_position, ...) "
     "or a manifest column (site, ...).",
 )
-@s3_endpoint_option
-def evaluate(predictions, labels, json_path, plots, by, s3_endpoint):
+@storage_option
+def evaluate_command(predictions, labels, json_path, plots, by, storage):
     """Metrics of scored PREDICTIONS (results folder, partition or file) against labels.
 
     At the stored threshold (sensitivity, specificity, PPV, NPV, F1, confusion matrix),
@@ -428,8 +432,7 @@ def evaluate(predictions, labels, json_path, plots, by, s3_endpoint):
     """
     from meddx import evaluation, metrics
 
-    settings = StorageSettings.from_env(s3_endpoint)
-    result = evaluation.evaluate(predictions, labels, settings, by=by, plots=plots)
+    result = evaluation.evaluate_predictions(predictions, labels, storage, by=by, plots=plots)
     if result["multi_label"]:
         click.echo("any finding (abnormal) vs none, score = the highest finding probability:")
     click.echo(metrics.format_metrics(result))
@@ -451,7 +454,7 @@ def evaluate(predictions, labels, json_path, plots, by, s3_endpoint):
     for path in result.get("plots", []):
         click.echo(f"wrote {path}")
     if json_path:
-        evaluation.write_json(result, json_path, settings)
+        evaluation.write_json(result, json_path, storage)
         click.echo(f"wrote {json_path}")
 
 
@@ -474,7 +477,7 @@ def evaluate(predictions, labels, json_path, plots, by, s3_endpoint):
     metavar="NAME",
     help="Multi-label checkpoints: the finding whose threshold (and temperature) to set.",
 )
-@s3_endpoint_option
+@storage_option
 def calibrate(
     predictions,
     model,
@@ -484,7 +487,7 @@ def calibrate(
     target_specificity,
     temperature,
     finding,
-    s3_endpoint,
+    storage,
 ):
     """Choose the threshold (and a temperature) on scored validation PREDICTIONS.
 
@@ -496,7 +499,6 @@ def calibrate(
 
     if (target_sensitivity is None) == (target_specificity is None):
         raise click.UsageError("give exactly one of --target-sensitivity, --target-specificity")
-    settings = StorageSettings.from_env(s3_endpoint)
     result = calibration.calibrate(
         predictions,
         model,
@@ -505,7 +507,7 @@ def calibrate(
         sensitivity=target_sensitivity,
         specificity=target_specificity,
         temperature=temperature,
-        settings=settings,
+        settings=storage,
         finding=finding,
     )
     click.echo(
@@ -522,12 +524,15 @@ def calibrate(
 @click.option("--model", required=True, metavar="CKPT", help="The checkpoint that scored them.")
 @click.option("--top", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--out", required=True, metavar="DIR", help="Folder (or s3:// prefix) for PNGs.")
-@s3_endpoint_option
-def explain(predictions, model, top, out, s3_endpoint):
+@MAX_OBJECT_BYTES_OPTION
+@storage_option
+def explain(predictions, model, top, out, max_object_bytes, storage):
     """Grad-CAM overlays (PNG) for the TOP highest-scoring studies in PREDICTIONS."""
     from meddx.explain import explain as run
 
-    for uri in run(predictions, model, top, out, StorageSettings.from_env(s3_endpoint)):
+    if max_object_bytes < 1:
+        raise click.BadParameter("must be at least 1", param_hint="--max-object-bytes")
+    for uri in run(predictions, model, top, out, storage, max_object_bytes):
         click.echo(f"wrote {uri}")
 
 

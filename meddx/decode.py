@@ -16,20 +16,13 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from meddx import dicom
-from meddx.sources import one_line
-
-# Largest chest detectors are about 4,300 x 4,300 (18.5 Mpx); 60 Mpx leaves room for
-# any real radiograph while a decompression bomb (100k x 100k) is refused before decoding.
-DEFAULT_MAX_PIXELS = 60_000_000
+from meddx import dicom, one_line
+from meddx.names import DEFAULT_MAX_PIXELS, DEFAULT_MODALITIES
 
 
 class DecodeError(Exception):
     """Why one input could not be turned into pixels (one line, no patient data)."""
 
-
-# Radiography: a chest-X-ray model must not score CT slices or MR images.
-DEFAULT_MODALITIES = ("CR", "DX")
 
 # Columns every decoded row carries (strings "" and ints 0 when unknown: an all-None
 # column does not survive Ray's Arrow conversion as None).

@@ -16,10 +16,11 @@ import time
 import click
 
 from meddx import MeddxError, evaluation, metrics
-from meddx.screening import ScreenConfig, screen
+from meddx.config import ScreenConfig, TrainConfig
+from meddx.screening import screen
 from meddx.storage import StorageSettings, filesystem
 from meddx.synth import SynthConfig, write_archive
-from meddx.training import TrainConfig, train
+from meddx.training import train
 
 BUCKET = "meddx-demo"
 # The demo trains to at least this AUROC on its held-out images, or fails loudly.
@@ -34,7 +35,13 @@ def free_port() -> int:
 
 def start_s3_server():
     """moto's S3 server on loopback, with dummy credentials every Ray worker inherits."""
-    from moto.server import ThreadedMotoServer
+    try:
+        from moto.server import ThreadedMotoServer
+    except ImportError:
+        raise MeddxError(
+            "meddx demo runs a local S3 endpoint with moto's server: "
+            "pip install 'meddx[demo]' (make demo installs it)"
+        ) from None
 
     for key, value in {
         "AWS_ACCESS_KEY_ID": "meddx-demo",
@@ -100,19 +107,21 @@ def run_demo(workdir: str, n_train: int, n_holdout: int, epochs: int) -> dict:
             )
         )
         click.echo(
-            f"[demo] scored {night['rows']} images from S3 in {night['seconds']:.1f}s "
-            f"({night['images_per_s']:.1f} images/s): ok={night['ok']} errors={night['errors']}"
-            f" worklist={night['positives']}"
+            f"[demo] scored {night.rows} images from S3 in {night.seconds:.1f}s "
+            f"({night.images_per_s:.1f} images/s): ok={night.ok} errors={night.errors}"
+            f" worklist={night.positives}"
         )
 
-        result = evaluation.evaluate(predictions, f"s3://{BUCKET}/holdout/_manifest.csv", settings)
+        result = evaluation.evaluate_predictions(
+            predictions, f"s3://{BUCKET}/holdout/_manifest.csv", settings
+        )
         evaluation.write_json(result, os.path.join(workdir, "metrics.json"), StorageSettings())
         click.echo(metrics.format_metrics(result))
     finally:
         ray.shutdown()
         server.stop()
     click.echo(f"[demo] results: {predictions}/dt=*/  metrics: {workdir}/metrics.json")
-    click.echo(f"[demo] report: {predictions}/_runs/dt={night['run_date']}/report.html")
+    click.echo(f"[demo] report: {predictions}/_runs/dt={night.run_date}/report.html")
     click.echo(
         f"[demo] done in {time.perf_counter() - start:.1f}s, held-out AUROC {result['auroc']:.4f}"
     )

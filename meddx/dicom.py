@@ -30,6 +30,8 @@ from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, pixel_array
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
+from meddx import one_line
+
 # Attributes that may go into the output: useful, and not identifying.
 COLUMNS = {
     "modality": "Modality",
@@ -143,6 +145,16 @@ def pseudonym(uid: str, key: bytes) -> str:
     return hmac.new(key, uid.encode(), hashlib.sha256).hexdigest()[:32]
 
 
+def pseudonymous_id(row: dict) -> str:
+    """How reports and file names name a study: its study (or instance) pseudonym, else
+    a short hash of its URI (file names can hold patient names)."""
+    return (
+        row.get("study_pseudonym")
+        or row.get("instance_pseudonym")
+        or "u-" + hashlib.sha256(row["image_uri"].encode()).hexdigest()[:12]
+    )
+
+
 def attributes(ds: Dataset, key: bytes | None) -> dict:
     """The columns a DICOM input contributes to its output row."""
     meta = getattr(ds, "file_meta", None)
@@ -214,7 +226,7 @@ def to_unit_gray(ds: Dataset, *, max_pixels: int, modalities: tuple[str, ...] | 
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         name = getattr(syntax, "name", "") or "unknown transfer syntax"
         raise DicomError(
-            scrub(f"cannot decode DICOM pixel data ({name}): {_one_line(exc)}", ds)
+            scrub(f"cannot decode DICOM pixel data ({name}): {one_line(exc)}", ds)
         ) from None
     unit = np.clip((shown - lo) / (hi - lo), 0, 1) if hi > lo else np.zeros_like(shown)
     if photometric == "MONOCHROME1":
@@ -270,7 +282,3 @@ def _luminance(rgb: np.ndarray, ds: Dataset) -> np.ndarray:
     scale = float(2**bits - 1)
     gray = rgb[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
     return np.clip(gray / scale, 0, 1)
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())[:200] or type(exc).__name__

@@ -106,7 +106,7 @@ def per_finding(rows, truth, findings, thresholds) -> tuple[dict, dict]:
     return per_class, macro
 
 
-def evaluate(
+def evaluate_predictions(
     predictions: str,
     labels: str | None,
     settings: StorageSettings,

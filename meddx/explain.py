@@ -24,7 +24,9 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from meddx import MeddxError, decode, models, sources, storage  # noqa: E402
-from meddx.report import pseudonymous_id  # noqa: E402
+from meddx.dicom import pseudonymous_id  # noqa: E402
+from meddx.models import Checkpoint  # noqa: E402
+from meddx.names import DEFAULT_MAX_OBJECT_BYTES  # noqa: E402
 from meddx.storage import StorageSettings  # noqa: E402
 from meddx.transforms import to_model_input  # noqa: E402
 
@@ -72,39 +74,47 @@ def overlay_png(image: np.ndarray, cam: np.ndarray, title: str) -> bytes:
     return buf.getvalue()
 
 
-def read_input(uri: str, settings: StorageSettings) -> bytes:
-    """The bytes behind an image_uri, a tar member (SHARD#MEMBER) included."""
-    if "#" in uri:
-        for member_uri, data, error in sources.read_shard(uri.split("#", 1)[0], settings):
-            if member_uri == uri and not error:
-                return data
-        raise MeddxError(f"cannot read {uri}")
-    return storage.read_bytes(uri, settings)
-
-
-def heatmaps(rows: list[dict], ckpt: dict, settings: StorageSettings) -> list[tuple[dict, bytes]]:
-    """(row, overlay PNG) for each row, in order."""
+def heatmaps(
+    rows: list[dict],
+    ckpt: Checkpoint,
+    settings: StorageSettings,
+    max_bytes: int = DEFAULT_MAX_OBJECT_BYTES,
+) -> list[tuple[dict, bytes]]:
+    """(row, overlay PNG) for each row, in order. The images are read as scoring reads
+    them (the same limits; each tar shard streamed once for all its members)."""
     model = models.model_from_checkpoint(ckpt)
-    multi_label = models.is_multi_label(ckpt)
-    positive = None if multi_label else ckpt["class_names"].index(ckpt["positive_class"])
-    mean, std = torch.tensor(ckpt["mean"]), torch.tensor(ckpt["std"])
-    settings_decode = decode.DecodeSettings(size=int(ckpt["input_size"]), modalities=None)
+    mean, std = torch.tensor(ckpt.mean), torch.tensor(ckpt.std)
+    settings_decode = decode.DecodeSettings(size=ckpt.input_size, modalities=None)
+    blobs = sources.read_uris([row["image_uri"] for row in rows], settings, max_bytes)
     out = []
-    for rank, row in enumerate(rows, start=1):
-        pixels, _ = decode.decode_image(read_input(row["image_uri"], settings), settings_decode)
-        x = to_model_input(torch.from_numpy(pixels).unsqueeze(0), mean, std).requires_grad_(False)
-        target = positive
-        if multi_label and row.get("probs"):  # the finding behind the score
+    for rank, (row, (data, error)) in enumerate(zip(rows, blobs, strict=True), start=1):
+        if error:
+            raise MeddxError(f"cannot read {row['image_uri']}: {error}")
+        try:
+            pixels, _ = decode.decode_image(data, settings_decode)
+        except decode.DecodeError as exc:
+            raise MeddxError(f"cannot decode {row['image_uri']}: {exc}") from None
+        x = to_model_input(torch.tensor(pixels).unsqueeze(0), mean, std).requires_grad_(False)
+        target = ckpt.positive_index
+        if ckpt.multi_label and row.get("probs"):  # the finding behind the score
             target = int(np.argmax(row["probs"]))
         cam = grad_cam(model, x, target)
         title = f"#{rank} {pseudonymous_id(row)} score {row['score']:.3f}"
-        if multi_label and row.get("label"):
+        if ckpt.multi_label and row.get("label"):
             title += f" {row['label']}"
         out.append((row, overlay_png(pixels, cam, title)))
     return out
 
 
-def explain(predictions: str, model: str, top: int, out: str, settings: StorageSettings):
+def explain(
+    predictions: str,
+    model: str,
+    top: int,
+    out: str,
+    settings: StorageSettings,
+    max_bytes: int = DEFAULT_MAX_OBJECT_BYTES,
+) -> list[str]:
+    """Write Grad-CAM overlays of the ``top`` highest-scoring ok rows; their URIs."""
     from meddx.evaluation import read_predictions
 
     ckpt, sha = models.read_checkpoint(model, settings)
@@ -114,7 +124,7 @@ def explain(predictions: str, model: str, top: int, out: str, settings: StorageS
     table = table.filter(pc.equal(table["status"], "ok")).sort_by([("score", "descending")])
     rows = table.slice(0, top).to_pylist()
     written = []
-    for rank, (row, png) in enumerate(heatmaps(rows, ckpt, settings), start=1):
+    for rank, (row, png) in enumerate(heatmaps(rows, ckpt, settings, max_bytes), start=1):
         uri = storage.join(out, f"{rank:03d}-{pseudonymous_id(row)}.png")
         storage.write_bytes(uri, png, settings)
         written.append(uri)

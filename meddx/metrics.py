@@ -65,7 +65,7 @@ def clinical_metrics(y_true: np.ndarray, scores: np.ndarray, threshold: float) -
             f"{s:.2f}": float(spec[tpr >= s].max()) if (tpr >= s).any() else 0.0
             for s in FIXED_POINTS
         }
-    out.update(calibration(y_true, scores))
+    out.update(calibration_fit(y_true, scores))
     return out
 
 
@@ -82,7 +82,7 @@ def auroc_ci(y_true: np.ndarray, scores: np.ndarray, seed: int = 0) -> list[floa
     return [float(lo), float(hi)]
 
 
-def calibration(y_true: np.ndarray, scores: np.ndarray, bins: int = 10) -> dict:
+def calibration_fit(y_true: np.ndarray, scores: np.ndarray, bins: int = 10) -> dict:
     """Expected calibration error (equal-width bins) and the logistic calibration
     slope/intercept (1 and 0 when calibrated)."""
     from sklearn.calibration import calibration_curve

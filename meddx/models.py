@@ -2,8 +2,9 @@
 
 A checkpoint is a plain dict (torchvision references style) saved with ``torch.save``
 and loaded with ``torch.load(..., weights_only=True)``: tensors, strings, numbers, lists
-and dicts only, so loading never runs code. All models start from random weights:
-meddx never downloads weights from a hub.
+and dicts only, so loading never runs code. It is parsed once into a frozen
+``Checkpoint``, which is what every other module reads. All models start from random
+weights: meddx never downloads weights from a hub.
 
 A multi-label checkpoint (CheXNet's formulation: one sigmoid output per finding) has
 ``multi_label: True``, its findings as ``class_names``, one threshold per finding in
@@ -14,15 +15,24 @@ Its ``positive_class`` is ``abnormal``: any finding present.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import io
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from meddx import MeddxError, __version__, storage
+from meddx import MeddxError, __version__, one_line, storage
+from meddx.names import (
+    ABNORMAL,
+    DEFAULT_MODALITIES,
+    MODEL_NAMES,
+    PRECISIONS,
+    SINGLE_LABEL_CLASSES,
+)
 from meddx.storage import StorageSettings
 
 CHECKPOINT_FORMAT = 1
@@ -30,12 +40,6 @@ CHECKPOINT_FORMAT = 1
 # user converts from them) work unchanged; ImageNet statistics are the usual default.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-# The positive class of a multi-label model's screening score: any finding present.
-ABNORMAL = "abnormal"
-# A multi-label row's label: the findings at or above their thresholds, joined by ";" in
-# the checkpoint's order ("effusion;nodule"), or "normal" when there is none.
-NO_FINDING = "normal"
-LABEL_SEPARATOR = ";"
 
 
 class SeedNet(nn.Module):
@@ -90,12 +94,129 @@ MODELS: dict[str, Callable[[int], nn.Module]] = {
 }
 
 
+assert tuple(MODELS) == MODEL_NAMES  # the CLI offers names.MODEL_NAMES without torch
+
+
 def build_model(name: str, num_classes: int) -> nn.Module:
     try:
         factory = MODELS[name]
     except KeyError:
         raise MeddxError(f"unknown model {name!r}; choose from {', '.join(MODELS)}") from None
     return factory(num_classes)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint file's contents, parsed once; every module reads this, never the dict.
+
+    ``thresholds`` and ``temperatures`` are always sequences, one per output used: for a
+    multi-label model one per finding; for a single-label model one threshold (on the
+    positive class's probability) and one temperature (dividing every logit).
+    """
+
+    model_name: str
+    class_names: tuple[str, ...]
+    positive_class: str
+    multi_label: bool
+    thresholds: tuple[float, ...]
+    temperatures: tuple[float, ...]
+    input_size: int
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    modalities: tuple[str, ...] = DEFAULT_MODALITIES  # DICOM Modality values; (): any
+    precision: str | None = None  # a pinned precision (a model that fails under bf16)
+    metrics: dict = field(default_factory=dict)
+    train_config: dict = field(default_factory=dict)
+    state_dict: dict = field(default_factory=dict, repr=False, compare=False)
+    # Whatever else the file holds (precision_check, calibration, created_at, ...): kept
+    # as it is when the checkpoint is written again.
+    extra: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def positive_index(self) -> int | None:
+        """The positive class's output (None for multi-label: the score is the highest)."""
+        return None if self.multi_label else self.class_names.index(self.positive_class)
+
+    @property
+    def threshold(self) -> float:
+        """The cut on a row's score. Multi-label: the lowest finding threshold, so every
+        study with a finding reaches the worklist."""
+        return min(self.thresholds)
+
+    def replace(self, **changes) -> Checkpoint:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Checkpoint:
+        """Parse a checkpoint dict of any meddx version (format 1)."""
+        try:
+            class_names = tuple(str(c) for c in d["class_names"])
+            multi_label = bool(d.get("multi_label", False))
+            temperature = d.get("temperature", 1.0)
+            if multi_label:
+                thresholds = tuple(float(t) for t in d["thresholds"])
+                if isinstance(temperature, list | tuple):
+                    temperatures = tuple(float(t) for t in temperature)
+                else:
+                    temperatures = (float(temperature),) * len(class_names)
+                if not len(thresholds) == len(temperatures) == len(class_names):
+                    raise MeddxError(
+                        f"checkpoint has {len(class_names)} findings, {len(thresholds)} "
+                        f"thresholds and {len(temperatures)} temperatures"
+                    )
+            else:
+                thresholds = (float(d["threshold"]),)
+                temperatures = (float(temperature),)
+                if d["positive_class"] not in class_names:
+                    raise MeddxError(f"positive class {d['positive_class']!r} is not a class")
+            known = {*(f.name for f in dataclasses.fields(cls)), "threshold", "temperature"}
+            return cls(
+                model_name=str(d["model_name"]),
+                class_names=class_names,
+                positive_class=str(d["positive_class"]),
+                multi_label=multi_label,
+                thresholds=thresholds,
+                temperatures=temperatures,
+                input_size=int(d["input_size"]),
+                mean=tuple(float(v) for v in d.get("mean", IMAGENET_MEAN)),
+                std=tuple(float(v) for v in d.get("std", IMAGENET_STD)),
+                # Written before modalities were recorded: the radiography default.
+                modalities=tuple(str(m) for m in d.get("modalities", DEFAULT_MODALITIES)),
+                precision=d.get("precision") if d.get("precision") in PRECISIONS else None,
+                metrics=dict(d.get("metrics", {})),
+                train_config=dict(d.get("train_config", {})),
+                state_dict=dict(d.get("state_dict", {})),
+                extra={k: v for k, v in d.items() if k not in known | {"format"}},
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise MeddxError(f"not a meddx checkpoint: bad or missing {one_line(exc)}") from None
+
+    def to_dict(self) -> dict:
+        """The on-disk layout (format 1): a plain dict that ``weights_only`` loads."""
+        out = {
+            **self.extra,
+            "format": CHECKPOINT_FORMAT,
+            "model_name": self.model_name,
+            "class_names": list(self.class_names),
+            "positive_class": self.positive_class,
+            "input_size": self.input_size,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "threshold": self.threshold,
+            "modalities": list(self.modalities),
+            "train_config": dict(self.train_config),
+            "metrics": dict(self.metrics),
+            "state_dict": self.state_dict,
+        }
+        if self.multi_label:
+            out["multi_label"] = True
+            out["thresholds"] = list(self.thresholds)
+            out["temperature"] = list(self.temperatures)
+        else:
+            out["temperature"] = self.temperatures[0]
+        if self.precision:
+            out["precision"] = self.precision
+        return out
 
 
 def make_checkpoint(
@@ -107,41 +228,37 @@ def make_checkpoint(
     input_size: int,
     threshold: float = 0.5,
     thresholds: list[float] | None = None,
-    modalities: list[str] | tuple[str, ...] = ("CR", "DX"),
+    modalities: list[str] | tuple[str, ...] = DEFAULT_MODALITIES,
     train_config: dict | None = None,
     metrics: dict | None = None,
-) -> dict:
-    """The checkpoint dict; ``thresholds`` (one per class) makes it multi-label."""
+) -> Checkpoint:
+    """A new checkpoint of ``model``; ``thresholds`` (one per class) makes it multi-label."""
     state = model.module.state_dict() if hasattr(model, "module") else model.state_dict()
-    multi = {}
-    if thresholds is not None:
+    multi_label = thresholds is not None
+    if multi_label:
         if len(thresholds) != len(class_names):
             raise MeddxError(f"{len(thresholds)} thresholds for {len(class_names)} findings")
-        multi = {"multi_label": True, "thresholds": [float(t) for t in thresholds]}
-        threshold, positive_class = min(thresholds), ABNORMAL
-    return {
-        "format": CHECKPOINT_FORMAT,
-        "model_name": model_name,
-        "class_names": list(class_names),
-        "positive_class": positive_class,
-        "input_size": int(input_size),
-        "mean": list(IMAGENET_MEAN),
-        "std": list(IMAGENET_STD),
-        "threshold": float(threshold),
-        **multi,
-        # DICOM Modality values the model may score; empty: any.
-        "modalities": list(modalities),
-        "train_config": dict(train_config or {}),
-        "metrics": {k: float(v) for k, v in (metrics or {}).items()},
-        "meddx_version": __version__,
-        "created_at": dt.datetime.now(dt.UTC).isoformat(),
-        "state_dict": {k: v.detach().cpu() for k, v in state.items()},
-    }
+        positive_class = ABNORMAL
+    cuts = tuple(float(t) for t in thresholds) if multi_label else (float(threshold),)
+    return Checkpoint(
+        model_name=model_name,
+        class_names=tuple(class_names),
+        positive_class=positive_class,
+        multi_label=multi_label,
+        thresholds=cuts,
+        temperatures=(1.0,) * len(cuts),
+        input_size=int(input_size),
+        modalities=tuple(modalities),
+        train_config=dict(train_config or {}),
+        metrics={k: float(v) for k, v in (metrics or {}).items()},
+        state_dict={k: v.detach().cpu() for k, v in state.items()},
+        extra={"meddx_version": __version__, "created_at": dt.datetime.now(dt.UTC).isoformat()},
+    )
 
 
 def untrained_checkpoint(
     model_name: str, input_size: int, seed: int = 0, findings: list[str] | None = None, **kwargs
-) -> dict:
+) -> Checkpoint:
     """A checkpoint of randomly initialised weights (normal/opacity, or multi-label over
     ``findings``): for benchmarks and tests of the pipeline, where throughput and
     plumbing do not depend on the weights."""
@@ -157,39 +274,44 @@ def untrained_checkpoint(
             **kwargs,
         )
     return make_checkpoint(
-        build_model(model_name, 2),
+        build_model(model_name, len(SINGLE_LABEL_CLASSES)),
         model_name=model_name,
-        class_names=["normal", "opacity"],
-        positive_class="opacity",
+        class_names=list(SINGLE_LABEL_CLASSES),
+        positive_class=SINGLE_LABEL_CLASSES[1],
         input_size=input_size,
         **kwargs,
     )
 
 
-def is_multi_label(ckpt: dict) -> bool:
-    """One sigmoid per finding (True) or one softmax over classes (False, and every
-    checkpoint written before multi-label existed)."""
-    return bool(ckpt.get("multi_label", False))
-
-
-def checkpoint_bytes(ckpt: dict) -> bytes:
+def checkpoint_bytes(ckpt: Checkpoint) -> bytes:
     buf = io.BytesIO()
-    torch.save(ckpt, buf)
+    torch.save(ckpt.to_dict(), buf)
     return buf.getvalue()
 
 
-def save_checkpoint(ckpt: dict, uri: str, settings: StorageSettings) -> str:
+def save_checkpoint(ckpt: Checkpoint, uri: str, settings: StorageSettings) -> str:
     """Write the checkpoint to ``uri`` (local or s3://); return its sha256."""
     data = checkpoint_bytes(ckpt)
     storage.write_bytes(uri, data, settings)
     return hashlib.sha256(data).hexdigest()
 
 
+def load_checkpoint_dict(data: bytes, uri: str) -> dict:
+    """``torch.load`` with ``weights_only``: tensors and plain values, never code."""
+    try:
+        ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise MeddxError(f"{uri} is not a loadable meddx checkpoint: {one_line(exc)}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise MeddxError(f"{uri} is not a meddx checkpoint (format {CHECKPOINT_FORMAT})")
+    return ckpt
+
+
 def read_checkpoint(
     uri: str, settings: StorageSettings, expected_sha256: str | None = None
-) -> tuple[dict, str]:
-    """Load a checkpoint dict and the sha256 of its file. Refuses pickled code, and any
-    file but the pinned one when ``expected_sha256`` is given (checked before unpickling)."""
+) -> tuple[Checkpoint, str]:
+    """The checkpoint and the sha256 of its file. Refuses pickled code, and any file but
+    the pinned one when ``expected_sha256`` is given (checked before unpickling)."""
     try:
         data = storage.read_bytes(uri, settings)
     except FileNotFoundError:
@@ -199,17 +321,10 @@ def read_checkpoint(
         raise MeddxError(
             f"checkpoint {uri} has sha256 {sha[:16]}..., not the pinned {expected_sha256[:16]}..."
         )
-    try:
-        ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as exc:
-        reason = " ".join(str(exc).split())[:200]
-        raise MeddxError(f"{uri} is not a loadable meddx checkpoint: {reason}") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise MeddxError(f"{uri} is not a meddx checkpoint (format {CHECKPOINT_FORMAT})")
-    return ckpt, sha
+    return Checkpoint.from_dict(load_checkpoint_dict(data, uri)), sha
 
 
-def model_from_checkpoint(ckpt: dict) -> nn.Module:
-    model = build_model(ckpt["model_name"], len(ckpt["class_names"]))
-    model.load_state_dict(ckpt["state_dict"])
+def model_from_checkpoint(ckpt: Checkpoint) -> nn.Module:
+    model = build_model(ckpt.model_name, len(ckpt.class_names))
+    model.load_state_dict(ckpt.state_dict)
     return model.eval()

@@ -9,49 +9,17 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import os
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from meddx import MeddxError, models
+from meddx import models, runtime
 from meddx.decode import INFO_DEFAULTS
+from meddx.models import Checkpoint
+from meddx.names import LABEL_SEPARATOR, NO_FINDING, OUTPUT_SCHEMA
 from meddx.storage import StorageSettings
 from meddx.transforms import to_model_input
-
-OUTPUT_SCHEMA = pa.schema(
-    [
-        ("image_uri", pa.string()),
-        ("status", pa.string()),
-        ("error", pa.string()),
-        ("label", pa.string()),
-        ("score", pa.float32()),
-        ("probs", pa.list_(pa.float32())),
-        ("threshold", pa.float32()),
-        ("model_name", pa.string()),
-        ("model_sha256", pa.string()),
-        ("content_sha256", pa.string()),
-        # DICOM attributes that identify no one (null for PNG/JPEG), image geometry,
-        # and keyed-hash pseudonyms of the UIDs (null without MEDDX_PSEUDONYM_KEY).
-        ("modality", pa.string()),
-        ("view_position", pa.string()),
-        ("body_part", pa.string()),
-        ("photometric", pa.string()),
-        ("transfer_syntax", pa.string()),
-        ("rows", pa.int32()),
-        ("columns", pa.int32()),
-        ("frames", pa.int32()),
-        ("study_pseudonym", pa.string()),
-        ("series_pseudonym", pa.string()),
-        ("instance_pseudonym", pa.string()),
-        ("run_id", pa.string()),
-        ("scored_at", pa.timestamp("us", tz="UTC")),
-    ]
-)
-
-
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
@@ -68,7 +36,7 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     return torch.bfloat16 if cpu_has_native_bf16() else None
 
 
-def inference_model(ckpt: dict, device: torch.device, fold: bool = True) -> torch.nn.Module:
+def inference_model(ckpt: Checkpoint, device: torch.device, fold: bool = True) -> torch.nn.Module:
     """The checkpoint's model ready to score: eval mode, with ``fold`` each BatchNorm
     that follows a convolution folded into it (the same fp32 outputs to float rounding,
     one pass over the activations less), channels_last, on ``device``."""
@@ -82,26 +50,10 @@ def inference_model(ckpt: dict, device: torch.device, fold: bool = True) -> torc
     return model.to(device, memory_format=torch.channels_last)
 
 
-def checkpoint_precision(precision: str, ckpt: dict) -> str:
+def checkpoint_precision(precision: str, ckpt: Checkpoint) -> str:
     """``auto`` defers to a precision the checkpoint pins (a model that does not hold up
     under bf16); an explicit choice wins."""
-    if precision not in PRECISIONS:
-        raise MeddxError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    pinned = ckpt.get("precision")
-    return pinned if precision == "auto" and pinned in PRECISIONS else precision
-
-
-def node_cpus() -> int:
-    """CPUs for this process's node: Ray's count on a Ray worker (it honours container
-    limits), else the CPUs this process may run on."""
-    import ray
-
-    if ray.is_initialized():
-        node = ray.get_runtime_context().get_node_id()
-        for info in ray.nodes():
-            if info["NodeID"] == node:
-                return max(1, int(info["Resources"].get("CPU", 1)))
-    return len(os.sched_getaffinity(0)) or 1
+    return ckpt.precision if precision == "auto" and ckpt.precision else precision
 
 
 def cpu_has_native_bf16() -> bool:
@@ -118,7 +70,7 @@ class Predictor:
 
     def __init__(
         self,
-        checkpoint: str | dict,
+        checkpoint: str | Checkpoint,
         settings: StorageSettings,
         precision: str,
         run_id: str,
@@ -127,7 +79,7 @@ class Predictor:
         threads: int | None = None,
         compile_model: bool = False,
     ):
-        if isinstance(checkpoint, dict):  # already in memory (training's own checks)
+        if isinstance(checkpoint, Checkpoint):  # already in memory (training's own checks)
             ckpt = checkpoint
             self.model_sha256 = hashlib.sha256(models.checkpoint_bytes(ckpt)).hexdigest()
         else:
@@ -138,7 +90,7 @@ class Predictor:
             # Ray gives a 1-CPU actor OMP_NUM_THREADS=1; on a CPU-only node the model
             # should use the node's cores (decode tasks are light next to the forward
             # pass); several actors on one node split them (``threads``).
-            torch.set_num_threads(threads or node_cpus())
+            torch.set_num_threads(threads or runtime.node_cpus())
         self.precision = checkpoint_precision(precision, ckpt)
         self.autocast_dtype = resolve_precision(self.precision, self.device)
         # Folded weights in bf16 lose more than BatchNorm applied after a bf16
@@ -147,24 +99,13 @@ class Predictor:
         if compile_model:
             # Worth it on GPUs for long runs; the first batches pay the compilation.
             self.model = torch.compile(self.model, dynamic=True)
-        self.class_names = list(ckpt["class_names"])
-        # Multi-label: one sigmoid and one threshold per finding; score = the highest.
-        self.multi_label = models.is_multi_label(ckpt)
-        self.thresholds = [float(t) for t in ckpt.get("thresholds", [])]
-        self.positive_index = (
-            None if self.multi_label else self.class_names.index(ckpt["positive_class"])
-        )
-        self.threshold = float(ckpt["threshold"])
-        temperature = ckpt.get("temperature", 1.0)  # a list: one per finding
-        self.temperature = (
-            torch.tensor(temperature, device=self.device)
-            if isinstance(temperature, list)
-            else float(temperature)
-        )
-        self.model_name = ckpt["model_name"]
+        self.ckpt = ckpt.replace(state_dict={})  # the model holds the weights
+        # A calibrated checkpoint divides the logits by its fitted temperature: one for
+        # every logit, or for multi-label one per finding.
+        self.temperature = torch.tensor(ckpt.temperatures, device=self.device)
         self.run_id = run_id
-        self.mean = torch.tensor(ckpt["mean"], device=self.device)
-        self.std = torch.tensor(ckpt["std"], device=self.device)
+        self.mean = torch.tensor(ckpt.mean, device=self.device)
+        self.std = torch.tensor(ckpt.std, device=self.device)
 
     @torch.inference_mode()
     def predict_probs(self, images: np.ndarray) -> np.ndarray:
@@ -178,9 +119,8 @@ class Predictor:
             enabled=self.autocast_dtype is not None,
         ):
             logits = self.model(x)
-        # A calibrated checkpoint divides the logits by its fitted temperature.
         logits = logits.float() / self.temperature
-        if self.multi_label:
+        if self.ckpt.multi_label:
             return torch.sigmoid(logits).cpu().numpy()
         return torch.softmax(logits, dim=1).cpu().numpy()
 
@@ -203,8 +143,8 @@ class Predictor:
             "label": labels,
             "score": scores,
             "probs": probs,
-            "threshold": [self.threshold] * n,
-            "model_name": [self.model_name] * n,
+            "threshold": [self.ckpt.threshold] * n,
+            "model_name": [self.ckpt.model_name] * n,
             "model_sha256": [self.model_sha256] * n,
             "content_sha256": [h or None for h in batch["content_sha256"].tolist()],
             # "" and 0 mean unknown between stages; null in the output.
@@ -217,20 +157,21 @@ class Predictor:
     def score_for(self, probs: np.ndarray) -> float:
         """The worklist score: the positive class's probability, or for multi-label the
         highest finding probability."""
-        return float(probs.max() if self.multi_label else probs[self.positive_index])
+        if self.ckpt.multi_label:
+            return float(probs.max())
+        return float(probs[self.ckpt.positive_index])
 
     def label_for(self, probs: np.ndarray) -> str:
-        if self.multi_label:
+        names = self.ckpt.class_names
+        if self.ckpt.multi_label:
             found = [
-                name
-                for name, p, t in zip(self.class_names, probs, self.thresholds, strict=True)
-                if p >= t
+                n for n, p, t in zip(names, probs, self.ckpt.thresholds, strict=True) if p >= t
             ]
-            return models.LABEL_SEPARATOR.join(found) or models.NO_FINDING
-        if len(self.class_names) == 2:
-            positive = probs[self.positive_index] >= self.threshold
-            return self.class_names[self.positive_index if positive else 1 - self.positive_index]
-        return self.class_names[int(np.argmax(probs))]
+            return LABEL_SEPARATOR.join(found) or NO_FINDING
+        if len(names) == 2:
+            positive = self.ckpt.positive_index
+            return names[positive if probs[positive] >= self.ckpt.threshold else 1 - positive]
+        return names[int(np.argmax(probs))]
 
 
 # A lower precision is accepted when no score moves more than this and AUROC not more
@@ -240,7 +181,7 @@ MAX_AUROC_DIFF = 0.002
 
 
 def precision_check(
-    ckpt: dict, images: np.ndarray, truth: np.ndarray, precision: str = "bf16"
+    ckpt: Checkpoint, images: np.ndarray, truth: np.ndarray, precision: str = "bf16"
 ) -> dict:
     """Score uint8 ``images`` in fp32 and in ``precision``; compare scores and AUROC.
 
@@ -256,9 +197,8 @@ def precision_check(
         )
 
     fp32, low = probs("fp32"), probs(precision)
-    if not models.is_multi_label(ckpt):
-        positive = list(ckpt["class_names"]).index(ckpt["positive_class"])
-        fp32, low = fp32[:, [positive]], low[:, [positive]]
+    if not ckpt.multi_label:
+        fp32, low = fp32[:, [ckpt.positive_index]], low[:, [ckpt.positive_index]]
     truth = np.asarray(truth).reshape(len(images), -1)
 
     def auroc(p: np.ndarray) -> float:

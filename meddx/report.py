@@ -8,7 +8,6 @@ patient names.
 from __future__ import annotations
 
 import base64
-import hashlib
 import html
 import io
 import platform
@@ -22,6 +21,7 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 
 from meddx import __version__  # noqa: E402
+from meddx.dicom import pseudonymous_id  # noqa: E402
 
 HISTORY_RUNS = 7
 TOP_WORKLIST = 20
@@ -35,14 +35,6 @@ def versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             found[name] = "not installed"
     return found
-
-
-def pseudonymous_id(row: dict) -> str:
-    return (
-        row.get("study_pseudonym")
-        or row.get("instance_pseudonym")
-        or "u-" + hashlib.sha256(row["image_uri"].encode()).hexdigest()[:12]
-    )
 
 
 def _png(fig) -> str:
@@ -95,10 +87,10 @@ def throughput_plot(rows: pa.Table) -> str:
     return _png(fig)
 
 
-def render(summary: dict, rows: pa.Table, triage: pa.Table, history: dict, heatmaps=()) -> str:
+def render(summary, rows: pa.Table, triage: pa.Table, history: dict, heatmaps=()) -> str:
     esc = html.escape
     plots = [
-        ("Score distribution", histogram_plot(history, summary["run_date"], summary["threshold"])),
+        ("Score distribution", histogram_plot(history, summary.run_date, summary.threshold)),
         ("Throughput", throughput_plot(rows)),
     ]
     plots += [
@@ -106,23 +98,21 @@ def render(summary: dict, rows: pa.Table, triage: pa.Table, history: dict, heatm
         for rank, (_, png) in enumerate(heatmaps, start=1)
     ]
     counts = [
-        ("inputs seen", summary["inputs_seen"]),
-        ("new or changed", summary["new_inputs"]),
-        ("rows written", summary["rows"]),
-        ("scored ok", summary["ok"]),
-        ("errors", summary["errors"]),
-        ("error rate", f"{summary['error_rate']:.1%}"),
-        ("positives (worklist)", summary["positives"]),
-        ("seconds", summary["seconds"]),
-        ("images/s", summary["images_per_s"]),
+        ("inputs seen", summary.inputs_seen),
+        ("new or changed", summary.new_inputs),
+        ("rows written", summary.rows),
+        ("scored ok", summary.ok),
+        ("errors", summary.errors),
+        ("error rate", f"{summary.error_rate:.1%}"),
+        ("positives (worklist)", summary.positives),
+        ("seconds", summary.seconds),
+        ("images/s", summary.images_per_s),
     ]
-    drift = summary.get("drift")
-    if drift:
-        counts.append(("drift (PSI)", drift["psi"]))
+    if summary.drift:
+        counts.append(("drift (PSI)", round(summary.drift.psi, 4)))
     reasons = (
         "".join(
-            f"<tr><td>{esc(r)}</td><td>{n}</td></tr>"
-            for r, n in summary["errors_by_reason"].items()
+            f"<tr><td>{esc(r)}</td><td>{n}</td></tr>" for r, n in summary.errors_by_reason.items()
         )
         or "<tr><td colspan=2>none</td></tr>"
     )
@@ -135,9 +125,9 @@ def render(summary: dict, rows: pa.Table, triage: pa.Table, history: dict, heatm
         )
         or "<tr><td colspan=5>no positives above the threshold</td></tr>"
     )
-    alarms = "".join(f"<li>{esc(a)}</li>" for a in summary.get("alarms", []))
+    alarms = "".join(f"<li>{esc(a)}</li>" for a in summary.alarms)
     version_rows = "".join(
-        f"<tr><td>{esc(k)}</td><td>{esc(v)}</td></tr>" for k, v in summary["versions"].items()
+        f"<tr><td>{esc(k)}</td><td>{esc(v)}</td></tr>" for k, v in summary.versions.items()
     )
     images = "".join(
         f'<figure><img alt="{esc(title)}" src="data:image/png;base64,{data}">'
@@ -146,7 +136,7 @@ def render(summary: dict, rows: pa.Table, triage: pa.Table, history: dict, heatm
     )
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
-<title>meddx screening {esc(summary["run_date"])}</title>
+<title>meddx screening {esc(summary.run_date)}</title>
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 2em; max-width: 60em; color: #222; }}
 table {{ border-collapse: collapse; margin: 0.5em 0 1.5em; }}
@@ -155,9 +145,9 @@ td, th {{ border: 1px solid #ccc; padding: 0.25em 0.7em; text-align: left; }}
 figure {{ margin: 1em 0; }} img {{ max-width: 100%; }}
 </style></head>
 <body data-images="pending">
-<h1>meddx screening, {esc(summary["run_date"])}</h1>
-<p>Run <code>{esc(summary["run_id"])}</code> &middot; model {esc(summary["model_name"])}
-<code>{esc(summary["model_sha256"][:16])}</code> &middot; threshold {summary["threshold"]:.3f}</p>
+<h1>meddx screening, {esc(summary.run_date)}</h1>
+<p>Run <code>{esc(summary.run_id)}</code> &middot; model {esc(summary.model_name)}
+<code>{esc(summary.model_sha256[:16])}</code> &middot; threshold {summary.threshold:.3f}</p>
 {f'<div class="alarm"><strong>Alarms</strong><ul>{alarms}</ul></div>' if alarms else ""}
 <h2>Counts</h2>
 <table>{"".join(f"<tr><th>{esc(k)}</th><td>{esc(str(v))}</td></tr>" for k, v in counts)}</table>
@@ -172,7 +162,7 @@ orders the reading: every study stays in the results.</p>
 {images}
 <h2>Versions</h2>
 <table>{version_rows}
-<tr><td>model sha256</td><td><code>{esc(summary["model_sha256"])}</code></td></tr></table>
+<tr><td>model sha256</td><td><code>{esc(summary.model_sha256)}</code></td></tr></table>
 <script>
 window.addEventListener("load", function () {{
   var imgs = Array.prototype.slice.call(document.images);

@@ -12,6 +12,7 @@
 3. Score with the same Ray Data pipeline as ``meddx score``, into the staging folder.
 4. Commit: write ``_COMMIT`` (the file list), move the files into ``OUT/dt=RUN_DATE/``,
    remove the staging folder. Readers of ``OUT/dt=*/`` never see uncommitted rows.
+   (``commit.py`` holds this protocol; ``meddx score`` commits the same way.)
 5. Triage and report under ``OUT/_runs/dt=RUN_DATE/``: worklist (CSV and Parquet),
    ``summary.json`` and a self-contained ``report.html``.
 6. Alarms: error rate over ``--max-error-rate`` or score drift (population stability
@@ -22,11 +23,10 @@ Re-running a date scores nothing that is already there: exactly one row per inpu
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
-import posixpath
 import time
-import uuid
 from collections import Counter
 from dataclasses import dataclass
 
@@ -34,110 +34,53 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from meddx import MeddxAlarm, MeddxError, models, report, sources, storage
-from meddx.predict import OUTPUT_SCHEMA
-from meddx.scoring import ScoreConfig, build_dataset, check_run_date, file_metadata, init_ray
+from meddx import MeddxAlarm, MeddxError, commit, drift, models, report, runtime, sources, storage
+from meddx.config import ScreenConfig
+from meddx.models import Checkpoint
+from meddx.names import OUTPUT_SCHEMA
+from meddx.scoring import build_dataset, file_metadata
 from meddx.storage import StorageSettings
-
-STAGING = "_staging"
-RUNS = "_runs"
-COMMIT = "_COMMIT"
-# PSI needs enough scores on both sides to mean anything.
-MIN_DRIFT_SAMPLES = 30
 
 
 @dataclass(frozen=True)
-class ScreenConfig(ScoreConfig):
-    """What ``meddx score`` takes (``input`` is the watched source) plus a night's own."""
+class NightSummary:
+    """What one screening night did: ``summary.json``, the report's counts, the CLI line."""
 
-    new_model: bool = False
-    max_error_rate: float = 0.05
-    max_psi: float = 0.25
-    drift_window: int = 7  # how many earlier run dates form the reference distribution
+    run_id: str
+    run_date: str
+    source: str
+    inputs_seen: int
+    new_inputs: int
+    rows: int
+    ok: int
+    errors: int
+    error_rate: float
+    errors_by_reason: dict[str, int]
+    positives: int
+    threshold: float
+    model_name: str
+    model_sha256: str
+    seconds: float
+    images_per_s: float
+    recovered: list[str]
+    versions: dict[str, str]
+    drift: drift.Drift | None = None
+    alarms: list[str] = dataclasses.field(default_factory=list)
 
-
-# ---- staging and commit ----------------------------------------------------------------
-
-
-def _fs(cfg: ScreenConfig):
-    return storage.filesystem(cfg.out, cfg.storage)
-
-
-def _path(cfg: ScreenConfig, *parts: str) -> str:
-    return posixpath.join(storage.strip_scheme(cfg.out), *parts)
-
-
-def recover(cfg: ScreenConfig) -> list[str]:
-    """Finish committed runs left behind, delete uncommitted ones; return what was done."""
-    fs, done = _fs(cfg), []
-    root = _path(cfg, STAGING)
-    if not fs.exists(root):
-        return done
-    for folder in sorted(fs.ls(root, detail=False)):
-        marker = posixpath.join(folder, COMMIT)
-        if fs.exists(marker):
-            plan = json.loads(fs.cat_file(marker))
-            _move_all(fs, plan)
-            done.append(f"finished commit of {plan['run_id']}")
-        else:
-            done.append(f"discarded uncommitted run {posixpath.basename(folder)}")
-        fs.rm(folder, recursive=True)
-    fs.invalidate_cache()
-    return done
-
-
-def _move_all(fs, plan: dict) -> None:
-    for source, target in plan["moves"]:
-        if fs.exists(source):
-            fs.makedirs(posixpath.dirname(target), exist_ok=True)
-            fs.mv(source, target)
-
-
-def commit(cfg: ScreenConfig, staging: str, run_id: str) -> list[str]:
-    fs = _fs(cfg)
-    fs.invalidate_cache()
-    files = sorted(p for p in fs.find(staging) if p.endswith(".parquet"))
-    partition = _path(cfg, f"dt={cfg.run_date}")
-    moves = [(f, posixpath.join(partition, f"{run_id}-{posixpath.basename(f)}")) for f in files]
-    plan = {"run_id": run_id, "run_date": cfg.run_date, "moves": moves}
-    fs.pipe_file(posixpath.join(staging, COMMIT), json.dumps(plan).encode())
-    _move_all(fs, plan)
-    fs.rm(staging, recursive=True)
-    fs.invalidate_cache()
-    return [target for _, target in moves]
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, default=str) + "\n"
 
 
 # ---- what is new ------------------------------------------------------------------------
 
 
-RESULTS_SCHEMA = OUTPUT_SCHEMA.append(pa.field("dt", pa.string()))
-
-
-def read_results(cfg: ScreenConfig, columns: list[str], where=None) -> pa.Table:
-    """Committed rows under OUT (every ``dt=`` partition), or an empty table.
-
-    Names starting with ``_`` (staging, run artefacts) are skipped, as every engine does.
-    """
-    fs = storage.arrow_filesystem(cfg.out, cfg.storage)
-    root = _path(cfg)
-    empty = RESULTS_SCHEMA.empty_table().select(columns)
-    if not storage.filesystem(cfg.out, cfg.storage).exists(root):
-        return empty
-    partitioning = pads.partitioning(pa.schema([("dt", pa.string())]), flavor="hive")
-    ds = pads.dataset(
-        root, filesystem=fs, format="parquet", schema=RESULTS_SCHEMA, partitioning=partitioning
-    )
-    if not ds.files:
-        return empty
-    return ds.to_table(columns=columns, filter=where)
-
-
 def select_new(cfg: ScreenConfig, listing: list[tuple[str, float | None]], sha: str):
     """(inputs to read, {uri: [known content hashes]}) for this model."""
-    done = read_results(cfg, ["image_uri", "content_sha256", "model_sha256", "scored_at"])
+    done = commit.read_results(
+        cfg.out, cfg.storage, ["image_uri", "content_sha256", "model_sha256", "scored_at"]
+    )
     others = set(pc.unique(done["model_sha256"]).to_pylist()) - {sha, None}
     if others and not cfg.new_model:
         raise MeddxError(
@@ -185,71 +128,45 @@ def _mtime(info: dict) -> float | None:
     return float(value) if value is not None else None
 
 
-# ---- drift --------------------------------------------------------------------------------
-
-
-def psi(reference: np.ndarray, current: np.ndarray, bins: int = 10) -> float:
-    """Population stability index over the reference's deciles (0: same distribution)."""
-    edges = np.unique(np.quantile(reference, np.linspace(0, 1, bins + 1)))
-    edges[0], edges[-1] = -np.inf, np.inf
-    ref = np.histogram(reference, edges)[0] / len(reference)
-    cur = np.histogram(current, edges)[0] / len(current)
-    ref, cur = np.clip(ref, 1e-4, None), np.clip(cur, 1e-4, None)
-    return float(np.sum((cur - ref) * np.log(cur / ref)))
-
-
-def scores_by_date(cfg: ScreenConfig, sha: str) -> dict[str, np.ndarray]:
-    """This model's ok scores per run date, read once for the drift reference and the
-    report's history."""
-    rows = read_results(
-        cfg, ["score", "model_sha256", "status", "dt"], where=pc.field("status") == "ok"
-    )
-    rows = rows.filter(pc.equal(rows["model_sha256"], sha))
-    dates = np.asarray(rows["dt"].to_pylist(), dtype=object)
-    scores = np.asarray(rows["score"].to_pylist(), dtype=float)
-    return {str(d): scores[dates == d] for d in sorted(set(dates.tolist()))}
-
-
 # ---- the run --------------------------------------------------------------------------------
 
 
-def screen(cfg: ScreenConfig) -> dict:
+def screen(cfg: ScreenConfig) -> NightSummary:
     start = time.perf_counter()
-    check_run_date(cfg.run_date)
     storage.require_bucket(cfg.out, cfg.storage)
-    recovered = recover(cfg)
+    recovered = commit.recover(cfg.out, cfg.storage)
     ckpt, sha = models.read_checkpoint(cfg.model, cfg.storage, cfg.model_sha256)
     listing = listing_with_times(cfg.input, cfg.storage)
     todo, known = select_new(cfg, listing, sha)
-    run_id = f"{cfg.run_date}-{uuid.uuid4().hex[:12]}"
+    run_id = runtime.new_run_id(cfg.run_date)
     if todo:
-        init_ray()
-        staging = _path(cfg, STAGING, run_id)
+        runtime.init_ray()
         schema = OUTPUT_SCHEMA.with_metadata(file_metadata(ckpt, sha, run_id, cfg))
-        build_dataset(cfg, todo, ckpt, run_id, known=known, sha=sha).write_parquet(
-            staging, filesystem=storage.arrow_filesystem(cfg.out, cfg.storage), schema=schema
-        )
-        commit(cfg, staging, run_id)
+        ds = build_dataset(cfg, todo, ckpt, run_id, known=known, sha=sha)
+        commit.write_staged(ds, cfg.out, cfg.storage, run_id, schema)
+        commit.commit(cfg.out, cfg.storage, run_id, cfg.run_date)
     seconds = time.perf_counter() - start
-    rows = read_results(cfg, [f.name for f in OUTPUT_SCHEMA], where=pc.field("run_id") == run_id)
+    rows = commit.read_results(
+        cfg.out, cfg.storage, [f.name for f in OUTPUT_SCHEMA], where=pc.field("run_id") == run_id
+    )
     summary = summarise(cfg, rows, listing, todo, ckpt, sha, run_id, seconds, recovered)
-    by_date = scores_by_date(cfg, sha)
-    # Drift is judged against the nights before this one (a re-run of the same night
-    # is not its own reference); the report shows the recent nights up to this one.
-    reference_dates = [d for d in by_date if d < cfg.run_date][-cfg.drift_window :]
-    reference = np.concatenate([by_date[d] for d in reference_dates] or [np.array([])])
-    history = {
-        d: by_date[d] for d in [d for d in by_date if d <= cfg.run_date][-report.HISTORY_RUNS :]
-    }
-    alarms = check_alarms(cfg, summary, rows, reference, reference_dates)
-    summary["alarms"] = alarms
+    reference, history = drift.recent_scores(
+        cfg.out, cfg.storage, sha, cfg.run_date, cfg.drift_window, report.HISTORY_RUNS
+    )
+    scored = drift.measure(reference, ok_scores(rows))
+    summary = dataclasses.replace(summary, drift=scored, alarms=check_alarms(cfg, summary, scored))
     write_artefacts(cfg, summary, rows, ckpt, history)
-    if alarms:
-        raise MeddxAlarm("; ".join(alarms))
+    if summary.alarms:
+        raise MeddxAlarm("; ".join(summary.alarms))
     return summary
 
 
-def summarise(cfg, rows, listing, todo, ckpt, sha, run_id, seconds, recovered) -> dict:
+def ok_scores(rows: pa.Table) -> np.ndarray:
+    ok = rows.filter(pc.equal(rows["status"], "ok"))
+    return np.asarray(ok["score"].to_pylist(), dtype=float)
+
+
+def summarise(cfg, rows, listing, todo, ckpt: Checkpoint, sha, run_id, seconds, recovered):
     status = rows["status"].to_pylist()
     errors = Counter(
         e.split(":", 1)[0]
@@ -257,63 +174,40 @@ def summarise(cfg, rows, listing, todo, ckpt, sha, run_id, seconds, recovered) -
         if s == "error"
     )
     ok = status.count("ok")
-    return {
-        "run_id": run_id,
-        "run_date": cfg.run_date,
-        "source": cfg.input,
-        "inputs_seen": len(listing),
-        "new_inputs": len(todo),
-        "rows": len(status),
-        "ok": ok,
-        "errors": len(status) - ok,
-        "error_rate": (len(status) - ok) / len(status) if status else 0.0,
-        "errors_by_reason": dict(errors.most_common()),
-        "positives": int(
-            sum(
-                1
-                for s, v in zip(status, rows["score"].to_pylist(), strict=True)
-                if s == "ok" and v >= float(ckpt["threshold"])
-            )
-        ),
-        "threshold": float(ckpt["threshold"]),
-        "model_name": ckpt["model_name"],
-        "model_sha256": sha,
-        "seconds": round(seconds, 2),
-        "images_per_s": round(len(status) / seconds, 2) if seconds > 0 else 0.0,
-        "recovered": recovered,
-        "versions": report.versions(),
-    }
-
-
-def check_alarms(cfg, summary, rows, reference, reference_dates) -> list[str]:
-    alarms = []
-    if summary["rows"] and summary["error_rate"] > cfg.max_error_rate:
-        alarms.append(
-            f"error rate {summary['error_rate']:.1%} is over --max-error-rate "
-            f"{cfg.max_error_rate:.1%} ({summary['errors']} of {summary['rows']} rows)"
-        )
-    current = np.asarray(
-        [
-            v
-            for v, s in zip(rows["score"].to_pylist(), rows["status"].to_pylist(), strict=True)
-            if s == "ok"
-        ],
-        dtype=float,
+    return NightSummary(
+        run_id=run_id,
+        run_date=cfg.run_date,
+        source=cfg.input,
+        inputs_seen=len(listing),
+        new_inputs=len(todo),
+        rows=len(status),
+        ok=ok,
+        errors=len(status) - ok,
+        error_rate=(len(status) - ok) / len(status) if status else 0.0,
+        errors_by_reason=dict(errors.most_common()),
+        positives=int((ok_scores(rows) >= ckpt.threshold).sum()),
+        threshold=ckpt.threshold,
+        model_name=ckpt.model_name,
+        model_sha256=sha,
+        seconds=round(seconds, 2),
+        images_per_s=round(len(status) / seconds, 2) if seconds > 0 else 0.0,
+        recovered=recovered,
+        versions=report.versions(),
     )
-    summary["drift"] = None
-    if len(current) >= MIN_DRIFT_SAMPLES and len(reference) >= MIN_DRIFT_SAMPLES:
-        value = psi(reference, current)
-        summary["drift"] = {
-            "psi": round(value, 4),
-            "reference_dates": reference_dates,
-            "reference_n": len(reference),
-            "current_n": len(current),
-        }
-        if value > cfg.max_psi:
-            alarms.append(
-                f"score distribution drifted: PSI {value:.3f} over --max-psi {cfg.max_psi} "
-                f"against {len(reference_dates)} earlier run date(s)"
-            )
+
+
+def check_alarms(cfg: ScreenConfig, summary: NightSummary, scored: drift.Drift | None):
+    alarms = []
+    if summary.rows and summary.error_rate > cfg.max_error_rate:
+        alarms.append(
+            f"error rate {summary.error_rate:.1%} is over --max-error-rate "
+            f"{cfg.max_error_rate:.1%} ({summary.errors} of {summary.rows} rows)"
+        )
+    if scored is not None and scored.psi > cfg.max_psi:
+        alarms.append(
+            f"score distribution drifted: PSI {scored.psi:.3f} over --max-psi {cfg.max_psi} "
+            f"against {len(scored.reference_dates)} earlier run date(s)"
+        )
     return alarms
 
 
@@ -343,19 +237,20 @@ def worklist(rows: pa.Table, threshold: float) -> pa.Table:
 REPORT_HEATMAPS = 3
 
 
-def worklist_heatmaps(cfg, triage: pa.Table, ckpt: dict) -> list[tuple[dict, bytes]]:
+def worklist_heatmaps(cfg, triage: pa.Table, ckpt: Checkpoint) -> list[tuple[dict, bytes]]:
     from meddx.explain import heatmaps
 
     try:
-        return heatmaps(triage.slice(0, REPORT_HEATMAPS).to_pylist(), ckpt, cfg.storage)
+        rows = triage.slice(0, REPORT_HEATMAPS).to_pylist()
+        return heatmaps(rows, ckpt, cfg.storage, cfg.max_object_bytes)
     except Exception as exc:  # a heatmap is a courtesy: never fail a night for it
         print(f"meddx: no heatmaps in the report: {type(exc).__name__}")
         return []
 
 
-def write_artefacts(cfg, summary, rows, ckpt, history) -> None:
-    folder = storage.join(cfg.out, RUNS, f"dt={cfg.run_date}")
-    triage = worklist(rows, summary["threshold"])
+def write_artefacts(cfg, summary: NightSummary, rows, ckpt: Checkpoint, history) -> None:
+    folder = storage.join(cfg.out, commit.RUNS, f"dt={cfg.run_date}")
+    triage = worklist(rows, summary.threshold)
     buf = pa.BufferOutputStream()
     pq.write_table(triage, buf)
     storage.write_bytes(
@@ -369,7 +264,5 @@ def write_artefacts(cfg, summary, rows, ckpt, history) -> None:
     html = report.render(summary, rows, triage, history, worklist_heatmaps(cfg, triage, ckpt))
     storage.write_bytes(storage.join(folder, "report.html"), html.encode(), cfg.storage)
     storage.write_bytes(
-        storage.join(folder, "summary.json"),
-        (json.dumps(summary, indent=2, default=str) + "\n").encode(),
-        cfg.storage,
+        storage.join(folder, "summary.json"), summary.to_json().encode(), cfg.storage
     )

@@ -23,7 +23,7 @@ import lzma
 import posixpath
 import tarfile
 import zlib
-from collections import deque
+from collections import defaultdict, deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -33,17 +33,14 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from meddx import MeddxError, storage
+from meddx import MeddxError, one_line, storage
+from meddx.names import DEFAULT_MAX_OBJECT_BYTES, MANIFEST_NAME
 from meddx.storage import StorageSettings
 
-MANIFEST_NAME = "_manifest.csv"
 MANIFEST_SUFFIXES = (".csv", ".parquet")
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 # Tar members that are images; companions (.json, .cls, .txt) are metadata, not inputs.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
-# An object or tar member larger than this is refused unread (--max-object-bytes): no
-# chest radiograph comes near 512 MiB, and a worker holds a few objects at a time.
-DEFAULT_MAX_OBJECT_BYTES = 512 * 2**20
 # A shard is streamed, never extracted; these bound what one hostile shard can cost.
 # WebDataset shards hold hundreds to a few thousand samples, and tarfile keeps a header
 # object per member, so a shard of millions of empty members would fill memory.
@@ -61,12 +58,6 @@ TAR_READ_BYTES = 2**20
 READ_CHUNK = 64
 # Object reads in flight per read task (bytes held: at most this many objects).
 READ_CONCURRENCY = 8
-
-
-def one_line(exc: BaseException) -> str:
-    """An exception as one short line (no newlines, bounded length) for an error column."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text[:300]
 
 
 def is_manifest(uri: str) -> bool:
@@ -368,6 +359,31 @@ def fetch_all(
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
+
+
+def read_uris(
+    uris: list[str], settings: StorageSettings, max_bytes: int = DEFAULT_MAX_OBJECT_BYTES
+) -> list[tuple[bytes, str]]:
+    """(bytes, error) behind each image_uri, in order, a tar member (SHARD#MEMBER)
+    included, with the read stage's limits: each shard is streamed once for all of its
+    members asked for, loose objects are fetched as the read stage fetches them."""
+    wanted: dict[str, set[str]] = defaultdict(set)
+    for uri in uris:
+        if "#" in uri and is_shard(uri):
+            wanted[uri.split("#", 1)[0]].add(uri)
+    found: dict[str, tuple[bytes, str]] = {}
+    for shard, members in wanted.items():
+        shard_error = ""
+        for member_uri, data, error in read_shard(shard, settings, max_bytes):
+            if member_uri in members:
+                found[member_uri] = (data, error)
+            elif member_uri == shard:
+                shard_error = error
+        for uri in members - found.keys():
+            found[uri] = (b"", shard_error or f"no such member in tar shard {shard}")
+    loose = list(dict.fromkeys(u for u in uris if u not in found))
+    found.update(zip(loose, fetch_all(loose, settings, max_bytes), strict=True))
+    return [found[uri] for uri in uris]
 
 
 def drop_known(batch: dict[str, np.ndarray], known: dict[str, list[str]]) -> dict[str, np.ndarray]:

@@ -30,15 +30,13 @@ from PIL import Image
 from scipy import ndimage
 
 from meddx import MeddxError, storage
+from meddx.names import ABNORMAL, MANIFEST_NAME
+from meddx.names import SINGLE_LABEL_CLASSES as CLASSES
 from meddx.storage import StorageSettings
 
-CLASSES = ("normal", "opacity")
-MANIFEST_NAME = "_manifest.csv"
 # Findings a multi-label archive can draw, with their default prevalence (each finding
 # independent of the others, so about 40% of films have none and some have several).
 FINDINGS = {"opacity": 0.3, "effusion": 0.25, "nodule": 0.2}
-# A multi-label film sits in abnormal/ when it shows any finding, normal/ otherwise.
-ABNORMAL = "abnormal"
 
 
 @dataclass(frozen=True)
@@ -54,7 +52,7 @@ class SynthConfig:
     storage: StorageSettings = StorageSettings()
 
 
-def parse_findings(text: str) -> tuple[tuple[str, float], ...]:
+def parse_prevalences(text: str) -> tuple[tuple[str, float], ...]:
     """``opacity,effusion=0.4,nodule`` (or ``all``) -> ((name, prevalence), ...)."""
     if text.strip().lower() == "all":
         return tuple(FINDINGS.items())

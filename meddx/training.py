@@ -2,7 +2,7 @@
 
 The driver lists the labelled inputs, splits them (stratified, seeded) into train and
 validation sets, and hands both to a ``TorchTrainer`` as Ray Datasets. Each worker runs
-``train_loop_per_worker``: plain ``train_one_epoch`` and ``evaluate`` calls, logging and
+``train_loop_per_worker``: plain ``train_one_epoch`` and ``validate`` calls, logging and
 checkpointing from rank 0. The best epoch by validation AUROC becomes the checkpoint file.
 
 With ``findings`` the model is multi-label (CheXNet's formulation): one logit per
@@ -27,58 +27,31 @@ import torch
 from sklearn.model_selection import train_test_split
 from torch import nn
 
-from meddx import MeddxError, metrics, models, sources, storage
-from meddx.decode import DEFAULT_MODALITIES, DecodeSettings, decode_images
+from meddx import MeddxError, metrics, models, runtime, sources, storage
+from meddx.config import TrainConfig
+from meddx.decode import DecodeSettings, decode_images
+from meddx.models import Checkpoint
+from meddx.names import ABNORMAL, NORMAL
 from meddx.predict import precision_check, resolve_precision
-from meddx.scoring import init_ray
 from meddx.sources import read_objects
-from meddx.storage import StorageSettings
 from meddx.transforms import TrainAugment, to_model_input
 
 CHECKPOINT_FILE = "model.pt"
 TRAIN_STATE_FILE = "train_state.pt"  # optimiser, schedule, epoch: what resuming needs
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    data: str
-    out: str
-    model: str = "resnet18"
-    epochs: int = 10
-    workers: int = 2
-    use_gpu: bool = False
-    batch_size: int = 32
-    lr: float = 1e-3
-    val_fraction: float = 0.2
-    image_size: int = 224
-    seed: int = 0
-    # DICOM Modality values trained on (and so accepted when scoring); None: any.
-    modalities: tuple[str, ...] | None = DEFAULT_MODALITIES
-    storage_path: str | None = None  # Ray Train run folder; shared storage on multi-node
-    run_name: str | None = None  # the same name and storage path continue a stopped run
-    # Worker-group restarts from the last checkpoint before the run fails: a preempted
-    # node or a killed worker costs at most one epoch.
-    max_failures: int = 3
-    # Multi-label: the manifest's 0/1 finding columns to learn, one sigmoid output each.
-    findings: tuple[str, ...] | None = None
-    storage: StorageSettings = field(default_factory=StorageSettings)
-
-
-def parse_findings(text: str) -> tuple[str, ...]:
-    """``opacity,effusion,nodule`` -> the findings, in the order the model outputs them."""
-    names = tuple(n.strip() for n in text.split(",") if n.strip())
-    reserved = {"uri", "label", "study_id", models.ABNORMAL, models.NO_FINDING}
-    bad = [n for n in names if n in reserved or models.LABEL_SEPARATOR in n]
-    if not names or bad or len(set(names)) != len(names):
-        raise MeddxError(
-            f"--findings needs distinct finding column names (not {', '.join(sorted(reserved))})"
-        )
-    return names
+# AdamW's usual light decay for CNNs trained from scratch (torchvision's references use
+# 1e-4 for ResNets): enough to curb overfitting on a few thousand films.
+WEIGHT_DECAY = 1e-4
+# Rows each worker shuffles among within its shard, on top of the split's own shuffle:
+# 256 uint8 images at 224 px are 38 MB, and several batches deep.
+SHUFFLE_BUFFER = 256
+# Ray Train keeps the best two epochs' checkpoints: the best to export, and one more so
+# the run can resume if the newest one was being written when a worker died.
+CHECKPOINTS_KEPT = 2
 
 
 def positive_class_of(class_names: list[str]) -> str:
     """The class whose probability is the screening score: the one that is not 'normal'."""
-    others = [c for c in class_names if c != "normal"]
+    others = [c for c in class_names if c != NORMAL]
     return others[0] if others else class_names[-1]
 
 
@@ -126,11 +99,14 @@ def labelled_dataset(items, class_names, cfg: TrainConfig) -> ray.data.Dataset:
     else:
         index = {c: i for i, c in enumerate(class_names)}
         rows = [{"image_uri": u, "label": index[lbl]} for u, lbl in items]
-    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), len(rows) // 64)))
+    blocks = runtime.read_blocks(len(rows), sum(sources.is_shard(u) for u, _ in items))
+    ds = ray.data.from_items(rows, override_num_blocks=blocks)
     ds = ds.map_batches(read_objects, fn_kwargs={"settings": cfg.storage}, batch_size=None)
     ds = ds.map_batches(
         decode_images,
-        fn_kwargs={"settings": DecodeSettings(size=cfg.image_size, modalities=cfg.modalities)},
+        fn_kwargs={
+            "settings": DecodeSettings(size=cfg.image_size, modalities=cfg.modalities or None)
+        },
         batch_size=None,
     )
     # Unreadable training images cannot teach anything; scoring is where every input counts.
@@ -160,7 +136,7 @@ def train_one_epoch(
 
 
 @torch.no_grad()
-def evaluate(model, loader, loss_fn, mean, std, device, multi_label: bool = False):
+def validate(model, loader, loss_fn, mean, std, device, multi_label: bool = False):
     """Loss, and probabilities with their labels, over one full pass: softmax over the
     classes, or for multi-label one sigmoid per finding."""
     model.eval()
@@ -210,16 +186,25 @@ def load_train_state(checkpoint) -> dict | None:
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as folder:
-        ckpt = torch.load(os.path.join(folder, CHECKPOINT_FILE), weights_only=True)
+        ckpt = read_epoch_checkpoint(folder)
         state = torch.load(os.path.join(folder, TRAIN_STATE_FILE), weights_only=True)
-    return {**state, "state_dict": ckpt["state_dict"]}
+    return {**state, "state_dict": ckpt.state_dict}
+
+
+def read_epoch_checkpoint(folder: str) -> Checkpoint:
+    """The model checkpoint of one epoch, from its Ray Train checkpoint folder."""
+    with open(os.path.join(folder, CHECKPOINT_FILE), "rb") as fh:
+        return Checkpoint.from_dict(models.load_checkpoint_dict(fh.read(), CHECKPOINT_FILE))
 
 
 def train_loop_per_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     torch.manual_seed(config["seed"] + rank)
-    torch.set_num_threads(config["threads"])
+    # Threads from the node this worker runs on (nodes of a cluster differ), shared
+    # with the other workers Ray placed there; a GPU worker's CPU only feeds the GPU.
+    threads = 1 if config["use_gpu"] else runtime.threads_per_worker(ctx.get_local_world_size())
+    torch.set_num_threads(threads)
     device = ray.train.torch.get_device()
 
     class_names = config["class_names"]
@@ -234,7 +219,7 @@ def train_loop_per_worker(config: dict) -> None:
     if resume:
         net.load_state_dict(resume["state_dict"])
     model = ray.train.torch.prepare_model(net)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=1e-4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=WEIGHT_DECAY)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config["epochs"])
     start_epoch = 0
     if resume:
@@ -268,7 +253,9 @@ def train_loop_per_worker(config: dict) -> None:
         start = time.perf_counter()
         train_loss, seen = train_one_epoch(
             model,
-            train_shard.iter_torch_batches(**batch_kwargs, local_shuffle_buffer_size=256),
+            train_shard.iter_torch_batches(
+                **batch_kwargs, local_shuffle_buffer_size=SHUFFLE_BUFFER
+            ),
             optimizer,
             loss_fn,
             augment,
@@ -291,7 +278,7 @@ def train_loop_per_worker(config: dict) -> None:
             if rank == 0:
                 # Validation on rank 0 over the whole (unsplit) validation set, unwrapped
                 # from DDP so the other ranks need not join its collectives.
-                val_loss, probs, labels = evaluate(
+                val_loss, probs, labels = validate(
                     net,
                     val_shard.iter_torch_batches(**batch_kwargs),
                     loss_fn,
@@ -330,7 +317,8 @@ def train_loop_per_worker(config: dict) -> None:
                     train_config=config["resolved"],
                     metrics={k: v for k, v in report.items() if k != "val_auroc_rank"},
                 )
-                torch.save(ckpt, os.path.join(tmp, CHECKPOINT_FILE))
+                with open(os.path.join(tmp, CHECKPOINT_FILE), "wb") as fh:
+                    fh.write(models.checkpoint_bytes(ckpt))
                 torch.save(
                     {
                         "epoch": epoch + 1,
@@ -373,7 +361,7 @@ def finding_weights(items, train_items, findings: list[str]) -> list[float]:
     return ((len(train) - positives) / np.maximum(positives, 1)).tolist()
 
 
-def pin_precision(ckpt: dict, val: ray.data.Dataset) -> dict:
+def pin_precision(ckpt: Checkpoint, val: ray.data.Dataset) -> Checkpoint:
     """Score the validation set in fp32 and bf16; a model whose scores or AUROC move
     more than predict.precision_check allows is pinned to fp32 (``auto`` obeys)."""
     images, labels = [], []
@@ -383,21 +371,13 @@ def pin_precision(ckpt: dict, val: ray.data.Dataset) -> dict:
     if not images:
         return ckpt
     truth = np.concatenate(labels)
-    if not models.is_multi_label(ckpt):
-        truth = truth == list(ckpt["class_names"]).index(ckpt["positive_class"])
+    if not ckpt.multi_label:
+        truth = truth == ckpt.positive_index
     check = precision_check(ckpt, np.concatenate(images), truth, "bf16")
-    pinned = {} if check["holds"] else {"precision": "fp32"}
-    return {**ckpt, "precision_check": check, **pinned}
-
-
-def worker_resources(cfg: TrainConfig) -> tuple[dict, int]:
-    """CPU per worker and torch threads: leave one CPU for Ray Data's decode tasks."""
-    if cfg.use_gpu:
-        return {"CPU": 1, "GPU": 1}, 1
-    total = ray.cluster_resources().get("CPU", 1)
-    per_worker = max(0.1, min(1.0, (total - 1) / cfg.workers))
-    threads = max(1, int((os.cpu_count() or 1) // cfg.workers))
-    return {"CPU": per_worker}, threads
+    return ckpt.replace(
+        precision=ckpt.precision if check["holds"] else "fp32",
+        extra={**ckpt.extra, "precision_check": check},
+    )
 
 
 def run_storage(cfg: TrainConfig) -> dict:
@@ -412,16 +392,9 @@ def run_storage(cfg: TrainConfig) -> dict:
 
 
 def train(cfg: TrainConfig) -> TrainSummary:
-    if cfg.workers < 1:
-        raise MeddxError("--workers must be at least 1")
-    if cfg.epochs < 1:
-        raise MeddxError("--epochs must be at least 1")
-    if not 0 < cfg.val_fraction < 1:
-        raise MeddxError("--val-fraction must lie strictly between 0 and 1")
-    models.build_model(cfg.model, 2)  # unknown names fail here, before Ray starts
     start = time.perf_counter()
     if cfg.findings:
-        class_names, positive_class = list(cfg.findings), models.ABNORMAL
+        class_names, positive_class = list(cfg.findings), ABNORMAL
         items = sources.labelled_findings(cfg.data, cfg.storage, class_names)
         train_items, val_items = split(items, cfg.val_fraction, cfg.seed)
         class_weights = finding_weights(items, train_items, class_names)
@@ -436,10 +409,10 @@ def train(cfg: TrainConfig) -> TrainSummary:
         # Inverse-frequency class weights: a rare finding costs as much as the common normal.
         class_weights = (counts.sum() / (len(class_names) * np.maximum(counts, 1))).tolist()
 
-    init_ray(dashboard=True)
+    runtime.init_ray(dashboard=True)
     if cfg.use_gpu and not ray.cluster_resources().get("GPU"):
         raise MeddxError("--use-gpu asked for, but this Ray cluster has no GPUs")
-    resources, threads = worker_resources(cfg)
+    resources = runtime.training_worker_resources(cfg.workers, cfg.use_gpu)
     resolved = {k: v for k, v in asdict(cfg).items() if k != "storage"}
     trainer = ray.train.torch.TorchTrainer(
         train_loop_per_worker,
@@ -450,7 +423,7 @@ def train(cfg: TrainConfig) -> TrainSummary:
             "lr": cfg.lr,
             "seed": cfg.seed,
             "image_size": cfg.image_size,
-            "threads": threads,
+            "use_gpu": cfg.use_gpu,
             "class_names": class_names,
             "positive_class": positive_class,
             "multi_label": bool(cfg.findings),
@@ -473,7 +446,7 @@ def train(cfg: TrainConfig) -> TrainSummary:
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             **run_storage(cfg),
             checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=2,
+                num_to_keep=CHECKPOINTS_KEPT,
                 checkpoint_score_attribute="val_auroc_rank",
                 checkpoint_score_order="max",
             ),
@@ -484,14 +457,14 @@ def train(cfg: TrainConfig) -> TrainSummary:
     if best is None:
         raise MeddxError("training finished without a checkpoint")
     with best.as_directory() as folder:
-        ckpt = torch.load(os.path.join(folder, CHECKPOINT_FILE), weights_only=True)
+        ckpt = read_epoch_checkpoint(folder)
     ckpt = pin_precision(ckpt, labelled_dataset(val_items, class_names, cfg))
     storage.write_bytes(cfg.out, models.checkpoint_bytes(ckpt), cfg.storage)
     ckpt, sha = models.read_checkpoint(cfg.out, cfg.storage)  # proves it loads safely
     return TrainSummary(
         checkpoint=cfg.out,
         sha256=sha,
-        metrics=ckpt["metrics"],
+        metrics=ckpt.metrics,
         seconds=time.perf_counter() - start,
         n_train=len(train_items),
         n_val=len(val_items),

@@ -9,28 +9,11 @@ restored afterwards.
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
-import time
 import uuid
-from pathlib import Path
 
 import pytest
-import requests
 
-REPO = Path(__file__).resolve().parents[1]
-DUMMY_AWS = {
-    "AWS_ACCESS_KEY_ID": "meddx-test-key",
-    "AWS_SECRET_ACCESS_KEY": "meddx-test-secret",
-    "AWS_DEFAULT_REGION": "us-east-1",
-}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from .helpers import DUMMY_AWS, moto_server
 
 
 def pytest_collection_modifyitems(config, items):
@@ -61,28 +44,8 @@ def aws_credentials():
 @pytest.fixture(scope="session")
 def s3_endpoint(aws_credentials):
     """moto's S3 server as a child process on a free port; its URL."""
-    port = free_port()
-    moto = Path(sys.executable).with_name("moto_server")
-    proc = subprocess.Popen(
-        [str(moto), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if requests.get(url, timeout=1).ok:
-                break
-        except requests.ConnectionError:
-            pass
-        if time.monotonic() > deadline or proc.poll() is not None:
-            proc.kill()
-            raise RuntimeError("moto server did not start")
-        time.sleep(0.1)
-    yield url
-    proc.terminate()
-    proc.wait(timeout=10)
+    with moto_server() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

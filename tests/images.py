@@ -85,7 +85,8 @@ def dicom_cr(
     window: tuple[float, float] | None = (2048.0, 4096.0),
     preamble: bool = True,
 ) -> bytes:
-    """A 12-bit computed radiograph as DICOM bytes (explicit VR little endian)."""
+    """A 12-bit computed radiograph as DICOM bytes (explicit VR little endian); pixels
+    of shape (frames, rows, columns) make a multi-frame object."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
@@ -107,7 +108,9 @@ def dicom_cr(
     ds.Modality = modality
     ds.ViewPosition = "PA"
     ds.BodyPartExamined = "CHEST"
-    ds.Rows, ds.Columns = pixels.shape
+    ds.Rows, ds.Columns = pixels.shape[-2:]
+    if pixels.ndim == 3:
+        ds.NumberOfFrames = pixels.shape[0]
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = photometric
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0

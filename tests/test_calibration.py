@@ -10,8 +10,9 @@ from click.testing import CliRunner
 
 from meddx import metrics, models
 from meddx.calibration import fit_temperature, logit, sigmoid
-from meddx.cli import cli
-from meddx.predict import OUTPUT_SCHEMA, Predictor
+from meddx.cli import cli, main
+from meddx.names import OUTPUT_SCHEMA
+from meddx.predict import Predictor
 from meddx.storage import StorageSettings
 
 from .test_predict import batch
@@ -44,7 +45,7 @@ def test_clinical_metrics_known_points():
     assert m["specificity_at_sensitivity"]["0.95"] == pytest.approx(spec[sens >= 0.95].max())
     assert m["ppv"] == pytest.approx(m["precision"]) and 0 < m["npv"] <= 1
     y2, overconfident = synthetic_validation()
-    assert metrics.calibration(y2, overconfident)["calibration_slope"] == pytest.approx(
+    assert metrics.calibration_fit(y2, overconfident)["calibration_slope"] == pytest.approx(
         1 / 3, rel=0.15
     )
 
@@ -145,27 +146,36 @@ def test_calibrate_writes_a_new_checkpoint_that_scoring_applies(tmp_path, random
     assert result.exit_code == 0, result.output
     ckpt, new_sha = models.read_checkpoint(str(out), StorageSettings())
     assert new_sha != sha
-    assert ckpt["temperature"] == pytest.approx(3.0, rel=0.15)
+    assert ckpt.temperatures[0] == pytest.approx(3.0, rel=0.15)
     stored = scores.astype(np.float32).astype(float)  # scores are float32 in the Parquet
-    scaled = sigmoid(logit(stored) / ckpt["temperature"])
-    assert (scaled[y == 1] >= ckpt["threshold"] - 1e-9).mean() >= 0.9
-    assert ckpt["calibration"]["target"] == {"sensitivity": 0.9}
+    scaled = sigmoid(logit(stored) / ckpt.temperatures[0])
+    assert (scaled[y == 1] >= ckpt.threshold - 1e-9).mean() >= 0.9
+    assert ckpt.extra["calibration"]["target"] == {"sensitivity": 0.9}
     # Scoring with it: logits divided by the temperature, rows carry the new threshold.
     plain = Predictor(ckpt_path, StorageSettings(), "fp32", "r")
     calibrated = Predictor(str(out), StorageSettings(), "fp32", "r")
     b = batch(n_ok=4, n_err=0)
     p0 = np.array(plain(b)["score"].to_pylist())
     p1 = calibrated(b)
-    expected = sigmoid(logit(p0) / ckpt["temperature"])
+    expected = sigmoid(logit(p0) / ckpt.temperatures[0])
     np.testing.assert_allclose(p1["score"].to_pylist(), expected, atol=1e-5)
-    assert p1["threshold"].to_pylist() == pytest.approx([ckpt["threshold"]] * 4, abs=1e-6)
+    assert p1["threshold"].to_pylist() == pytest.approx([ckpt.threshold] * 4, abs=1e-6)
 
 
-def test_calibrate_refuses_other_models_predictions(tmp_path, random_checkpoint):
+def user_error(capsys, args: list[str]) -> tuple[int, str]:
+    """`meddx ARGS` as users run it (the entry point, in this process): the exit status
+    and what it printed on stderr."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        main(args)
+    return exited.value.code, capsys.readouterr().err
+
+
+def test_calibrate_refuses_other_models_predictions(tmp_path, random_checkpoint, capsys):
     y, scores = synthetic_validation(n=50)
     write_scored(tmp_path / "val", scores, y, "cd" * 32)
-    result = CliRunner().invoke(
-        cli,
+    status, stderr = user_error(
+        capsys,
         [
             "calibrate",
             str(tmp_path / "val"),
@@ -177,7 +187,12 @@ def test_calibrate_refuses_other_models_predictions(tmp_path, random_checkpoint)
             "0.95",
         ],
     )
-    assert result.exit_code != 0
+    assert (status, stderr) == (
+        1,
+        f"meddx: error: {tmp_path / 'val'} was not scored by {random_checkpoint[0]}"
+        " (sha256 differs)\n",
+    )
+    assert not (tmp_path / "c.pt").exists()
 
 
 FINDINGS = ["opacity", "effusion", "nodule"]
@@ -223,48 +238,52 @@ def write_multi_label_scored(root, sha, n=400, seed=0):
     return y_nodule, p_nodule
 
 
-def test_calibrate_one_finding_of_a_multi_label_checkpoint(tmp_path):
+def test_calibrate_one_finding_of_a_multi_label_checkpoint(tmp_path, capsys):
     ckpt = models.untrained_checkpoint("seednet", input_size=64, findings=FINDINGS)
     sha = models.save_checkpoint(ckpt, str(tmp_path / "ml.pt"), StorageSettings())
     y, scores = write_multi_label_scored(tmp_path, sha)
     args = ["calibrate", str(tmp_path / "val"), "--model", str(tmp_path / "ml.pt")]
     args += ["--labels", str(tmp_path / "labels.csv"), "--out", str(tmp_path / "cal.pt")]
     args += ["--target-sensitivity", "0.9", "--temperature"]
-    refused = CliRunner().invoke(cli, args)
-    assert refused.exit_code != 0 and "--finding one of opacity, effusion, nodule" in str(
-        refused.exception
+    assert user_error(capsys, args) == (
+        1,
+        "meddx: error: a multi-label checkpoint is calibrated one finding at a time: "
+        "--finding one of opacity, effusion, nodule\n",
     )
+    assert not (tmp_path / "cal.pt").exists()
     result = CliRunner().invoke(cli, [*args, "--finding", "nodule"])
     assert result.exit_code == 0, result.output
     cal, _ = models.read_checkpoint(str(tmp_path / "cal.pt"), StorageSettings())
     # Only the nodule's threshold and temperature move; the worklist cut is the lowest.
-    assert cal["thresholds"][:2] == [0.5, 0.5] and cal["thresholds"][2] != 0.5
-    assert cal["threshold"] == min(cal["thresholds"])
-    assert cal["temperature"][:2] == [1.0, 1.0]
-    assert cal["temperature"][2] == pytest.approx(3.0, rel=0.15)
-    assert list(cal["calibration"]) == ["nodule"]
+    assert cal.thresholds[:2] == (0.5, 0.5) and cal.thresholds[2] != 0.5
+    assert cal.threshold == min(cal.thresholds)
+    assert cal.temperatures[:2] == (1.0, 1.0)
+    assert cal.temperatures[2] == pytest.approx(3.0, rel=0.15)
+    assert list(cal.extra["calibration"]) == ["nodule"]
     stored = scores.astype(np.float32).astype(float)
-    scaled = sigmoid(logit(stored) / cal["temperature"][2])
-    assert (scaled[y == 1] >= cal["thresholds"][2] - 1e-9).mean() >= 0.9
+    scaled = sigmoid(logit(stored) / cal.temperatures[2])
+    assert (scaled[y == 1] >= cal.thresholds[2] - 1e-9).mean() >= 0.9
     # Scoring applies the nodule's temperature to the nodule's logit alone.
     b = batch(n_ok=4, n_err=0)
     p0 = np.array(Predictor(str(tmp_path / "ml.pt"), StorageSettings(), "fp32", "r")(b)["probs"])
     p1 = np.array(Predictor(str(tmp_path / "cal.pt"), StorageSettings(), "fp32", "r")(b)["probs"])
     p0, p1 = np.stack(p0), np.stack(p1)
     np.testing.assert_allclose(p1[:, :2], p0[:, :2], atol=1e-6)
-    np.testing.assert_allclose(
-        p1[:, 2], sigmoid(logit(p0[:, 2]) / cal["temperature"][2]), atol=1e-5
-    )
+    np.testing.assert_allclose(p1[:, 2], sigmoid(logit(p0[:, 2]) / cal.temperatures[2]), atol=1e-5)
 
 
-def test_finding_option_needs_a_multi_label_checkpoint(tmp_path, random_checkpoint):
+def test_finding_option_needs_a_multi_label_checkpoint(tmp_path, random_checkpoint, capsys):
     y, scores = synthetic_validation(n=50)
     write_scored(tmp_path / "val", scores, y, random_checkpoint[1])
-    result = CliRunner().invoke(
-        cli,
+    status, stderr = user_error(
+        capsys,
         ["calibrate", str(tmp_path / "val"), "--model", random_checkpoint[0]]
         + ["--out", str(tmp_path / "c.pt"), "--target-sensitivity", "0.9"]
         + ["--finding", "nodule"],
     )
-    assert result.exit_code != 0 and "multi-label" in str(result.exception)
+    assert (status, stderr) == (
+        1,
+        f"meddx: error: --finding is for multi-label checkpoints; {random_checkpoint[0]}"
+        " is not one\n",
+    )
     assert not (tmp_path / "c.pt").exists()

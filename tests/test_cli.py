@@ -1,14 +1,13 @@
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from meddx.cli import cli
 
-MEDDX = str(Path(sys.executable).with_name("meddx"))
-COMMANDS = ["synth", "train", "score", "evaluate", "demo"]
+from .helpers import MEDDX
+
+COMMANDS = ["synth", "train", "score", "screen", "evaluate", "calibrate", "explain", "demo"]
 
 
 def run(*args):
@@ -23,10 +22,14 @@ def test_help(command):
 
 
 def test_top_level_help_lists_every_command():
+    assert sorted(cli.commands) == sorted(COMMANDS)  # a new command gets its tests here too
     result = CliRunner().invoke(cli, ["--help"])
     assert result.exit_code == 0
-    for command in COMMANDS:
-        assert command in result.output
+    # The first word of each line of the "Commands:" section (a bare substring would find
+    # "score" in "scored" anywhere in the help).
+    section = result.output.split("\nCommands:\n", 1)[1].splitlines()
+    listed = [line.split()[0] for line in section if line.startswith("  ") and line.strip()]
+    assert sorted(listed) == sorted(COMMANDS)
 
 
 @pytest.mark.parametrize(
@@ -107,7 +110,7 @@ def test_bad_findings_are_one_line_errors(args, expected, tmp_path):
     result = subprocess.run(
         [MEDDX, *args], capture_output=True, text=True, timeout=120, cwd=tmp_path
     )
-    assert result.returncode == 1 and result.stdout == ""
+    assert result.returncode == 2 and result.stdout == ""  # a usage error, as click's own
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("meddx: error:") and expected in lines[0]
     assert not any(tmp_path.iterdir())  # refused before anything was written

@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow.dataset as pads
 import pydicom
 import pytest
+from PIL import Image
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
 from meddx import dicom
@@ -117,16 +118,25 @@ def test_unscorable_dicom_is_a_reason(data, reason):
 
 
 def test_multiframe_scores_first_frame_and_says_so():
-    pixels, info = decode_image((CORPUS / "SC_rgb_rle_2frame.dcm").read_bytes(), ANY)
+    # pydicom's two-frame RGB file: its second frame is its first one inverted.
+    path = CORPUS / "SC_rgb_rle_2frame.dcm"
+    pixels, info = decode_image(path.read_bytes(), ANY)
     assert info["frames"] == 2 and pixels.shape == (64, 64)
-    first = pydicom.dcmread(CORPUS / "SC_rgb_rle_2frame.dcm").pixel_array[0]
-    assert (
-        pixels.mean()
-        == pytest.approx(
-            decode_image((CORPUS / "SC_rgb_rle.dcm").read_bytes(), ANY)[0].mean(), abs=1
-        )
-        or first.shape[-1] == 3
-    )
+
+    def shown(frame):  # pydicom's frame as luminance (ITU-R BT.601), 8-bit, at 64 px
+        gray = frame.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32) / 255
+        return np.asarray(Image.fromarray(gray).resize((64, 64), Image.BILINEAR)) * 255
+
+    first, second = (np.abs(pixels - shown(f)).mean() for f in pydicom.dcmread(path).pixel_array)
+    assert first < 1 and second > 50, (first, second)
+    # Three grayscale frames that differ: what is scored is the first, exactly.
+    ramp = (gradient(64) * 4095).astype(np.uint16)
+    frames = np.stack([ramp, 4095 - ramp, np.full_like(ramp, 1000)])
+    pixels, info = decode_image(dicom_cr(frames), ANY)
+    assert info["frames"] == 3 and (info["rows"], info["columns"]) == (64, 64)
+    alone = [decode_image(dicom_cr(f), ANY)[0] for f in frames]
+    assert not np.array_equal(alone[0], alone[1]) and not np.array_equal(alone[0], alone[2])
+    np.testing.assert_array_equal(pixels, alone[0])
 
 
 def test_identifiers_never_in_error_text():

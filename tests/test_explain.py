@@ -1,14 +1,18 @@
+from pathlib import Path
+
 import numpy as np
+import pyarrow.dataset as pads
 import pytest
 import torch
 from PIL import Image
 
 from meddx import models
+from meddx.dicom import pseudonymous_id
 from meddx.explain import explain, grad_cam
 from meddx.scoring import ScoreConfig, score
 from meddx.storage import StorageSettings
 
-from .images import png
+from .images import gradient, png
 
 
 @pytest.mark.parametrize("name", ["seednet", "resnet18", "densenet121"])
@@ -23,14 +27,24 @@ def test_grad_cam_shape_and_range(name):
 def test_explain_top_k(ray_session, tmp_path, random_checkpoint):
     src = tmp_path / "in"
     src.mkdir()
-    for i in range(4):
-        (src / f"{i}.png").write_bytes(png("L", size=50 + i))
+    rng = np.random.default_rng(7)
+    for i in range(6):  # films that differ, so that their scores do
+        film = np.clip(gradient(64) * 255 * (0.3 + 0.1 * i) + rng.normal(0, 40, (64, 64)), 0, 255)
+        Image.fromarray(film.astype(np.uint8), "L").save(src / f"{i}.png")
     (src / "bad.png").write_bytes(b"")
     score(ScoreConfig(input=str(src), model=random_checkpoint[0], out=str(tmp_path / "out")))
+    top = 3
     written = explain(
-        str(tmp_path / "out"), random_checkpoint[0], 2, str(tmp_path / "cams"), StorageSettings()
+        str(tmp_path / "out"), random_checkpoint[0], top, str(tmp_path / "cams"), StorageSettings()
     )
-    assert len(written) == 2 and [p.split("/")[-1][:4] for p in written] == ["001-", "002-"]
+    rows = pads.dataset(str(tmp_path / "out"), format="parquet", partitioning="hive").to_table()
+    ok = sorted((r for r in rows.to_pylist() if r["status"] == "ok"), key=lambda r: -r["score"])
+    assert len(ok) == 6 and len({r["score"] for r in ok}) == 6  # one order, no ties
+    by_name = sorted(ok, key=lambda r: r["image_uri"])
+    assert [r["image_uri"] for r in ok[:top]] != [r["image_uri"] for r in by_name[:top]]
+    expected = [f"{rank:03d}-{pseudonymous_id(r)}.png" for rank, r in enumerate(ok[:top], 1)]
+    assert [Path(p).name for p in written] == expected
+    assert sorted(p.name for p in (tmp_path / "cams").iterdir()) == expected
     for path in written:
         img = np.asarray(Image.open(path).convert("RGB"))
         assert img.shape[0] > 100 and img.std() > 5

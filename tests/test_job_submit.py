@@ -6,9 +6,6 @@ The head runs as a child process on free ports and is stopped by terminating tha
 
 import os
 import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pyarrow.dataset as pads
 import pytest
@@ -16,73 +13,37 @@ import requests
 
 from meddx.storage import arrow_filesystem, filesystem
 
-from .conftest import REPO, free_port
+from .helpers import BIN, REPO, current_cluster_restored, free_port, ray_env, ray_node
 from .images import broken_inputs, png
-
-BIN = Path(sys.executable).parent
-CURRENT_CLUSTER = Path("/tmp/ray/ray_current_cluster")
 
 
 @pytest.fixture
 def ray_head(tmp_path, aws_credentials):
     """A Ray head on free ports; yields its dashboard (job API) address."""
-    before = CURRENT_CLUSTER.read_text() if CURRENT_CLUSTER.exists() else None
-    ports = {
-        name: free_port()
-        for name in (
-            "port",
-            "dashboard-port",
-            "ray-client-server-port",
-            "dashboard-agent-listen-port",
-            "dashboard-agent-grpc-port",
-            "metrics-export-port",
-            "runtime-env-agent-port",
-            "node-manager-port",
-            "object-manager-port",
-        )
-    }
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
-    log = open(tmp_path / "ray-head.log", "w")
-    head = subprocess.Popen(
-        [
-            str(BIN / "ray"),
-            "start",
-            "--head",
-            "--block",
-            "--num-cpus=2",
-            "--dashboard-host=127.0.0.1",
-            "--include-dashboard=true",
-            *(f"--{name}={port}" for name, port in ports.items()),
-        ],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    address = f"http://127.0.0.1:{ports['dashboard-port']}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if requests.get(f"{address}/api/version", timeout=2).status_code < 500:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert head.poll() is None, (tmp_path / "ray-head.log").read_text()
-            assert time.monotonic() < deadline, "Ray head did not start"
-            time.sleep(1)
-        yield address, env
-    finally:
-        head.terminate()
+    dashboard_port = free_port()
+    address = f"http://127.0.0.1:{dashboard_port}"
+
+    def job_api_up() -> bool:
         try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            head.kill()
-        log.close()
-        # ray start leaves its address behind; a later plain ray.init() would join a dead head.
-        if before is None:
-            CURRENT_CLUSTER.unlink(missing_ok=True)
-        else:
-            CURRENT_CLUSTER.write_text(before)
+            return requests.get(f"{address}/api/version", timeout=2).status_code < 500
+        except requests.ConnectionError:
+            return False
+
+    env = ray_env()
+    args = [
+        "--head",
+        f"--port={free_port()}",
+        "--num-cpus=2",
+        "--dashboard-host=127.0.0.1",
+        "--include-dashboard=true",
+        f"--dashboard-port={dashboard_port}",
+        f"--ray-client-server-port={free_port()}",
+    ]
+    with (
+        current_cluster_restored(),
+        ray_node(args, env, tmp_path / "ray-head.log", ready=job_api_up),
+    ):
+        yield address, env
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from meddx import MeddxError, models, synth
+from meddx.config import ScoreConfig
 from meddx.predict import Predictor, checkpoint_precision, inference_model, precision_check
 from meddx.storage import StorageSettings
 from meddx.transforms import to_model_input
@@ -61,22 +62,22 @@ def test_a_model_that_does_not_hold_up_is_flagged(trained):
     ckpt, x, y = trained
     # The same logits shifted by +1000: softmax does not change in fp32, but bf16 keeps
     # 8 mantissa bits (steps of 4 near 1000) and loses the difference between them.
-    state = dict(ckpt["state_dict"])
+    state = dict(ckpt.state_dict)
     state["classifier.4.bias"] = state["classifier.4.bias"] + 1000.0
-    check = precision_check({**ckpt, "state_dict": state}, x, y, "bf16")
+    check = precision_check(ckpt.replace(state_dict=state), x, y, "bf16")
     assert check["auroc_fp32"] > 0.9 and not check["holds"]
     assert check["max_score_diff"] > 0.01
 
 
 def test_the_checkpoint_pins_a_precision_that_auto_respects(trained):
     ckpt = trained[0]
-    assert checkpoint_precision("auto", {**ckpt, "precision": "fp32"}) == "fp32"
-    assert checkpoint_precision("bf16", {**ckpt, "precision": "fp32"}) == "bf16"
+    assert checkpoint_precision("auto", ckpt.replace(precision="fp32")) == "fp32"
+    assert checkpoint_precision("bf16", ckpt.replace(precision="fp32")) == "bf16"
     assert checkpoint_precision("auto", ckpt) == "auto"
-    pinned = Predictor({**ckpt, "precision": "bf16"}, StorageSettings(), "auto", "r")
+    pinned = Predictor(ckpt.replace(precision="bf16"), StorageSettings(), "auto", "r")
     assert pinned.autocast_dtype is torch.bfloat16
     with pytest.raises(MeddxError, match="precision must be one of"):
-        checkpoint_precision("int8", ckpt)
+        ScoreConfig(input="in", model="m.pt", out="out", precision="int8")
 
 
 @pytest.mark.parametrize("name", ["seednet", "resnet18", "densenet121"])
@@ -89,8 +90,7 @@ def test_folded_inference_model_gives_the_same_scores(name):
         if isinstance(module, torch.nn.BatchNorm2d):
             module.running_mean.uniform_(-0.2, 0.2, generator=gen)
             module.running_var.uniform_(0.5, 1.5, generator=gen)
-    ckpt["state_dict"] = plain.state_dict()
-    folded = inference_model(ckpt, torch.device("cpu"))
+    folded = inference_model(ckpt.replace(state_dict=plain.state_dict()), torch.device("cpu"))
 
     def norms(model):
         return sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())

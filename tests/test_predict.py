@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from meddx.decode import INFO_DEFAULTS
-from meddx.predict import OUTPUT_SCHEMA, Predictor, cpu_has_native_bf16, resolve_precision
+from meddx.names import OUTPUT_SCHEMA
+from meddx.predict import Predictor, cpu_has_native_bf16, resolve_precision
 from meddx.storage import StorageSettings
 
 

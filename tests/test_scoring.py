@@ -9,7 +9,8 @@ import pyarrow.dataset as pads
 import pytest
 
 from meddx import MeddxError
-from meddx.scoring import OUTPUT_SCHEMA, ScoreConfig, score
+from meddx.names import OUTPUT_SCHEMA
+from meddx.scoring import ScoreConfig, score
 from meddx.storage import arrow_filesystem, filesystem
 
 from .images import broken_inputs, jpeg, png
@@ -199,17 +200,77 @@ def test_killed_predictor_still_one_row_per_input(ray_session, tmp_path, random_
 
 
 def test_predictor_pool_is_sized_from_the_cluster_and_the_job(ray_session):
-    from meddx.scoring import PREDICTOR_MEMORY, predictor_resources
+    from meddx.runtime import PREDICTOR_MEMORY, predictor_pool
 
     # A short job on this 2-CPU node: one actor using the node's cores.
-    pool, threads, resources = predictor_resources(None, inputs=500)
+    pool, threads, resources = predictor_pool(None, inputs=500)
     assert (pool.min_size, pool.max_size, threads) == (1, 1, None)
     assert resources == {"num_cpus": 1.0, "memory": PREDICTOR_MEMORY}
     # A long one: one single-thread actor per core, one CPU left for decoding.
-    pool, threads, resources = predictor_resources(None, inputs=2000)
+    pool, threads, resources = predictor_pool(None, inputs=2000)
     assert (pool.min_size, pool.max_size, threads) == (2, 2, 1)
     assert resources["num_cpus"] == 0.5
     # Asked for: as many as asked, the cores split between them, decoding not starved.
-    pool, threads, resources = predictor_resources(3, inputs=10)
+    pool, threads, resources = predictor_pool(3, inputs=10)
     assert (pool.min_size, pool.max_size, threads) == (3, 3, 1)
     assert resources["num_cpus"] * 3 <= 1.0
+
+
+@pytest.mark.slow
+def test_a_killed_score_run_leaves_no_rows_visible(ray_session, tmp_path, random_checkpoint):
+    """SIGKILL `meddx score` once it has staged files: dt= still holds the earlier run's
+    rows and nothing of the killed one; the next run discards the staging and commits."""
+    import signal
+    import subprocess
+    import time
+
+    from meddx.commit import read_results
+    from meddx.storage import StorageSettings
+
+    from .helpers import MEDDX
+
+    first, many = tmp_path / "first", tmp_path / "many"
+    for folder, n in ((first, 3), (many, 300)):
+        folder.mkdir()
+        for i in range(n):
+            (folder / f"{i:04d}.png").write_bytes(png("L", size=64 + i % 7))
+    out = tmp_path / "results"
+    settings = StorageSettings()
+    args = ["--model", random_checkpoint[0], "--out", str(out), "--run-date", "2026-11-05"]
+    env = {
+        **os.environ,
+        "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address,
+        "RAY_AUTH_MODE": "token",
+        "MEDDX_QUIET_WORKERS": "1",
+    }
+    done = subprocess.run([MEDDX, "score", str(first), *args], env=env, capture_output=True)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    assert read_results(str(out), settings, ["image_uri"]).num_rows == 3
+
+    proc = subprocess.Popen(
+        [MEDDX, "score", str(many), *args, "--batch-size", "4"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    staged, deadline = [], time.monotonic() + 240
+    while not staged and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+        staged = list((out / "_staging").rglob("*.parquet"))
+    assert staged and proc.poll() is None, "the run should be caught half way"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    # The killed run wrote staged files, yet readers of dt=* see only the first run.
+    assert list((out / "_staging").rglob("*.parquet"))
+    visible = read_results(str(out), settings, ["image_uri"])
+    assert sorted(visible["image_uri"].to_pylist()) == sorted(str(p) for p in first.iterdir())
+    table, _ = read_rows(str(out), settings)  # any engine's view of the tree agrees
+    assert table.num_rows == 3
+
+    again = subprocess.run([MEDDX, "score", str(many), *args], env=env, capture_output=True)
+    assert again.returncode == 0, again.stderr.decode()[-2000:]
+    assert "recovered: discarded uncommitted run" in again.stdout.decode()
+    rows = read_results(str(out), settings, ["image_uri"])["image_uri"].to_pylist()
+    # The finished re-run replaced the partition: exactly one row per input of its own.
+    assert sorted(rows) == sorted(str(p) for p in many.iterdir())
+    assert not list((out / "_staging").rglob("*.parquet"))

@@ -6,9 +6,7 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pyarrow.csv as pacsv
@@ -18,14 +16,15 @@ from PIL import Image
 
 from meddx import MeddxAlarm, MeddxError, models
 from meddx.cli import main
-from meddx.screening import COMMIT, ScreenConfig, psi, read_results, recover, screen
+from meddx.commit import COMMIT, read_results, recover
+from meddx.config import ScreenConfig
+from meddx.drift import psi
+from meddx.screening import screen
 from meddx.storage import StorageSettings, filesystem
 
-from .conftest import REPO
+from .helpers import MEDDX, REPO
 from .images import broken_inputs, png
 from .leaks import leaks_in_s3
-
-MEDDX = str(Path(sys.executable).with_name("meddx"))
 
 
 @pytest.fixture(scope="module")
@@ -63,32 +62,32 @@ def test_nights_rerun_and_changed_object(ray_session, bucket, settings, triage_c
     incoming = f"{bucket.removeprefix('s3://')}/incoming"
     upload(fs, incoming, 0, 40)
     day1 = screen(config(bucket, settings, triage_checkpoint, "2026-11-01"))
-    assert (day1["inputs_seen"], day1["new_inputs"], day1["rows"], day1["ok"]) == (40, 40, 40, 40)
+    assert (day1.inputs_seen, day1.new_inputs, day1.rows, day1.ok) == (40, 40, 40, 40)
 
     upload(fs, incoming, 40, 60)
     day2 = screen(config(bucket, settings, triage_checkpoint, "2026-11-02"))
-    assert (day2["inputs_seen"], day2["new_inputs"], day2["rows"]) == (60, 20, 20)
+    assert (day2.inputs_seen, day2.new_inputs, day2.rows) == (60, 20, 20)
     before = files_of(fs, bucket, "2026-11-02")
 
     again = screen(config(bucket, settings, triage_checkpoint, "2026-11-02"))
-    assert (again["new_inputs"], again["rows"]) == (0, 0)
+    assert (again.new_inputs, again.rows) == (0, 0)
     assert files_of(fs, bucket, "2026-11-02") == before
     cfg = config(bucket, settings, triage_checkpoint, "2026-11-03")
-    table = read_results(cfg, ["image_uri", "dt"])
+    table = read_results(cfg.out, cfg.storage, ["image_uri", "dt"])
     assert table.num_rows == 60 and len(set(table["image_uri"].to_pylist())) == 60
 
     time.sleep(1.1)  # S3 modification times have one-second resolution
     fs.pipe_file(f"{incoming}/img-0003.png", png("RGB", size=90))  # new bytes, same name
     day3 = screen(cfg)
-    assert (day3["new_inputs"], day3["rows"]) == (1, 1)
-    rows = read_results(cfg, ["image_uri", "content_sha256", "dt"]).to_pylist()
+    assert (day3.new_inputs, day3.rows) == (1, 1)
+    rows = read_results(cfg.out, cfg.storage, ["image_uri", "content_sha256", "dt"]).to_pylist()
     versions = [r for r in rows if r["image_uri"].endswith("img-0003.png")]
     assert len(versions) == 2 and versions[0]["content_sha256"] != versions[1]["content_sha256"]
 
     # Worklist and summary of night 1: every ok study (threshold 0), highest score first.
     runs = f"{bucket.removeprefix('s3://')}/results/_runs/dt=2026-11-01"
     summary = json.loads(fs.cat_file(f"{runs}/summary.json"))
-    assert summary["rows"] == 40 and summary["ok"] == 40 and summary["positives"] == 40
+    assert summary.rows == 40 and summary.ok == 40 and summary.positives == 40
     worklist = pacsv.read_csv(fs.open(f"{runs}/worklist.csv")).to_pylist()
     assert len(worklist) == 40 and [w["rank"] for w in worklist] == list(range(1, 41))
     scores = [w["score"] for w in worklist]
@@ -141,10 +140,12 @@ def test_sigkill_half_way_then_recovery(ray_session, bucket, settings, triage_ch
     proc.wait()
 
     cfg = config(bucket, settings, triage_checkpoint, "2026-11-05")
-    assert read_results(cfg, ["image_uri"]).num_rows == 0  # nothing half-written is visible
+    assert (
+        read_results(cfg.out, cfg.storage, ["image_uri"]).num_rows == 0
+    )  # nothing half-written is visible
     summary = screen(cfg)
-    assert summary["recovered"] and "discarded" in summary["recovered"][0]
-    table = read_results(cfg, ["image_uri"])
+    assert summary.recovered and "discarded" in summary.recovered[0]
+    table = read_results(cfg.out, cfg.storage, ["image_uri"])
     assert table.num_rows == 200 == len(set(table["image_uri"].to_pylist()))
     fs.invalidate_cache()
     assert not [p for p in fs.find(f"{root}/results/_staging") if p.endswith(".parquet")]
@@ -161,7 +162,7 @@ def test_recover_finishes_a_committed_run_and_drops_the_rest(tmp_path):
     (committed / COMMIT).write_text(
         json.dumps({"run_id": "run-a", "moves": [[str(committed / "x.parquet"), str(target)]]})
     )
-    done = recover(ScreenConfig(input="s", model="m", out=str(out)))
+    done = recover(str(out), StorageSettings())
     assert done == ["finished commit of run-a", "discarded uncommitted run run-b"]
     assert target.exists() and not (out / "_staging" / "run-a").exists()
     assert not partial.exists()
@@ -231,7 +232,7 @@ def test_other_model_needs_explicit_flag(
     with pytest.raises(MeddxError, match="--new-model"):
         screen(config(bucket, settings, random_checkpoint[0], "2026-11-21"))
     again = screen(config(bucket, settings, random_checkpoint[0], "2026-11-21", new_model=True))
-    assert again["rows"] == 4
+    assert again.rows == 4
 
 
 @pytest.mark.slow

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import traceback
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.dataset as pads
@@ -21,11 +19,10 @@ from meddx import MeddxError
 from meddx.scoring import ScoreConfig, score
 from meddx.storage import arrow_filesystem, filesystem
 
-from .conftest import DUMMY_AWS
+from .helpers import DUMMY_AWS, MEDDX
 from .images import broken_inputs, dicom_cr, png
 from .leaks import files_under, leaks, leaks_in_s3, leaks_in_tree, ray_session_dir
 
-MEDDX = str(Path(sys.executable).with_name("meddx"))
 # The driver's credentials and key, distinct from the ones Ray's workers inherited.
 DRIVER_ENV = {
     "AWS_ACCESS_KEY_ID": "AKIALEAKCHECK7Q2W9E4R",

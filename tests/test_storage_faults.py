@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pyarrow.dataset as pads
 import pytest
@@ -21,10 +19,10 @@ from meddx import MeddxError
 from meddx.sources import read_object
 from meddx.storage import StorageSettings, arrow_filesystem, filesystem, list_files
 
+from .helpers import MEDDX
 from .images import make_tar, png
 from .s3_faults import FaultRules, FaultyS3Proxy
 
-MEDDX = str(Path(sys.executable).with_name("meddx"))
 # Each fault twice in a row, for every method a key sees (HEAD, GET, ranged GETs).
 TRANSIENT = {
     "slowdown": ["503", "503"],

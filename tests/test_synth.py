@@ -12,7 +12,7 @@ from meddx.synth import (
     SynthConfig,
     finding_labels,
     labels_for,
-    parse_findings,
+    parse_prevalences,
     render,
     write_archive,
 )
@@ -194,11 +194,11 @@ def test_findings_add_up_and_single_label_is_unchanged():
         assert (every[mask] - base[mask]).mean() > 8, finding
 
 
-def test_parse_findings():
-    assert parse_findings("opacity, nodule=0.1") == (("opacity", 0.3), ("nodule", 0.1))
-    assert parse_findings("all") == tuple(FINDINGS.items())
+def test_parse_prevalences():
+    assert parse_prevalences("opacity, nodule=0.1") == (("opacity", 0.3), ("nodule", 0.1))
+    assert parse_prevalences("all") == tuple(FINDINGS.items())
     for bad, message in (("bogus", "unknown finding"), ("nodule,nodule", "distinct"), ("", "")):
         with pytest.raises(MeddxError, match=message):
-            parse_findings(bad)
+            parse_prevalences(bad)
     with pytest.raises(MeddxError, match="prevalences"):
         write_archive(SynthConfig(out="/nonexistent", n=2, findings=(("nodule", 1.5),)))

@@ -1,16 +1,21 @@
 """DDP training on a real local Ray, fed from a real S3 endpoint."""
 
+import io
+import json
 import os
 import subprocess
 import sys
-from pathlib import Path
+import textwrap
 
 import pytest
+import torch
 
 from meddx import MeddxError, models
-from meddx.storage import StorageSettings
+from meddx.storage import StorageSettings, filesystem
 from meddx.synth import SynthConfig, write_archive
 from meddx.training import TrainConfig, split, train
+
+from .helpers import MEDDX
 
 
 @pytest.mark.slow
@@ -33,19 +38,32 @@ def test_train_one_epoch_two_workers_from_s3(ray_session, bucket, settings, tmp_
     assert (summary.n_train, summary.n_val) == (32, 8)
     ckpt, sha = models.read_checkpoint(out, settings)
     assert sha == summary.sha256
-    assert ckpt["model_name"] == "seednet" and ckpt["input_size"] == 64
-    assert ckpt["class_names"] == ["normal", "opacity"] and ckpt["positive_class"] == "opacity"
-    assert ckpt["train_config"]["workers"] == 2 and ckpt["train_config"]["epochs"] == 1
+    assert ckpt.model_name == "seednet" and ckpt.input_size == 64
+    assert ckpt.class_names == ("normal", "opacity") and ckpt.positive_class == "opacity"
+    assert ckpt.train_config["workers"] == 2 and ckpt.train_config["epochs"] == 1
     for key in ("val_loss", "val_accuracy", "val_precision", "val_recall", "val_f1", "val_auroc"):
-        assert key in ckpt["metrics"], key
-    assert 0.0 <= ckpt["metrics"]["val_auroc"] <= 1.0
-    assert 0.0 <= ckpt["threshold"] <= 1.0 and ckpt["threshold"] == ckpt["metrics"]["val_threshold"]
-    model = models.model_from_checkpoint(ckpt)
-    assert sum(p.numel() for p in model.parameters()) > 0
+        assert key in ckpt.metrics, key
+    assert 0.0 <= ckpt.metrics["val_auroc"] <= 1.0
+    assert 0.0 <= ckpt.threshold <= 1.0 and ckpt.threshold == ckpt.metrics["val_threshold"]
+    # The file holds seednet's weights for two classes, as one epoch of training left them,
+    # and the model scoring builds from it holds exactly those.
+    saved = torch.load(
+        io.BytesIO(filesystem(bucket, settings).cat_file(out.removeprefix("s3://"))),
+        weights_only=True,
+    )["state_dict"]
+    state = models.model_from_checkpoint(ckpt).state_dict()
+    torch.manual_seed(TrainConfig(data="", out="").seed)  # how rank 0 (DDP's source) began
+    initial = models.build_model("seednet", 2).state_dict()
+    assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in initial.items()}
+    assert saved["classifier.4.weight"].shape == (2, 256)  # one output per class
+    assert state.keys() == saved.keys() and all(torch.equal(state[k], saved[k]) for k in saved)
+    assert all(v.isfinite().all() for v in saved.values() if v.is_floating_point())
+    for layer in ("features.0.0.weight", "classifier.4.weight"):  # first and last, trained
+        assert not torch.allclose(saved[layer], initial[layer]), layer
     # bf16 checked against fp32 on the validation images; pinned to fp32 if it moved.
-    check = ckpt["precision_check"]
+    check = ckpt.extra["precision_check"]
     assert check["images"] == 8 and check["precision"] == "bf16"
-    assert ckpt.get("precision") == (None if check["holds"] else "fp32")
+    assert ckpt.precision == (None if check["holds"] else "fp32")
     assert summary.last["train_images_per_s"] > 0
 
 
@@ -58,13 +76,43 @@ def test_split_is_stratified_and_seeded():
     assert not {u for u, _ in train_a} & {u for u, _ in val_a}
 
 
+BAD_CONFIGS = textwrap.dedent(
+    """
+    import json, sys
+    import ray
+    from meddx import MeddxError
+    from meddx.training import TrainConfig, train
+
+    data = sys.argv[1]
+    errors = []
+    for model in ("vgg", "seednet"):  # an unknown model; a folder of one class
+        try:
+            train(TrainConfig(data=data, out=data + "/m.pt", model=model))
+        except MeddxError as exc:
+            errors.append(str(exc))
+    print(json.dumps({"errors": errors, "ray_initialized": ray.is_initialized()}))
+    """
+)
+
+
 def test_bad_training_config_fails_before_ray(tmp_path):
-    with pytest.raises(MeddxError, match="unknown model"):
-        train(TrainConfig(data=str(tmp_path), out="m.pt", model="vgg"))
-    with pytest.raises(MeddxError, match="at least two classes"):
-        (tmp_path / "normal").mkdir()
-        (tmp_path / "normal" / "a.png").write_bytes(b"x")
-        train(TrainConfig(data=str(tmp_path), out="m.pt"))
+    """In a process of its own: the session's Ray (ray_session) may be up in this one."""
+    (tmp_path / "normal").mkdir()
+    (tmp_path / "normal" / "a.png").write_bytes(b"x")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    result = subprocess.run(
+        [sys.executable, "-c", BAD_CONFIGS, str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(out["errors"]) == 2, out
+    assert out["errors"][0].startswith("unknown model 'vgg'; choose from seednet")
+    assert out["errors"][1] == "training needs at least two classes, found ['normal']"
+    assert out["ray_initialized"] is False
 
 
 FINDINGS = ("opacity", "effusion", "nodule")
@@ -102,12 +150,12 @@ def test_multi_label_train_score_evaluate(ray_session, tmp_path):
         )
     )
     ckpt, _ = models.read_checkpoint(out, StorageSettings())
-    assert models.is_multi_label(ckpt) and ckpt["class_names"] == list(FINDINGS)
-    assert len(ckpt["thresholds"]) == 3 and ckpt["threshold"] == min(ckpt["thresholds"])
-    assert ckpt["positive_class"] == "abnormal"
+    assert ckpt.multi_label and ckpt.class_names == FINDINGS
+    assert len(ckpt.thresholds) == 3 and ckpt.threshold == min(ckpt.thresholds)
+    assert ckpt.positive_class == "abnormal"
     for name in FINDINGS:
         assert f"val_auroc_{name}" in summary.metrics
-        assert ckpt["metrics"][f"val_threshold_{name}"] == ckpt["thresholds"][FINDINGS.index(name)]
+        assert ckpt.metrics[f"val_threshold_{name}"] == ckpt.thresholds[FINDINGS.index(name)]
 
     summary = score(
         ScoreConfig(input=str(data), model=out, out=str(tmp_path / "res"), run_date="2026-01-01")
@@ -117,15 +165,13 @@ def test_multi_label_train_score_evaluate(ray_session, tmp_path):
     assert len(rows) == 40
     for r in rows:
         assert len(r["probs"]) == 3 and r["score"] == max(r["probs"])
-        found = [
-            f for f, p, t in zip(FINDINGS, r["probs"], ckpt["thresholds"], strict=True) if p >= t
-        ]
+        found = [f for f, p, t in zip(FINDINGS, r["probs"], ckpt.thresholds, strict=True) if p >= t]
         assert r["label"] == (";".join(found) or "normal")
-        assert r["threshold"] == pytest.approx(ckpt["threshold"])
+        assert r["threshold"] == pytest.approx(ckpt.threshold)
     meta = pads.dataset(str(tmp_path / "res" / "dt=2026-01-01")).schema.metadata
-    assert json.loads(meta[b"meddx.thresholds"]) == ckpt["thresholds"]
+    assert json.loads(meta[b"meddx.thresholds"]) == list(ckpt.thresholds)
 
-    result = evaluation.evaluate(
+    result = evaluation.evaluate_predictions(
         str(tmp_path / "res"), str(data / "_manifest.csv"), StorageSettings()
     )
     assert list(result["per_class"]) == list(FINDINGS)
@@ -149,12 +195,12 @@ def test_multi_label_split_keeps_every_finding_in_validation():
 
 
 def test_multi_label_config_errors(tmp_path):
-    from meddx.training import parse_findings
+    from meddx.names import parse_finding_names
 
-    assert parse_findings("opacity, nodule") == ("opacity", "nodule")
+    assert parse_finding_names("opacity, nodule") == ("opacity", "nodule")
     for bad in ("label", "a;b", "nodule,nodule", "", "normal"):
         with pytest.raises(MeddxError, match="--findings"):
-            parse_findings(bad)
+            parse_finding_names(bad)
     write_archive(SynthConfig(out=str(tmp_path / "single"), n=4, size=64))
     with pytest.raises(MeddxError, match="no column for finding"):
         train(TrainConfig(data=str(tmp_path / "single"), out="m.pt", findings=("nodule",)))
@@ -175,7 +221,7 @@ def test_train_command_on_its_own_ray_prints_no_state_api_noise(tmp_path):
     write_archive(SynthConfig(out=str(tmp_path / "data"), n=40, size=64, seed=3))
     env = {**os.environ, "RAY_ADDRESS": "local"}  # a Ray of its own, not the session's
     result = subprocess.run(
-        [str(Path(sys.executable).with_name("meddx")), "train", str(tmp_path / "data")]
+        [MEDDX, "train", str(tmp_path / "data")]
         + ["--out", str(tmp_path / "m.pt"), "--model", "seednet", "--workers", "2"]
         + ["--epochs", "3", "--image-size", "64", "--storage-path", str(tmp_path / "runs")],
         env=env,
@@ -188,4 +234,4 @@ def test_train_command_on_its_own_ray_prints_no_state_api_noise(tmp_path):
     assert "trained seednet on 32 images (validation 8)" in result.stdout
     assert "State API may be temporarily unavailable" not in output
     ckpt, _ = models.read_checkpoint(str(tmp_path / "m.pt"), StorageSettings())
-    assert ckpt["model_name"] == "seednet"
+    assert ckpt.model_name == "seednet"

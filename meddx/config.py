@@ -1,0 +1,131 @@
+"""The frozen configurations the command line builds and the library runs on.
+
+Every limit on an option is checked here, once, whoever builds the config (the CLI, a
+job script, a test). Imports neither torch nor Ray: the CLI reads the defaults below
+for ``--help`` and builds a config before anything heavy is imported.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+
+from meddx import MeddxError
+from meddx.names import (
+    DEFAULT_MAX_OBJECT_BYTES,
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MODALITIES,
+    DEFAULT_MODEL,
+    MODEL_NAMES,
+    PRECISIONS,
+    parse_finding_names,
+)
+from meddx.storage import StorageSettings
+
+# Image sides training accepts: below 32 px the networks' strides leave nothing; above
+# 1,024 a batch of 32 no longer fits a worker's memory.
+IMAGE_SIZES = (32, 1024)
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """What ``meddx score`` runs on: INPUT, the checkpoint, OUT and how to score."""
+
+    input: str
+    model: str
+    out: str
+    batch_size: int | None = None  # None: GPU_BATCH with GPUs, else CPU_BATCH
+    actors: int | None = None  # None: one per GPU, or one on a CPU-only cluster
+    run_date: str = field(default_factory=lambda: dt.date.today().isoformat())
+    precision: str = "auto"
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_object_bytes: int = DEFAULT_MAX_OBJECT_BYTES  # objects and tar members
+    # DICOM Modality values to score; (): any; None: the checkpoint's list.
+    modalities: tuple[str, ...] | None = None
+    model_sha256: str | None = None  # pin: refuse any other checkpoint file
+    compile_model: bool = False  # torch.compile in each predictor (GPU runs)
+    storage: StorageSettings = StorageSettings()
+
+    def __post_init__(self):
+        try:
+            canonical = dt.date.fromisoformat(self.run_date).isoformat() == self.run_date
+        except (TypeError, ValueError):
+            canonical = False
+        if not canonical:  # the partition's name: one spelling per date
+            raise MeddxError(f"--run-date must be YYYY-MM-DD, got {self.run_date!r}")
+        for name in ("batch_size", "actors", "max_pixels", "max_object_bytes"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise MeddxError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        if self.precision not in PRECISIONS:
+            raise MeddxError(
+                f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"
+            )
+
+
+@dataclass(frozen=True)
+class ScreenConfig(ScoreConfig):
+    """What ``meddx score`` takes (``input`` is the watched source) plus a night's own."""
+
+    new_model: bool = False
+    max_error_rate: float = 0.05
+    max_psi: float = 0.25
+    drift_window: int = 7  # how many earlier run dates form the reference distribution
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0 <= self.max_error_rate <= 1:
+            raise MeddxError(f"--max-error-rate must lie in [0, 1], got {self.max_error_rate}")
+        if self.max_psi < 0:
+            raise MeddxError(f"--max-psi must be at least 0, got {self.max_psi}")
+        if self.drift_window < 1:
+            raise MeddxError(f"the drift window must be at least 1 night, got {self.drift_window}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """What ``meddx train`` runs on: the labelled DATA, the checkpoint to write, DDP."""
+
+    data: str
+    out: str
+    model: str = DEFAULT_MODEL
+    epochs: int = 10
+    workers: int = 2
+    use_gpu: bool = False
+    batch_size: int = 32
+    lr: float = 1e-3
+    val_fraction: float = 0.2
+    image_size: int = 224
+    seed: int = 0
+    # DICOM Modality values trained on (and so accepted when scoring); (): any.
+    modalities: tuple[str, ...] = DEFAULT_MODALITIES
+    storage_path: str | None = None  # Ray Train run folder; shared storage on multi-node
+    run_name: str | None = None  # the same name and storage path continue a stopped run
+    # Worker-group restarts from the last checkpoint before the run fails: a preempted
+    # node or a killed worker costs at most one epoch.
+    max_failures: int = 3
+    # Multi-label: the manifest's 0/1 finding columns to learn, one sigmoid output each.
+    findings: tuple[str, ...] | None = None
+    storage: StorageSettings = field(default_factory=StorageSettings)
+
+    def __post_init__(self):
+        """Every limit on the options, checked here once (the CLI and library callers
+        alike), before anything is read or Ray starts."""
+        if self.model not in MODEL_NAMES:
+            raise MeddxError(f"unknown model {self.model!r}; choose from {', '.join(MODEL_NAMES)}")
+        for name, low in (("epochs", 1), ("workers", 1), ("batch_size", 1), ("seed", 0)):
+            if getattr(self, name) < low:
+                raise MeddxError(f"--{name.replace('_', '-')} must be at least {low}")
+        if self.max_failures < 0:
+            raise MeddxError("--max-failures must be at least 0")
+        if not self.lr > 0:
+            raise MeddxError(f"--lr must be above 0, got {self.lr}")
+        if not 0 < self.val_fraction < 1:
+            raise MeddxError("--val-fraction must lie strictly between 0 and 1")
+        low, high = IMAGE_SIZES
+        if not low <= self.image_size <= high:
+            raise MeddxError(f"--image-size must lie in [{low}, {high}], got {self.image_size}")
+        if self.findings is not None and parse_finding_names(",".join(self.findings)) != tuple(
+            self.findings
+        ):
+            raise MeddxError("--findings needs distinct finding column names")

@@ -1,0 +1,108 @@
+"""Names and defaults that every layer shares, written once.
+
+Imports neither torch nor Ray, so the command line can offer them as choices and show
+them in ``--help`` without paying for either import.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from meddx import MeddxError
+
+# ---- models and precision -----------------------------------------------------------
+
+# The architectures meddx can build (all from random initialisation, nothing downloaded).
+MODEL_NAMES = ("seednet", "resnet18", "resnet50", "densenet121")
+DEFAULT_MODEL = "resnet18"
+# auto: bf16 on GPUs and on CPUs with native bf16 (fp16 on older GPUs), else fp32.
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+# Inference batch when none is asked for: a GPU needs large batches to stay busy (the
+# uint8 batch is 38 MB at 224 px); on CPU larger batches gain nothing and hold memory.
+GPU_BATCH = 256
+CPU_BATCH = 64
+
+# ---- labels ----------------------------------------------------------------------------
+
+# The single-label vocabulary: ``normal`` and the finding a screening model looks for.
+NORMAL = "normal"
+SINGLE_LABEL_CLASSES = (NORMAL, "opacity")
+# The positive class of a multi-label model's screening score: any finding present.
+ABNORMAL = "abnormal"
+# A multi-label row's label: the findings at or above their thresholds, joined by ";" in
+# the checkpoint's order ("effusion;nodule"), or "normal" when there is none.
+NO_FINDING = NORMAL
+LABEL_SEPARATOR = ";"
+# Manifest columns that are not findings.
+MANIFEST_COLUMNS = ("uri", "label", "study_id")
+# The labelled archive's manifest (``meddx synth`` writes it, ``meddx train`` reads it).
+MANIFEST_NAME = "_manifest.csv"
+
+# ---- limits ------------------------------------------------------------------------------
+
+# Largest chest detectors are about 4,300 x 4,300 (18.5 Mpx); 60 Mpx leaves room for
+# any real radiograph while a decompression bomb (100k x 100k) is refused before decoding.
+DEFAULT_MAX_PIXELS = 60_000_000
+# An object or tar member larger than this is refused unread (--max-object-bytes): no
+# chest radiograph comes near 512 MiB, and a worker holds a few objects at a time.
+DEFAULT_MAX_OBJECT_BYTES = 512 * 2**20
+# Radiography: a chest-X-ray model must not score CT slices or MR images.
+DEFAULT_MODALITIES = ("CR", "DX")
+
+# ---- the output row ------------------------------------------------------------------------
+
+OUTPUT_SCHEMA = pa.schema(
+    [
+        ("image_uri", pa.string()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("label", pa.string()),
+        ("score", pa.float32()),
+        ("probs", pa.list_(pa.float32())),
+        ("threshold", pa.float32()),
+        ("model_name", pa.string()),
+        ("model_sha256", pa.string()),
+        ("content_sha256", pa.string()),
+        # DICOM attributes that identify no one (null for PNG/JPEG), image geometry,
+        # and keyed-hash pseudonyms of the UIDs (null without MEDDX_PSEUDONYM_KEY).
+        ("modality", pa.string()),
+        ("view_position", pa.string()),
+        ("body_part", pa.string()),
+        ("photometric", pa.string()),
+        ("transfer_syntax", pa.string()),
+        ("rows", pa.int32()),
+        ("columns", pa.int32()),
+        ("frames", pa.int32()),
+        ("study_pseudonym", pa.string()),
+        ("series_pseudonym", pa.string()),
+        ("instance_pseudonym", pa.string()),
+        ("run_id", pa.string()),
+        ("scored_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
+
+
+# ---- parsing the names users type ----------------------------------------------------------
+
+
+def parse_modalities(text: str) -> tuple[str, ...]:
+    """``CR,DX`` -> ("CR", "DX"); ``any`` -> () (every modality)."""
+    if text.strip().lower() == "any":
+        return ()
+    names = tuple(m.strip().upper() for m in text.split(",") if m.strip())
+    if not names:
+        raise MeddxError("--modalities needs DICOM Modality values such as CR,DX, or 'any'")
+    return names
+
+
+def parse_finding_names(text: str) -> tuple[str, ...]:
+    """``opacity,effusion,nodule`` -> the findings, in the order the model outputs them."""
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    reserved = {*MANIFEST_COLUMNS, ABNORMAL, NO_FINDING}
+    bad = [n for n in names if n in reserved or LABEL_SEPARATOR in n]
+    if not names or bad or len(set(names)) != len(names):
+        raise MeddxError(
+            f"--findings needs distinct finding column names (not {', '.join(sorted(reserved))})"
+        )
+    return names

@@ -1,0 +1,105 @@
+"""The Ray cluster as meddx uses it: joining or starting it, and sizing work to its nodes.
+
+Every rule about how many CPUs, threads, blocks and actors a stage gets lives here, so
+scoring and training apply the same ones.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import ray
+
+# A CPU predictor holds the model (resnet50: 100 MB), torch's runtime and a batch's
+# activations (resnet18 at batch 64 peaked at 970 MiB).
+PREDICTOR_MEMORY = 3 * 2**29
+INPUTS_PER_CPU_ACTOR = 1000  # a CPU job this long gets one more predictor actor
+# Small read tasks keep every CPU busy and memory flat: about this many objects a block.
+OBJECTS_PER_BLOCK = 64
+
+
+def init_ray(dashboard: bool = False) -> None:
+    """Join the cluster this runs on (``ray job submit``) or start a local one."""
+    if not ray.is_initialized():
+        # No usage reports leave the machine. A local scoring run skips the dashboard
+        # (its processes cost seconds of start-up and a share of the CPUs); training
+        # keeps it, as Ray Train watches its workers through the state API it serves.
+        # Joining a cluster ignores the flag.
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        ray.init(
+            include_dashboard=None if dashboard else False,  # None: when installed
+            log_to_driver=os.environ.get("MEDDX_QUIET_WORKERS") is None,
+        )
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def new_run_id(run_date: str) -> str:
+    """One id per run: its date, then enough randomness that two runs never share one."""
+    return f"{run_date}-{uuid.uuid4().hex[:12]}"
+
+
+def node_cpus() -> int:
+    """CPUs of the node this process runs on: Ray's count on a Ray worker (it honours
+    container limits), else the CPUs this process may run on."""
+    if ray.is_initialized():
+        node = ray.get_runtime_context().get_node_id()
+        for info in ray.nodes():
+            if info["NodeID"] == node:
+                return max(1, int(info["Resources"].get("CPU", 1)))
+    return len(os.sched_getaffinity(0)) or 1
+
+
+def threads_per_worker(workers_on_node: int) -> int:
+    """torch threads for one of ``workers_on_node`` CPU workers sharing this node."""
+    return max(1, node_cpus() // max(1, workers_on_node))
+
+
+def cpu_share(cpus: float, members: int) -> float:
+    """The CPUs each of ``members`` long-lived workers (predictor actors, DDP workers)
+    asks of Ray. One CPU always stays free for reading and decoding, or the workers
+    would hold every CPU slot and the pipeline would wait on itself."""
+    return min(1.0, max(0.1, (cpus - 1) / max(1, members)))
+
+
+def read_blocks(inputs: int, shards: int = 0) -> int:
+    """Blocks for the read stage: about OBJECTS_PER_BLOCK objects each, and at least one
+    per tar shard (a shard holds many images)."""
+    return max(1, min(inputs, max(shards, -(-inputs // OBJECTS_PER_BLOCK))))
+
+
+def predictor_pool(
+    actors: int | None, inputs: int
+) -> tuple[ray.data.ActorPoolStrategy, int | None, dict[str, float]]:
+    """The predictor pool, torch threads for each actor (None: the node's CPUs), and
+    what each actor asks of Ray."""
+    total = ray.cluster_resources()
+    gpus = int(total.get("GPU", 0))
+    if gpus:
+        return ray.data.ActorPoolStrategy(size=actors or gpus), None, {"num_gpus": 1}
+    nodes = max(1, sum(1 for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU")))
+    cpus = int(total.get("CPU", 1))
+    # On CPU, by default one actor per node uses the node's cores through torch's
+    # threads. A long job instead runs up to one single-thread actor per core: separate
+    # processes do not stall at each other's thread barriers when a decode task takes a
+    # core (resnet18 on 2 cores: 2 x 1 thread 28.0 images/s, 1 x 2 threads 25.4), but
+    # each loads its own model, seconds of start-up a short job would not win back.
+    # Their memory reservations may take at most half of the cluster's.
+    fits = int(total.get("memory", 0) / 2 // PREDICTOR_MEMORY)
+    wanted = actors or max(nodes, min(cpus, fits, inputs // INPUTS_PER_CPU_ACTOR))
+    threads = max(1, cpus // wanted) if wanted > nodes else None
+    # The memory reservation also makes the actors' resources differ from the decode
+    # tasks', so Ray does not fuse decoding into the actors: decoding stays on parallel
+    # CPU tasks.
+    return (
+        ray.data.ActorPoolStrategy(size=wanted),
+        threads,
+        {"num_cpus": cpu_share(cpus, wanted), "memory": PREDICTOR_MEMORY},
+    )
+
+
+def training_worker_resources(workers: int, use_gpu: bool) -> dict[str, float]:
+    """What each DDP worker asks of Ray (its torch threads are sized on its own node)."""
+    if use_gpu:
+        return {"CPU": 1, "GPU": 1}
+    return {"CPU": cpu_share(ray.cluster_resources().get("CPU", 1), workers)}

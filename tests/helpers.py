@@ -1,0 +1,176 @@
+"""What several test modules share: the venv's executables, free ports, a moto S3 server
+and Ray nodes started with `ray start`, each a child process stopped by its own pid."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import requests
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # the venv's executables: meddx, ray, moto_server
+MEDDX = str(BIN / "meddx")
+DUMMY_AWS = {
+    "AWS_ACCESS_KEY_ID": "meddx-test-key",
+    "AWS_SECRET_ACCESS_KEY": "meddx-test-secret",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+# `ray start` leaves the address of its head here; a later plain ray.init() would join it.
+CURRENT_CLUSTER = Path("/tmp/ray/ray_current_cluster")
+# Every port a Ray node opens besides a head's own, so that nodes share a machine.
+NODE_PORTS = (
+    "node-manager-port",
+    "object-manager-port",
+    "metrics-export-port",
+    "runtime-env-agent-port",
+    "dashboard-agent-listen-port",
+    "dashboard-agent-grpc-port",
+)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def moto_server(timeout: float = 30) -> Iterator[str]:
+    """moto's S3 server as a child process on a free loopback port; yields its URL."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if requests.get(url, timeout=1).ok:
+                break
+        except requests.ConnectionError:
+            pass
+        if time.monotonic() > deadline or proc.poll() is not None:
+            proc.kill()
+            proc.wait()
+            raise RuntimeError("moto server did not start")
+        time.sleep(0.1)
+    try:
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Ray's workers start their own sessions, so a process
+    group does not hold them all)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def command_of(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+    except OSError:
+        return ""
+
+
+def ray_env() -> dict[str, str]:
+    """The environment for `ray` commands: the venv's executables first, token auth, and
+    no RAY_ADDRESS of the caller's."""
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+@contextmanager
+def current_cluster_restored() -> Iterator[None]:
+    """Put CURRENT_CLUSTER back as it was: a `ray start` head overwrites it."""
+    before = CURRENT_CLUSTER.read_text() if CURRENT_CLUSTER.exists() else None
+    try:
+        yield
+    finally:
+        if before is None:
+            CURRENT_CLUSTER.unlink(missing_ok=True)
+        else:
+            CURRENT_CLUSTER.write_text(before)
+
+
+def stop_ray_node(node: subprocess.Popen, timeout: float = 60) -> None:
+    """Terminate a `ray start --block` child (it stops its node's processes), then
+    SIGKILL whatever of its own Ray processes outlived it."""
+    if node.poll() is not None:
+        return
+    tree = descendants(node.pid)
+    node.terminate()
+    try:
+        node.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        node.kill()
+        node.wait()
+    for pid in tree:
+        if "ray" in command_of(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+@contextmanager
+def ray_node(
+    args: list[str],
+    env: dict[str, str],
+    log: Path,
+    *,
+    ready: Callable[[], bool] | None = None,
+    start_timeout: float = 120,
+    stop_timeout: float = 60,
+) -> Iterator[subprocess.Popen]:
+    """`ray start --block ARGS` as a child process on free NODE_PORTS, its output in
+    ``log``; yields it once it says its node runs (and ``ready()``), stops it afterwards.
+
+    A head (``--head``) also needs its own ``--port`` and ``--ray-client-server-port``
+    (and ``--dashboard-port`` with a dashboard) in ``args``."""
+    ports = [f"--{name}={free_port()}" for name in NODE_PORTS]
+    with open(log, "w") as out:
+        node = subprocess.Popen(
+            [str(BIN / "ray"), "start", "--block", "--disable-usage-stats", *args, *ports],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + start_timeout
+        while not ("Ray runtime started" in log.read_text() and (ready is None or ready())):
+            assert node.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, f"Ray node did not start: {log.read_text()}"
+            time.sleep(0.5)
+        yield node
+    finally:
+        stop_ray_node(node, stop_timeout)
