@@ -47,10 +47,11 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 
 from meddx import models
+from meddx.config import SynthConfig
+from meddx.names import CPU_BATCH, GPU_BATCH
 from meddx.predict import inference_model, resolve_precision
-from meddx.scoring import CPU_BATCH, GPU_BATCH
 from meddx.storage import StorageSettings, filesystem
-from meddx.synth import SynthConfig, write_archive
+from meddx.synth import write_archive
 
 BIN = Path(sys.executable).parent
 MEDDX = [sys.executable, "-m", "meddx"]  # works installed or from a checkout on PYTHONPATH

@@ -22,10 +22,11 @@ from pathlib import Path
 import ray
 
 from meddx import models
+from meddx.config import ScoreConfig, SynthConfig
 from meddx.demo import start_s3_server
-from meddx.scoring import ScoreConfig, score
+from meddx.scoring import score
 from meddx.storage import StorageSettings, filesystem
-from meddx.synth import SynthConfig, write_archive
+from meddx.synth import write_archive
 
 BUCKET = "meddx-bench"
 

@@ -14,7 +14,7 @@ import sys
 import click
 
 from meddx import MeddxAlarm, MeddxError, __version__, names
-from meddx.config import ScoreConfig, ScreenConfig, TrainConfig
+from meddx.config import ScoreConfig, ScreenConfig, SynthConfig, TrainConfig
 from meddx.storage import StorageSettings
 
 
@@ -92,26 +92,29 @@ def cli():
 @cli.command()
 @click.argument("out")
 @click.option(
-    "--n", "n", type=click.IntRange(min=1), default=200, show_default=True, help="Number of images."
+    "--n",
+    "n",
+    type=int,
+    default=default(SynthConfig, "n"),
+    show_default=True,
+    help="Number of images.",
 )
 @click.option(
     "--size",
-    type=click.IntRange(min=64, max=4096),
-    default=256,
+    type=int,
+    default=default(SynthConfig, "size"),
     show_default=True,
     help="Image side in pixels.",
 )
-@click.option(
-    "--format", "fmt", type=click.Choice(["png", "jpeg"]), default="png", show_default=True
-)
+@click.option("--format", type=click.Choice(names.SYNTH_FORMATS), default="png", show_default=True)
 @click.option(
     "--positive-rate",
-    type=click.FloatRange(0, 1),
-    default=0.5,
+    type=float,
+    default=default(SynthConfig, "positive_rate"),
     show_default=True,
     help="Fraction of images with an opacity.",
 )
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--seed", type=int, default=default(SynthConfig, "seed"), show_default=True)
 @click.option(
     "--findings",
     default=None,
@@ -121,24 +124,15 @@ def cli():
     "(opacity, effusion, nodule), or 'all'.",
 )
 @storage_option
-def synth(out, n, size, fmt, positive_rate, seed, findings, storage):
+def synth(out, findings, **opts):
     """Write a labelled synthetic chest-X-ray archive to OUT (folder or s3:// prefix).
 
     Layout: OUT/<normal|opacity>/cxr-NNNNNN.<ext> and OUT/_manifest.csv (uri,label).
     With --findings: OUT/<normal|abnormal>/... and a 0/1 manifest column per finding.
     """
-    from meddx.synth import SynthConfig, write_archive
+    cfg = build(SynthConfig, out=out, findings=findings or (), **opts)
+    from meddx.synth import write_archive
 
-    cfg = SynthConfig(
-        out=out,
-        n=n,
-        size=size,
-        format=fmt,
-        positive_rate=positive_rate,
-        seed=seed,
-        findings=findings or (),
-        storage=storage,
-    )
     rows = write_archive(cfg)
     if cfg.findings:
         from meddx.synth import finding_labels

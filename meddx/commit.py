@@ -153,27 +153,21 @@ def read_results(
     root = _path(out)
     if not fs.exists(root):
         return empty
-    if dates is not None:
-        roots = [p for p in (_path(out, f"dt={d}") for d in dates) if fs.exists(p)]
-        if not roots:
+    source, base = root, {}
+    if dates is not None:  # only these partitions' files, listed folder by folder
+        folders = [p for p in (_path(out, f"dt={d}") for d in dates) if fs.exists(p)]
+        source = sorted(f for d in folders for f in fs.find(d) if f.endswith(".parquet"))
+        base = {"partition_base_dir": root}
+        if not source:
             return empty
-        files = sorted(f for r in roots for f in fs.find(r) if f.endswith(".parquet"))
-        ds = pads.dataset(
-            files,
-            filesystem=storage.arrow_filesystem(out, settings),
-            format="parquet",
-            schema=RESULTS_SCHEMA,
-            partitioning=PARTITIONING,
-            partition_base_dir=root,
-        )
-    else:
-        ds = pads.dataset(
-            root,
-            filesystem=storage.arrow_filesystem(out, settings),
-            format="parquet",
-            schema=RESULTS_SCHEMA,
-            partitioning=PARTITIONING,
-        )
+    ds = pads.dataset(
+        source,
+        filesystem=storage.arrow_filesystem(out, settings),
+        format="parquet",
+        schema=RESULTS_SCHEMA,
+        partitioning=PARTITIONING,
+        **base,
+    )
     if not ds.files:
         return empty
     return ds.to_table(columns=columns, filter=where)

@@ -18,10 +18,14 @@ from meddx.names import (
     DEFAULT_MODEL,
     MODEL_NAMES,
     PRECISIONS,
+    SYNTH_FORMATS,
     parse_finding_names,
 )
 from meddx.storage import StorageSettings
 
+# Synthetic films: 64 px is the smallest that still draws ribs and a visible opacity;
+# 4,096 covers the largest chest detectors.
+SYNTH_SIZES = (64, 4096)
 # Image sides training accepts: below 32 px the networks' strides leave nothing; above
 # 1,024 a batch of 32 no longer fits a worker's memory.
 IMAGE_SIZES = (32, 1024)
@@ -129,3 +133,35 @@ class TrainConfig:
             self.findings
         ):
             raise MeddxError("--findings needs distinct finding column names")
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    """What ``meddx synth`` writes: N films of SIZE px in FORMAT under OUT."""
+
+    out: str
+    n: int = 200
+    size: int = 256
+    format: str = "png"
+    positive_rate: float = 0.5
+    seed: int = 0
+    # Multi-label: (finding, prevalence) pairs; empty: the single-label normal/opacity set.
+    findings: tuple[tuple[str, float], ...] = ()
+    storage: StorageSettings = StorageSettings()
+
+    def __post_init__(self):
+        if self.n < 1:
+            raise MeddxError("--n must be at least 1")
+        low, high = SYNTH_SIZES
+        if not low <= self.size <= high:
+            raise MeddxError(f"--size must lie in [{low}, {high}], got {self.size}")
+        if self.format not in SYNTH_FORMATS:
+            raise MeddxError(
+                f"unknown image format {self.format!r}: use {', '.join(SYNTH_FORMATS)}"
+            )
+        if not 0.0 <= self.positive_rate <= 1.0:
+            raise MeddxError("--positive-rate must lie in [0, 1]")
+        if any(not 0.0 <= rate <= 1.0 for _, rate in self.findings):
+            raise MeddxError("--findings prevalences must lie in [0, 1]")
+        if self.seed < 0:
+            raise MeddxError("--seed must be at least 0")

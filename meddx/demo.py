@@ -16,10 +16,10 @@ import time
 import click
 
 from meddx import MeddxError, evaluation, metrics
-from meddx.config import ScreenConfig, TrainConfig
+from meddx.config import ScreenConfig, SynthConfig, TrainConfig
 from meddx.screening import screen
 from meddx.storage import StorageSettings, filesystem
-from meddx.synth import SynthConfig, write_archive
+from meddx.synth import write_archive
 from meddx.training import train
 
 BUCKET = "meddx-demo"
@@ -61,8 +61,8 @@ def run_demo(workdir: str, n_train: int, n_holdout: int, epochs: int) -> dict:
 
     start = time.perf_counter()
     workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
     server, endpoint = start_s3_server()
+    os.makedirs(workdir, exist_ok=True)
     try:
         settings = StorageSettings(s3_endpoint=endpoint)
         filesystem(f"s3://{BUCKET}", settings).mkdir(BUCKET)

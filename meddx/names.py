@@ -39,6 +39,9 @@ MANIFEST_COLUMNS = ("uri", "label", "study_id")
 # The labelled archive's manifest (``meddx synth`` writes it, ``meddx train`` reads it).
 MANIFEST_NAME = "_manifest.csv"
 
+# Formats ``meddx synth`` writes.
+SYNTH_FORMATS = ("png", "jpeg")
+
 # ---- limits ------------------------------------------------------------------------------
 
 # Largest chest detectors are about 4,300 x 4,300 (18.5 Mpx); 60 Mpx leaves room for

@@ -377,8 +377,8 @@ def read_uris(
         for member_uri, data, error in read_shard(shard, settings, max_bytes):
             if member_uri in members:
                 found[member_uri] = (data, error)
-            elif member_uri == shard:
-                shard_error = error
+            if member_uri == shard or (error and shard in error):
+                shard_error = error  # the shard ended here: missing members say why
         for uri in members - found.keys():
             found[uri] = (b"", shard_error or f"no such member in tar shard {shard}")
     loose = list(dict.fromkeys(u for u in uris if u not in found))

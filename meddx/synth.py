@@ -23,33 +23,19 @@ import io
 import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 from scipy import ndimage
 
 from meddx import MeddxError, storage
+from meddx.config import SynthConfig
 from meddx.names import ABNORMAL, MANIFEST_NAME
 from meddx.names import SINGLE_LABEL_CLASSES as CLASSES
-from meddx.storage import StorageSettings
 
 # Findings a multi-label archive can draw, with their default prevalence (each finding
 # independent of the others, so about 40% of films have none and some have several).
 FINDINGS = {"opacity": 0.3, "effusion": 0.25, "nodule": 0.2}
-
-
-@dataclass(frozen=True)
-class SynthConfig:
-    out: str
-    n: int = 200
-    size: int = 256
-    format: str = "png"
-    positive_rate: float = 0.5
-    seed: int = 0
-    # Multi-label: (finding, prevalence) pairs; empty: the single-label normal/opacity set.
-    findings: tuple[tuple[str, float], ...] = ()
-    storage: StorageSettings = StorageSettings()
 
 
 def parse_prevalences(text: str) -> tuple[tuple[str, float], ...]:
@@ -239,17 +225,7 @@ def write_archive(cfg: SynthConfig) -> list[tuple[str, str]]:
     Multi-label (``cfg.findings``): the class folder is ``normal`` or ``abnormal`` (any
     finding), and the manifest adds one 0/1 column per finding.
     """
-    if cfg.n < 1:
-        raise MeddxError("--n must be at least 1")
-    if not 0.0 <= cfg.positive_rate <= 1.0:
-        raise MeddxError("--positive-rate must lie in [0, 1]")
-    if any(not 0.0 <= rate <= 1.0 for _, rate in cfg.findings):
-        raise MeddxError("--findings prevalences must lie in [0, 1]")
-    if cfg.size < 64:
-        raise MeddxError("--size must be at least 64 pixels")
-    ext = {"png": "png", "jpeg": "jpg"}.get(cfg.format)
-    if ext is None:
-        raise MeddxError(f"unknown image format {cfg.format!r}: use png or jpeg")
+    ext = {"png": "png", "jpeg": "jpg"}[cfg.format]
 
     out = cfg.out if storage.is_s3(cfg.out) else storage.strip_scheme(cfg.out)
 

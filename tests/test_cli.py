@@ -1,4 +1,5 @@
 import subprocess
+import sys
 
 import pytest
 from click.testing import CliRunner
@@ -114,3 +115,22 @@ def test_bad_findings_are_one_line_errors(args, expected, tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("meddx: error:") and expected in lines[0]
     assert not any(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_demo_without_moto_says_what_to_install(tmp_path):
+    """A plain install (no demo extra): one line naming the extra, no traceback."""
+    hide_moto = (
+        "import sys; sys.modules['moto'] = None; sys.modules['moto.server'] = None;"
+        "from meddx.cli import main; main(['demo', '--workdir', sys.argv[1]])"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", hide_moto, str(tmp_path / "demo")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "pip install 'meddx[demo]'" in lines[0], result.stderr
+    assert lines[0].startswith("meddx: error:") and "Traceback" not in result.stderr
+    assert not (tmp_path / "demo").exists()  # refused before anything was written

@@ -168,6 +168,37 @@ def test_recover_finishes_a_committed_run_and_drops_the_rest(tmp_path):
     assert not partial.exists()
 
 
+def test_drift_reads_only_the_nights_it_needs(tmp_path):
+    """The reference window and the report's history come from their own partitions:
+    an older partition is never read (here it is not even Parquet)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from meddx.drift import recent_scores
+    from meddx.names import OUTPUT_SCHEMA
+
+    out = tmp_path / "results"
+    for day in range(1, 11):
+        folder = out / f"dt=2026-11-{day:02d}"
+        folder.mkdir(parents=True)
+        if day == 1:
+            (folder / "old.parquet").write_bytes(b"not parquet: reading it would fail")
+            continue
+        rows = [
+            {"image_uri": f"/x/{day}-{i}", "status": "ok", "score": day / 100, "model_sha256": m}
+            for i, m in enumerate(["mine", "mine", "other"])
+        ]
+        pq.write_table(pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA), folder / "p.parquet")
+    reference, history = recent_scores(str(out), StorageSettings(), "mine", "2026-11-09", 3, 4)
+    assert list(reference) == ["2026-11-06", "2026-11-07", "2026-11-08"]
+    assert list(history) == ["2026-11-06", "2026-11-07", "2026-11-08", "2026-11-09"]
+    # This model's ok scores only, night by night.
+    assert all(len(v) == 2 for v in history.values())
+    assert reference["2026-11-07"].tolist() == pytest.approx([0.07, 0.07])
+    with pytest.raises(pa.ArrowInvalid):  # the whole tree does hold a bad file
+        read_results(str(out), StorageSettings(), ["score"])
+
+
 def test_psi():
     rng = np.random.default_rng(0)
     a, b = rng.normal(0.3, 0.1, 2000), rng.normal(0.3, 0.1, 2000)

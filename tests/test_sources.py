@@ -71,6 +71,35 @@ def test_read_shard_members_locally(tmp_path):
     assert not (tmp_path / "escape.png").exists() and not (tmp_path.parent / "escape.png").exists()
 
 
+def test_read_uris_streams_each_shard_once_with_the_limits(tmp_path, monkeypatch):
+    """explain's read: the members asked for, in order, one pass over their shard, the
+    same byte limit as scoring; a missing member or object is an error value."""
+    from meddx import sources
+
+    shard, loose, cut = tmp_path / "s.tar", tmp_path / "a.png", tmp_path / "cut.tar"
+    shard.write_bytes(good_shard())
+    loose.write_bytes(png("L", size=300))
+    cut.write_bytes(truncated_shard())
+    opened = []
+    real = sources.read_shard
+    monkeypatch.setattr(sources, "read_shard", lambda uri, *a: opened.append(uri) or real(uri, *a))
+    asked = [
+        f"{shard}#sample003.png",
+        str(loose),
+        f"{shard}#sample000.png",
+        f"{shard}#nothing.png",
+        f"{cut}#t3.png",
+        str(tmp_path / "gone.png"),
+    ]
+    got = sources.read_uris(asked, StorageSettings(), max_bytes=len(png("L", size=300)) - 1)
+    assert opened == [str(shard), str(cut)]  # once each, whatever the number of members
+    assert got[0] == (png("L", size=43), "") and got[2] == (png("L", size=40), "")
+    assert got[1][0] == b"" and "--max-object-bytes" in got[1][1]
+    assert got[3] == (b"", f"no such member in tar shard {shard}")
+    assert got[4][0] == b"" and "truncated tar shard" in got[4][1]
+    assert got[5] == (b"", "object not found")
+
+
 def test_a_shard_without_images_is_still_a_row(tmp_path):
     shard = tmp_path / "labels-only.tar"
     shard.write_bytes(make_tar([("a.json", b"{}"), ("a.cls", b"0")]))

@@ -7,9 +7,9 @@ import pytest
 from PIL import Image
 
 from meddx import MeddxError
+from meddx.config import SynthConfig
 from meddx.synth import (
     FINDINGS,
-    SynthConfig,
     finding_labels,
     labels_for,
     parse_prevalences,

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from meddx import MeddxError, models
+from meddx.config import SynthConfig
 from meddx.storage import StorageSettings, filesystem
-from meddx.synth import SynthConfig, write_archive
+from meddx.synth import write_archive
 from meddx.training import TrainConfig, split, train
 
 from .helpers import MEDDX

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from meddx import models
+from meddx.config import SynthConfig
 from meddx.storage import StorageSettings
-from meddx.synth import SynthConfig, write_archive
+from meddx.synth import write_archive
 from meddx.training import TrainConfig, train
 
 
