@@ -20,6 +20,7 @@ from meddx.names import (
     PRECISIONS,
     SYNTH_FORMATS,
     parse_finding_names,
+    parse_modalities,
 )
 from meddx.storage import StorageSettings
 
@@ -57,6 +58,8 @@ class ScoreConfig:
             canonical = False
         if not canonical:  # the partition's name: one spelling per date
             raise MeddxError(f"--run-date must be YYYY-MM-DD, got {self.run_date!r}")
+        if isinstance(self.modalities, str):  # "CR,DX" or "any", as on the command line
+            object.__setattr__(self, "modalities", parse_modalities(self.modalities))
         for name in ("batch_size", "actors", "max_pixels", "max_object_bytes"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -122,6 +125,8 @@ class TrainConfig:
                 raise MeddxError(f"--{name.replace('_', '-')} must be at least {low}")
         if self.max_failures < 0:
             raise MeddxError("--max-failures must be at least 0")
+        if isinstance(self.modalities, str):  # "CR,DX" or "any", as on the command line
+            object.__setattr__(self, "modalities", parse_modalities(self.modalities))
         if not self.lr > 0:
             raise MeddxError(f"--lr must be above 0, got {self.lr}")
         if not 0 < self.val_fraction < 1:

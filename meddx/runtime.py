@@ -14,6 +14,7 @@ import ray
 # A CPU predictor holds the model (resnet50: 100 MB), torch's runtime and a batch's
 # activations (resnet18 at batch 64 peaked at 970 MiB).
 PREDICTOR_MEMORY = 3 * 2**29
+MAX_ACTOR_CPU = 0.5  # what a CPU predictor actor reserves at most (see predictor_pool)
 INPUTS_PER_CPU_ACTOR = 1000  # a CPU job this long gets one more predictor actor
 # Small read tasks keep every CPU busy and memory flat: about this many objects a block.
 OBJECTS_PER_BLOCK = 64
@@ -91,10 +92,15 @@ def predictor_pool(
     # The memory reservation also makes the actors' resources differ from the decode
     # tasks', so Ray does not fuse decoding into the actors: decoding stays on parallel
     # CPU tasks.
+    # At most half a CPU each: a lost node's actor restarts on a survivor, and two actors
+    # reserving a whole CPU each would hold a 2-CPU node's every slot, so no decode task
+    # could run and the pipeline would wait forever. The reservation only schedules; the
+    # actor's torch threads are sized above.
+    share = min(MAX_ACTOR_CPU, cpu_share(cpus, wanted))
     return (
         ray.data.ActorPoolStrategy(size=wanted),
         threads,
-        {"num_cpus": cpu_share(cpus, wanted), "memory": PREDICTOR_MEMORY},
+        {"num_cpus": share, "memory": PREDICTOR_MEMORY},
     )
 
 

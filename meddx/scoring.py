@@ -116,10 +116,13 @@ def build_dataset(
         compute=pool,
         # A predictor whose process dies (OOM kill, lost node, preempted GPU) is
         # restarted and its unfinished batches re-run: the model is pure, so a re-run
-        # batch gives the same rows, and Ray Data writes each block once. Bounded, so a
-        # batch that kills its actor every time fails the run instead of looping.
+        # batch gives the same rows, and Ray Data writes each block once. The restarts
+        # are bounded, so a batch that kills its actor every time fails the run instead
+        # of looping. Its batches retry until then: while Ray has not yet declared a lost
+        # node dead (seconds of health checks), each try fails at once as "actor
+        # unavailable", and a fixed number of tries ran out before the restart came.
         max_restarts=PREDICTOR_RESTARTS,
-        max_task_retries=PREDICTOR_RESTARTS,
+        max_task_retries=-1,
         **resources,
     )
 

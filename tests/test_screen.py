@@ -87,7 +87,7 @@ def test_nights_rerun_and_changed_object(ray_session, bucket, settings, triage_c
     # Worklist and summary of night 1: every ok study (threshold 0), highest score first.
     runs = f"{bucket.removeprefix('s3://')}/results/_runs/dt=2026-11-01"
     summary = json.loads(fs.cat_file(f"{runs}/summary.json"))
-    assert summary.rows == 40 and summary.ok == 40 and summary.positives == 40
+    assert summary["rows"] == 40 and summary["ok"] == 40 and summary["positives"] == 40
     worklist = pacsv.read_csv(fs.open(f"{runs}/worklist.csv")).to_pylist()
     assert len(worklist) == 40 and [w["rank"] for w in worklist] == list(range(1, 41))
     scores = [w["score"] for w in worklist]
