@@ -106,7 +106,12 @@ def cli():
     show_default=True,
     help="Image side in pixels.",
 )
-@click.option("--format", type=click.Choice(names.SYNTH_FORMATS), default="png", show_default=True)
+@click.option(
+    "--format",
+    type=click.Choice(names.SYNTH_FORMATS),
+    default=default(SynthConfig, "format"),
+    show_default=True,
+)
 @click.option(
     "--positive-rate",
     type=float,
@@ -257,7 +262,7 @@ def train(data, **opts):
 
 MAX_OBJECT_BYTES_OPTION = click.option(
     "--max-object-bytes",
-    type=int,
+    type=click.IntRange(min=1),
     default=default(ScoreConfig, "max_object_bytes"),
     show_default=True,
     help="Refuse any object or tar member larger than this (read no further).",
@@ -524,8 +529,6 @@ def explain(predictions, model, top, out, max_object_bytes, storage):
     """Grad-CAM overlays (PNG) for the TOP highest-scoring studies in PREDICTIONS."""
     from meddx.explain import explain as run
 
-    if max_object_bytes < 1:
-        raise click.BadParameter("must be at least 1", param_hint="--max-object-bytes")
     for uri in run(predictions, model, top, out, storage, max_object_bytes):
         click.echo(f"wrote {uri}")
 

@@ -17,6 +17,7 @@ import click
 
 from meddx import MeddxError, evaluation, metrics
 from meddx.config import ScreenConfig, SynthConfig, TrainConfig
+from meddx.names import MANIFEST_NAME
 from meddx.screening import screen
 from meddx.storage import StorageSettings, filesystem
 from meddx.synth import write_archive
@@ -113,7 +114,7 @@ def run_demo(workdir: str, n_train: int, n_holdout: int, epochs: int) -> dict:
         )
 
         result = evaluation.evaluate_predictions(
-            predictions, f"s3://{BUCKET}/holdout/_manifest.csv", settings
+            predictions, f"s3://{BUCKET}/holdout/{MANIFEST_NAME}", settings
         )
         evaluation.write_json(result, os.path.join(workdir, "metrics.json"), StorageSettings())
         click.echo(metrics.format_metrics(result))

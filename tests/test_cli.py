@@ -134,3 +134,16 @@ def test_demo_without_moto_says_what_to_install(tmp_path):
     assert len(lines) == 1 and "pip install 'meddx[demo]'" in lines[0], result.stderr
     assert lines[0].startswith("meddx: error:") and "Traceback" not in result.stderr
     assert not (tmp_path / "demo").exists()  # refused before anything was written
+
+
+def test_cli_imports_neither_torch_nor_ray():
+    """--help and argument errors stay fast: names and defaults come from torch-free modules."""
+    code = (
+        "import sys, meddx.cli; "
+        "print(sorted(m for m in ('torch', 'ray', 'torchvision') if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
