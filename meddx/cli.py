@@ -101,16 +101,22 @@ def cli():
 )
 @click.option(
     "--size",
-    type=int,
-    default=default(SynthConfig, "size"),
+    default=str(default(SynthConfig, "size")),
     show_default=True,
-    help="Image side in pixels.",
+    callback=_parsed(names.parse_film_size),
+    help="Film size in pixels: a side (512) or WIDTHxHEIGHT (2400x2800).",
 )
 @click.option(
     "--format",
     type=click.Choice(names.SYNTH_FORMATS),
     default=default(SynthConfig, "format"),
     show_default=True,
+)
+@click.option(
+    "--mix",
+    is_flag=True,
+    help="Draw each film's format from a realistic archive mix (DICOM transfer syntaxes, "
+    "JPEG, 16-bit PNG, 1,024 px PNG) instead of --format.",
 )
 @click.option(
     "--positive-rate",
@@ -135,7 +141,8 @@ def synth(out, findings, **opts):
     Layout: OUT/<normal|opacity>/cxr-NNNNNN.<ext> and OUT/_manifest.csv (uri,label).
     With --findings: OUT/<normal|abnormal>/... and a 0/1 manifest column per finding.
     """
-    cfg = build(SynthConfig, out=out, findings=findings or (), **opts)
+    width, height = opts.pop("size")
+    cfg = build(SynthConfig, out=out, findings=findings or (), size=width, height=height, **opts)
     from meddx.synth import write_archive
 
     rows = write_archive(cfg)

@@ -25,8 +25,8 @@ from meddx.names import (
 from meddx.storage import StorageSettings
 
 # Synthetic films: 64 px is the smallest that still draws ribs and a visible opacity;
-# 4,096 covers the largest chest detectors.
-SYNTH_SIZES = (64, 4096)
+# 4,300 covers the largest chest detectors (43 cm at 100 um).
+SYNTH_SIZES = (64, 4300)
 # Image sides training accepts: below 32 px the networks' strides leave nothing; above
 # 1,024 a batch of 32 no longer fits a worker's memory.
 IMAGE_SIZES = (32, 1024)
@@ -142,12 +142,15 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class SynthConfig:
-    """What ``meddx synth`` writes: N films of SIZE px in FORMAT under OUT."""
+    """What ``meddx synth`` writes: N films of SIZE px (or SIZE x HEIGHT) in FORMAT under
+    OUT; with ``mix`` each film's format is drawn from a realistic archive mix instead."""
 
     out: str
     n: int = 200
-    size: int = 256
+    size: int = 256  # the width; the height too unless ``height`` is given
     format: str = "png"
+    height: int | None = None
+    mix: bool = False
     positive_rate: float = 0.5
     seed: int = 0
     # Multi-label: (finding, prevalence) pairs; empty: the single-label normal/opacity set.
@@ -158,8 +161,9 @@ class SynthConfig:
         if self.n < 1:
             raise MeddxError("--n must be at least 1")
         low, high = SYNTH_SIZES
-        if not low <= self.size <= high:
-            raise MeddxError(f"--size must lie in [{low}, {high}], got {self.size}")
+        for side in (self.size, self.height or self.size):
+            if not low <= side <= high:
+                raise MeddxError(f"--size sides must lie in [{low}, {high}], got {side}")
         if self.format not in SYNTH_FORMATS:
             raise MeddxError(
                 f"unknown image format {self.format!r}: use {', '.join(SYNTH_FORMATS)}"

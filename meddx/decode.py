@@ -47,6 +47,14 @@ class DecodeSettings:
     max_pixels: int = DEFAULT_MAX_PIXELS
     modalities: tuple[str, ...] | None = DEFAULT_MODALITIES  # None: any DICOM modality
     pseudonym_key: bytes | None = field(default=None, repr=False)  # HMAC key for UIDs
+    # Decode only the resolution the model needs (False: every film at full size, the
+    # reference the reduced path is checked against).
+    reduce: bool = True
+
+    @property
+    def target(self) -> int | None:
+        """The short side decoders may reduce a film to, or None for full size."""
+        return self.size if self.reduce else None
 
 
 def sniff(data: bytes) -> str | None:
@@ -62,16 +70,23 @@ def sniff(data: bytes) -> str | None:
     return None
 
 
-def _to_gray(img: Image.Image) -> np.ndarray | Image.Image:
-    """8-bit modes stay a PIL image in mode L; high-bit-depth modes become float32 in [0, 1]."""
+def _to_gray(img: Image.Image, target: int | None) -> np.ndarray | Image.Image:
+    """8-bit modes stay a PIL image in mode L; high-bit-depth modes become float32 in
+    [0, 1]. Either is first box-reduced to a short side of at least ``target``."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        pixels = np.asarray(img, dtype=np.float32)
+        pixels = np.asarray(img)
+        # The film's full range of values as the window, as DICOM does when no VOI is
+        # given: taken before reduction, so reduced and full decodes share one window.
         lo, hi = float(pixels.min()), float(pixels.max())
-        # Full stored range as the window, as DICOM does when no VOI is given.
+        if target:
+            pixels = dicom.box_reduce(pixels, target)
+        pixels = pixels.astype(np.float32, copy=False)
         return (pixels - lo) / (hi - lo) if hi > lo else np.zeros_like(pixels)
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         img = img.convert("RGBA").convert("RGB")  # alpha carries no density: drop it
-    return img.convert("L")
+    gray = img.convert("L")
+    factor = min(gray.size) // target if target else 1
+    return gray.reduce(factor) if factor > 1 else gray
 
 
 def decode_image(data: bytes, settings: DecodeSettings) -> tuple[np.ndarray, dict]:
@@ -96,11 +111,11 @@ def decode_image(data: bytes, settings: DecodeSettings) -> tuple[np.ndarray, dic
                     f"{width}x{height} pixels exceeds the limit of {settings.max_pixels:,}"
                     " (possible decompression bomb)"
                 )
-            if fmt == "jpeg":
+            if fmt == "jpeg" and settings.reduce:
                 # Let libjpeg decode at a reduced DCT scale when the target is much smaller.
                 img.draft("L", (settings.size, settings.size))
             img.load()
-            gray = _to_gray(img)
+            gray = _to_gray(img, settings.target)
     except DecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -116,7 +131,10 @@ def _decode_dicom(data: bytes, settings: DecodeSettings) -> tuple[np.ndarray, di
         ds = dicom.parse(data)
         info = {**INFO_DEFAULTS, **dicom.attributes(ds, settings.pseudonym_key)}
         unit = dicom.to_unit_gray(
-            ds, max_pixels=settings.max_pixels, modalities=settings.modalities
+            ds,
+            max_pixels=settings.max_pixels,
+            modalities=settings.modalities,
+            target=settings.target,
         )
     except dicom.DicomError as exc:
         raise DecodeError(str(exc)) from None
@@ -124,12 +142,20 @@ def _decode_dicom(data: bytes, settings: DecodeSettings) -> tuple[np.ndarray, di
 
 
 def resize(gray: np.ndarray | Image.Image, size: int) -> np.ndarray:
-    """Squash to size x size (keeps both lung fields whole; radiographs are near-square)."""
+    """Squash to size x size (keeps both lung fields whole; radiographs are near-square).
+
+    The one resize every film goes through, reduced or not: a box reduction by the largest
+    integer factor that keeps the short side >= size, then an antialiased bilinear step
+    of less than 2x. A film already reduced by its decoder skips the first step, so a
+    reduced decode and a full one meet the same filter."""
     if isinstance(gray, np.ndarray):
-        img = Image.fromarray(gray.astype(np.float32), mode="F")
-        out = np.asarray(img.resize((size, size), Image.BILINEAR, reducing_gap=3.0))
+        img = Image.fromarray(dicom.box_reduce(gray, size).astype(np.float32), mode="F")
+        out = np.asarray(img.resize((size, size), Image.BILINEAR))
         return (np.clip(out, 0, 1) * 255 + 0.5).astype(np.uint8)
-    return np.asarray(gray.resize((size, size), Image.BILINEAR, reducing_gap=3.0), dtype=np.uint8)
+    factor = min(gray.size) // size
+    if factor > 1:
+        gray = gray.reduce(factor)
+    return np.asarray(gray.resize((size, size), Image.BILINEAR), dtype=np.uint8)
 
 
 def decode_images(batch: dict[str, np.ndarray], settings: DecodeSettings) -> dict[str, np.ndarray]:

@@ -39,8 +39,22 @@ MANIFEST_COLUMNS = ("uri", "label", "study_id")
 # The labelled archive's manifest (``meddx synth`` writes it, ``meddx train`` reads it).
 MANIFEST_NAME = "_manifest.csv"
 
-# Formats ``meddx synth`` writes.
-SYNTH_FORMATS = ("png", "jpeg")
+# Formats ``meddx synth`` writes: what chest archives hold. ``png`` and ``jpeg`` are 8-bit
+# exports (ChestX-ray14, MIMIC-CXR-JPG), ``png16`` a 16-bit export (PadChest); ``dicom``
+# is uncompressed, the rest are DICOM transfer syntaxes: JPEG 2000 lossless and lossy (VNA
+# exports), RLE, JPEG-LS lossless, JPEG baseline 8-bit, and HTJ2K lossless (cloud stores).
+SYNTH_FORMATS = (
+    "png",
+    "jpeg",
+    "png16",
+    "dicom",
+    "dicom-j2k",
+    "dicom-j2k-lossy",
+    "dicom-rle",
+    "dicom-jpegls",
+    "dicom-jpeg",
+    "dicom-htj2k",
+)
 
 # ---- limits ------------------------------------------------------------------------------
 
@@ -97,6 +111,17 @@ def parse_modalities(text: str) -> tuple[str, ...]:
     if not names:
         raise MeddxError("--modalities needs DICOM Modality values such as CR,DX, or 'any'")
     return names
+
+
+def parse_film_size(text: str) -> tuple[int, int | None]:
+    """``512`` -> (512, None) (square); ``2400x2800`` -> (2400, 2800) (width, height)."""
+    width, sep, height = text.strip().lower().partition("x")
+    try:
+        return int(width), (int(height) if sep else None)
+    except ValueError:
+        raise MeddxError(
+            f"{text!r} is not a size: give 512 or WIDTHxHEIGHT such as 2400x2800"
+        ) from None
 
 
 def parse_finding_names(text: str) -> tuple[str, ...]:

@@ -63,11 +63,12 @@ def parse_prevalences(text: str) -> tuple[tuple[str, float], ...]:
 
 def _soft(inside: np.ndarray, edge: float) -> np.ndarray:
     """A smooth 0..1 mask from a signed 'how far inside' field (positive = inside)."""
-    return 1.0 / (1.0 + np.exp(-inside / edge))
+    with np.errstate(over="ignore"):  # far outside: exp overflows to inf, the mask to 0
+        return 1.0 / (1.0 + np.exp(-inside / edge))
 
 
-def _smooth_noise(rng: np.random.Generator, size: int, sigma: float) -> np.ndarray:
-    field = ndimage.gaussian_filter(rng.standard_normal((size, size)), sigma)
+def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], sigma: float) -> np.ndarray:
+    field = ndimage.gaussian_filter(rng.standard_normal(shape), sigma)
     return field / (field.std() + 1e-8)
 
 
@@ -78,15 +79,38 @@ def render(
 
     ``positive`` is the single-label opacity; ``findings`` names the findings to draw.
     """
+    unit = render_unit(index, positive=positive, shape=(size, size), seed=seed, findings=findings)
+    return (np.clip(unit, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
+def render_unit(
+    index: int,
+    *,
+    positive: bool = False,
+    shape: tuple[int, int],
+    seed: int,
+    findings: tuple[str, ...] = (),
+) -> np.ndarray:
+    """One radiograph of ``shape`` (rows, columns) as floats, about [0, 1], unclipped."""
+    rows, cols = shape
+    short = min(rows, cols)
     rng = np.random.default_rng([seed, index])
-    # Patient position: shift, scale, small rotation (normalised coordinates in [-1, 1]).
-    ys, xs = np.mgrid[-1 : 1 : size * 1j, -1 : 1 : size * 1j].astype(np.float32)
+    # Patient position: shift, scale, small rotation (normalised coordinates in [-1, 1]
+    # along the short side, so anatomy keeps its proportions on a rectangular film).
+    if rows == cols:
+        ys, xs = np.mgrid[-1 : 1 : short * 1j, -1 : 1 : short * 1j].astype(np.float32)
+    else:
+        ys, xs = np.meshgrid(
+            np.linspace(-rows / short, rows / short, rows, dtype=np.float32),
+            np.linspace(-cols / short, cols / short, cols, dtype=np.float32),
+            indexing="ij",
+        )
     angle = np.deg2rad(rng.uniform(-5, 5))
     scale = rng.uniform(0.9, 1.1)
     dx, dy = rng.uniform(-0.08, 0.08, size=2)
     x = (np.cos(angle) * xs + np.sin(angle) * ys) / scale - dx
     y = (-np.sin(angle) * xs + np.cos(angle) * ys) / scale - dy
-    edge = 2.0 / size  # one pixel, so shapes are anti-aliased at any size
+    edge = 2.0 / short  # one pixel, so shapes are anti-aliased at any size
 
     body = _soft(1 - np.hypot(x / 0.86, (y - 0.25) / 1.2), 4 * edge)
     img = 0.04 + 0.5 * body
@@ -123,7 +147,7 @@ def render(
         img += 0.1 * _soft(0.022 - np.abs(y - clav), edge) * (side * x > 0.05) * (side * x < 0.7)
 
     # Vascular markings: smooth texture, strongest inside the lungs.
-    img += 0.025 * _smooth_noise(rng, size, size / 90) * lung
+    img += 0.025 * _smooth_noise(rng, shape, short / 90) * lung
 
     # Each finding has its own random stream: images of the same index with and without
     # a finding differ by that finding alone, which the tests use to check where it lies.
@@ -141,9 +165,9 @@ def render(
     # Exposure (gamma, window), detector blur, quantum noise.
     img = np.clip(img, 0, 1) ** rng.uniform(0.8, 1.25)
     img = img * rng.uniform(0.85, 1.1) + rng.uniform(-0.05, 0.05)
-    img = ndimage.gaussian_filter(img, max(size / 400, 0.5))
+    img = ndimage.gaussian_filter(img, max(short / 400, 0.5))
     img += rng.normal(0, 0.018, img.shape)
-    return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
+    return img
 
 
 def _opacity(rng, lung_mask, x, y) -> np.ndarray:
@@ -181,21 +205,106 @@ def _nodule(rng, lung_mask, x, y, edge) -> np.ndarray:
     return rng.uniform(0.2, 0.28) * _soft(radius - r, 1.5 * edge)
 
 
-def _render_job(job: tuple[int, bool, tuple[str, ...], int, int, str]) -> bytes:
-    index, positive, findings, size, seed, fmt = job
-    pixels = render(index, positive=positive, findings=findings, size=size, seed=seed)
-    return encode(pixels, fmt)
+# Films larger than this are drawn at this short side and upsampled, with the quantum
+# noise added at full size: the anatomy is smooth (1,024 px resolves ribs and nodules)
+# and drawing 12 Mpx directly takes seconds per film.
+DRAW_MAX = 1024
+
+# ``--mix``: the formats of a realistic chest archive and their shares. PACS/VNA exports
+# are mostly DICOM (uncompressed, JPEG 2000, JPEG-LS, some RLE and JPEG baseline), cloud
+# DICOM stores hand out HTJ2K, research sets are JPEG (MIMIC-CXR-JPG, CheXpert), 16-bit
+# PNG (PadChest) or 8-bit 1,024 px PNG (ChestX-ray14).
+MIX = {
+    "dicom": 0.20,
+    "dicom-j2k": 0.15,
+    "dicom-j2k-lossy": 0.10,
+    "dicom-htj2k": 0.10,
+    "dicom-jpegls": 0.10,
+    "dicom-rle": 0.05,
+    "dicom-jpeg": 0.05,
+    "jpeg": 0.10,
+    "png16": 0.10,
+    "png": 0.05,
+}
+# ChestX-ray14's films are 1,024 x 1,024 8-bit PNGs, whatever size the rest of a mix has.
+MIX_PNG_SIDE = 1024
+EXTENSIONS = {"png": "png", "png16": "png", "jpeg": "jpg"}  # every other format: dcm
+
+
+def extension(fmt: str) -> str:
+    return EXTENSIONS.get(fmt, "dcm")
+
+
+def film_format(cfg: SynthConfig, index: int) -> str:
+    """The format of film ``index``: the archive's, or one drawn from MIX on its own stream."""
+    if not cfg.mix:
+        return cfg.format
+    rng = np.random.default_rng([cfg.seed, 0x6D6978, index])  # "mix"
+    return str(rng.choice(list(MIX), p=list(MIX.values())))
+
+
+def film_shape(cfg: SynthConfig, fmt: str) -> tuple[int, int]:
+    if cfg.mix and fmt == "png":
+        return MIX_PNG_SIDE, MIX_PNG_SIDE
+    return cfg.height or cfg.size, cfg.size
+
+
+def render_film(
+    index: int, *, positive: bool, findings: tuple[str, ...], shape: tuple[int, int], seed: int
+) -> np.ndarray:
+    """One film of ``shape`` as float32 in [0, 1]: drawn whole up to DRAW_MAX, else drawn
+    at DRAW_MAX and upsampled, with fresh quantum noise at the detector's pixel pitch."""
+    rows, cols = shape
+    short = min(rows, cols)
+    kwargs = {"positive": positive, "findings": findings, "seed": seed}
+    if short <= DRAW_MAX:
+        return np.clip(render_unit(index, shape=shape, **kwargs), 0, 1).astype(np.float32)
+    drawn = render_unit(
+        index, shape=(round(rows * DRAW_MAX / short), round(cols * DRAW_MAX / short)), **kwargs
+    )
+    big = Image.fromarray(drawn.astype(np.float32), mode="F").resize((cols, rows), Image.BICUBIC)
+    film = np.array(big)
+    film += 0.008 * np.random.default_rng([seed, index, 6]).standard_normal(shape, dtype=np.float32)
+    return np.clip(film, 0, 1, out=film)
+
+
+def _render_job(job: tuple) -> bytes:
+    index, positive, findings, shape, seed, fmt = job
+    if fmt in ("png", "jpeg") and shape[0] == shape[1] and shape[0] <= DRAW_MAX:
+        # 8-bit films small enough to draw whole: the bytes meddx synth always wrote.
+        pixels = render(index, positive=positive, findings=findings, size=shape[0], seed=seed)
+        return encode(pixels, fmt)
+    film = render_film(index, positive=positive, findings=findings, shape=shape, seed=seed)
+    if fmt in ("png", "jpeg"):
+        return encode((film * 255 + 0.5).astype(np.uint8), fmt)
+    if fmt == "png16":
+        return encode_png16(film)
+    return encode_dicom(film, fmt, index=index, seed=seed)
 
 
 def encode(pixels: np.ndarray, fmt: str) -> bytes:
+    """8-bit PNG or JPEG bytes of uint8 pixels."""
     buf = io.BytesIO()
     if fmt == "png":
         Image.fromarray(pixels, mode="L").save(buf, format="PNG", compress_level=6)
-    elif fmt == "jpeg":
-        Image.fromarray(pixels, mode="L").save(buf, format="JPEG", quality=92)
     else:
-        raise MeddxError(f"unknown image format {fmt!r}: use png or jpeg")
+        Image.fromarray(pixels, mode="L").save(buf, format="JPEG", quality=92)
     return buf.getvalue()
+
+
+def encode_png16(film: np.ndarray) -> bytes:
+    """A 16-bit grayscale PNG (PadChest's exports use the full 16-bit range)."""
+    buf = io.BytesIO()
+    pixels = (film * 65535 + 0.5).astype(np.uint16)
+    Image.fromarray(pixels).save(buf, format="PNG", compress_level=6)  # mode I;16
+    return buf.getvalue()
+
+
+def encode_dicom(film: np.ndarray, fmt: str, *, index: int, seed: int) -> bytes:
+    """A DICOM CR/DX object of ``film`` in the transfer syntax ``fmt`` names."""
+    from meddx.synth_dicom import encode_film
+
+    return encode_film(film, fmt, index=index, seed=seed)
 
 
 def labels_for(n: int, positive_rate: float, seed: int) -> list[str]:
@@ -225,8 +334,6 @@ def write_archive(cfg: SynthConfig) -> list[tuple[str, str]]:
     Multi-label (``cfg.findings``): the class folder is ``normal`` or ``abnormal`` (any
     finding), and the manifest adds one 0/1 column per finding.
     """
-    ext = {"png": "png", "jpeg": "jpg"}[cfg.format]
-
     out = cfg.out if storage.is_s3(cfg.out) else storage.strip_scheme(cfg.out)
 
     names = [name for name, _ in cfg.findings]
@@ -234,22 +341,30 @@ def write_archive(cfg: SynthConfig) -> list[tuple[str, str]]:
         truth = finding_labels(cfg.n, cfg.findings, cfg.seed)
         labels = [ABNORMAL if row.any() else CLASSES[0] for row in truth]
         drawn = [tuple(n for n, t in zip(names, row, strict=True) if t) for row in truth]
-        jobs = [(i, False, d, cfg.size, cfg.seed, cfg.format) for i, d in enumerate(drawn)]
+        positives = [False] * cfg.n
     else:
         labels = labels_for(cfg.n, cfg.positive_rate, cfg.seed)
-        jobs = [
-            (i, label == CLASSES[1], (), cfg.size, cfg.seed, cfg.format)
-            for i, label in enumerate(labels)
-        ]
-    uris = [storage.join(out, label, f"cxr-{i:06d}.{ext}") for i, label in enumerate(labels)]
+        drawn = [()] * cfg.n
+        positives = [label == CLASSES[1] for label in labels]
+    formats = [film_format(cfg, i) for i in range(cfg.n)]
+    jobs = [
+        (i, positives[i], drawn[i], film_shape(cfg, fmt), cfg.seed, fmt)
+        for i, fmt in enumerate(formats)
+    ]
+    uris = [
+        storage.join(out, label, f"cxr-{i:06d}.{extension(fmt)}")
+        for i, (label, fmt) in enumerate(zip(labels, formats, strict=True))
+    ]
     # Rendering is CPU-bound numpy: spread it over processes ("spawn" is safe beside the
     # threads of a Ray driver or an S3 server); uploads overlap in a thread pool.
-    workers = min(os.cpu_count() or 1, max(1, cfg.n // 32))
+    # Processes pay off from 32 small films, or from 2 detector-size ones (seconds each).
+    big = max(np.prod(film_shape(cfg, fmt)) for fmt in set(formats)) > DRAW_MAX**2
+    workers = min(os.cpu_count() or 1, max(1, cfg.n // (2 if big else 32)))
     with ThreadPoolExecutor(max_workers=8) as uploads:
         if workers > 1:
             ctx = multiprocessing.get_context("spawn")
             with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-                blobs = pool.map(_render_job, jobs, chunksize=16)
+                blobs = pool.map(_render_job, jobs, chunksize=1 if big else 16)
                 done = [
                     uploads.submit(storage.write_bytes, u, b, cfg.storage)
                     for u, b in zip(uris, blobs, strict=True)

@@ -197,7 +197,11 @@ def test_findings_add_up_and_single_label_is_unchanged():
 def test_parse_prevalences():
     assert parse_prevalences("opacity, nodule=0.1") == (("opacity", 0.3), ("nodule", 0.1))
     assert parse_prevalences("all") == tuple(FINDINGS.items())
-    for bad, message in (("bogus", "unknown finding"), ("nodule,nodule", "distinct"), ("", "")):
+    for bad, message in (
+        ("bogus", "unknown finding"),
+        ("nodule,nodule", "distinct"),
+        ("", "one or more distinct findings"),
+    ):
         with pytest.raises(MeddxError, match=message):
             parse_prevalences(bad)
     with pytest.raises(MeddxError, match="prevalences"):
