@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # torch/torchvision come from pip exactly as pinned in pyproject.toml.
 PIP_INSTALL := $(BIN)/pip install --disable-pip-version-check
 
-.PHONY: install demo test test-fast lint nightly bench bench-scale bench-inputs train-ddp score submit-score submit-train clean
+.PHONY: install demo test test-fast lint nightly bench bench-scale bench-inputs bench-decode train-ddp score submit-score submit-train clean
 
 install: $(STAMP)
 
@@ -58,6 +58,11 @@ bench: install
 # Memory at scale and the 20,000-image load run: peak PSS of each run's process tree.
 bench-scale: install
 	$(BIN)/python benchmarks/bench.py --scale 1000,10000,20000 --size 128 --model seednet
+
+# Decode ms per film and format (detector-size films, one core): meddx against the loop
+# users write (pydicom + LUTs or PIL, torchvision Resize) and the bare fastest decoder.
+bench-decode: install
+	$(BIN)/python benchmarks/decode_formats.py --size 2400x2800 --n 5 --out benchmarks/results/decode-$$(hostname)-$$(date +%F).json
 
 # Throughput by input layout (loose, tar shards, manifest) on a local S3 endpoint.
 bench-inputs: install
