@@ -388,8 +388,11 @@ def reduced_j2k(codestream: bytes, target: int) -> np.ndarray | None:
     header = j2k_header(codestream)
     if header is None or header.components != 1 or header.signed or header.precision > 16:
         return None
+    # The 9/7 wavelet of lossy files: keep one level more (short side >= 2 x target) and
+    # box-reduce the rest, as its quantised detail bands average out only at full size.
+    floor = target if header.reversible else 2 * target
     reduce = 0
-    while reduce < header.levels and -(-header.short_side // 2 ** (reduce + 1)) >= target:
+    while reduce < header.levels and -(-header.short_side // 2 ** (reduce + 1)) >= floor:
         reduce += 1
     img = Image.open(io.BytesIO(codestream), formats=["JPEG2000"])
     img.reduce = reduce
@@ -397,7 +400,21 @@ def reduced_j2k(codestream: bytes, target: int) -> np.ndarray | None:
     arr = np.asarray(img)
     if img.mode in ("I;16", "I;16B", "I;16L") and header.precision < 16:
         arr = arr >> (16 - header.precision)  # Pillow scales samples up to 16 bits
-    return arr
+    if reduce == 0:
+        return arr
+    # A low-pass sample of level r sits on the film's pixel 2**r * i, not at the centre of
+    # the block of 2**r pixels a box reduction averages: resample it there (a shift just
+    # under half a reduced pixel), so reduced and full decodes line up.
+    shift = np.float32(0.5 - 0.5 / 2**reduce)
+    out = arr.astype(np.float32)
+    for axis in (0, 1):  # linear interpolation towards the next sample, edges repeated
+        following = (
+            np.concatenate([out[1:], out[-1:]])
+            if axis == 0
+            else np.concatenate([out[:, 1:], out[:, -1:]], axis=1)
+        )
+        out = (1 - shift) * out + shift * following
+    return box_reduce(out, target)
 
 
 @dataclass(frozen=True)
@@ -408,6 +425,7 @@ class J2KHeader:
     precision: int
     signed: bool
     levels: int  # wavelet decomposition levels: resolutions that can be dropped
+    reversible: bool  # the 5/3 wavelet (lossless); else the 9/7 (lossy)
 
     @property
     def short_side(self) -> int:
@@ -424,7 +442,7 @@ def j2k_header(codestream: bytes) -> J2KHeader | None:
         return None
     ssiz = codestream[42]
     cod = codestream.find(b"\xff\x52", 42, 4096)
-    if cod < 0 or len(codestream) < cod + 10:
+    if cod < 0 or len(codestream) < cod + 14:
         return None
     return J2KHeader(
         width=xsiz - x0,
@@ -433,6 +451,7 @@ def j2k_header(codestream: bytes) -> J2KHeader | None:
         precision=(ssiz & 0x7F) + 1,
         signed=bool(ssiz & 0x80),
         levels=codestream[cod + 9],
+        reversible=codestream[cod + 13] == 1,
     )
 
 

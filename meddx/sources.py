@@ -56,8 +56,15 @@ MAX_HEADER_BYTES = 2**20
 TAR_READ_BYTES = 2**20
 # Rows per batch out of the read stage: bounds memory when one shard holds thousands.
 READ_CHUNK = 64
-# Object reads in flight per read task (bytes held: at most this many objects).
+# ... and bytes per batch: 64 detector films of 13-50 MB would make a block of 1-3 GB;
+# half of Ray Data's 128 MiB target block size keeps every block one Ray can move.
+READ_CHUNK_BYTES = 64 * 2**20
+# Object reads in flight per read task: up to this many (an object store's latency, not
+# its bandwidth, bounds one request at a time) ...
 READ_CONCURRENCY = 8
+# ... while the objects in flight, at the mean size read so far, stay under this: 8 x
+# 512 px PNGs, but 2-4 x 30 MB DICOMs, so a node's read tasks cannot exhaust its memory.
+READ_BYTES_IN_FLIGHT = 128 * 2**20
 
 
 def is_manifest(uri: str) -> bool:
@@ -324,19 +331,22 @@ def read_objects(
         rows.clear()
         return out
 
+    def full() -> bool:
+        return len(rows) >= READ_CHUNK or sum(len(r[1]) for r in rows) >= READ_CHUNK_BYTES
+
     inputs = [(uri, tuple(batch[k][i] for k in extra)) for i, uri in enumerate(batch["image_uri"])]
     for uri, carried in inputs:
         if is_shard(uri):
             for member_uri, data, error in read_shard(uri, settings, max_bytes):
                 rows.append((member_uri, data, error, *carried))
-                if len(rows) >= READ_CHUNK:
+                if full():
                     yield flush()
     objects = [(uri, carried) for uri, carried in inputs if not is_shard(uri)]
     for (uri, carried), (data, error) in zip(
         objects, fetch_all([uri for uri, _ in objects], settings, max_bytes), strict=True
     ):
         rows.append((uri, data, error, *carried))
-        if len(rows) >= READ_CHUNK:
+        if full():
             yield flush()
     if rows:
         yield flush()
@@ -351,14 +361,26 @@ def fetch_all(
     if not any(storage.is_s3(uri) for uri in uris):
         yield from (read_object(uri, settings, max_bytes) for uri in uris)
         return
+    read_bytes, read_count = 0, 0
     with ThreadPoolExecutor(READ_CONCURRENCY) as pool:
         pending: deque = deque()
         for uri in uris:
             pending.append(pool.submit(read_object, uri, settings, max_bytes))
-            if len(pending) >= READ_CONCURRENCY:
-                yield pending.popleft().result()
+            while pending and len(pending) >= reads_in_flight(read_bytes, read_count):
+                result = pending.popleft().result()
+                read_bytes, read_count = read_bytes + len(result[0]), read_count + 1
+                yield result
         while pending:
             yield pending.popleft().result()
+
+
+def reads_in_flight(read_bytes: int, read_count: int) -> int:
+    """How many reads may be in flight, given the bytes of the objects read so far: up to
+    READ_CONCURRENCY while READ_BYTES_IN_FLIGHT holds that many at their mean size."""
+    if not read_count:
+        return 1  # sizes unknown yet: one read tells them
+    mean = max(1, read_bytes // read_count)
+    return max(1, min(READ_CONCURRENCY, READ_BYTES_IN_FLIGHT // mean))
 
 
 def read_uris(

@@ -148,7 +148,7 @@ def mix_model(tmp_path_factory):
     every format."""
     torch = pytest.importorskip("torch")
     from meddx import models
-    from meddx.transforms import to_model_input
+    from meddx.transforms import TrainAugment, to_model_input
 
     root = tmp_path_factory.mktemp("mix")
     size = 64
@@ -161,19 +161,24 @@ def mix_model(tmp_path_factory):
         settings = decode.DecodeSettings(size=size, reduce=reduce)
         return np.stack([decode.decode_image(b, settings)[0] for b, _ in items])
 
-    train = archive("train", 256, seed=21, size=320, height=384)
+    train = archive("train", 256, seed=21, size=640, height=768)
     x, y = decoded(train, reduce=True), np.array([t for _, t in train])
     torch.manual_seed(0)
     model = models.build_model("seednet", 2)
     mean, std = torch.tensor(models.IMAGENET_MEAN), torch.tensor(models.IMAGENET_STD)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(16):
-        for i in torch.randperm(len(x)).split(32):
-            batch = to_model_input(torch.from_numpy(x[i.numpy()]), mean, std)
+    epochs = 40
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)  # 3e-3 stalled at chance on some seeds
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
+    augment = TrainAugment()  # as meddx train augments
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(epochs):
+        for i in torch.randperm(len(x), generator=gen).split(32):
+            batch = to_model_input(augment(torch.from_numpy(x[i.numpy()]), gen), mean, std)
             loss = torch.nn.functional.cross_entropy(model(batch), torch.from_numpy(y[i.numpy()]))
             opt.zero_grad()
             loss.backward()
             opt.step()
+        schedule.step()
     ckpt = models.make_checkpoint(
         model.eval(),
         model_name="seednet",
@@ -181,7 +186,7 @@ def mix_model(tmp_path_factory):
         positive_class="opacity",
         input_size=size,
     )
-    held_out = archive("val", 120, seed=22, size=320, height=384)
+    held_out = archive("val", 120, seed=22, size=640, height=768)
     detector = []
     for k, fmt in enumerate(SYNTH_FORMATS):  # one 2,400 x 2,800 film of each format
         film = render_film(k, positive=bool(k % 2), findings=(), shape=(2800, 2400), seed=23)
@@ -194,18 +199,20 @@ def mix_model(tmp_path_factory):
 
             data = encode((film * 255 + 0.5).astype(np.uint8), fmt)
         detector.append((data, k % 2))
-    cfg = SynthConfig(out="x", n=120, seed=22, mix=True, size=320, height=384)
+    cfg = SynthConfig(out="x", n=120, seed=22, mix=True, size=640, height=768)
     formats = [film_format(cfg, i) for i in range(cfg.n)] + list(SYNTH_FORMATS)
     return ckpt, held_out + detector, decoded, formats
 
 
 @pytest.mark.slow
 def test_reduced_decoding_against_full_resolution(mix_model):
-    """A model trained on reduced decodes ranks the held-out films as a full decode (same
-    final resize) does: AUROC within 0.005. Films its codec cannot reduce give the very
-    same pixels either way; JPEG 2000/HTJ2K and JPEG DCT scaling stay within a few grey
-    levels. (Per-film scores of this small seednet still move by up to ~0.1 on the
-    codec-reduced films: the issue's 0.02 per score is not met yet.)"""
+    """A model trained on reduced decodes ranks the held-out films (640 x 768 and one
+    2,400 x 2,800 film per format, to 64 px: the reduction of a detector film to 224 px)
+    as a full decode with the same final resize does: AUROC within 0.005. Films no codec
+    can reduce give the same pixels either way, to rounding; JPEG 2000/HTJ2K and JPEG DCT
+    scaling stay within a few grey levels. Per-film scores of this seednet still move by
+    up to 0.07-0.15 on codec-reduced films (most on lossy JPEG 2000), over the 0.02 a site
+    would want: the gap left in docs/benchmarks.md, not asserted away here."""
     from sklearn.metrics import roc_auc_score
 
     from meddx.predict import Predictor
@@ -218,10 +225,10 @@ def test_reduced_decoding_against_full_resolution(mix_model):
     reduced = predictor.predict_probs(reduced_pixels)[:, 1]
     full = predictor.predict_probs(full_pixels)[:, 1]
     auroc_full = roc_auc_score(labels, full)
-    assert auroc_full > 0.8  # a model whose scores mean something
+    assert auroc_full > 0.9  # a model whose scores mean something (0.97 here)
     assert abs(roc_auc_score(labels, reduced) - auroc_full) <= 0.005
     for fmt, r, f in zip(formats, reduced_pixels.astype(int), full_pixels.astype(int), strict=True):
         if fmt in CODEC_REDUCED:
             assert np.abs(r - f).mean() < 8, fmt  # 3% of the range
-        else:
-            np.testing.assert_array_equal(r, f, err_msg=fmt)
+        else:  # the box before or after linear LUTs: rounding apart, the same pixels
+            assert np.abs(r - f).max() <= 1, fmt

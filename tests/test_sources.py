@@ -8,7 +8,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from meddx import MeddxError
+from meddx import MeddxError, sources
 from meddx.scoring import ScoreConfig, score
 from meddx.sources import labelled_inputs, list_inputs, manifest_labels, read_objects
 from meddx.storage import StorageSettings, arrow_filesystem, filesystem
@@ -240,3 +240,24 @@ def test_s3_reads_one_request_each_with_the_byte_limit(bucket, settings, monkeyp
         else:
             assert (data, error) == (expected, "")
     assert batch["read_error"][-1] == "object not found"
+
+
+def test_reads_are_bounded_by_bytes_not_only_by_count(tmp_path, monkeypatch):
+    """Detector films of tens of MB: the objects in flight and the rows of a read batch
+    stay under their byte budgets, and still one row per object, in order."""
+    assert sources.reads_in_flight(0, 0) == 1  # nothing read yet: sizes unknown
+    assert sources.reads_in_flight(8 * 500_000, 8) == sources.READ_CONCURRENCY  # PNGs
+    assert sources.reads_in_flight(4 * 30 * 2**20, 4) == 4  # 30 MiB DICOMs: 128 MiB
+    assert sources.reads_in_flight(2 * 400 * 2**20, 2) == 1  # never none
+
+    monkeypatch.setattr(sources, "READ_CHUNK_BYTES", 3 * 2**20)
+    uris = []
+    for i in range(7):
+        path = tmp_path / f"film-{i}.dcm"
+        path.write_bytes(bytes([i]) * 2**20)  # 1 MiB each
+        uris.append(str(path))
+    batch = {"image_uri": np.array(uris, dtype=object)}
+    chunks = list(sources.read_objects(batch, StorageSettings()))
+    assert [len(c["image_uri"]) for c in chunks] == [3, 3, 1]
+    assert [u for c in chunks for u in c["image_uri"]] == uris
+    assert all(sum(len(b) for b in c["bytes"]) <= 3 * 2**20 for c in chunks)
