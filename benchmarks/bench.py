@@ -1,23 +1,40 @@
 """`make bench`: meddx scoring against the model's ceiling and the loop users would write.
 
-    python benchmarks/bench.py --n 2000 --size 512 --model resnet18
+    python benchmarks/bench.py                      # preset mix: 240 detector-size films
+    python benchmarks/bench.py --preset png512      # 2,000 PNGs of 512 px (the old run)
     python benchmarks/bench.py --scale 1000,10000,20000 --size 128 --model seednet   # memory
 
-Measured side by side in one run, on the same synthetic PNGs and the same model:
+Presets (--n, --size and --mix/--no-mix override them):
+  mix     240 films of 2400 x 2800 px in a realistic archive's mix of formats (DICOM
+          uncompressed, JPEG 2000, HTJ2K, JPEG-LS, RLE, JPEG baseline; JPEG, 16-bit PNG,
+          1,024 px PNG; meddx/synth.py's MIX), the default;
+  png512  2,000 8-bit PNGs of 512 x 512 px.
+The archive is written once and cached under benchmarks/.cache.
+
+Measured side by side in one run, on the same archive and the same model:
   (a) ceiling: forward passes on ready 224 px tensors in this process, every core, of
       the model as meddx's predictor runs it (BatchNorm folded), in fp32 and in the
       precision `--precision auto` picks; and of the plain eager model in fp32;
-  (b) the classic single-process loop: torchvision ImageFolder + DataLoader + model
-      (fp32), from local disk;
-  (c) `meddx score` as a whole command (start-up included) reading the same images from
-      a local S3 endpoint (moto's server in its own process, sharing the CPUs) or, with
-      `--source local`, from the folder (b) reads; in fp32 and in what `auto` picks;
-  (d) decode only: meddx's read and decode stages on Ray, no model (the CPU bound);
-  (e) training: `meddx train` images/s with 1 and 2 DDP workers.
-Prints images/s and the ratios c/a and c/b, and writes
-benchmarks/results/<host-or-gpu>-<date>.json with the machine's description.
+  (b) the loop users write for such an archive: a torch Dataset over its files that
+      decodes DICOM with pydicom (pixel_array, modality LUT, VOI LUT, MONOCHROME1
+      inverted) and other files with PIL (16-bit PNG as I;16), scales to [0, 1], resizes
+      with torchvision's antialiased Resize to 224 and normalises 3 channels as meddx
+      does; DataLoader batch 64 into the eager model (fp32), from local disk, with
+      num_workers=0 and with num_workers=os.cpu_count();
+  (c) `meddx score` as a whole command (start-up included), in fp32 and in what `auto`
+      picks, reading the archive from the local folder and from a local S3 endpoint
+      (moto's server in its own process, sharing the CPUs); `--source` picks one;
+  (d) decode only: meddx's read and decode stages on Ray, no model (the CPU bound), from
+      each source (c) reads;
+  (e) training: `meddx train` images/s with 1 and 2 DDP workers (first --train-n films);
+and decode ms per film (p50, one core) for each format in the archive, grouped by
+synth.film_format: meddx's decode_image against the decode of (b)'s loop
+(benchmarks/decode_formats.py's users_loop). Prints images/s, c/a (same precision) and
+c/b (against the better of the two (b) runs), and writes
+benchmarks/results/<host-or-gpu>-<model>-<preset>-<date>.json with the machine (CPU
+model and SIMD flags, GPU if any).
 
-`--scale N1,N2,...` instead scores N1, N2, ... images (CSV manifests over one uploaded
+`--scale N1,N2,...` instead scores N1, N2, ... PNGs (CSV manifests over one uploaded
 set) and samples the proportional set size (PSS) of the whole process tree of each
 `meddx score` (driver, Ray's daemons, workers, object store pages) every half second;
 it reports the peak for each N, the ratio of the largest to the smallest, and checks
@@ -34,46 +51,82 @@ import os
 import platform
 import re
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import torch
 import torchvision
-from torch.utils.data import DataLoader
+from decode_formats import best_ms, users_loop  # benchmarks/, beside this script
+from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from meddx import models
+from meddx import decode, models
 from meddx.config import SynthConfig
-from meddx.names import CPU_BATCH, GPU_BATCH
+from meddx.names import CPU_BATCH, GPU_BATCH, SYNTH_FORMATS, parse_film_size
 from meddx.predict import inference_model, resolve_precision
+from meddx.sources import IMAGE_SUFFIXES
 from meddx.storage import StorageSettings, filesystem
-from meddx.synth import write_archive
+from meddx.synth import film_format, write_archive
 
 BIN = Path(sys.executable).parent
 MEDDX = [sys.executable, "-m", "meddx"]  # works installed or from a checkout on PYTHONPATH
-BATCH = 64  # the classic loop's batch
+BATCH = 64  # the users' loop's batch
 BUCKET = "bench"
+MODEL_SIZE = 224
+SEED = 11
+STARTED = time.perf_counter()
+PRESETS = {
+    "mix": {"n": 240, "size": "2400x2800", "mix": True},
+    "png512": {"n": 2000, "size": "512", "mix": False},
+}
 
 
-def archive(n: int, size: int, cache: Path, unique: int | None = None) -> Path:
-    """``n`` synthetic PNGs; with ``unique`` < n, only that many are rendered (about
-    0.2 core-seconds each at 512 px) and the rest are hard links to them, each read and
-    decoded on its own like any other file."""
+def log(message: str) -> None:
+    """Progress on stderr, with the seconds since the start."""
+    print(f"[{time.perf_counter() - STARTED:7.1f} s] {message}", file=sys.stderr, flush=True)
+
+
+# ---- the archive ----------------------------------------------------------------------
+
+
+def synth_config(folder: Path, n: int, size: str, mix: bool) -> SynthConfig:
+    width, height = parse_film_size(size)
+    return SynthConfig(out=str(folder), n=n, size=width, height=height, mix=mix, seed=SEED)
+
+
+def films(folder: Path) -> list[Path]:
+    """The archive's image files (``_``/``.`` names are metadata), in a stable order."""
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(("_", "."))
+    )
+
+
+def archive(n: int, size: str, mix: bool, cache: Path, unique: int | None = None) -> Path:
+    """``n`` synthetic films of ``size`` (``512`` or ``2400x2800``), PNG or the realistic
+    mix; with ``unique`` < n, only that many are rendered (about 0.2 core-seconds each
+    at 512 px, seconds each at detector size) and the rest are hard links to them, each
+    read and decoded on its own like any other file."""
     unique = min(unique or n, n)
-    folder = cache / (f"synth-{n}-{size}" if unique == n else f"synth-{n}-{size}-u{unique}")
+    kind = "mix" if mix else "synth"  # synth-N-SIZE: the PNG archives' names as before
+    folder = cache / (f"{kind}-{n}-{size}" if unique == n else f"{kind}-{n}-{size}-u{unique}")
     if (folder / "_manifest.csv").exists():
         return folder
     if unique == n:
-        write_archive(SynthConfig(out=str(folder), n=n, size=size, seed=11))
+        log(f"writing {folder}")
+        write_archive(synth_config(folder, n, size, mix))
         return folder
-    rendered = sorted(archive(unique, size, cache).rglob("*.png"))
+    rendered = films(archive(unique, size, mix, cache))
     for i in range(n):
         src = rendered[i % unique]
-        dst = folder / src.parent.name / f"cxr-{i:06d}.png"
+        dst = folder / src.parent.name / f"cxr-{i:06d}{src.suffix}"
         dst.parent.mkdir(parents=True, exist_ok=True)
         if not dst.exists():
             os.link(src, dst)
@@ -81,12 +134,30 @@ def archive(n: int, size: int, cache: Path, unique: int | None = None) -> Path:
     return folder
 
 
+def film_formats(folder: Path, n: int, size: str, mix: bool) -> dict[Path, str]:
+    """Each film of a rendered archive (not a linked one) and its synth format."""
+    cfg = synth_config(folder, n, size, mix)
+    return {p: film_format(cfg, int(p.stem.split("-")[1])) for p in films(folder)}
+
+
+def first_films_manifest(folder: Path, k: int, cache: Path) -> Path:
+    """A manifest (uri, label from the class folder) of the archive's first ``k`` films
+    by index (by path they are sorted by class)."""
+    first = sorted(films(folder), key=lambda p: p.name)[:k]
+    path = cache / f"_{folder.name}-first{k}.csv"
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["uri", "label"])
+        writer.writerows((str(p.resolve()), p.parent.name) for p in first)
+    return path
+
+
 # ---- (a) and (b): in this process --------------------------------------------------
 
 
 def ceiling(model: torch.nn.Module, dtype, device: torch.device, seconds: float = 15.0):
     batch = GPU_BATCH if device.type == "cuda" else CPU_BATCH  # meddx score's defaults
-    x = torch.randn(batch, 3, 224, 224, device=device)
+    x = torch.randn(batch, 3, MODEL_SIZE, MODEL_SIZE, device=device)
     x = x.contiguous(memory_format=torch.channels_last)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     with (
@@ -103,20 +174,36 @@ def ceiling(model: torch.nn.Module, dtype, device: torch.device, seconds: float 
     return n / (time.perf_counter() - start)
 
 
-def classic_loop(
-    model: torch.nn.Module, folder: Path, device: torch.device, seconds: float | None = None
+class ArchiveDataset(Dataset):
+    """The Dataset users write over an archive's files: decode_formats.users_loop (pydicom
+    pixel_array + modality and VOI LUTs, MONOCHROME1 inverted, or PIL, 16-bit PNG as
+    I;16; scaled to [0, 1]; antialiased Resize to 224), then 3 channels normalised with
+    the checkpoint's mean and std, as meddx's to_model_input feeds the model."""
+
+    def __init__(self, paths: list[Path], mean, std):
+        self.paths = paths
+        self.normalize = transforms.Normalize(mean, std)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        path = self.paths[i]
+        x = users_loop(path.read_bytes(), MODEL_SIZE)  # (1, 224, 224) float in [0, 1]
+        return self.normalize(x.expand(3, -1, -1)), path.parent.name
+
+
+def users_loop_rate(
+    model: torch.nn.Module,
+    dataset: Dataset,
+    device: torch.device,
+    workers: int,
+    seconds: float | None = None,
 ) -> float:
-    """Images/s of the loop users would write; over the first ``seconds`` if given."""
-    tf = transforms.Compose(
-        [
-            transforms.Grayscale(3),
-            transforms.Resize((224, 224)),
-            transforms.ToTensor(),
-            transforms.Normalize(models.IMAGENET_MEAN, models.IMAGENET_STD),
-        ]
-    )
-    loader = DataLoader(torchvision.datasets.ImageFolder(str(folder), tf), batch_size=BATCH)
+    """Images/s of the users' loop with ``workers`` DataLoader processes (their start-up
+    included, as a user pays it); over the first ``seconds`` if given."""
     start, n = time.perf_counter(), 0
+    loader = DataLoader(dataset, batch_size=BATCH, num_workers=workers)
     with torch.inference_mode():
         for x, _ in loader:
             model(x.to(device).contiguous(memory_format=torch.channels_last)).cpu()
@@ -124,6 +211,40 @@ def classic_loop(
             if seconds is not None and time.perf_counter() - start > seconds:
                 break
     return n / (time.perf_counter() - start)
+
+
+def decode_ms_per_format(formats: dict[Path, str], per_format: int) -> dict[str, dict]:
+    """Decode ms per film, p50 over up to ``per_format`` films of each format (best of 3
+    each), on one core: meddx's decode_image against the users' loop's decode."""
+    counts = Counter(formats.values())
+    sample = defaultdict(list)
+    for path, fmt in formats.items():
+        if len(sample[fmt]) < per_format:
+            sample[fmt].append(path.read_bytes())
+    settings = decode.DecodeSettings(size=MODEL_SIZE)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one core, as one decode task has
+    rows = {}
+    try:
+        for fmt in (f for f in SYNTH_FORMATS if f in sample):
+            data = sample[fmt]
+            meddx_ms = statistics.median(
+                best_ms(lambda d=d: decode.decode_image(d, settings)) for d in data
+            )
+            loop_ms = statistics.median(
+                best_ms(lambda d=d: users_loop(d, MODEL_SIZE)) for d in data
+            )
+            rows[fmt] = {
+                "share": round(counts[fmt] / len(formats), 3),
+                "films_timed": len(data),
+                "mb_per_film": round(statistics.mean(len(d) for d in data) / 1e6, 2),
+                "meddx_p50_ms": round(meddx_ms, 1),
+                "users_loop_p50_ms": round(loop_ms, 1),
+                "users_loop_over_meddx": round(loop_ms / meddx_ms, 2),
+            }
+    finally:
+        torch.set_num_threads(threads)
+    return rows
 
 
 # ---- the S3 endpoint and the subprocesses --------------------------------------------
@@ -163,10 +284,10 @@ class Store:
         self.fs.mkdir(BUCKET)
 
     def upload(self, folder: Path, prefix: str, limit: int | None = None) -> list[str]:
-        files = sorted(folder.rglob("*.png"))[:limit]
+        files = films(folder)[:limit]
         uris = []
-        for start in range(0, len(files), 500):
-            part = {f"{BUCKET}/{prefix}/{p.parent.name}/{p.name}": p for p in files[start:][:500]}
+        for start in range(0, len(files), 64):  # 64 detector-size films: about 0.4 GB
+            part = {f"{BUCKET}/{prefix}/{p.parent.name}/{p.name}": p for p in files[start:][:64]}
             self.fs.pipe({key: p.read_bytes() for key, p in part.items()})
             uris += [f"s3://{key}" for key in part]
         return uris
@@ -261,7 +382,7 @@ def decode_only(settings: StorageSettings, uris: list[str]) -> float:
     """meddx's read and decode stages on Ray with nothing after them (start-up excluded)."""
     import ray
 
-    from meddx import decode, sources
+    from meddx import sources
 
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
     try:
@@ -272,25 +393,31 @@ def decode_only(settings: StorageSettings, uris: list[str]) -> float:
         ds = ds.map_batches(sources.read_objects, fn_kwargs={"settings": settings}, batch_size=None)
         ds = ds.map_batches(
             decode.decode_images,
-            fn_kwargs={"settings": decode.DecodeSettings(size=224)},
+            fn_kwargs={"settings": decode.DecodeSettings(size=MODEL_SIZE)},
             batch_size=None,
         )
-        n = sum(len(b["status"]) for b in ds.iter_batches(batch_size=None, batch_format="numpy"))
-        return n / (time.perf_counter() - start)
+        status = [
+            s for b in ds.iter_batches(batch_size=None, batch_format="numpy") for s in b["status"]
+        ]
+        rate = len(status) / (time.perf_counter() - start)
     finally:
         ray.shutdown()
+    if status.count("ok") != len(uris):
+        raise RuntimeError(f"decode only: {status.count('ok')} of {len(uris)} films decoded")
+    return rate
 
 
 # ---- (e) training ---------------------------------------------------------------------
 
 
-def training(folder: Path, model: str, workers: int, env: dict) -> float:
-    """Training images/s of the last of two epochs (the first pays start-up)."""
+def training(data: Path, model: str, workers: int, env: dict) -> float:
+    """Training images/s of the last of two epochs (the first pays start-up); ``data``
+    is a folder or a manifest."""
     with tempfile.TemporaryDirectory() as tmp:
         run = run_meddx(
             [
                 "train",
-                str(folder),
+                str(data),
                 "--out",
                 f"{tmp}/m.pt",
                 "--model",
@@ -312,22 +439,23 @@ def training(folder: Path, model: str, workers: int, env: dict) -> float:
     return float(rates[-1])
 
 
+# SIMD flags that decide decode and inference speed on the CPU.
+CPU_FLAGS = ("avx", "amx", "fma", "f16c", "sse4")
+
+
 def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        cpu = next(
-            line.split(":", 1)[1].strip()
-            for line in open("/proc/cpuinfo")
-            if line.startswith("model name")
-        )
-    except (OSError, StopIteration):
-        pass
-    flags = set(open("/proc/cpuinfo").read().split()) if Path("/proc/cpuinfo").exists() else set()
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    lines = info.splitlines()
+    cpu = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "")
+    flags = next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), [])
+    gpu = torch.cuda.get_device_properties(0) if torch.cuda.is_available() else None
     return {
-        "cpu": cpu,
+        "cpu": cpu or platform.processor(),
         "cpus": os.cpu_count(),
-        "native_bf16": bool(flags & {"avx512_bf16", "amx_bf16"}),
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "cpu_flags": sorted(f for f in flags if f.startswith(CPU_FLAGS)),
+        "native_bf16": bool(set(flags) & {"avx512_bf16", "amx_bf16"}),
+        "gpu": gpu.name if gpu else None,
+        "gpu_memory_gib": round(gpu.total_memory / 2**30, 1) if gpu else None,
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
         "python": platform.python_version(),
@@ -337,93 +465,155 @@ def machine() -> dict:
 def write_result(result: dict, kind: str) -> None:
     print(json.dumps(result, indent=2))
     host = result["machine"]["gpu"] or f"cpu{result['machine']['cpus']}"
-    parts = [host, result["model"], result.get("source"), result["date"]]
-    name = "-".join(str(p).replace(" ", "-") for p in parts if p)
+    source = result.get("source")
+    parts = [host, result["model"], result.get("preset"), source != "both" and source]
+    name = "-".join(str(p).replace(" ", "-") for p in [*parts, result["date"]] if p)
     path = Path("benchmarks/results") / f"{kind}{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")
 
 
-def throughput(args) -> None:
-    folder = archive(args.n, args.size, args.cache, args.unique)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.set_num_threads(os.cpu_count() or 1)
-    ckpt = models.untrained_checkpoint(args.model, input_size=224)
-    eager = models.model_from_checkpoint(ckpt).eval()
-    eager = eager.to(device, memory_format=torch.channels_last)
-    model = inference_model(ckpt, device)  # as meddx's predictor runs it
-    picked = resolve_precision(args.precision, device)
-    a_eager = ceiling(eager, None, device)
-    a_fp32 = ceiling(model, None, device)
-    a_picked = (
-        ceiling(inference_model(ckpt, device, fold=False), picked, device)  # as the predictor
-        if picked is not None
-        else a_fp32
-    )
-    b = classic_loop(eager, folder, device, args.loop_seconds)
-    del model, eager
-    store = Store() if args.source == "s3" else None
-    env = store.env if store else meddx_env()
+def score_from(source: str, folder: Path, ckpt, args, picked) -> dict:
+    """(c) and (d) reading the archive from ``source`` (local or s3)."""
+    log(f"(c) meddx score and (d) decode only from {source}")
+    store = Store() if source == "s3" else None
     try:
         if store:
-            uris, inputs, model_uri = (
-                store.upload(folder, "images"),
-                f"s3://{BUCKET}/images",
-                f"s3://{BUCKET}/model.pt",
-            )
-            settings = store.settings
+            uris = store.upload(folder, "images")
+            inputs, model_uri = f"s3://{BUCKET}/images", f"s3://{BUCKET}/model.pt"
+            settings, env = store.settings, store.env
         else:
-            uris = [str(p) for p in sorted(folder.rglob("*.png"))]
+            uris = [str(p) for p in films(folder)]
             inputs, model_uri = str(folder), str(args.cache / f"{args.model}.pt")
-            settings = StorageSettings()
+            settings, env = StorageSettings(), meddx_env()
         models.save_checkpoint(ckpt, model_uri, settings)
-        c_fp32 = meddx_score(env, inputs, model_uri, "fp32")
-        c_picked = (
-            meddx_score(env, inputs, model_uri, args.precision) if picked is not None else c_fp32
-        )
+        fp32 = meddx_score(env, inputs, model_uri, "fp32")
+        chosen = meddx_score(env, inputs, model_uri, args.precision) if picked else fp32
         d = decode_only(settings, uris)
     finally:
         if store:
             store.close()
-    c, cp = c_fp32["images_per_s"], c_picked["images_per_s"]
+    runs = {"fp32": fp32, "picked": chosen}
+    return {
+        "c": {
+            name: {
+                "images_per_s": round(run["images_per_s"], 1),
+                "inside_command": round(run["images_per_s_inside"], 1),
+                "pipeline": round(run["images_per_s_pipeline"], 1),
+                "summary": run["summary"],
+            }
+            for name, run in runs.items()
+        },
+        "d": round(d, 1),
+    }
+
+
+def throughput(args) -> None:
+    folder = archive(args.n, args.size, args.mix, args.cache, args.unique)
+    unique = min(args.unique or args.n, args.n)
+    formats = film_formats(
+        archive(unique, args.size, args.mix, args.cache), unique, args.size, args.mix
+    )
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.set_num_threads(os.cpu_count() or 1)
+    ckpt = models.untrained_checkpoint(args.model, input_size=MODEL_SIZE)
+    eager = models.model_from_checkpoint(ckpt).eval()
+    eager = eager.to(device, memory_format=torch.channels_last)
+    model = inference_model(ckpt, device)  # as meddx's predictor runs it
+    picked = resolve_precision(args.precision, device)
+    seconds = args.ceiling_seconds
+    log(f"(a) ceiling on {device}, {seconds:.0f} s each")
+    a = {"fp32_eager": ceiling(eager, None, device, seconds)}
+    a["fp32"] = ceiling(model, None, device, seconds)
+    a["picked"] = a["fp32"]
+    if picked is not None:  # autocast over the unfolded model, as the predictor runs it
+        unfolded = inference_model(ckpt, device, fold=False)
+        a["picked"] = ceiling(unfolded, picked, device, seconds)
+    del model
+    dataset = ArchiveDataset(films(folder), ckpt.mean, ckpt.std)
+    log("(b) the users' loop, DataLoader workers 0 and all cores")
+    b = {
+        f"workers_{workers}": users_loop_rate(eager, dataset, device, workers, args.loop_seconds)
+        for workers in (0, os.cpu_count() or 1)
+    }
+    del eager
+    log("decode ms per format, one core")
+    decode_ms = decode_ms_per_format(formats, args.format_films)
+    sources = ["local", "s3"] if args.source == "both" else [args.source]
+    by_source = {source: score_from(source, folder, ckpt, args, picked) for source in sources}
+    b_best = max(b.values())
+    ratios = {
+        source: {
+            "c_fp32_over_a_fp32": round(s["c"]["fp32"]["images_per_s"] / a["fp32"], 3),
+            "c_picked_over_a_picked": round(s["c"]["picked"]["images_per_s"] / a["picked"], 3),
+            "c_fp32_over_b_best": round(s["c"]["fp32"]["images_per_s"] / b_best, 3),
+            "c_picked_over_b_best": round(s["c"]["picked"]["images_per_s"] / b_best, 3),
+            "c_picked_over_d": round(s["c"]["picked"]["images_per_s"] / s["d"], 3),
+        }
+        for source, s in by_source.items()
+    }
     result = {
         "date": dt.date.today().isoformat(),
         "model": args.model,
+        "preset": args.preset,
         "n": args.n,
-        "unique": min(args.unique or args.n, args.n),
+        "unique": unique,
         "size": args.size,
+        "mix": args.mix,
         "source": args.source,
+        "formats": dict(Counter(formats.values()).most_common()),
         "precision_auto_picks": str(picked or "fp32").replace("torch.", ""),
         "machine": machine(),
-        "a_ceiling_fp32_eager": round(a_eager, 1),
-        "a_ceiling_fp32": round(a_fp32, 1),
-        "a_ceiling_picked": round(a_picked, 1),
-        "b_classic_loop": round(b, 1),
-        "c_meddx_score_fp32": round(c, 1),
-        "c_meddx_score_picked": round(cp, 1),
-        "c_fp32_inside_command": round(c_fp32["images_per_s_inside"], 1),
-        "c_picked_inside_command": round(c_picked["images_per_s_inside"], 1),
-        "c_fp32_pipeline": round(c_fp32["images_per_s_pipeline"], 1),
-        "c_picked_pipeline": round(c_picked["images_per_s_pipeline"], 1),
-        "d_decode_only": round(d, 1),
-        "c_fp32_over_a_fp32": round(c / a_fp32, 3),
-        "c_fp32_over_b": round(c / b, 3),
-        "c_picked_over_a_fp32": round(cp / a_fp32, 3),
-        "c_picked_over_b": round(cp / b, 3),
-        "c_picked_over_d": round(cp / d, 3),
-        "meddx_summary_fp32": c_fp32["summary"],
-        "meddx_summary_picked": c_picked["summary"],
+        "a_ceiling": {k: round(v, 1) for k, v in a.items()},
+        "b_users_loop": {k: round(v, 1) for k, v in b.items()},
+        "c_meddx_score": {source: s["c"] for source, s in by_source.items()},
+        "d_decode_only": {source: s["d"] for source, s in by_source.items()},
+        "ratios": ratios,
+        "decode_ms_p50_one_core": decode_ms,
     }
     write_result(result, "")
+    print_summary(result)
     if not args.skip_training:
-        subset = archive(args.train_n, args.size, args.cache)
-        result["train_n"] = args.train_n
+        log("(e) training with 1 and 2 workers")
+        subset = first_films_manifest(folder, args.train_n, args.cache)
+        result["train_n"] = min(args.train_n, args.n)
         result["train_images_per_s"] = {
-            f"{workers}_workers": round(training(subset, args.model, workers, env), 1)
+            f"{workers}_workers": round(training(subset, args.model, workers, meddx_env()), 1)
             for workers in (1, 2)
         }
         write_result(result, "")
+        print_summary(result)
+
+
+def print_summary(r: dict) -> None:
+    """The run's figures in a few lines (the JSON has them all)."""
+    m, a, picked = r["machine"], r["a_ceiling"], r["precision_auto_picks"]
+    print(f"\n{r['preset']}: {r['n']} films of {r['size']} px, {r['model']}")
+    print(f"machine: {m['cpu']} x {m['cpus']} ({' '.join(m['cpu_flags'])}); GPU {m['gpu']}")
+    print(f"(a) ceiling        fp32 {a['fp32']:.1f}, {picked} {a['picked']:.1f} images/s")
+    loops = ", ".join(f"{k} {v:.1f}" for k, v in r["b_users_loop"].items())
+    print(f"(b) users' loop    {loops} images/s")
+    for source, c in r["c_meddx_score"].items():
+        q = r["ratios"][source]
+        fp32, best = c["fp32"]["images_per_s"], c["picked"]["images_per_s"]
+        print(
+            f"(c) meddx {source:5s}    fp32 {fp32:.1f}, {picked} {best:.1f} images/s;"
+            f" c/a {q['c_fp32_over_a_fp32']}, {q['c_picked_over_a_picked']};"
+            f" c/b {q['c_fp32_over_b_best']}, {q['c_picked_over_b_best']}"
+        )
+    for source, d in r["d_decode_only"].items():
+        c_over_d = r["ratios"][source]["c_picked_over_d"]
+        print(f"(d) decode {source:5s}   {d:.1f} images/s; c/d {c_over_d}")
+    if "train_images_per_s" in r:
+        print(f"(e) training       {r['train_images_per_s']} images/s")
+    print("decode ms p50, one core: format share MB/film meddx users' loop")
+    for fmt, row in r["decode_ms_p50_one_core"].items():
+        print(
+            f"  {fmt:16s} {row['share']:5.2f} {row['mb_per_film']:6.2f}"
+            f" {row['meddx_p50_ms']:7.1f} {row['users_loop_p50_ms']:7.1f}"
+            f" ({row['users_loop_over_meddx']}x)"
+        )
 
 
 def scale(args) -> None:
@@ -432,12 +622,12 @@ def scale(args) -> None:
     cached = [p for p in args.cache.glob(f"synth-*-{args.size}") if p.is_dir()]
     big = [p for p in cached if int(p.name.split("-")[1]) >= sizes[-1]]
     folder = min(big, key=lambda p: int(p.name.split("-")[1])) if big else None
-    folder = folder or archive(sizes[-1], args.size, args.cache)
+    folder = folder or archive(sizes[-1], args.size, False, args.cache)
     store = Store()
     runs = []
     try:
         uris = store.upload(folder, "scale", limit=sizes[-1])
-        ckpt = models.untrained_checkpoint(args.model, input_size=224)
+        ckpt = models.untrained_checkpoint(args.model, input_size=MODEL_SIZE)
         models.save_checkpoint(ckpt, f"s3://{BUCKET}/model.pt", store.settings)
         for n in sizes:
             manifest = f"{BUCKET}/manifests/{n}.csv"
@@ -480,34 +670,69 @@ def scale(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=2000)
-    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=None,
+        help="mix: 240 films of 2400x2800 px in a realistic mix of formats (the default); "
+        "png512: 2,000 PNGs of 512 px (the default with --scale)",
+    )
+    parser.add_argument("--n", type=int, default=None, help="films [the preset's]")
+    parser.add_argument(
+        "--size", default=None, help="film size, SIDE or WIDTHxHEIGHT [the preset's]"
+    )
+    parser.add_argument(
+        "--mix",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="draw each film's format from a realistic archive mix [the preset's]",
+    )
     parser.add_argument("--model", default="resnet18", choices=sorted(models.MODELS))
     parser.add_argument("--precision", default="auto")
-    parser.add_argument("--train-n", type=int, default=256, help="images per training run")
+    parser.add_argument("--train-n", type=int, default=256, help="films per training run")
     parser.add_argument("--skip-training", action="store_true")
     parser.add_argument(
         "--source",
-        choices=["s3", "local"],
-        default="s3",
-        help="where (c) and (d) read: moto's S3 server, or the local folder (a GPU node "
-        "outruns one moto process)",
+        choices=["both", "local", "s3"],
+        default="both",
+        help="where (c) and (d) read: the local folder and moto's S3 server, or one of "
+        "them (a GPU node outruns one moto process)",
     )
     parser.add_argument(
         "--unique",
         type=int,
         default=None,
-        help="render only this many distinct images; the rest of --n are hard links",
+        help="render only this many distinct films; the rest of --n are hard links",
     )
     parser.add_argument(
         "--loop-seconds",
         type=float,
         default=None,
-        help="time (b) over its first seconds instead of all --n images",
+        help="time each (b) run over its first seconds instead of all --n films",
+    )
+    parser.add_argument(
+        "--ceiling-seconds", type=float, default=15.0, help="time each (a) run this long"
+    )
+    parser.add_argument(
+        "--format-films",
+        type=int,
+        default=5,
+        help="films of each format timed for the decode ms per format",
     )
     parser.add_argument("--scale", default=None, metavar="N1,N2,...")
     parser.add_argument("--cache", type=Path, default=Path("benchmarks/.cache"))
     args = parser.parse_args()
+    args.preset = args.preset or ("png512" if args.scale else "mix")
+    preset = PRESETS[args.preset]
+    custom = {k for k in preset if getattr(args, k) not in (None, preset[k])}
+    for key, value in preset.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    parse_film_size(args.size)  # fails early on a malformed size
+    if custom:  # the preset's name no longer describes the run
+        args.preset = f"{args.preset}+{'+'.join(sorted(custom))}"
+    if args.scale and args.mix:
+        parser.error("--scale measures PNGs: use --no-mix or --preset png512")
     scale(args) if args.scale else throughput(args)
 
 

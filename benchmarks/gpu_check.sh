@@ -6,10 +6,11 @@
 #   PYTHON=python3 benchmarks/gpu_check.sh       # a Python that imports meddx and Ray
 #
 # Installs meddx into .venv when the Python given cannot import it (needs the package
-# index), makes the images, and runs benchmarks/bench.py: (a) the model's ceiling on the
-# GPU in fp32 and in the precision `auto` picks, (b) the classic loop (its first 30 s),
-# (c) `meddx score` as a whole command, (d) read + decode alone on Ray's CPU workers.
-# Rendering a 512 px image costs about 0.2 core-seconds, so UNIQUE distinct images are
+# index), makes the images, and runs benchmarks/bench.py's png512 preset: (a) the
+# model's ceiling on the GPU in fp32 and in the precision `auto` picks, (b) the users'
+# loop (Dataset + DataLoader with 0 and all-core workers, each its first 30 s), (c) `meddx
+# score` as a whole command, (d) read + decode alone on Ray's CPU workers, and decode ms
+# per film on one core. Rendering a 512 px image costs about 0.2 core-seconds, so UNIQUE distinct images are
 # rendered and the rest of N are hard links to them: each is still read and decoded on
 # its own. (c) and (d) read the local folder: one moto process serves about a hundred
 # objects a second, far below what a GPU node consumes. Target: c >= 0.8 x the
@@ -28,5 +29,5 @@ fi
 "$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name())"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 df -h /dev/shm | tail -1 || true
-exec "$PY" benchmarks/bench.py --n "$N" --unique "$UNIQUE" --size 512 --model "$MODEL" \
+exec "$PY" benchmarks/bench.py --preset png512 --n "$N" --unique "$UNIQUE" --model "$MODEL" \
     --source local --skip-training --loop-seconds 30
