@@ -325,8 +325,33 @@ def tree_pss_bytes(root: int) -> int:
     return total
 
 
+def cpu_times() -> list[int]:
+    """Per-core (busy, total) jiffies from /proc/stat ([] where there is none)."""
+    try:
+        lines = Path("/proc/stat").read_text().splitlines()
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        if line.startswith("cpu") and line[3:4].isdigit():
+            ticks = [int(v) for v in line.split()[1:]]
+            idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
+            out.append((sum(ticks) - idle, sum(ticks)))
+    return out
+
+
+def busy_per_core(before: list, after: list) -> list[float]:
+    """Each core's busy share between two cpu_times() readings."""
+    return [
+        round((b1 - b0) / max(1, t1 - t0), 3)
+        for (b0, t0), (b1, t1) in zip(before, after, strict=True)
+    ]
+
+
 def run_meddx(args: list[str], env: dict, sample_memory: bool = False) -> dict:
-    """Run a meddx command; its wall time, last summary line and peak tree PSS."""
+    """Run a meddx command; its wall time, last summary line, peak tree PSS and how busy
+    each core was while it ran (the whole machine's account, start-up included)."""
+    cores_before = cpu_times()
     start = time.perf_counter()
     proc = subprocess.Popen(
         [*MEDDX, *args],
@@ -349,7 +374,12 @@ def run_meddx(args: list[str], env: dict, sample_memory: bool = False) -> dict:
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(f"meddx {args[0]} failed ({proc.returncode}): {err[-2000:]}")
-    return {"seconds": seconds, "stdout": out, "peak_pss_bytes": peak[0]}
+    return {
+        "seconds": seconds,
+        "stdout": out,
+        "peak_pss_bytes": peak[0],
+        "core_busy": busy_per_core(cores_before, cpu_times()),
+    }
 
 
 def meddx_score(env: dict, inputs: str, model: str, precision: str, **kw) -> dict:
@@ -600,7 +630,8 @@ def print_summary(r: dict) -> None:
         print(
             f"(c) meddx {source:5s}    fp32 {fp32:.1f}, {picked} {best:.1f} images/s;"
             f" c/a {q['c_fp32_over_a_fp32']}, {q['c_picked_over_a_picked']};"
-            f" c/b {q['c_fp32_over_b_best']}, {q['c_picked_over_b_best']}"
+            f" c/b {q['c_fp32_over_b_best']}, {q['c_picked_over_b_best']};"
+            f" cores busy {c['fp32'].get('core_busy')}, {c['picked'].get('core_busy')}"
         )
     for source, d in r["d_decode_only"].items():
         c_over_d = r["ratios"][source]["c_picked_over_d"]
