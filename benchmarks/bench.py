@@ -531,6 +531,7 @@ def score_from(source: str, folder: Path, ckpt, args, picked) -> dict:
                 "images_per_s": round(run["images_per_s"], 1),
                 "inside_command": round(run["images_per_s_inside"], 1),
                 "pipeline": round(run["images_per_s_pipeline"], 1),
+                "core_busy": run["core_busy"],
                 "summary": run["summary"],
             }
             for name, run in runs.items()

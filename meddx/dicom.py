@@ -388,11 +388,8 @@ def reduced_j2k(codestream: bytes, target: int) -> np.ndarray | None:
     header = j2k_header(codestream)
     if header is None or header.components != 1 or header.signed or header.precision > 16:
         return None
-    # The 9/7 wavelet of lossy files: keep one level more (short side >= 2 x target) and
-    # box-reduce the rest, as its quantised detail bands average out only at full size.
-    floor = target if header.reversible else 2 * target
     reduce = 0
-    while reduce < header.levels and -(-header.short_side // 2 ** (reduce + 1)) >= floor:
+    while reduce < header.levels and -(-header.short_side // 2 ** (reduce + 1)) >= target:
         reduce += 1
     img = Image.open(io.BytesIO(codestream), formats=["JPEG2000"])
     img.reduce = reduce
@@ -425,7 +422,6 @@ class J2KHeader:
     precision: int
     signed: bool
     levels: int  # wavelet decomposition levels: resolutions that can be dropped
-    reversible: bool  # the 5/3 wavelet (lossless); else the 9/7 (lossy)
 
     @property
     def short_side(self) -> int:
@@ -442,7 +438,7 @@ def j2k_header(codestream: bytes) -> J2KHeader | None:
         return None
     ssiz = codestream[42]
     cod = codestream.find(b"\xff\x52", 42, 4096)
-    if cod < 0 or len(codestream) < cod + 14:
+    if cod < 0 or len(codestream) < cod + 10:
         return None
     return J2KHeader(
         width=xsiz - x0,
@@ -451,7 +447,6 @@ def j2k_header(codestream: bytes) -> J2KHeader | None:
         precision=(ssiz & 0x7F) + 1,
         signed=bool(ssiz & 0x80),
         levels=codestream[cod + 9],
-        reversible=codestream[cod + 13] == 1,
     )
 
 
