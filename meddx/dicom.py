@@ -112,11 +112,16 @@ def parse(data: bytes) -> Dataset:
         warnings.simplefilter("ignore")  # malformed-but-readable values: not the job's concern
         try:
             check_inflated_size(data)
-            return pydicom.dcmread(io.BytesIO(data), force=True)
+            ds = pydicom.dcmread(io.BytesIO(data), force=True)
         except DicomError:
             raise
         except Exception as exc:
             raise DicomError(f"cannot parse DICOM ({type(exc).__name__})") from None
+    # pydicom gives up on a cut-off dataset (an encapsulated pixel data item without its
+    # end) by warning and returning no elements at all: say what happened.
+    if not len(ds):
+        raise DicomError("DICOM dataset is truncated or empty: no element could be read")
+    return ds
 
 
 def check_inflated_size(data: bytes) -> None:

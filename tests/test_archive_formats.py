@@ -232,3 +232,18 @@ def test_reduced_decoding_against_full_resolution(mix_model):
             assert np.abs(r - f).mean() < 8, fmt  # 3% of the range
         else:  # the box before or after linear LUTs: rounding apart, the same pixels
             assert np.abs(r - f).max() <= 1, fmt
+
+
+@pytest.mark.parametrize(
+    "fmt, reason",
+    [
+        ("dicom-rle", "truncated"),
+        ("dicom-htj2k", "truncated"),
+        ("dicom", "pixel data is less than expected"),
+    ],
+)
+def test_a_cut_off_film_is_an_error_that_says_so(film, fmt, reason):
+    data = encode_film(film, fmt, index=1, seed=3)
+    with pytest.raises(decode.DecodeError) as caught:
+        decode.decode_image(data[: len(data) // 2], decode.DecodeSettings(size=64))
+    assert reason in str(caught.value) and "\n" not in str(caught.value)
