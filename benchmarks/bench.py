@@ -420,10 +420,9 @@ def decode_only(settings: StorageSettings, uris: list[str]) -> float:
         ds = ray.data.from_items(
             [{"image_uri": u} for u in uris], override_num_blocks=-(-len(uris) // 64)
         )
-        ds = ds.map_batches(sources.read_objects, fn_kwargs={"settings": settings}, batch_size=None)
         ds = ds.map_batches(
-            decode.decode_images,
-            fn_kwargs={"settings": decode.DecodeSettings(size=MODEL_SIZE)},
+            sources.read_objects,
+            fn_kwargs={"settings": settings, "decode": decode.DecodeSettings(size=MODEL_SIZE)},
             batch_size=None,
         )
         status = [

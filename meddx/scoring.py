@@ -22,7 +22,7 @@ import ray
 
 from meddx import MeddxError, __version__, commit, models, runtime, sources, storage
 from meddx.config import ScoreConfig
-from meddx.decode import DecodeSettings, decode_images
+from meddx.decode import DecodeSettings
 from meddx.models import Checkpoint
 from meddx.names import CPU_BATCH, GPU_BATCH, OUTPUT_SCHEMA
 from meddx.predict import Predictor, checkpoint_precision
@@ -89,7 +89,8 @@ def build_dataset(
     known: dict[str, list[str]] | None = None,
     sha: str | None = None,
 ) -> ray.data.Dataset:
-    """list -> read -> [drop already-scored bytes] -> decode -> predict, as a Ray Dataset."""
+    """list -> read + [drop already-scored bytes] + decode -> predict, as a Ray Dataset
+    (reading and decoding are one task: the bytes never leave it)."""
     modalities = ckpt.modalities if cfg.modalities is None else cfg.modalities
     decode_settings = DecodeSettings(
         size=ckpt.input_size,
@@ -102,12 +103,14 @@ def build_dataset(
     ds = ray.data.from_items([{"image_uri": u} for u in uris], override_num_blocks=blocks)
     ds = ds.map_batches(
         sources.read_objects,
-        fn_kwargs={"settings": cfg.storage, "max_bytes": cfg.max_object_bytes},
+        fn_kwargs={
+            "settings": cfg.storage,
+            "max_bytes": cfg.max_object_bytes,
+            "decode": decode_settings,
+            "known": known,
+        },
         batch_size=None,
     )
-    if known:
-        ds = ds.map_batches(sources.drop_known, fn_kwargs={"known": known}, batch_size=None)
-    ds = ds.map_batches(decode_images, fn_kwargs={"settings": decode_settings}, batch_size=None)
     return ds.map_batches(
         Predictor,
         fn_constructor_args=(cfg.model, cfg.storage, cfg.precision, run_id, sha),

@@ -29,7 +29,7 @@ from torch import nn
 
 from meddx import MeddxError, metrics, models, runtime, sources, storage
 from meddx.config import TrainConfig
-from meddx.decode import DecodeSettings, decode_images
+from meddx.decode import DecodeSettings
 from meddx.models import Checkpoint
 from meddx.names import ABNORMAL, NORMAL
 from meddx.predict import precision_check, resolve_precision
@@ -101,13 +101,9 @@ def labelled_dataset(items, class_names, cfg: TrainConfig) -> ray.data.Dataset:
         rows = [{"image_uri": u, "label": index[lbl]} for u, lbl in items]
     blocks = runtime.read_blocks(len(rows), sum(sources.is_shard(u) for u, _ in items))
     ds = ray.data.from_items(rows, override_num_blocks=blocks)
-    ds = ds.map_batches(read_objects, fn_kwargs={"settings": cfg.storage}, batch_size=None)
+    decode = DecodeSettings(size=cfg.image_size, modalities=cfg.modalities or None)
     ds = ds.map_batches(
-        decode_images,
-        fn_kwargs={
-            "settings": DecodeSettings(size=cfg.image_size, modalities=cfg.modalities or None)
-        },
-        batch_size=None,
+        read_objects, fn_kwargs={"settings": cfg.storage, "decode": decode}, batch_size=None
     )
     # Unreadable training images cannot teach anything; scoring is where every input counts.
     return ds.filter(lambda row: row["status"] == "ok").select_columns(["image", "label"])

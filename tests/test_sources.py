@@ -261,3 +261,30 @@ def test_reads_are_bounded_by_bytes_not_only_by_count(tmp_path, monkeypatch):
     assert [len(c["image_uri"]) for c in chunks] == [3, 3, 1]
     assert [u for c in chunks for u in c["image_uri"]] == uris
     assert all(sum(len(b) for b in c["bytes"]) <= 3 * 2**20 for c in chunks)
+
+
+def test_reading_with_decode_matches_two_stages_and_drops_known(tmp_path):
+    """One task reads, drops what was scored already and decodes: the same rows as the
+    two stages apart, without any bytes column leaving it."""
+    from meddx.decode import DecodeSettings, decode_images
+
+    uris = []
+    for i, data in enumerate([png("L", size=48), dicom_cr(), b"not an image", png("RGB")]):
+        path = tmp_path / f"in-{i}.bin"
+        path.write_bytes(data)
+        uris.append(str(path))
+    uris.append(str(tmp_path / "missing.png"))
+    batch = {"image_uri": np.array(uris, dtype=object)}
+    settings = DecodeSettings(size=32)
+    (apart,) = [decode_images(c, settings) for c in read_objects(batch, StorageSettings())]
+    (one,) = list(read_objects(batch, StorageSettings(), decode=settings))
+    assert "bytes" not in one and "read_error" not in one
+    assert one.keys() == apart.keys()
+    for key in one:
+        np.testing.assert_array_equal(one[key], apart[key])
+    assert list(one["status"]) == ["ok", "ok", "error", "ok", "error"]
+
+    known = {uris[0]: [apart["content_sha256"][0]], uris[1]: ["a different sha"]}
+    (kept,) = list(read_objects(batch, StorageSettings(), decode=settings, known=known))
+    assert list(kept["image_uri"]) == uris[1:]
+    np.testing.assert_array_equal(kept["image"], apart["image"][1:])
