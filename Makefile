@@ -12,7 +12,7 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(PIP_INSTALL) -e '.[test,demo]'
+	$(PIP_INSTALL) -e '.[test,demo,openvino]'
 	touch $(STAMP)
 
 demo: install

@@ -60,13 +60,14 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
+import numpy as np
 import torch
 import torchvision
 from decode_formats import best_ms, users_loop  # benchmarks/, beside this script
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from meddx import decode, models
+from meddx import MeddxError, decode, models, optimize
 from meddx.config import SynthConfig
 from meddx.names import CPU_BATCH, GPU_BATCH, SYNTH_FORMATS, parse_film_size
 from meddx.predict import inference_model, resolve_precision
@@ -503,8 +504,50 @@ def write_result(result: dict, kind: str) -> None:
     print(f"wrote {path}")
 
 
-def score_from(source: str, folder: Path, ckpt, args, picked) -> dict:
-    """(c) and (d) reading the archive from ``source`` (local or s3)."""
+def optimized_checkpoint(ckpt, folder: Path, args):
+    """``meddx optimize`` (OpenVINO int8) of the bench's checkpoint, calibrated and checked
+    on the archive's first films: the checkpoint with the artefact, or None when the
+    accuracy gate refused it; and the gate's figures (or its one-line refusal)."""
+    source = args.cache / f"{args.model}.pt"
+    out = args.cache / f"{args.model}-int8.pt"
+    models.save_checkpoint(ckpt, str(source), StorageSettings())
+    manifest = first_films_manifest(folder, args.train_n, args.cache)
+    try:
+        r = optimize.optimize(str(source), str(manifest), str(out), StorageSettings())
+    except MeddxError as exc:
+        return None, {"holds": False, "refused": str(exc)}
+    optimized, _ = models.read_checkpoint(str(out), StorageSettings())
+    return optimized, r.check
+
+
+def openvino_ceilings(ckpt, gate: dict, seconds: float) -> dict:
+    """(a) for the OpenVINO runtimes: fp32, and int8 when meddx optimize made it."""
+    x = np.random.default_rng(0).standard_normal((CPU_BATCH, 3, MODEL_SIZE, MODEL_SIZE))
+    x = x.astype(np.float32)
+    out = {}
+    for precision in ("fp32", "int8"):
+        if precision == "int8":
+            if not optimize.usable(ckpt):
+                continue
+            probe = ckpt
+        else:
+            xml, weights = optimize.export(ckpt, "fp32", None)
+            entry = {"runtime": "openvino", "precision": "fp32", "xml": xml, "bin": weights}
+            probe = ckpt.replace(extra={**ckpt.extra, optimize.OPTIMIZED_KEY: entry})
+        compiled = optimize.CompiledModel(probe, os.cpu_count())
+        compiled(x)
+        n, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            compiled(x)
+            n += len(x)
+        out[f"openvino_{precision}"] = n / (time.perf_counter() - start)
+    out["openvino_int8_gate"] = gate
+    return out
+
+
+def score_from(source: str, folder: Path, ckpt, args, picked, optimized=None) -> dict:
+    """(c) and (d) reading the archive from ``source`` (local or s3); with ``optimized``
+    also ``meddx score --runtime auto`` with the OpenVINO int8 checkpoint."""
     log(f"(c) meddx score and (d) decode only from {source}")
     store = Store() if source == "s3" else None
     try:
@@ -519,11 +562,15 @@ def score_from(source: str, folder: Path, ckpt, args, picked) -> dict:
         models.save_checkpoint(ckpt, model_uri, settings)
         fp32 = meddx_score(env, inputs, model_uri, "fp32")
         chosen = meddx_score(env, inputs, model_uri, args.precision) if picked else fp32
+        runs = {"fp32": fp32, "picked": chosen}
+        if optimized is not None:
+            int8_uri = model_uri.replace(".pt", "-int8.pt")
+            models.save_checkpoint(optimized, int8_uri, settings)
+            runs["runtime_auto"] = meddx_score(env, inputs, int8_uri, "auto")
         d = decode_only(settings, uris)
     finally:
         if store:
             store.close()
-    runs = {"fp32": fp32, "picked": chosen}
     return {
         "c": {
             name: {
@@ -561,6 +608,11 @@ def throughput(args) -> None:
         unfolded = inference_model(ckpt, device, fold=False)
         a["picked"] = ceiling(unfolded, picked, device, seconds)
     del model
+    optimized = None
+    if optimize.available() and device.type == "cpu":
+        log("(a) OpenVINO fp32 and int8; meddx optimize on the first films")
+        optimized, gate = optimized_checkpoint(ckpt, folder, args)
+        a.update(openvino_ceilings(optimized or ckpt, gate, seconds))
     dataset = ArchiveDataset(films(folder), ckpt.mean, ckpt.std)
     log("(b) the users' loop, DataLoader workers 0 and all cores")
     b = {
@@ -571,7 +623,9 @@ def throughput(args) -> None:
     log("decode ms per format, one core")
     decode_ms = decode_ms_per_format(formats, args.format_films)
     sources = ["local", "s3"] if args.source == "both" else [args.source]
-    by_source = {source: score_from(source, folder, ckpt, args, picked) for source in sources}
+    by_source = {
+        source: score_from(source, folder, ckpt, args, picked, optimized) for source in sources
+    }
     b_best = max(b.values())
     ratios = {
         source: {
@@ -580,6 +634,18 @@ def throughput(args) -> None:
             "c_fp32_over_b_best": round(s["c"]["fp32"]["images_per_s"] / b_best, 3),
             "c_picked_over_b_best": round(s["c"]["picked"]["images_per_s"] / b_best, 3),
             "c_picked_over_d": round(s["c"]["picked"]["images_per_s"] / s["d"], 3),
+            **(
+                {
+                    "c_runtime_auto_over_a_fp32": round(
+                        s["c"]["runtime_auto"]["images_per_s"] / a["fp32"], 3
+                    ),
+                    "c_runtime_auto_over_b_best": round(
+                        s["c"]["runtime_auto"]["images_per_s"] / b_best, 3
+                    ),
+                }
+                if "runtime_auto" in s["c"]
+                else {}
+            ),
         }
         for source, s in by_source.items()
     }
@@ -595,7 +661,7 @@ def throughput(args) -> None:
         "formats": dict(Counter(formats.values()).most_common()),
         "precision_auto_picks": str(picked or "fp32").replace("torch.", ""),
         "machine": machine(),
-        "a_ceiling": {k: round(v, 1) for k, v in a.items()},
+        "a_ceiling": {k: round(v, 1) if isinstance(v, float) else v for k, v in a.items()},
         "b_users_loop": {k: round(v, 1) for k, v in b.items()},
         "c_meddx_score": {source: s["c"] for source, s in by_source.items()},
         "d_decode_only": {source: s["d"] for source, s in by_source.items()},
@@ -622,6 +688,14 @@ def print_summary(r: dict) -> None:
     print(f"\n{r['preset']}: {r['n']} films of {r['size']} px, {r['model']}")
     print(f"machine: {m['cpu']} x {m['cpus']} ({' '.join(m['cpu_flags'])}); GPU {m['gpu']}")
     print(f"(a) ceiling        fp32 {a['fp32']:.1f}, {picked} {a['picked']:.1f} images/s")
+    if "openvino_fp32" in a:
+        gate = a["openvino_int8_gate"]
+        int8 = f"{a['openvino_int8']:.1f}" if "openvino_int8" in a else "refused by the gate"
+        print(
+            f"    OpenVINO       fp32 {a['openvino_fp32']:.1f}, int8 {int8} images/s"
+            f" (int8 / torch fp32 eager {a.get('openvino_int8', 0) / a['fp32_eager']:.2f}x;"
+            f" gate {gate})"
+        )
     loops = ", ".join(f"{k} {v:.1f}" for k, v in r["b_users_loop"].items())
     print(f"(b) users' loop    {loops} images/s")
     for source, c in r["c_meddx_score"].items():
@@ -633,6 +707,13 @@ def print_summary(r: dict) -> None:
             f" c/b {q['c_fp32_over_b_best']}, {q['c_picked_over_b_best']};"
             f" cores busy {c['fp32'].get('core_busy')}, {c['picked'].get('core_busy')}"
         )
+        if "runtime_auto" in c:
+            auto = c["runtime_auto"]["images_per_s"]
+            print(
+                f"    --runtime auto (OpenVINO int8) {auto:.1f} images/s;"
+                f" / a fp32 {q['c_runtime_auto_over_a_fp32']};"
+                f" / b {q['c_runtime_auto_over_b_best']}"
+            )
     for source, d in r["d_decode_only"].items():
         c_over_d = r["ratios"][source]["c_picked_over_d"]
         print(f"(d) decode {source:5s}   {d:.1f} images/s; c/d {c_over_d}")

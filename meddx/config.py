@@ -18,6 +18,7 @@ from meddx.names import (
     DEFAULT_MODEL,
     MODEL_NAMES,
     PRECISIONS,
+    RUNTIMES,
     SYNTH_FORMATS,
     parse_finding_names,
     parse_modalities,
@@ -49,6 +50,7 @@ class ScoreConfig:
     modalities: tuple[str, ...] | None = None
     model_sha256: str | None = None  # pin: refuse any other checkpoint file
     compile_model: bool = False  # torch.compile in each predictor (GPU runs)
+    runtime: str = "auto"  # names.RUNTIMES
     storage: StorageSettings = StorageSettings()
 
     def __post_init__(self):
@@ -64,6 +66,10 @@ class ScoreConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise MeddxError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        if self.runtime not in RUNTIMES:
+            raise MeddxError(
+                f"--runtime must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}"
+            )
         if self.precision not in PRECISIONS:
             raise MeddxError(
                 f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"

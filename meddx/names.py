@@ -134,3 +134,9 @@ def parse_finding_names(text: str) -> tuple[str, ...]:
             f"--findings needs distinct finding column names (not {', '.join(sorted(reserved))})"
         )
     return names
+
+
+# Where the model runs: torch, or the checkpoint's OpenVINO artefact (meddx optimize);
+# auto: the artefact on CPU-only clusters when it passed its accuracy check.
+RUNTIMES = ("auto", "torch", "openvino")
+OPTIMIZED_PRECISIONS = ("int8", "fp32")

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import pyarrow.compute as pc
 import ray
 
-from meddx import MeddxError, __version__, commit, models, runtime, sources, storage
+from meddx import MeddxError, __version__, commit, models, optimize, runtime, sources, storage
 from meddx.config import ScoreConfig
 from meddx.decode import DecodeSettings
 from meddx.models import Checkpoint
@@ -56,8 +56,16 @@ class ScoreSummary:
 # ---- the pipeline --------------------------------------------------------------------
 
 
+def resolve_runtime(cfg: ScoreConfig, ckpt: Checkpoint) -> str:
+    """torch, or the checkpoint's OpenVINO artefact (on a CPU-only cluster, with --runtime
+    auto, when it passed its check): decided once, in the driver, once Ray is up."""
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    return optimize.resolve_runtime(cfg.runtime, ckpt, gpus)
+
+
 def file_metadata(ckpt: Checkpoint, sha: str, run_id: str, cfg: ScoreConfig) -> dict[str, str]:
     """Provenance in every Parquet file's key-value metadata (no credentials, no PHI)."""
+    model_runtime = resolve_runtime(cfg, ckpt)
     return {
         "meddx.version": __version__,
         "meddx.run_id": run_id,
@@ -71,7 +79,10 @@ def file_metadata(ckpt: Checkpoint, sha: str, run_id: str, cfg: ScoreConfig) -> 
         "meddx.multi_label": json.dumps(ckpt.multi_label),
         "meddx.thresholds": json.dumps(list(ckpt.thresholds)),
         "meddx.input_size": str(ckpt.input_size),
-        "meddx.precision": checkpoint_precision(cfg.precision, ckpt),
+        "meddx.precision": optimize.runtime_precision(
+            model_runtime, ckpt, checkpoint_precision(cfg.precision, ckpt)
+        ),
+        "meddx.runtime": model_runtime,
     }
 
 
@@ -99,6 +110,7 @@ def build_dataset(
         pseudonym_key=pseudonym_key(),
     )
     pool, threads, resources = runtime.predictor_pool(cfg.actors, len(uris))
+    model_runtime = resolve_runtime(cfg, ckpt)
     blocks = runtime.read_blocks(len(uris), sum(sources.is_shard(u) for u in uris))
     ds = ray.data.from_items([{"image_uri": u} for u in uris], override_num_blocks=blocks)
     ds = ds.map_batches(
@@ -114,7 +126,11 @@ def build_dataset(
     return ds.map_batches(
         Predictor,
         fn_constructor_args=(cfg.model, cfg.storage, cfg.precision, run_id, sha),
-        fn_constructor_kwargs={"threads": threads, "compile_model": cfg.compile_model},
+        fn_constructor_kwargs={
+            "threads": threads,
+            "compile_model": cfg.compile_model,
+            "runtime": model_runtime,
+        },
         batch_size=cfg.batch_size or (GPU_BATCH if "num_gpus" in resources else CPU_BATCH),
         compute=pool,
         # A predictor whose process dies (OOM kill, lost node, preempted GPU) is

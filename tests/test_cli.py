@@ -8,7 +8,17 @@ from meddx.cli import cli
 
 from .helpers import MEDDX
 
-COMMANDS = ["synth", "train", "score", "screen", "evaluate", "calibrate", "explain", "demo"]
+COMMANDS = [
+    "synth",
+    "train",
+    "score",
+    "screen",
+    "evaluate",
+    "calibrate",
+    "explain",
+    "optimize",
+    "demo",
+]
 
 
 def run(*args):
@@ -43,6 +53,11 @@ def test_top_level_help_lists_every_command():
         (["train", "d", "--out", "m.pt", "--workers", "0"], "--workers"),
         (["synth", "out", "--n", "-3"], "--n"),
         (["frobnicate"], "No such command 'frobnicate'"),
+        (
+            ["score", "in", "--model", "m", "--out", "o", "--runtime", "onnx"],
+            "'onnx' is not one of",
+        ),
+        (["optimize", "m.pt", "--out", "o.pt"], "Missing option '--calibration'"),
     ],
 )
 def test_bad_flags_are_one_line_errors(args, expected):

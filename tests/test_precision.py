@@ -4,49 +4,24 @@ import numpy as np
 import pytest
 import torch
 
-from meddx import MeddxError, models, synth
+from meddx import MeddxError, models
 from meddx.config import ScoreConfig
 from meddx.predict import Predictor, checkpoint_precision, inference_model, precision_check
 from meddx.storage import StorageSettings
-from meddx.transforms import to_model_input
+
+from .helpers import synthetic_films, trained_seednet
 
 SIZE = 64
 
 
 def images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    labels = np.array([lbl == "opacity" for lbl in synth.labels_for(n, 0.5, seed)], dtype=int)
-    pixels = np.stack(
-        [synth.render(i, positive=bool(y), size=SIZE, seed=seed) for i, y in enumerate(labels)]
-    )
-    return pixels, labels
+    return synthetic_films(n, seed, SIZE)
 
 
 @pytest.fixture(scope="module")
 def trained():
     """A seednet trained in this process (seconds) and its own validation images."""
-    torch.manual_seed(0)
-    x, y = images(256, seed=5)
-    model = models.build_model("seednet", 2)
-    mean = torch.tensor(models.IMAGENET_MEAN)
-    std = torch.tensor(models.IMAGENET_STD)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(8):
-        for i in torch.randperm(len(x)).split(32):
-            loss = torch.nn.functional.cross_entropy(
-                model(to_model_input(torch.from_numpy(x[i.numpy()]), mean, std)),
-                torch.from_numpy(y[i.numpy()]),
-            )
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    ckpt = models.make_checkpoint(
-        model.eval(),
-        model_name="seednet",
-        class_names=list(synth.CLASSES),
-        positive_class="opacity",
-        input_size=SIZE,
-    )
-    return ckpt, *images(200, seed=6)
+    return trained_seednet(SIZE), *images(200, seed=6)
 
 
 def test_bf16_check_on_the_validation_set(trained):

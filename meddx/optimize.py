@@ -1,0 +1,353 @@
+"""A checkpoint's model for CPU nodes: OpenVINO IR in fp32, or int8 after NNCF's
+post-training quantization, gated on accuracy against torch fp32.
+
+The artefact (the IR's xml and its weights) lives inside the one-file checkpoint as two
+uint8 tensors, with the check that admitted it: ``weights_only`` loads it, OpenVINO
+reads it from those bytes, nothing is unpickled or fetched, and the checkpoint's sha256
+(and a ``--model-sha256`` pin) covers it. A predictor uses it only when its check held.
+
+OpenVINO and NNCF are an optional extra (``pip install meddx[openvino]``, which ``make
+install`` does). Without them meddx runs the torch model and says so once.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+
+from meddx import MeddxError
+from meddx.models import Checkpoint
+
+# No usage reports. OpenVINO's model converter and NNCF send them through the
+# openvino-telemetry package unless a consent file under ~/intel says no, and create
+# that folder and a client id on first use; neither has a switch of its own. Both fall
+# back to a silent stub when the package cannot be imported: block its import here,
+# before anything imports openvino (every import of it in meddx goes through this module).
+sys.modules.setdefault("openvino_telemetry", None)  # type: ignore[arg-type]
+
+OPTIMIZED_KEY = "optimized"  # the checkpoint's entry for the artefact and its check
+# The gate: no score moves more than this from torch fp32's, and AUROC (per finding for
+# a multi-label model) not more than that, on the labelled images of DATA.
+MAX_SCORE_DIFF = 0.02
+MAX_AUROC_DIFF = 0.003
+CALIBRATION_IMAGES = 300  # NNCF's default subset size
+# Quantization keeps scores this close on the images it is tuned on, so that the gate,
+# checked on other images, has room.
+CONTROL_SCORE_DIFF = 0.75 * MAX_SCORE_DIFF
+CHECK_BATCH = 32
+
+
+def available() -> bool:
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def artefact(ckpt: Checkpoint) -> dict | None:
+    """The checkpoint's optimized artefact and its check, or None."""
+    entry = ckpt.extra.get(OPTIMIZED_KEY)
+    return entry if isinstance(entry, dict) and "xml" in entry else None
+
+
+def usable(ckpt: Checkpoint) -> bool:
+    """Whether the checkpoint holds an artefact that passed its accuracy check."""
+    entry = artefact(ckpt)
+    return bool(entry and entry.get("check", {}).get("holds"))
+
+
+_said_missing = False
+
+
+def resolve_runtime(runtime: str, ckpt: Checkpoint, gpus: int) -> str:
+    """``torch`` or ``openvino`` for a run asking for ``runtime`` (auto|torch|openvino).
+
+    ``auto``: the checkpoint's artefact on CPU-only clusters when it passed its check and
+    OpenVINO is installed, else torch (on GPUs always torch)."""
+    global _said_missing
+    if runtime == "torch":
+        return "torch"
+    if runtime == "openvino":
+        if not available():
+            raise MeddxError("--runtime openvino: OpenVINO is not installed (pip install openvino)")
+        if not usable(ckpt):
+            raise MeddxError(
+                "--runtime openvino: the checkpoint holds no OpenVINO model that passed its "
+                "accuracy check (run meddx optimize)"
+            )
+        return "openvino"
+    if gpus or not usable(ckpt):
+        return "torch"
+    if not available():
+        if not _said_missing:
+            print(
+                "meddx: the checkpoint holds an OpenVINO model but OpenVINO is not "
+                "installed: scoring with torch",
+                file=sys.stderr,
+            )
+            _said_missing = True
+        return "torch"
+    return "openvino"
+
+
+def runtime_precision(runtime: str, ckpt: Checkpoint, torch_precision: str) -> str:
+    """What the rows' metadata records as the precision of a run."""
+    entry = artefact(ckpt)
+    return entry["precision"] if runtime == "openvino" and entry else torch_precision
+
+
+# ---- running the artefact --------------------------------------------------------------
+
+
+class CompiledModel:
+    """The artefact compiled for this node's CPU: float NCHW in, logits out."""
+
+    def __init__(self, ckpt: Checkpoint, threads: int | None = None):
+        import openvino as ov
+
+        entry = artefact(ckpt)
+        if entry is None:
+            raise MeddxError("the checkpoint holds no OpenVINO model")
+        core = ov.Core()
+        model = core.read_model(
+            model=_as_bytes(entry["xml"]), weights=ov.Tensor(_as_array(entry["bin"]))
+        )
+        # One synchronous batch at a time; what was not quantized runs in fp32 (the CPU
+        # plugin's default on CPUs with native bf16 is bf16: 0.02 off torch for fp32 IR).
+        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        self.compiled = core.compile_model(model, "CPU", config)
+        self.output = self.compiled.output(0)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.compiled(np.ascontiguousarray(x, dtype=np.float32))[self.output]
+
+
+def _as_array(value) -> np.ndarray:
+    return value.numpy() if hasattr(value, "numpy") else np.frombuffer(value, dtype=np.uint8)
+
+
+def _as_bytes(value) -> bytes:
+    return _as_array(value).tobytes()
+
+
+# ---- making the artefact ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OptimizeResult:
+    runtime: str
+    precision: str
+    check: dict
+    sha256: str | None  # of CKPT2; None when the check failed and nothing was written
+
+
+def export(
+    ckpt: Checkpoint,
+    precision: str,
+    calibration: np.ndarray | None,
+    control: tuple[np.ndarray, np.ndarray] | None = None,
+) -> tuple[bytes, bytes]:
+    """The model as OpenVINO IR (xml bytes, weights bytes). int8 quantizes it on the
+    float inputs ``calibration`` (N, 3, S, S); with ``control`` (inputs and torch fp32's
+    probabilities on them) NNCF's accuracy control then returns to fp32 the fewest
+    layers that keep every score there within CONTROL_SCORE_DIFF of torch's."""
+    import openvino as ov
+    import torch
+
+    from meddx.models import model_from_checkpoint
+
+    model = model_from_checkpoint(ckpt)
+    size = ckpt.input_size
+    with torch.no_grad():
+        ov_model = ov.convert_model(
+            model,
+            example_input=torch.zeros(1, 3, size, size),
+            input=[ov.PartialShape([-1, 3, size, size])],
+        )
+    if precision == "int8":
+        import nncf
+
+        calibrate = nncf.Dataset([calibration[i : i + 1] for i in range(len(calibration))])
+        # Full bias correction: on a trained seednet the largest score change fell from
+        # 0.56 (NNCF's fast correction) to 0.055.
+        options = {
+            "subset_size": min(CALIBRATION_IMAGES, len(calibration)),
+            "fast_bias_correction": False,
+        }
+        if control is None:
+            ov_model = nncf.quantize(ov_model, calibrate, **options)
+        else:
+            inputs, reference = control
+            check = nncf.Dataset([(inputs[i : i + 1], reference[i]) for i in range(len(inputs))])
+
+            def closeness(compiled, data) -> tuple[float, list[float]]:
+                out = compiled.output(0)
+                diffs = [
+                    float(np.abs(probs_from_logits(ckpt, compiled(x)[out])[0] - ref).max())
+                    for x, ref in data
+                ]
+                return 1 - max(diffs), [1 - d for d in diffs]
+
+            ov_model = nncf.quantize_with_accuracy_control(
+                ov_model,
+                calibrate,
+                check,
+                validation_fn=closeness,
+                max_drop=CONTROL_SCORE_DIFF,
+                drop_type=nncf.DropType.ABSOLUTE,
+                **options,
+            )
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        xml = os.path.join(tmp, "model.xml")
+        ov.save_model(ov_model, xml, compress_to_fp16=False)
+        with open(xml, "rb") as fh:
+            xml_bytes = fh.read()
+        with open(os.path.join(tmp, "model.bin"), "rb") as fh:
+            bin_bytes = fh.read()
+    return xml_bytes, bin_bytes
+
+
+def accuracy_check(
+    ckpt: Checkpoint, reference: np.ndarray, candidate: np.ndarray, truth: np.ndarray
+) -> dict:
+    """The gate's figures: probabilities of torch fp32 against the artefact's on the same
+    labelled images; per finding for multi-label models."""
+    from meddx.predict import compare_probs
+
+    return compare_probs(ckpt, reference, candidate, truth, MAX_SCORE_DIFF, MAX_AUROC_DIFF)
+
+
+def optimize(
+    checkpoint: str,
+    data: str,
+    out: str,
+    settings,
+    runtime: str = "openvino",
+    precision: str = "int8",
+    max_images: int = 1000,
+) -> OptimizeResult:
+    """Export CHECKPOINT's model to ``runtime``, quantize it on DATA's images, check it
+    against torch fp32 on DATA's labelled images and write CKPT2 with the artefact when
+    the check holds. A failed check writes nothing and raises with the figures."""
+    if runtime != "openvino":
+        raise MeddxError(f"--runtime must be openvino, got {runtime!r}")
+    if not available():
+        raise MeddxError("meddx optimize needs OpenVINO and NNCF: pip install 'meddx[openvino]'")
+    from meddx import models
+
+    ckpt, _ = models.read_checkpoint(checkpoint, settings)
+    images, truth = labelled_images(ckpt, data, settings, max_images)
+    reference = torch_probs(ckpt, images)
+    inputs = model_inputs(ckpt, images)
+    # Tuned on every other image, checked on the rest: the gate is not the images the
+    # quantization was fitted to.
+    tune, held = slice(0, None, 2), slice(1, None, 2)
+    if len(images) < 20:
+        raise MeddxError(f"{data} has {len(images)} labelled images; optimize needs 20 or more")
+    xml, weights = export(ckpt, precision, inputs[tune], (inputs[tune], reference[tune]))
+    entry = {"runtime": runtime, "precision": precision, "xml": xml, "bin": weights}
+    probe = ckpt.replace(extra={**ckpt.extra, OPTIMIZED_KEY: entry})
+    compiled = CompiledModel(probe)
+    held_inputs = inputs[held]
+    logits = np.concatenate(
+        [
+            compiled(held_inputs[i : i + CHECK_BATCH])
+            for i in range(0, len(held_inputs), CHECK_BATCH)
+        ]
+    )
+    check = accuracy_check(ckpt, reference[held], probs_from_logits(ckpt, logits), truth[held])
+    check["quantized_ops"] = xml.count(b'type="FakeQuantize"')
+    if not check["holds"]:
+        raise MeddxError(
+            f"{runtime} {precision} fails the accuracy check, no artefact written: "
+            f"max score diff {check['max_score_diff']:.4f} (limit {MAX_SCORE_DIFF}), "
+            f"AUROC {check['auroc_reference']:.4f} -> {check['auroc_candidate']:.4f} "
+            f"(limit {MAX_AUROC_DIFF}) on {check['images']} images"
+        )
+    import torch
+
+    stored = {
+        "runtime": runtime,
+        "precision": precision,
+        "xml": torch.frombuffer(bytearray(xml), dtype=torch.uint8),
+        "bin": torch.frombuffer(bytearray(weights), dtype=torch.uint8),
+        "check": check,
+    }
+    sha = models.save_checkpoint(
+        ckpt.replace(extra={**ckpt.extra, OPTIMIZED_KEY: stored}), out, settings
+    )
+    return OptimizeResult(runtime, precision, check, sha)
+
+
+def labelled_images(ckpt: Checkpoint, data: str, settings, max_images: int):
+    """DATA's labelled images decoded as scoring decodes them, and their truth: 0/1 for
+    the positive class, or per finding (multi-label)."""
+    from meddx import sources
+    from meddx.decode import DecodeSettings, decode_images
+
+    if ckpt.multi_label:
+        items = sources.labelled_findings(data, settings, list(ckpt.class_names))
+    else:
+        items = sources.labelled_inputs(data, settings)
+    items = items[:max_images]
+    if not items:
+        raise MeddxError(f"no labelled images under {data}")
+    read = sources.read_uris([u for u, _ in items], settings)
+    batch = {
+        "image_uri": np.array([u for u, _ in items], dtype=object),
+        "bytes": np.array([b for b, _ in read], dtype=object),
+        "read_error": np.array([e for _, e in read], dtype=object),
+    }
+    decoded = decode_images(batch, DecodeSettings(size=ckpt.input_size, modalities=None))
+    ok = decoded["status"] == "ok"
+    if not ok.any():
+        raise MeddxError(f"none of the images under {data} could be decoded")
+    if ckpt.multi_label:
+        truth = np.array([t for (_, t), k in zip(items, ok, strict=True) if k], dtype=np.float32)
+    else:
+        truth = np.array(
+            [float(lbl == ckpt.positive_class) for (_, lbl), k in zip(items, ok, strict=True) if k]
+        )
+    return decoded["image"][ok], truth
+
+
+def model_inputs(ckpt: Checkpoint, images: np.ndarray) -> np.ndarray:
+    """uint8 (N, S, S) -> the normalised float (N, 3, S, S) the model takes."""
+    import torch
+
+    from meddx.transforms import to_model_input
+
+    mean, std = torch.tensor(ckpt.mean), torch.tensor(ckpt.std)
+    x = to_model_input(torch.from_numpy(images), mean, std)
+    return x.contiguous().numpy()
+
+
+def torch_probs(ckpt: Checkpoint, images: np.ndarray) -> np.ndarray:
+    from meddx.predict import Predictor
+    from meddx.storage import StorageSettings
+
+    predictor = Predictor(ckpt, StorageSettings(), "fp32", "optimize-check", runtime="torch")
+    return np.concatenate(
+        [
+            predictor.predict_probs(images[i : i + CHECK_BATCH])
+            for i in range(0, len(images), CHECK_BATCH)
+        ]
+    )
+
+
+def probs_from_logits(ckpt: Checkpoint, logits: np.ndarray) -> np.ndarray:
+    """What the predictor makes of logits: temperature, then sigmoid or softmax."""
+    z = logits.astype(np.float64) / np.asarray(ckpt.temperatures, dtype=np.float64)
+    if ckpt.multi_label:
+        return 1 / (1 + np.exp(-z))
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)

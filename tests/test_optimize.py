@@ -1,0 +1,207 @@
+"""`meddx optimize`: an int8 OpenVINO model gated on accuracy against torch fp32, kept in
+the checkpoint, and scoring with it on Ray."""
+
+import os
+import subprocess
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from meddx import MeddxError, models, optimize
+from meddx.config import ScoreConfig
+from meddx.predict import Predictor, compare_probs
+from meddx.storage import StorageSettings
+
+from .helpers import MEDDX, synthetic_films, trained_seednet
+
+pytest.importorskip("openvino")
+pytest.importorskip("nncf")
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory):
+    """A trained seednet's checkpoint and 200 labelled validation films as PNGs."""
+    root = tmp_path_factory.mktemp("optimize")
+    ckpt = trained_seednet(SIZE)
+    path = root / "seednet.pt"
+    sha = models.save_checkpoint(ckpt, str(path), StorageSettings())
+    x, y = synthetic_films(200, seed=6, size=SIZE)
+    for i, (pixels, label) in enumerate(zip(x, y, strict=True)):
+        folder = root / "data" / ("opacity" if label else "normal")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(folder / f"{i:03d}.png")
+    return path, sha, root / "data"
+
+
+@pytest.fixture(scope="module")
+def optimized(labelled, tmp_path_factory):
+    path, _, data = labelled
+    out = tmp_path_factory.mktemp("optimized") / "seednet-int8.pt"
+    home = tmp_path_factory.mktemp("home")
+    run = subprocess.run(
+        [MEDDX, "optimize", str(path), "--calibration", str(data), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HOME": str(home)},
+    )
+    assert run.returncode == 0, run.stderr
+    # No telemetry: OpenVINO's and NNCF's reporting would have made ~/intel and a
+    # client id in it on first use.
+    assert list(home.iterdir()) == []
+    return out, run.stdout
+
+
+def test_int8_artefact_passes_its_gate_and_lives_in_the_checkpoint(labelled, optimized):
+    path, sha, _ = labelled
+    out, printed = optimized
+    ckpt, new_sha = models.read_checkpoint(str(out), StorageSettings())
+    assert new_sha != sha and f"sha256={new_sha}" in printed
+    entry = optimize.artefact(ckpt)
+    assert entry["runtime"] == "openvino" and entry["precision"] == "int8"
+    check = entry["check"]
+    assert check["holds"] and check["images"] == 100  # held out: every other image
+    assert check["quantized_ops"] > 0  # int8 for real, not every layer returned to fp32
+    assert check["auroc_reference"] > 0.9  # a model worth comparing
+    assert 0 < check["max_score_diff"] <= optimize.MAX_SCORE_DIFF  # int8 ran, and held
+    assert b"<net" in optimize._as_bytes(entry["xml"])  # OpenVINO IR, as bytes
+    # The weights are the same as the torch checkpoint's: only the artefact was added.
+    original, _ = models.read_checkpoint(str(path), StorageSettings())
+    assert ckpt.state_dict.keys() == original.state_dict.keys()
+
+
+def test_scores_from_the_artefact_match_its_recorded_check(labelled, optimized):
+    _, _, data = labelled
+    ckpt, _ = models.read_checkpoint(str(optimized[0]), StorageSettings())
+    images, truth = optimize.labelled_images(ckpt, str(data), StorageSettings(), 1000)
+    images, truth = images[1::2], truth[1::2]  # the images the check held out
+    torch_p = Predictor(ckpt, StorageSettings(), "fp32", "t", runtime="torch").predict_probs(images)
+    ov = Predictor(ckpt, StorageSettings(), "auto", "o", runtime="openvino")
+    assert ov.model is None and ov.compiled is not None
+    ov_p = np.concatenate([ov.predict_probs(images[i : i + 32]) for i in range(0, 100, 32)])
+    again = compare_probs(ckpt, torch_p, ov_p, truth, optimize.MAX_SCORE_DIFF, 0.003)
+    recorded = optimize.artefact(ckpt)["check"]
+    assert again["max_score_diff"] == pytest.approx(recorded["max_score_diff"], abs=1e-5)
+    assert again["auroc_candidate"] == pytest.approx(recorded["auroc_candidate"], abs=1e-9)
+
+
+def test_an_artefact_that_fails_the_gate_is_not_written(labelled, tmp_path, monkeypatch):
+    path, _, data = labelled
+    # int8 always moves some score: with no tolerance the same model fails the gate.
+    monkeypatch.setattr(optimize, "MAX_SCORE_DIFF", 0.0)
+    out = tmp_path / "never.pt"
+    with pytest.raises(MeddxError, match=r"fails the accuracy check, no artefact written: max"):
+        optimize.optimize(str(path), str(data), str(out), StorageSettings())
+    assert not out.exists()
+
+
+def test_runtime_auto_uses_only_an_artefact_that_held(labelled, optimized, monkeypatch, capsys):
+    ckpt, _ = models.read_checkpoint(str(optimized[0]), StorageSettings())
+    plain, _ = models.read_checkpoint(str(labelled[0]), StorageSettings())
+    assert optimize.resolve_runtime("auto", ckpt, gpus=0) == "openvino"
+    assert optimize.resolve_runtime("auto", ckpt, gpus=1) == "torch"
+    assert optimize.resolve_runtime("auto", plain, gpus=0) == "torch"
+    assert optimize.resolve_runtime("torch", ckpt, gpus=0) == "torch"
+    failed = dict(optimize.artefact(ckpt), check={**optimize.artefact(ckpt)["check"], "holds": 0})
+    failing = ckpt.replace(extra={**ckpt.extra, optimize.OPTIMIZED_KEY: failed})
+    assert optimize.resolve_runtime("auto", failing, gpus=0) == "torch"
+    with pytest.raises(MeddxError, match="no OpenVINO model that passed its accuracy check"):
+        optimize.resolve_runtime("openvino", failing, gpus=0)
+    # Without OpenVINO installed: torch, said once.
+    monkeypatch.setattr(optimize, "available", lambda: False)
+    monkeypatch.setattr(optimize, "_said_missing", False)
+    assert optimize.resolve_runtime("auto", ckpt, gpus=0) == "torch"
+    assert optimize.resolve_runtime("auto", ckpt, gpus=0) == "torch"
+    assert capsys.readouterr().err.count("OpenVINO is not installed") == 1
+    with pytest.raises(MeddxError, match="OpenVINO is not installed"):
+        optimize.resolve_runtime("openvino", ckpt, gpus=0)
+
+
+def test_score_on_ray_with_the_int8_model_records_its_runtime(
+    labelled, optimized, tmp_path, ray_session
+):
+    from meddx.scoring import score
+
+    _, _, data = labelled
+    rows = {}
+    for runtime in ("auto", "torch"):
+        out = tmp_path / runtime
+        cfg = ScoreConfig(
+            input=str(data),
+            model=str(optimized[0]),
+            out=str(out),
+            runtime=runtime,
+            precision="fp32",
+        )
+        score(cfg)
+        (part,) = list(out.glob("dt=*"))
+        table = pq.read_table(part)
+        meta = pq.read_schema(next(part.glob("*.parquet"))).metadata
+        rows[runtime] = dict(
+            zip(table["image_uri"].to_pylist(), table["score"].to_pylist(), strict=True)
+        )
+        assert table.num_rows == 200 and set(table["status"].to_pylist()) == {"ok"}
+        expected = ("openvino", "int8") if runtime == "auto" else ("torch", "fp32")
+        assert meta[b"meddx.runtime"].decode() == expected[0]
+        assert meta[b"meddx.precision"].decode() == expected[1]
+    diff = max(abs(rows["auto"][u] - rows["torch"][u]) for u in rows["torch"])
+    assert 0 < diff <= optimize.MAX_SCORE_DIFF
+
+
+def test_a_tampered_artefact_is_refused_by_the_pin(optimized, tmp_path):
+    out, printed = optimized
+    sha = printed.split("sha256=")[1].split()[0]
+    ckpt, _ = models.read_checkpoint(str(out), StorageSettings())
+    entry = dict(optimize.artefact(ckpt))
+    weights = entry["bin"].clone()
+    weights[-1] ^= 1
+    entry["bin"] = weights
+    tampered = tmp_path / "tampered.pt"
+    models.save_checkpoint(
+        ckpt.replace(extra={**ckpt.extra, optimize.OPTIMIZED_KEY: entry}),
+        str(tampered),
+        StorageSettings(),
+    )
+    run = subprocess.run(
+        [
+            MEDDX,
+            "score",
+            str(tmp_path),
+            "--model",
+            str(tampered),
+            "--out",
+            str(tmp_path / "out"),
+            "--model-sha256",
+            sha,
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 1
+    assert run.stderr.strip().startswith(f"meddx: error: checkpoint {tampered} has sha256")
+    assert len(run.stderr.strip().splitlines()) == 1
+
+
+def test_optimize_flags_are_one_line_errors(labelled, tmp_path):
+    path, _, data = labelled
+    for args, expected in [
+        (["--precision", "int4"], "Invalid value for '--precision'"),
+        (["--runtime", "tensorrt"], "Invalid value for '--runtime'"),
+        (["--max-images", "0"], "Invalid value for '--max-images'"),
+    ]:
+        run = subprocess.run(
+            [MEDDX, "optimize", str(path), "--calibration", str(data), "--out", "x.pt", *args],
+            capture_output=True,
+            text=True,
+        )
+        assert run.returncode == 2 and expected in run.stderr
+        assert len(run.stderr.strip().splitlines()) == 1
+    run = subprocess.run(
+        [MEDDX, "optimize", str(path), "--calibration", str(tmp_path), "--out", "x.pt"],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 1 and run.stderr == f"meddx: error: no inputs under {tmp_path}\n"
