@@ -109,3 +109,17 @@ def training_worker_resources(workers: int, use_gpu: bool) -> dict[str, float]:
     if use_gpu:
         return {"CPU": 1, "GPU": 1}
     return {"CPU": cpu_share(ray.cluster_resources().get("CPU", 1), workers)}
+
+
+def decode_task_cpus(resources: dict[str, float], actors: int) -> float:
+    """What each read + decode task asks of Ray: on CPU-only clusters just enough less
+    than a CPU that decode tasks can fill every core, the predictor actors' reserved
+    share included (on 2 CPUs beside an actor holding half of one: 0.75, two at a time;
+    with 1 CPU each, one ran at a time and a core idled half the time). The predictor's
+    threads and the decode tasks then share the cores through the OS scheduler. Where
+    the model runs on GPUs, one CPU each."""
+    if "num_gpus" in resources:
+        return 1.0
+    cpus = ray.cluster_resources().get("CPU", 1)
+    held = actors * resources.get("num_cpus", 0)
+    return max(0.25, (cpus - held) / cpus) if cpus > held else 1.0

@@ -112,6 +112,11 @@ def build_dataset(
     pool, threads, resources = runtime.predictor_pool(cfg.actors, len(uris))
     model_runtime = resolve_runtime(cfg, ckpt)
     blocks = runtime.read_blocks(len(uris), sum(sources.is_shard(u) for u in uris))
+    # Ray Data's default keeps part of the CPUs for each stage of the plan; on a small
+    # node that let one decode task run at a time while a core idled (2 CPUs, 960 films:
+    # cores 53% and 91% busy, 16.7 images/s with an int8 model; without it 93% and 92%,
+    # 25.1 images/s). Backpressure on the object store still bounds what is in flight.
+    ray.data.DataContext.get_current().op_resource_reservation_enabled = False
     ds = ray.data.from_items([{"image_uri": u} for u in uris], override_num_blocks=blocks)
     ds = ds.map_batches(
         sources.read_objects,
@@ -122,6 +127,7 @@ def build_dataset(
             "known": known,
         },
         batch_size=None,
+        num_cpus=runtime.decode_task_cpus(resources, pool.max_size),
     )
     return ds.map_batches(
         Predictor,
