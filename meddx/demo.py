@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import socket
 import time
 
@@ -101,7 +102,10 @@ def run_demo(workdir: str, n_train: int, n_holdout: int, epochs: int) -> dict:
         )
 
         # Score the held-out archive as a nightly screening run: results, worklist, report.
+        # Each demo trains a new model: the results of an earlier demo in the same folder
+        # (another model's, which screening refuses to mix with) go first.
         predictions = os.path.join(workdir, "results")
+        shutil.rmtree(predictions, ignore_errors=True)
         night = screen(
             ScreenConfig(
                 input=f"s3://{BUCKET}/holdout", model=ckpt, out=predictions, storage=settings
