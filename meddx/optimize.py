@@ -20,15 +20,14 @@ import numpy as np
 
 from meddx import MeddxError
 from meddx.models import Checkpoint
+from meddx.predict import (  # noqa: F401  (the artefact's format, read there)
+    OPTIMIZED_KEY,
+    CompiledModel,
+    _as_array,
+    _as_bytes,
+    artefact,
+)
 
-# No usage reports. OpenVINO's model converter and NNCF send them through the
-# openvino-telemetry package unless a consent file under ~/intel says no, and create
-# that folder and a client id on first use; neither has a switch of its own. Both fall
-# back to a silent stub when the package cannot be imported: block its import here,
-# before anything imports openvino (every import of it in meddx goes through this module).
-sys.modules.setdefault("openvino_telemetry", None)  # type: ignore[arg-type]
-
-OPTIMIZED_KEY = "optimized"  # the checkpoint's entry for the artefact and its check
 # The gate: no score moves more than this from torch fp32's, and AUROC (per finding for
 # a multi-label model) not more than that, on the labelled images of DATA.
 MAX_SCORE_DIFF = 0.02
@@ -46,12 +45,6 @@ def available() -> bool:
     except ImportError:
         return False
     return True
-
-
-def artefact(ckpt: Checkpoint) -> dict | None:
-    """The checkpoint's optimized artefact and its check, or None."""
-    entry = ckpt.extra.get(OPTIMIZED_KEY)
-    return entry if isinstance(entry, dict) and "xml" in entry else None
 
 
 def usable(ckpt: Checkpoint) -> bool:
@@ -98,42 +91,6 @@ def runtime_precision(runtime: str, ckpt: Checkpoint, torch_precision: str) -> s
     """What the rows' metadata records as the precision of a run."""
     entry = artefact(ckpt)
     return entry["precision"] if runtime == "openvino" and entry else torch_precision
-
-
-# ---- running the artefact --------------------------------------------------------------
-
-
-class CompiledModel:
-    """The artefact compiled for this node's CPU: float NCHW in, logits out."""
-
-    def __init__(self, ckpt: Checkpoint, threads: int | None = None):
-        import openvino as ov
-
-        entry = artefact(ckpt)
-        if entry is None:
-            raise MeddxError("the checkpoint holds no OpenVINO model")
-        core = ov.Core()
-        model = core.read_model(
-            model=_as_bytes(entry["xml"]), weights=ov.Tensor(_as_array(entry["bin"]))
-        )
-        # One synchronous batch at a time; what was not quantized runs in fp32 (the CPU
-        # plugin's default on CPUs with native bf16 is bf16: 0.02 off torch for fp32 IR).
-        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
-        if threads:
-            config["INFERENCE_NUM_THREADS"] = int(threads)
-        self.compiled = core.compile_model(model, "CPU", config)
-        self.output = self.compiled.output(0)
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        return self.compiled(np.ascontiguousarray(x, dtype=np.float32))[self.output]
-
-
-def _as_array(value) -> np.ndarray:
-    return value.numpy() if hasattr(value, "numpy") else np.frombuffer(value, dtype=np.uint8)
-
-
-def _as_bytes(value) -> bytes:
-    return _as_array(value).tobytes()
 
 
 # ---- making the artefact ---------------------------------------------------------------
