@@ -233,6 +233,19 @@ TRAIN_OPTIONS = [
         help="Multi-label: the manifest's 0/1 finding columns to learn, e.g. "
         "opacity,effusion,nodule (one sigmoid output each).",
     ),
+    click.option(
+        "--init-weights",
+        default=None,
+        metavar="FILE",
+        help="Start from this state dict (torchvision's format, e.g. ImageNet weights you "
+        "downloaded, or your own); its classifier is replaced to fit the classes.",
+    ),
+    click.option(
+        "--optimize",
+        is_flag=True,
+        help="Also make the int8 OpenVINO model for CPU nodes (as meddx optimize does), "
+        "checked on the validation split; kept only when it holds.",
+    ),
     storage_option,
 ]
 
@@ -264,6 +277,8 @@ def train(data, **opts):
             f"  {name}: val_auroc={m.get(f'val_auroc_{name}', math.nan):.4f} "
             f"threshold={m.get(f'val_threshold_{name}', math.nan):.4f}"
         )
+    if summary.optimized:
+        click.echo(summary.optimized)
     click.echo(f"checkpoint {summary.checkpoint} sha256={summary.sha256}")
 
 
@@ -566,16 +581,126 @@ def optimize(checkpoint, calibration, out, runtime, precision, max_images, stora
     AUROC within 0.003 (per finding). Scoring with --runtime auto then uses it on
     CPU-only clusters.
     """
+    from meddx.optimize import describe
     from meddx.optimize import optimize as run
 
     r = run(checkpoint, calibration, out, storage, runtime, precision, max_images)
-    c = r.check
-    click.echo(
-        f"{r.runtime} {r.precision}: max_score_diff={c['max_score_diff']:.4f} "
-        f"auroc_torch={c['auroc_reference']:.4f} auroc_{r.precision}={c['auroc_candidate']:.4f} "
-        f"images={c['images']}"
-    )
+    click.echo(describe(r))
     click.echo(f"wrote {out} sha256={r.sha256}")
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise MeddxError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _class_names(text: str) -> tuple[str, ...]:
+    found = tuple(n.strip() for n in text.split(",") if n.strip())
+    if len(found) < 2 or len(set(found)) != len(found):
+        raise MeddxError("--classes needs two or more distinct names")
+    return found
+
+
+@cli.command("import-weights")
+@click.argument("weights")
+@click.option(
+    "--model", "model_name", required=True, type=click.Choice(names.MODEL_NAMES), metavar="NAME"
+)
+@click.option("--out", required=True, metavar="CKPT", help="The meddx checkpoint to write.")
+@click.option(
+    "--classes",
+    default=None,
+    metavar="LIST",
+    callback=_parsed(_class_names),
+    help="Single-label: the model's outputs in order, e.g. normal,opacity.",
+)
+@click.option(
+    "--positive-class",
+    default=None,
+    metavar="NAME",
+    help="Whose probability is the score [default: the class that is not 'normal'].",
+)
+@click.option(
+    "--findings",
+    default=None,
+    metavar="LIST",
+    callback=_parsed(names.parse_finding_names),
+    help="Multi-label instead: one sigmoid output per finding, in order.",
+)
+@click.option(
+    "--threshold",
+    default="0.5",
+    show_default=True,
+    metavar="T[,T...]",
+    callback=_parsed(_floats),
+    help="The cut on the score; multi-label: one, or one per finding.",
+)
+@click.option("--input-size", type=click.IntRange(32, 1024), default=224, show_default=True)
+@click.option(
+    "--mean",
+    default=",".join(map(str, names.IMAGENET_MEAN)),
+    show_default=True,
+    metavar="R,G,B",
+    callback=_parsed(_floats),
+)
+@click.option(
+    "--std",
+    default=",".join(map(str, names.IMAGENET_STD)),
+    show_default=True,
+    metavar="R,G,B",
+    callback=_parsed(_floats),
+)
+@click.option(
+    "--modalities",
+    default=",".join(names.DEFAULT_MODALITIES),
+    show_default=True,
+    metavar="LIST",
+    callback=_parsed(names.parse_modalities),
+    help="DICOM Modality values to accept when scoring, or 'any'.",
+)
+@storage_option
+def import_weights(weights, model_name, out, classes, positive_class, findings, threshold, **opts):
+    """Wrap WEIGHTS, a state dict trained elsewhere (torchvision's format, loaded without
+    running code), into a meddx checkpoint that score, screen and optimize take.
+
+    The architecture and its classifier must match --model and the number of classes
+    (or findings); say how the model was trained: input size, normalisation, threshold.
+    """
+    if (classes is None) == (findings is None):
+        raise click.UsageError("give either --classes (single-label) or --findings (multi-label)")
+    class_names = list(findings or classes)
+    if findings and len(threshold) not in (1, len(findings)):
+        raise click.UsageError(f"--threshold needs 1 or {len(findings)} values")
+    if not findings and len(threshold) != 1:
+        raise click.UsageError("--threshold takes one value for a single-label model")
+    if positive_class is not None and (findings or positive_class not in class_names):
+        raise click.UsageError(f"--positive-class must be one of --classes {','.join(class_names)}")
+    if len(opts["mean"]) != 3 or len(opts["std"]) != 3 or min(opts["std"]) <= 0:
+        raise click.UsageError("--mean and --std need three values each, --std's above 0")
+    if not all(0 < t < 1 for t in threshold):
+        raise click.UsageError("--threshold values must lie strictly between 0 and 1")
+    from meddx import models
+
+    ckpt = models.import_weights(
+        weights,
+        opts["storage"],
+        model_name=model_name,
+        class_names=class_names,
+        positive_class=positive_class or names.positive_class_of(class_names),
+        multi_label=bool(findings),
+        thresholds=list(threshold) * (len(class_names) if len(threshold) == 1 else 1),
+        input_size=opts["input_size"],
+        mean=opts["mean"],
+        std=opts["std"],
+        modalities=opts["modalities"],
+    )
+    sha = models.save_checkpoint(ckpt, out, opts["storage"])
+    click.echo(
+        f"wrote {out} sha256={sha}: {model_name}, "
+        + (f"findings {','.join(class_names)}" if findings else f"classes {','.join(class_names)}")
+    )
 
 
 @cli.command()

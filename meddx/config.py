@@ -119,6 +119,10 @@ class TrainConfig:
     max_failures: int = 3
     # Multi-label: the manifest's 0/1 finding columns to learn, one sigmoid output each.
     findings: tuple[str, ...] | None = None
+    # A state dict to start from (ImageNet's or a site's own), its classifier replaced.
+    init_weights: str | None = None
+    # Also make the int8 OpenVINO model (meddx optimize), gated on the validation split.
+    optimize: bool = False
     storage: StorageSettings = field(default_factory=StorageSettings)
 
     def __post_init__(self):

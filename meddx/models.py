@@ -19,6 +19,8 @@ import dataclasses
 import datetime as dt
 import hashlib
 import io
+import pickle
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -29,6 +31,8 @@ from meddx import MeddxError, __version__, one_line, storage
 from meddx.names import (
     ABNORMAL,
     DEFAULT_MODALITIES,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     MODEL_NAMES,
     PRECISIONS,
     SINGLE_LABEL_CLASSES,
@@ -36,10 +40,6 @@ from meddx.names import (
 from meddx.storage import StorageSettings
 
 CHECKPOINT_FORMAT = 1
-# Grayscale is replicated to 3 channels so torchvision architectures (and weights a
-# user converts from them) work unchanged; ImageNet statistics are the usual default.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class SeedNet(nn.Module):
@@ -95,6 +95,23 @@ MODELS: dict[str, Callable[[int], nn.Module]] = {
 
 
 assert tuple(MODELS) == MODEL_NAMES  # the CLI offers names.MODEL_NAMES without torch
+
+
+# The classifier each architecture ends in: what ``--init-weights`` replaces to fit the
+# classes (ImageNet weights end in 1,000 outputs).
+HEADS = {
+    "seednet": "classifier.4",
+    "resnet18": "fc",
+    "resnet50": "fc",
+    "densenet121": "classifier",
+}
+assert tuple(HEADS) == MODEL_NAMES
+# torchvision's own DenseNet files name ``norm.1`` what the module calls ``norm1``;
+# torchvision renames them on load, and so does meddx.
+_DENSENET_OLD_KEY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\."
+    r"((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$"
+)
 
 
 def build_model(name: str, num_classes: int) -> nn.Module:
@@ -328,3 +345,110 @@ def model_from_checkpoint(ckpt: Checkpoint) -> nn.Module:
     model = build_model(ckpt.model_name, len(ckpt.class_names))
     model.load_state_dict(ckpt.state_dict)
     return model.eval()
+
+
+def read_state_dict(uri: str, settings: StorageSettings) -> tuple[dict, str]:
+    """A state dict from a file the user brings (torchvision's format: parameter name ->
+    tensor), loaded with ``weights_only`` so it never runs code, and the file's sha256.
+    Also takes the common wrappings: ``{"state_dict": ...}`` and DataParallel's
+    ``module.`` prefix."""
+    try:
+        data = storage.read_bytes(uri, settings)
+    except FileNotFoundError:
+        raise MeddxError(f"weights file not found: {uri}") from None
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        if isinstance(exc, pickle.UnpicklingError) and "GLOBAL" in str(exc).upper():
+            raise MeddxError(
+                f"{uri} holds more than tensors and plain values: loading it would run its "
+                "code, which meddx never does"
+            ) from None
+        raise MeddxError(f"{uri} is not a file torch.save wrote") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not (
+        isinstance(state, dict)
+        and state
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())
+    ):
+        raise MeddxError(f"{uri} is not a state dict (parameter names and tensors)")
+    if all(k.startswith("module.") for k in state):
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+    return state, hashlib.sha256(data).hexdigest()
+
+
+def fit_state_dict(
+    state: dict, model_name: str, num_classes: int, uri: str, *, keep_head: bool
+) -> nn.Module:
+    """``model_name`` with ``num_classes`` outputs, its weights from ``state``.
+
+    ``keep_head=False`` (``train --init-weights``): every weight but the classifier's
+    comes from the file and the classifier starts fresh, sized to the classes.
+    ``keep_head=True`` (``import-weights``): every weight comes from the file, so its
+    classifier must already have ``num_classes`` outputs. A file made for another
+    architecture is one line naming the first weights that do not fit."""
+    model = build_model(model_name, num_classes)
+    own = model.state_dict()
+    if model_name == "densenet121":
+        state = {
+            (m.group(1) + m.group(2) if (m := _DENSENET_OLD_KEY.match(k)) else k): v
+            for k, v in state.items()
+        }
+    head = HEADS[model_name] + "."
+    if not keep_head:
+        state = {k: v for k, v in state.items() if not k.startswith(head)}
+    wanted = {k for k in own if keep_head or not k.startswith(head)}
+    # BatchNorm's step counters are absent from older torchvision files: they do not
+    # affect inference or fine-tuning with the default momentum.
+    missing = sorted(k for k in wanted - state.keys() if not k.endswith("num_batches_tracked"))
+    unexpected = sorted(state.keys() - own.keys())
+    misshaped = sorted(k for k in state.keys() & own.keys() if state[k].shape != own[k].shape)
+    problems = [
+        f"{len(keys)} {what} (first {keys[0]}"
+        + (f": {tuple(state[keys[0]].shape)} for {tuple(own[keys[0]].shape)}" if shape else "")
+        + ")"
+        for keys, what, shape in (
+            (misshaped, "of another shape", True),
+            (missing, "missing", False),
+            (unexpected, "unknown to it", False),
+        )
+        if keys
+    ]
+    if problems:
+        outputs = f" with {num_classes} outputs" if keep_head else ""
+        raise MeddxError(f"{uri} does not fit {model_name}{outputs}: weights {'; '.join(problems)}")
+    model.load_state_dict({**own, **state})
+    return model.eval()
+
+
+def import_weights(
+    uri: str,
+    settings: StorageSettings,
+    *,
+    model_name: str,
+    class_names: list[str],
+    positive_class: str,
+    multi_label: bool,
+    thresholds: list[float],
+    input_size: int,
+    mean: tuple[float, ...] = IMAGENET_MEAN,
+    std: tuple[float, ...] = IMAGENET_STD,
+    modalities: tuple[str, ...] = DEFAULT_MODALITIES,
+) -> Checkpoint:
+    """A meddx checkpoint around a state dict trained elsewhere: the classes, input size,
+    normalisation and threshold(s) are the caller's; the file's sha256 is recorded."""
+    state, sha = read_state_dict(uri, settings)
+    model = fit_state_dict(state, model_name, len(class_names), uri, keep_head=True)
+    ckpt = make_checkpoint(
+        model,
+        model_name=model_name,
+        class_names=class_names,
+        positive_class=positive_class,
+        input_size=input_size,
+        threshold=thresholds[0],
+        thresholds=thresholds if multi_label else None,
+        modalities=modalities,
+    )
+    source = {"file": uri.rsplit("/", 1)[-1], "sha256": sha}
+    return ckpt.replace(mean=tuple(mean), std=tuple(std), extra={**ckpt.extra, "imported": source})

@@ -140,3 +140,15 @@ def parse_finding_names(text: str) -> tuple[str, ...]:
 # auto: the artefact on CPU-only clusters when it passed its accuracy check.
 RUNTIMES = ("auto", "torch", "openvino")
 OPTIMIZED_PRECISIONS = ("int8", "fp32")
+
+
+# Grayscale is replicated to 3 channels so torchvision architectures (and weights a
+# user converts from them) work unchanged; ImageNet statistics are the usual default.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def positive_class_of(class_names) -> str:
+    """The class whose probability is the screening score: the one that is not 'normal'."""
+    others = [c for c in class_names if c != NORMAL]
+    return others[0] if others else class_names[-1]

@@ -12,6 +12,7 @@ install`` does). Without them meddx runs the torch model and says so once.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from dataclasses import dataclass
@@ -202,17 +203,31 @@ def optimize(
 
     ckpt, _ = models.read_checkpoint(checkpoint, settings)
     images, truth = labelled_images(ckpt, data, settings, max_images)
+    ckpt, result = with_artefact(ckpt, images, truth, runtime, precision, data)
+    return dataclasses.replace(result, sha256=models.save_checkpoint(ckpt, out, settings))
+
+
+def with_artefact(
+    ckpt: Checkpoint,
+    images: np.ndarray,
+    truth: np.ndarray,
+    runtime: str = "openvino",
+    precision: str = "int8",
+    source: str = "the labelled images",
+) -> tuple[Checkpoint, OptimizeResult]:
+    """The checkpoint with its model for ``runtime`` inside, tuned on every other of the
+    uint8 ``images`` and checked on the rest against torch fp32. Raises, with the
+    figures, when the check fails."""
+    if len(images) < 20:
+        raise MeddxError(f"{source} has {len(images)} labelled images; optimizing needs 20 or more")
     reference = torch_probs(ckpt, images)
     inputs = model_inputs(ckpt, images)
     # Tuned on every other image, checked on the rest: the gate is not the images the
     # quantization was fitted to.
     tune, held = slice(0, None, 2), slice(1, None, 2)
-    if len(images) < 20:
-        raise MeddxError(f"{data} has {len(images)} labelled images; optimize needs 20 or more")
     xml, weights = export(ckpt, precision, inputs[tune], (inputs[tune], reference[tune]))
     entry = {"runtime": runtime, "precision": precision, "xml": xml, "bin": weights}
-    probe = ckpt.replace(extra={**ckpt.extra, OPTIMIZED_KEY: entry})
-    compiled = CompiledModel(probe)
+    compiled = CompiledModel(ckpt.replace(extra={**ckpt.extra, OPTIMIZED_KEY: entry}))
     held_inputs = inputs[held]
     logits = np.concatenate(
         [
@@ -240,10 +255,18 @@ def optimize(
         "bin": torch.frombuffer(bytearray(weights), dtype=torch.uint8),
         "check": check,
     }
-    sha = models.save_checkpoint(
-        ckpt.replace(extra={**ckpt.extra, OPTIMIZED_KEY: stored}), out, settings
+    result = OptimizeResult(runtime, precision, check, None)
+    return ckpt.replace(extra={**ckpt.extra, OPTIMIZED_KEY: stored}), result
+
+
+def describe(result: OptimizeResult) -> str:
+    """One line of the check's figures."""
+    c = result.check
+    return (
+        f"{result.runtime} {result.precision}: max_score_diff={c['max_score_diff']:.4f} "
+        f"auroc_torch={c['auroc_reference']:.4f} "
+        f"auroc_{result.precision}={c['auroc_candidate']:.4f} images={c['images']}"
     )
-    return OptimizeResult(runtime, precision, check, sha)
 
 
 def labelled_images(ckpt: Checkpoint, data: str, settings, max_images: int):

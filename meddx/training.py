@@ -31,7 +31,7 @@ from meddx import MeddxError, metrics, models, runtime, sources, storage
 from meddx.config import TrainConfig
 from meddx.decode import DecodeSettings
 from meddx.models import Checkpoint
-from meddx.names import ABNORMAL, NORMAL
+from meddx.names import ABNORMAL, positive_class_of
 from meddx.predict import precision_check, resolve_precision
 from meddx.sources import read_objects
 from meddx.transforms import TrainAugment, to_model_input
@@ -47,12 +47,6 @@ SHUFFLE_BUFFER = 256
 # Ray Train keeps the best two epochs' checkpoints: the best to export, and one more so
 # the run can resume if the newest one was being written when a worker died.
 CHECKPOINTS_KEPT = 2
-
-
-def positive_class_of(class_names: list[str]) -> str:
-    """The class whose probability is the screening score: the one that is not 'normal'."""
-    others = [c for c in class_names if c != NORMAL]
-    return others[0] if others else class_names[-1]
 
 
 def strata_of(targets: list) -> list[list[str]]:
@@ -214,6 +208,8 @@ def train_loop_per_worker(config: dict) -> None:
     resume = load_train_state(ray.train.get_checkpoint())
     if resume:
         net.load_state_dict(resume["state_dict"])
+    elif config["init_weights"] is not None:  # checked against the model on the driver
+        net.load_state_dict(ray.get(config["init_weights"]))
     model = ray.train.torch.prepare_model(net)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=WEIGHT_DECAY)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config["epochs"])
@@ -341,6 +337,7 @@ class TrainSummary:
     n_train: int
     n_val: int
     last: dict = field(default_factory=dict)  # the last epoch's report
+    optimized: str = ""  # train --optimize: what became of the int8 model, in one line
 
 
 def finding_weights(items, train_items, findings: list[str]) -> list[float]:
@@ -357,19 +354,27 @@ def finding_weights(items, train_items, findings: list[str]) -> list[float]:
     return ((len(train) - positives) / np.maximum(positives, 1)).tolist()
 
 
-def pin_precision(ckpt: Checkpoint, val: ray.data.Dataset) -> Checkpoint:
-    """Score the validation set in fp32 and bf16; a model whose scores or AUROC move
-    more than predict.precision_check allows is pinned to fp32 (``auto`` obeys)."""
+def validation_images(ckpt: Checkpoint, val: ray.data.Dataset) -> tuple[np.ndarray, np.ndarray]:
+    """The validation split's uint8 images and truth: 0/1 for the positive class, or
+    per finding (multi-label)."""
     images, labels = [], []
     for batch in val.iter_batches(batch_size=None, batch_format="numpy"):
         images.append(batch["image"])
         labels.append(batch["label"])
     if not images:
-        return ckpt
+        return np.zeros((0, ckpt.input_size, ckpt.input_size), np.uint8), np.zeros(0)
     truth = np.concatenate(labels)
     if not ckpt.multi_label:
-        truth = truth == ckpt.positive_index
-    check = precision_check(ckpt, np.concatenate(images), truth, "bf16")
+        truth = (truth == ckpt.positive_index).astype(np.float32)
+    return np.concatenate(images), truth
+
+
+def pin_precision(ckpt: Checkpoint, images: np.ndarray, truth: np.ndarray) -> Checkpoint:
+    """Score the validation set in fp32 and bf16; a model whose scores or AUROC move
+    more than predict.precision_check allows is pinned to fp32 (``auto`` obeys)."""
+    if not len(images):
+        return ckpt
+    check = precision_check(ckpt, images, truth, "bf16")
     return ckpt.replace(
         precision=ckpt.precision if check["holds"] else "fp32",
         extra={**ckpt.extra, "precision_check": check},
@@ -405,11 +410,24 @@ def train(cfg: TrainConfig) -> TrainSummary:
         # Inverse-frequency class weights: a rare finding costs as much as the common normal.
         class_weights = (counts.sum() / (len(class_names) * np.maximum(counts, 1))).tolist()
 
+    resolved = {k: v for k, v in asdict(cfg).items() if k != "storage"}
+    init = None
+    if cfg.init_weights:  # read and fitted before Ray starts: a wrong file costs nothing
+        state, sha = models.read_state_dict(cfg.init_weights, cfg.storage)
+        resolved["init_weights_sha256"] = sha
+        torch.manual_seed(cfg.seed)  # the new classifier's initial weights
+        init = models.fit_state_dict(
+            state, cfg.model, len(class_names), cfg.init_weights, keep_head=False
+        ).state_dict()
+    if cfg.optimize:
+        from meddx.optimize import available
+
+        if not available():
+            raise MeddxError("--optimize needs OpenVINO and NNCF: pip install 'meddx[openvino]'")
     runtime.init_ray(dashboard=True)
     if cfg.use_gpu and not ray.cluster_resources().get("GPU"):
         raise MeddxError("--use-gpu asked for, but this Ray cluster has no GPUs")
     resources = runtime.training_worker_resources(cfg.workers, cfg.use_gpu)
-    resolved = {k: v for k, v in asdict(cfg).items() if k != "storage"}
     trainer = ray.train.torch.TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -426,6 +444,7 @@ def train(cfg: TrainConfig) -> TrainSummary:
             "class_weights": class_weights,
             "resolved": resolved,
             "modalities": list(cfg.modalities or []),
+            "init_weights": None if init is None else ray.put(init),
         },
         torch_config=ray.train.torch.TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
@@ -454,7 +473,11 @@ def train(cfg: TrainConfig) -> TrainSummary:
         raise MeddxError("training finished without a checkpoint")
     with best.as_directory() as folder:
         ckpt = read_epoch_checkpoint(folder)
-    ckpt = pin_precision(ckpt, labelled_dataset(val_items, class_names, cfg))
+    images, truth = validation_images(ckpt, labelled_dataset(val_items, class_names, cfg))
+    ckpt = pin_precision(ckpt, images, truth)
+    optimized = ""
+    if cfg.optimize:
+        ckpt, optimized = with_optimized(ckpt, images, truth)
     storage.write_bytes(cfg.out, models.checkpoint_bytes(ckpt), cfg.storage)
     ckpt, sha = models.read_checkpoint(cfg.out, cfg.storage)  # proves it loads safely
     return TrainSummary(
@@ -465,4 +488,20 @@ def train(cfg: TrainConfig) -> TrainSummary:
         n_train=len(train_items),
         n_val=len(val_items),
         last=dict(result.metrics or {}),
+        optimized=optimized,
     )
+
+
+def with_optimized(ckpt: Checkpoint, images: np.ndarray, truth: np.ndarray) -> tuple:
+    """``train --optimize``: the checkpoint with its int8 OpenVINO model when that holds
+    its check on the validation split, and a line saying which. A model that fails the
+    check is still a trained model: it is written without the artefact."""
+    from meddx import optimize
+
+    if not optimize.available():
+        raise MeddxError("--optimize needs OpenVINO and NNCF: pip install 'meddx[openvino]'")
+    try:
+        ckpt, result = optimize.with_artefact(ckpt, images, truth, source="the validation split")
+    except MeddxError as exc:
+        return ckpt, f"not optimized: {exc}"
+    return ckpt, f"optimized: {optimize.describe(result)}"

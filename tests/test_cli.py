@@ -17,6 +17,7 @@ COMMANDS = [
     "calibrate",
     "explain",
     "optimize",
+    "import-weights",
     "demo",
 ]
 

@@ -33,10 +33,16 @@ def test_train_one_epoch_two_workers_from_s3(ray_session, bucket, settings, tmp_
             batch_size=8,
             image_size=64,
             storage_path=str(tmp_path / "runs"),
+            optimize=True,
             storage=settings,
         )
     )
     assert (summary.n_train, summary.n_val) == (32, 8)
+    # Too few validation images to check an int8 model on: a trained model all the same,
+    # written without one, and said so.
+    assert summary.optimized == (
+        "not optimized: the validation split has 8 labelled images; optimizing needs 20 or more"
+    )
     ckpt, sha = models.read_checkpoint(out, settings)
     assert sha == summary.sha256
     assert ckpt.model_name == "seednet" and ckpt.input_size == 64
@@ -66,6 +72,7 @@ def test_train_one_epoch_two_workers_from_s3(ray_session, bucket, settings, tmp_
     assert check["images"] == 8 and check["precision"] == "bf16"
     assert ckpt.precision == (None if check["holds"] else "fp32")
     assert summary.last["train_images_per_s"] > 0
+    assert "optimized" not in ckpt.extra
 
 
 def test_split_is_stratified_and_seeded():
