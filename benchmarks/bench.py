@@ -38,7 +38,8 @@ model and SIMD flags, GPU if any).
 set) and samples the proportional set size (PSS) of the whole process tree of each
 `meddx score` (driver, Ray's daemons, workers, object store pages) every half second;
 it reports the peak for each N, the ratio of the largest to the smallest, and checks
-one row per input.
+one row per input. With `--preset mix` (`make bench-scale-dicom`) the films are the
+detector-size mix read from local disk, hard links to `--unique` rendered ones.
 """
 
 from __future__ import annotations
@@ -140,6 +141,9 @@ def film_formats(folder: Path, n: int, size: str, mix: bool) -> dict[Path, str]:
     """Each film of a rendered archive (not a linked one) and its synth format."""
     cfg = synth_config(folder, n, size, mix)
     return {p: film_format(cfg, int(p.stem.split("-")[1])) for p in films(folder)}
+
+
+START_UP_FILMS = 10  # issue 13's small night: a 10-image run as a whole command
 
 
 def first_films_manifest(folder: Path, k: int, cache: Path) -> Path:
@@ -606,10 +610,24 @@ def score_from(source: str, folder: Path, ckpt, args, picked, optimized=None) ->
             models.save_checkpoint(optimized, int8_uri, settings)
             runs["runtime_auto"] = meddx_score(env, inputs, int8_uri, "auto")
         d = decode_only(settings, uris)
+        start_up = None
+        if not store:  # a small night: what the command costs beyond its images
+            ten = first_films_manifest(folder, START_UP_FILMS, args.cache)
+            start_up = [meddx_score(env, str(ten), model_uri, "fp32") for _ in range(2)]
     finally:
         if store:
             store.close()
     return {
+        **(
+            {
+                "start_up_10": {
+                    "whole_command_seconds": [round(r["seconds"], 2) for r in start_up],
+                    "summaries": [r["summary"] for r in start_up],
+                }
+            }
+            if start_up
+            else {}
+        ),
         "c": {
             name: {
                 "images_per_s": round(run["images_per_s"], 1),
@@ -703,6 +721,7 @@ def throughput(args) -> None:
         "b_users_loop": {k: round(v, 1) for k, v in b.items()},
         "c_meddx_score": {source: s["c"] for source, s in by_source.items()},
         "d_decode_only": {source: s["d"] for source, s in by_source.items()},
+        "start_up_10": by_source.get("local", {}).get("start_up_10"),
         "ratios": ratios,
         "decode_ms_p50_one_core": decode_ms,
     }
@@ -754,6 +773,9 @@ def print_summary(r: dict) -> None:
                 f" / a fp32 {q['c_runtime_auto_over_a_fp32']};"
                 f" / b {q['c_runtime_auto_over_b_best']}"
             )
+    if r.get("start_up_10"):
+        secs = r["start_up_10"]["whole_command_seconds"]
+        print(f"    10 images, whole command, fp32: {', '.join(f'{v:.1f}' for v in secs)} s")
     for source, d in r["d_decode_only"].items():
         c_over_d = r["ratios"][source]["c_picked_over_d"]
         print(f"(d) decode {source:5s}   {d:.1f} images/s; c/d {c_over_d}")
@@ -770,30 +792,39 @@ def print_summary(r: dict) -> None:
 
 def scale(args) -> None:
     sizes = sorted(int(n) for n in args.scale.split(","))
-    # Any cached archive at least this large serves: the first N images are taken.
-    cached = [p for p in args.cache.glob(f"synth-*-{args.size}") if p.is_dir()]
-    big = [p for p in cached if int(p.name.split("-")[1]) >= sizes[-1]]
-    folder = min(big, key=lambda p: int(p.name.split("-")[1])) if big else None
-    folder = folder or archive(sizes[-1], args.size, False, args.cache)
-    store = Store()
+    ckpt = models.untrained_checkpoint(args.model, input_size=MODEL_SIZE)
+    if args.mix:
+        # Detector-size films from local disk (hard links to --unique rendered films: 5,000
+        # uncompressed DICOMs would be 65 GB, far beyond what moto's server holds).
+        folder = archive(sizes[-1], args.size, True, args.cache, args.unique)
+        store, env, model_uri = None, meddx_env(), str(args.cache / f"scale-{args.model}.pt")
+        uris = [str(p.resolve()) for p in sorted(films(folder), key=lambda p: p.name)]
+        models.save_checkpoint(ckpt, model_uri, StorageSettings())
+    else:
+        # Any cached archive at least this large serves: the first N images are taken.
+        cached = [p for p in args.cache.glob(f"synth-*-{args.size}") if p.is_dir()]
+        big = [p for p in cached if int(p.name.split("-")[1]) >= sizes[-1]]
+        folder = min(big, key=lambda p: int(p.name.split("-")[1])) if big else None
+        folder = folder or archive(sizes[-1], args.size, False, args.cache)
+        store = Store()
+        env, model_uri = store.env, f"s3://{BUCKET}/model.pt"
     runs = []
     try:
-        uris = store.upload(folder, "scale", limit=sizes[-1])
-        ckpt = models.untrained_checkpoint(args.model, input_size=MODEL_SIZE)
-        models.save_checkpoint(ckpt, f"s3://{BUCKET}/model.pt", store.settings)
+        if store:
+            uris = store.upload(folder, "scale", limit=sizes[-1])
+            models.save_checkpoint(ckpt, model_uri, store.settings)
         for n in sizes:
-            manifest = f"{BUCKET}/manifests/{n}.csv"
-            with store.fs.open(manifest, "w") as fh:
+            if store:
+                manifest = f"s3://{BUCKET}/manifests/{n}.csv"
+                opened = store.fs.open(manifest.removeprefix("s3://"), "w")
+            else:
+                manifest = str(args.cache / f"_scale-{folder.name}-{n}.csv")
+                opened = open(manifest, "w", newline="")
+            with opened as fh:
                 writer = csv.writer(fh)
                 writer.writerow(["uri"])
                 writer.writerows([u] for u in uris[:n])
-            run = meddx_score(
-                store.env,
-                f"s3://{manifest}",
-                f"s3://{BUCKET}/model.pt",
-                args.precision,
-                sample_memory=True,
-            )
+            run = meddx_score(env, manifest, model_uri, args.precision, sample_memory=True)
             runs.append(
                 {
                     "n": n,
@@ -806,11 +837,14 @@ def scale(args) -> None:
             )
             print(json.dumps(runs[-1]), flush=True)
     finally:
-        store.close()
+        if store:
+            store.close()
     result = {
         "date": dt.date.today().isoformat(),
         "model": args.model,
         "size": args.size,
+        "mix": args.mix,
+        "source": "local" if args.mix else "s3",
         "machine": machine(),
         "runs": runs,
         "peak_ratio_largest_over_smallest": round(
@@ -883,8 +917,6 @@ def main() -> None:
     parse_film_size(args.size)  # fails early on a malformed size
     if custom:  # the preset's name no longer describes the run
         args.preset = f"{args.preset}+{'+'.join(sorted(custom))}"
-    if args.scale and args.mix:
-        parser.error("--scale measures PNGs: use --no-mix or --preset png512")
     scale(args) if args.scale else throughput(args)
 
 

@@ -6,6 +6,7 @@ scoring and training apply the same ones.
 
 from __future__ import annotations
 
+import atexit
 import os
 import uuid
 
@@ -32,6 +33,10 @@ def init_ray(dashboard: bool = False) -> None:
             include_dashboard=None if dashboard else False,  # None: when installed
             log_to_driver=os.environ.get("MEDDX_QUIET_WORKERS") is None,
         )
+        # Ray's own exit handler waits half a second for log lines before stopping
+        # what it started; the rows are committed by then, so stop it at once (this
+        # handler runs first, and Ray's then finds nothing to do).
+        atexit.register(ray.shutdown)
     ray.data.DataContext.get_current().enable_progress_bars = False
 
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import pyarrow.compute as pc
@@ -129,39 +131,52 @@ def build_dataset(
         batch_size=None,
         num_cpus=runtime.decode_task_cpus(resources, pool.max_size),
     )
-    return ds.map_batches(
-        Predictor,
-        fn_constructor_args=(cfg.model, cfg.storage, cfg.precision, run_id, sha),
-        fn_constructor_kwargs={
-            "threads": threads,
-            "compile_model": cfg.compile_model,
-            "runtime": model_runtime,
-        },
-        batch_size=cfg.batch_size or (GPU_BATCH if "num_gpus" in resources else CPU_BATCH),
-        compute=pool,
-        # A predictor whose process dies (OOM kill, lost node, preempted GPU) is
-        # restarted and its unfinished batches re-run: the model is pure, so a re-run
-        # batch gives the same rows, and Ray Data writes each block once. The restarts
-        # are bounded, so a batch that kills its actor every time fails the run instead
-        # of looping. Its batches retry until then: while Ray has not yet declared a lost
-        # node dead (seconds of health checks), each try fails at once as "actor
-        # unavailable", and a fixed number of tries ran out before the restart came.
-        max_restarts=PREDICTOR_RESTARTS,
-        max_task_retries=-1,
-        **resources,
-    )
+    with warnings.catch_warnings():
+        # max_restarts and max_task_retries have no named parameter yet: Ray 2.60 warns
+        # that passing them as remote args is deprecated.
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        return ds.map_batches(
+            Predictor,
+            fn_constructor_args=(cfg.model, cfg.storage, cfg.precision, run_id, sha),
+            fn_constructor_kwargs={
+                "threads": threads,
+                "compile_model": cfg.compile_model,
+                "runtime": model_runtime,
+            },
+            batch_size=cfg.batch_size or (GPU_BATCH if "num_gpus" in resources else CPU_BATCH),
+            compute=pool,
+            # A predictor whose process dies (OOM kill, lost node, preempted GPU) is
+            # restarted and its unfinished batches re-run: the model is pure, so a re-run
+            # batch gives the same rows, and Ray Data writes each block once. The restarts
+            # are bounded, so a batch that kills its actor every time fails the run instead
+            # of looping. Its batches retry until then: while Ray has not yet declared a lost
+            # node dead (seconds of health checks), each try fails at once as "actor
+            # unavailable", and a fixed number of tries ran out before the restart came.
+            max_restarts=PREDICTOR_RESTARTS,
+            max_task_retries=-1,
+            **resources,
+        )
 
 
 def score(cfg: ScoreConfig) -> ScoreSummary:
     """Score every input under ``cfg.input``; commit the rows into ``OUT/dt=RUN_DATE/``."""
     start = time.perf_counter()
-    storage.require_bucket(cfg.out, cfg.storage)
-    recovered = commit.recover(cfg.out, cfg.storage)
-    uris = sources.list_inputs(cfg.input, cfg.storage)
+
+    def prepare():
+        storage.require_bucket(cfg.out, cfg.storage)
+        recovered = commit.recover(cfg.out, cfg.storage)
+        uris = sources.list_inputs(cfg.input, cfg.storage)
+        # Checked in the driver; the actors then insist on the very same file.
+        return recovered, uris, models.read_checkpoint(cfg.model, cfg.storage, cfg.model_sha256)
+
+    # Listing, the checkpoint's check and Ray's start overlap: Ray's start is mostly
+    # waiting for its processes (about 2.5 s of a 10-image run's 12 here). ray.init
+    # stays on this thread: the processes it starts die with the thread that started them.
+    with ThreadPoolExecutor(1) as pool:
+        prepared = pool.submit(prepare)
+        runtime.init_ray()
+        recovered, uris, (ckpt, sha) = prepared.result()
     run_id = runtime.new_run_id(cfg.run_date)
-    # Fail fast, in the driver; the actors then insist on the very same file.
-    ckpt, sha = models.read_checkpoint(cfg.model, cfg.storage, cfg.model_sha256)
-    runtime.init_ray()
     ds = build_dataset(cfg, uris, ckpt, run_id, sha=sha)
     startup = time.perf_counter() - start
     schema = OUTPUT_SCHEMA.with_metadata(file_metadata(ckpt, sha, run_id, cfg))
