@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # torch/torchvision come from pip exactly as pinned in pyproject.toml.
 PIP_INSTALL := $(BIN)/pip install --disable-pip-version-check
 
-.PHONY: install demo test test-fast lint nightly bench bench-png512 bench-scale bench-inputs bench-decode train-ddp score submit-score submit-train clean
+.PHONY: install demo test test-fast lint nightly bench bench-png512 bench-scale bench-scale-dicom bench-inputs bench-decode bench-runtimes train-ddp score submit-score submit-train clean
 
 install: $(STAMP)
 
@@ -64,6 +64,10 @@ bench-png512: install
 bench-scale: install
 	$(BIN)/python benchmarks/bench.py --scale 1000,10000,20000 --size 128 --model seednet
 
+# The same on detector-size films in the realistic mix (local disk, bytes-bounded reads).
+bench-scale-dicom: install
+	$(BIN)/python benchmarks/bench.py --scale 1000,5000 --preset mix --unique 240 --model resnet18
+
 # Decode ms per film and format (detector-size films, one core): meddx against the loop
 # users write (pydicom + LUTs or PIL, torchvision Resize) and the bare fastest decoder.
 bench-decode: install
@@ -72,6 +76,12 @@ bench-decode: install
 # Throughput by input layout (loose, tar shards, manifest) on a local S3 endpoint.
 bench-inputs: install
 	$(BIN)/python benchmarks/inputs.py --n 2000 --size 512 --out benchmarks/results/inputs-$$(hostname)-$$(date +%F).json
+
+# Model-only CPU runtimes on the same model: torch eager, OpenVINO fp32/int8 (NNCF), ONNX
+# Runtime fp32/int8 (QDQ), resnet18 and densenet121, batch 32, images/s and score closeness.
+bench-runtimes: install
+	$(PIP_INSTALL) -e '.[compare]'
+	$(BIN)/python benchmarks/runtimes.py
 
 # One night of screening on this machine: synthetic arrivals, then `meddx screen`.
 NIGHT ?= $(shell date +%F)

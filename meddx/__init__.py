@@ -24,6 +24,10 @@ class MeddxAlarm(MeddxError):
     """The run finished and wrote everything, but something needs a human (exit 3)."""
 
 
+class MeddxBusy(MeddxError):
+    """Another run holds the lease on OUT: nothing was done (exit 4)."""
+
+
 def one_line(exc: BaseException, limit: int = ERROR_TEXT_CHARS) -> str:
     """An exception as one short line (no newlines, bounded length) for an error column."""
     text = " ".join(str(exc).split()) or type(exc).__name__

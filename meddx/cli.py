@@ -13,7 +13,7 @@ import sys
 
 import click
 
-from meddx import MeddxAlarm, MeddxError, __version__, names
+from meddx import MeddxAlarm, MeddxBusy, MeddxError, __version__, names
 from meddx.config import ScoreConfig, ScreenConfig, SynthConfig, TrainConfig
 from meddx.storage import StorageSettings
 
@@ -358,6 +358,22 @@ SCORING_OPTIONS = [
         metavar="HEX",
         help="Pin the checkpoint: refuse any file with another sha256.",
     ),
+    click.option(
+        "--wait-for-lock",
+        type=float,
+        default=default(ScoreConfig, "wait_for_lock"),
+        show_default=True,
+        metavar="SECONDS",
+        help="Wait this long for another run writing to OUT to finish, then refuse (exit 4).",
+    ),
+    click.option(
+        "--lock-timeout",
+        type=float,
+        default=default(ScoreConfig, "lock_timeout"),
+        show_default=True,
+        metavar="SECONDS",
+        help="A run whose lease on OUT is silent this long has died: its lease is taken over.",
+    ),
     storage_option,
 ]
 
@@ -372,7 +388,8 @@ def score(input, **opts):
     a .csv/.parquet manifest with a uri column. One row per input image; unreadable
     inputs are rows with status=error. Set MEDDX_PSEUDONYM_KEY to get keyed-hash
     pseudonyms of DICOM study/series/instance UIDs. The rows are committed into the
-    partition when the run has written them all, replacing its earlier rows.
+    partition when the run has written them all, replacing its earlier rows. One run
+    writes to OUT at a time: another exits 4 in one line (see --wait-for-lock).
     """
     cfg = build(ScoreConfig, input=input, **given(opts))
     from meddx.scoring import score as run
@@ -415,12 +432,15 @@ def screen(source, **opts):
 
     Commits OUT/dt=RUN_DATE/ atomically (a killed run leaves nothing half-written and
     the next run scores what is missing), then writes the worklist, summary.json and
-    report.html to OUT/_runs/dt=RUN_DATE/. Exits 3 with one line on an alarm.
+    report.html to OUT/_runs/dt=RUN_DATE/. Exits 3 with one line on an alarm, and 4
+    when another run holds OUT (see --wait-for-lock).
     """
     cfg = build(ScreenConfig, input=source, **given(opts))
     from meddx.screening import screen as run
 
     s = run(cfg)
+    for line in s.recovered:
+        click.echo(f"recovered: {line}")
     click.echo(
         f"night {s.run_date}: inputs_seen={s.inputs_seen} new={s.new_inputs} "
         f"rows={s.rows} ok={s.ok} errors={s.errors} positives={s.positives} "
@@ -750,6 +770,9 @@ def main(argv: list[str] | None = None) -> None:
         if isinstance(exc, MeddxAlarm):
             click.echo(f"meddx: alarm: {exc}", err=True)
             sys.exit(3)
+        if isinstance(exc, MeddxBusy):
+            click.echo(f"meddx: busy: {exc}", err=True)
+            sys.exit(4)
         click.echo(f"meddx: error: {exc}", err=True)
         sys.exit(1)
     except click.ClickException as exc:

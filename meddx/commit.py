@@ -97,6 +97,33 @@ def commit(
     return [target for _, target in moves]
 
 
+def drop_staged(out: str, settings: StorageSettings, run_id: str, uris: set[str]) -> int:
+    """Remove from a run's staged files the rows of ``uris`` (a shard's members go with
+    their shard); the number of rows removed."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    fs = storage.filesystem(out, settings)
+    fs.invalidate_cache()
+    removed = 0
+    for path in sorted(p for p in fs.find(staging_path(out, run_id)) if p.endswith(".parquet")):
+        with fs.open(path, "rb") as fh:
+            table = pq.read_table(fh)
+        base = pc.list_element(pc.split_pattern(table["image_uri"], "#", max_splits=1), 0)
+        keep = pc.invert(pc.is_in(base, pa.array(sorted(uris), pa.string())))
+        kept = table.filter(keep)
+        if kept.num_rows == table.num_rows:
+            continue
+        removed += table.num_rows - kept.num_rows
+        if kept.num_rows:
+            with fs.open(path, "wb") as fh:
+                pq.write_table(kept, fh)
+        else:
+            fs.rm(path)
+    fs.invalidate_cache()
+    return removed
+
+
 def discard(out: str, settings: StorageSettings, run_id: str) -> None:
     """Remove a run's staging folder without committing it."""
     fs = storage.filesystem(out, settings)

@@ -51,6 +51,10 @@ class ScoreConfig:
     model_sha256: str | None = None  # pin: refuse any other checkpoint file
     compile_model: bool = False  # torch.compile in each predictor (GPU runs)
     runtime: str = "auto"  # names.RUNTIMES
+    # The lease on OUT (lease.py): how long to wait for another run's, and how long a
+    # silent one lasts before it is taken over.
+    wait_for_lock: float = 0.0
+    lock_timeout: float = 300.0
     storage: StorageSettings = StorageSettings()
 
     def __post_init__(self):
@@ -66,6 +70,10 @@ class ScoreConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise MeddxError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        if not self.wait_for_lock >= 0:
+            raise MeddxError(f"--wait-for-lock must be at least 0, got {self.wait_for_lock}")
+        if not self.lock_timeout > 0:
+            raise MeddxError(f"--lock-timeout must be above 0, got {self.lock_timeout}")
         if self.runtime not in RUNTIMES:
             raise MeddxError(
                 f"--runtime must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}"

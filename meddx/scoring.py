@@ -16,13 +16,22 @@ import json
 import os
 import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import pyarrow.compute as pc
 import ray
 
-from meddx import MeddxError, __version__, commit, models, optimize, runtime, sources, storage
+from meddx import (
+    MeddxError,
+    __version__,
+    commit,
+    lease,
+    models,
+    optimize,
+    runtime,
+    sources,
+    storage,
+)
 from meddx.config import ScoreConfig
 from meddx.decode import DecodeSettings
 from meddx.models import Checkpoint
@@ -159,24 +168,24 @@ def build_dataset(
 
 
 def score(cfg: ScoreConfig) -> ScoreSummary:
-    """Score every input under ``cfg.input``; commit the rows into ``OUT/dt=RUN_DATE/``."""
+    """Score every input under ``cfg.input``; commit the rows into ``OUT/dt=RUN_DATE/``,
+    holding the lease on OUT throughout."""
     start = time.perf_counter()
-
-    def prepare():
-        storage.require_bucket(cfg.out, cfg.storage)
-        recovered = commit.recover(cfg.out, cfg.storage)
-        uris = sources.list_inputs(cfg.input, cfg.storage)
-        # Checked in the driver; the actors then insist on the very same file.
-        return recovered, uris, models.read_checkpoint(cfg.model, cfg.storage, cfg.model_sha256)
-
-    # Listing, the checkpoint's check and Ray's start overlap: Ray's start is mostly
-    # waiting for its processes (about 2.5 s of a 10-image run's 12 here). ray.init
-    # stays on this thread: the processes it starts die with the thread that started them.
-    with ThreadPoolExecutor(1) as pool:
-        prepared = pool.submit(prepare)
-        runtime.init_ray()
-        recovered, uris, (ckpt, sha) = prepared.result()
+    storage.require_bucket(cfg.out, cfg.storage)
     run_id = runtime.new_run_id(cfg.run_date)
+    with lease.held(
+        cfg.out, cfg.storage, run_id, "score", cfg.wait_for_lock, cfg.lock_timeout
+    ) as held:
+        return _score(cfg, run_id, held, start)
+
+
+def _score(cfg: ScoreConfig, run_id: str, held: lease.Lease, start: float) -> ScoreSummary:
+    recovered = commit.recover(cfg.out, cfg.storage)
+    uris = sources.list_inputs(cfg.input, cfg.storage)
+    # Fail fast, in the driver, before Ray starts; the actors then insist on the very
+    # same file.
+    ckpt, sha = models.read_checkpoint(cfg.model, cfg.storage, cfg.model_sha256)
+    runtime.init_ray()
     ds = build_dataset(cfg, uris, ckpt, run_id, sha=sha)
     startup = time.perf_counter() - start
     schema = OUTPUT_SCHEMA.with_metadata(file_metadata(ckpt, sha, run_id, cfg))
@@ -185,6 +194,7 @@ def score(cfg: ScoreConfig) -> ScoreSummary:
     if table.num_rows < len(uris):  # every input gives at least one row (a shard, many)
         commit.discard(cfg.out, cfg.storage, run_id)
         raise MeddxError(f"staged {table.num_rows} rows for {len(uris)} inputs: not committed")
+    held.check()
     # Re-scoring a run date replaces that partition, in the same commit.
     commit.commit(cfg.out, cfg.storage, run_id, cfg.run_date, replace=True)
     ok = pc.sum(pc.equal(table["status"], "ok")).as_py() or 0

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -36,7 +37,18 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from meddx import MeddxAlarm, MeddxError, commit, drift, models, report, runtime, sources, storage
+from meddx import (
+    MeddxAlarm,
+    MeddxError,
+    commit,
+    drift,
+    lease,
+    models,
+    report,
+    runtime,
+    sources,
+    storage,
+)
 from meddx.config import ScreenConfig
 from meddx.models import Checkpoint
 from meddx.names import OUTPUT_SCHEMA
@@ -132,18 +144,39 @@ def _mtime(info: dict) -> float | None:
 
 
 def screen(cfg: ScreenConfig) -> NightSummary:
+    """One night, holding the lease on OUT from before recovery to after the report."""
     start = time.perf_counter()
     storage.require_bucket(cfg.out, cfg.storage)
+    run_id = runtime.new_run_id(cfg.run_date)
+    with lease.held(
+        cfg.out, cfg.storage, run_id, "screen", cfg.wait_for_lock, cfg.lock_timeout
+    ) as held:
+        return _screen(cfg, run_id, held, start)
+
+
+def _screen(cfg: ScreenConfig, run_id: str, held: lease.Lease, start: float) -> NightSummary:
     recovered = commit.recover(cfg.out, cfg.storage)
     ckpt, sha = models.read_checkpoint(cfg.model, cfg.storage, cfg.model_sha256)
     listing = listing_with_times(cfg.input, cfg.storage)
     todo, known = select_new(cfg, listing, sha)
-    run_id = runtime.new_run_id(cfg.run_date)
     if todo:
         runtime.init_ray()
         schema = OUTPUT_SCHEMA.with_metadata(file_metadata(ckpt, sha, run_id, cfg))
         ds = build_dataset(cfg, todo, ckpt, run_id, known=known, sha=sha)
         commit.write_staged(ds, cfg.out, cfg.storage, run_id, schema)
+        held.check()
+        # Defence in depth, for a store that ignores conditional writes: inputs another
+        # run committed since they were selected are not committed again.
+        selected = [(u, m) for u, m in listing if u in set(todo)]
+        still_new = set(select_new(cfg, selected, sha)[0])
+        gone = {u for u, _ in selected if u not in still_new}
+        if gone:
+            dropped = commit.drop_staged(cfg.out, cfg.storage, run_id, gone)
+            print(
+                f"meddx: {len(gone)} inputs were committed by another run meanwhile: "
+                f"dropped their {dropped} rows",
+                file=sys.stderr,
+            )
         commit.commit(cfg.out, cfg.storage, run_id, cfg.run_date)
     seconds = time.perf_counter() - start
     rows = commit.read_results(

@@ -275,9 +275,19 @@ def test_a_killed_score_run_leaves_no_rows_visible(ray_session, tmp_path, random
     table, _ = read_rows(str(out), settings)  # any engine's view of the tree agrees
     assert table.num_rows == 3
 
-    again = subprocess.run([MEDDX, "score", str(many), *args], env=env, capture_output=True)
+    # Its lease on OUT is left behind, renewed by nobody: the next run waits until it is
+    # silent for --lock-timeout, takes it over and recovers what the killed run staged.
+    lock = json.loads((out / "_LOCK").read_text())
+    assert lock["command"] == "score" and lock["pid"] == proc.pid
+    again = subprocess.run(
+        [MEDDX, "score", str(many), *args, "--lock-timeout", "2", "--wait-for-lock", "60"],
+        env=env,
+        capture_output=True,
+    )
     assert again.returncode == 0, again.stderr.decode()[-2000:]
+    assert f"took over the lease on {out} from {lock['run_id']}" in again.stderr.decode()
     assert "recovered: discarded uncommitted run" in again.stdout.decode()
+    assert not (out / "_LOCK").exists()  # released at the end
     rows = read_results(str(out), settings, ["image_uri"])["image_uri"].to_pylist()
     # The finished re-run replaced the partition: exactly one row per input of its own.
     assert sorted(rows) == sorted(str(p) for p in many.iterdir())

@@ -1,5 +1,6 @@
 """Nightly screening on a real S3 endpoint and a real local Ray."""
 
+import dataclasses
 import io
 import json
 import os
@@ -139,7 +140,9 @@ def test_sigkill_half_way_then_recovery(ray_session, bucket, settings, triage_ch
     proc.send_signal(signal.SIGKILL)
     proc.wait()
 
+    # The killed run's lease is stale after a second's silence for this run.
     cfg = config(bucket, settings, triage_checkpoint, "2026-11-05")
+    cfg = dataclasses.replace(cfg, lock_timeout=1.0, wait_for_lock=60.0)
     assert (
         read_results(cfg.out, cfg.storage, ["image_uri"]).num_rows == 0
     )  # nothing half-written is visible

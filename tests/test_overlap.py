@@ -1,0 +1,179 @@
+"""Runs that share a results tree: overlapping nights, a hand re-run beside the
+scheduled one, a holder SIGKILLed. Real `meddx` commands on the session's Ray, on moto's
+S3 server and on a local disk; every case ends with exactly one row per input."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from meddx.commit import read_results
+from meddx.storage import StorageSettings, filesystem
+
+from .helpers import MEDDX
+from .images import png
+
+N = 120
+
+
+@pytest.fixture
+def tree(request, tmp_path, settings):
+    """(inputs, OUT, settings, env) on S3 or a local disk, with N small PNGs."""
+    if request.param == "s3":
+        root = request.getfixturevalue("bucket")
+        fs = filesystem(root, settings)
+        for i in range(N):
+            fs.pipe_file(f"{root.removeprefix('s3://')}/in/{i:04d}.png", png("L", size=48))
+        env_extra = {"MEDDX_S3_ENDPOINT": settings.s3_endpoint}
+        use = settings
+    else:
+        root = str(tmp_path)
+        os.makedirs(f"{root}/in")
+        for i in range(N):
+            with open(f"{root}/in/{i:04d}.png", "wb") as fh:
+                fh.write(png("L", size=48))
+        env_extra, use = {}, StorageSettings()
+    ray = request.getfixturevalue("ray_session")
+    env = {
+        **os.environ,
+        **env_extra,
+        "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
+        "RAY_AUTH_MODE": "token",
+        "MEDDX_QUIET_WORKERS": "1",
+    }
+    return f"{root}/in", f"{root}/results", use, env
+
+
+def command(kind, inputs, out, model, day, *extra):
+    args = [MEDDX, kind, inputs, "--model", model, "--out", out, "--run-date", day]
+    return [*args, "--batch-size", "4", *extra]
+
+
+def lock_of(out, settings):
+    fs = filesystem(out, settings)
+    fs.invalidate_cache()
+    path = f"{out.removeprefix('s3://')}/_LOCK"
+    return json.loads(fs.cat_file(path)) if fs.exists(path) else None
+
+
+def wait_for_lock(out, settings, proc, seconds=120):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and proc.poll() is None:
+        if holder := lock_of(out, settings):
+            return holder
+        time.sleep(0.1)
+    raise AssertionError("the first run never took its lease")
+
+
+def rows_per_input(out, settings):
+    uris = read_results(out, settings, ["image_uri"])["image_uri"].to_pylist()
+    return len(uris), len(set(uris))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tree, second", [("s3", "screen"), ("local", "score")], indirect=["tree"])
+def test_a_second_run_on_the_same_out_is_refused_in_one_line(tree, second, random_checkpoint):
+    inputs, out, settings, env = tree
+    first = subprocess.Popen(
+        command("screen", inputs, out, random_checkpoint[0], "2026-12-01"),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    holder = wait_for_lock(out, settings, first)
+    # The next night's schedule fires (another date), or someone re-runs by hand.
+    refused = subprocess.run(
+        command(second, inputs, out, random_checkpoint[0], "2026-12-02"),
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    _, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err[-2000:]
+    assert refused.returncode == 4, refused.stderr
+    assert refused.stderr == (
+        f"meddx: busy: {out} is being written by run {holder['run_id']} "
+        f"(screen on {holder['host']}, pid {first.pid}; heartbeat "
+        + refused.stderr.split("; heartbeat ", 1)[1]
+    )
+    assert refused.stderr.endswith(" s ago); nothing was scored\n")
+    assert rows_per_input(out, settings) == (N, N)  # the first run's rows, once each
+    assert lock_of(out, settings) is None  # released
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tree", ["s3"], indirect=True)
+def test_wait_for_lock_runs_once_the_first_run_ends(tree, random_checkpoint):
+    inputs, out, settings, env = tree
+    first = subprocess.Popen(
+        command("screen", inputs, out, random_checkpoint[0], "2026-12-01"),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_for_lock(out, settings, first)
+    second = subprocess.run(
+        command(
+            "screen", inputs, out, random_checkpoint[0], "2026-12-02", "--wait-for-lock", "300"
+        ),
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    first.communicate(timeout=300)
+    assert first.returncode == 0 and second.returncode == 0, second.stderr[-2000:]
+    # The second night ran after the first committed: it found nothing new.
+    assert " new=0 " in second.stdout, second.stdout
+    assert rows_per_input(out, settings) == (N, N)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tree", ["s3"], indirect=True)
+def test_a_sigkilled_holders_lease_is_taken_over_when_stale(tree, random_checkpoint):
+    inputs, out, settings, env = tree
+    fs = filesystem(out, settings)
+    first = subprocess.Popen(
+        command("screen", inputs, out, random_checkpoint[0], "2026-12-01", "--batch-size", "2"),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    holder = wait_for_lock(out, settings, first)
+    staged, deadline = [], time.monotonic() + 240
+    while not staged and time.monotonic() < deadline and first.poll() is None:
+        time.sleep(0.2)
+        fs.invalidate_cache()
+        root = f"{out.removeprefix('s3://')}/_staging"
+        staged = [p for p in fs.find(root) if p.endswith(".parquet")] if fs.exists(root) else []
+    assert staged and first.poll() is None, "the run should be caught half way"
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    assert lock_of(out, settings)["run_id"] == holder["run_id"]  # left behind
+    # A run that does not wait is refused while the lease is fresh.
+    early = subprocess.run(
+        command("screen", inputs, out, random_checkpoint[0], "2026-12-02"),
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert early.returncode == 4 and holder["run_id"] in early.stderr
+    after = subprocess.run(
+        command(
+            "screen", inputs, out, random_checkpoint[0], "2026-12-02",
+            "--lock-timeout", "2", "--wait-for-lock", "60",
+        ),
+        env=env,
+        capture_output=True,
+        text=True,
+    )  # fmt: skip
+    assert after.returncode == 0, after.stderr[-2000:]
+    assert f"took over the lease on {out} from {holder['run_id']}" in after.stderr
+    assert f"discarded uncommitted run {holder['run_id']}" in after.stdout
+    assert rows_per_input(out, settings) == (N, N)
+    assert lock_of(out, settings) is None
