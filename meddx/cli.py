@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import signal
 import sys
+import threading
 
 import click
 
@@ -750,8 +752,16 @@ def demo(workdir, n_train, n_holdout, epochs):
     run_demo(workdir=workdir or "demo-output", n_train=n_train, n_holdout=n_holdout, epochs=epochs)
 
 
+def _terminated(signum, frame):
+    # SIGTERM (a scheduler's timeout, ray job stop) unwinds like Ctrl-C, so a run's lease
+    # on OUT is released on the way out. Ray's driver installs the same once it starts.
+    sys.exit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors are one line on stderr and a non-zero exit, no traceback."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminated)
     try:
         cli.main(args=argv, prog_name="meddx", standalone_mode=False)
     except click.exceptions.NoArgsIsHelpError as exc:

@@ -177,3 +177,29 @@ def test_a_sigkilled_holders_lease_is_taken_over_when_stale(tree, random_checkpo
     assert f"discarded uncommitted run {holder['run_id']}" in after.stdout
     assert rows_per_input(out, settings) == (N, N)
     assert lock_of(out, settings) is None
+
+
+@pytest.mark.parametrize("tree", ["local"], indirect=True)
+def test_the_lease_is_released_on_an_error_and_on_sigterm(tree, random_checkpoint):
+    inputs, out, settings, env = tree
+    failed = subprocess.run(
+        command("score", inputs, out, out + "/no-such-model.pt", "2026-12-01"),
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert failed.returncode == 1 and "checkpoint not found" in failed.stderr
+    assert lock_of(out, settings) is None
+    running = subprocess.Popen(
+        command("score", inputs, out, random_checkpoint[0], "2026-12-01", "--batch-size", "1"),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_for_lock(out, settings, running)
+    running.send_signal(signal.SIGTERM)  # a scheduler's timeout
+    _, err = running.communicate(timeout=120)
+    assert running.returncode != 0 and "Traceback" not in err, err[-2000:]
+    assert lock_of(out, settings) is None
+    assert rows_per_input(out, settings) == (0, 0)  # and nothing half-committed
