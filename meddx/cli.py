@@ -361,6 +361,15 @@ SCORING_OPTIONS = [
         help="Pin the checkpoint: refuse any file with another sha256.",
     ),
     click.option(
+        "--progress-seconds",
+        type=float,
+        default=default(ScoreConfig, "progress_seconds"),
+        show_default=True,
+        metavar="SECONDS",
+        help="Off a terminal (logs, cron), a progress line this often; on one, a live line.",
+    ),
+    click.option("--quiet", is_flag=True, default=None, help="No progress output."),
+    click.option(
         "--wait-for-lock",
         type=float,
         default=default(ScoreConfig, "wait_for_lock"),
@@ -383,6 +392,13 @@ SCORING_OPTIONS = [
 @cli.command()
 @click.argument("input")
 @options(SCORING_OPTIONS)
+@click.option(
+    "--resume",
+    is_flag=True,
+    default=None,
+    help="Continue the last run of this OUT and --run-date that was killed before it "
+    "committed: keep its rows, score only the inputs it had not.",
+)
 def score(input, **opts):
     """Score every image named by INPUT and write Parquet to OUT/dt=RUN_DATE/.
 
@@ -399,6 +415,8 @@ def score(input, **opts):
     s = run(cfg)
     for line in s.recovered:
         click.echo(f"recovered: {line}")
+    if cfg.resume:
+        click.echo(f"resumed: kept {s.resumed_rows} staged rows, scored {s.scored_now} inputs")
     click.echo(
         f"inputs={s.inputs} ok={s.ok} errors={s.errors} rows_written={s.rows_written} "
         f"seconds={s.seconds:.1f} images_per_s={s.images_per_s:.1f} "

@@ -133,8 +133,9 @@ def discard(out: str, settings: StorageSettings, run_id: str) -> None:
     fs.invalidate_cache()
 
 
-def recover(out: str, settings: StorageSettings) -> list[str]:
-    """Finish committed runs left behind, delete uncommitted ones; return what was done."""
+def recover(out: str, settings: StorageSettings, keep: str | None = None) -> list[str]:
+    """Finish committed runs left behind, delete uncommitted ones (but ``keep``, a run
+    being resumed); return what was done."""
     fs, done = storage.filesystem(out, settings), []
     root = _path(out, STAGING)
     fs.invalidate_cache()
@@ -146,11 +147,57 @@ def recover(out: str, settings: StorageSettings) -> list[str]:
             plan = json.loads(fs.cat_file(marker))
             _move_all(fs, plan)
             done.append(f"finished commit of {plan['run_id']}")
+        elif posixpath.basename(folder) == keep:
+            done.append(f"resuming uncommitted run {keep}")
+            continue
         else:
             done.append(f"discarded uncommitted run {posixpath.basename(folder)}")
         fs.rm(folder, recursive=True)
     fs.invalidate_cache()
     return done
+
+
+def last_uncommitted(out: str, settings: StorageSettings, run_date: str) -> str | None:
+    """The run id of the latest uncommitted run of ``run_date`` left under OUT (the one
+    whose staged files changed last), or None."""
+    fs = storage.filesystem(out, settings)
+    root = _path(out, STAGING)
+    fs.invalidate_cache()
+    if not fs.exists(root):
+        return None
+    latest, when = None, -1.0
+    for folder in fs.ls(root, detail=False):
+        run_id = posixpath.basename(folder)
+        if not run_id.startswith(f"{run_date}-") or fs.exists(posixpath.join(folder, COMMIT)):
+            continue
+        files = fs.find(folder, detail=True).values()
+        changed = max((_modified(f) for f in files), default=0.0)
+        if changed > when:
+            latest, when = run_id, changed
+    return latest
+
+
+def _modified(info: dict) -> float:
+    value = info.get("LastModified") or info.get("mtime") or 0.0
+    return value.timestamp() if hasattr(value, "timestamp") else float(value)
+
+
+def readable_staged(out: str, settings: StorageSettings, run_id: str) -> int:
+    """Remove the staged files a killed run left half-written; how many went."""
+    import pyarrow.parquet as pq
+
+    fs = storage.filesystem(out, settings)
+    fs.invalidate_cache()
+    removed = 0
+    for path in [p for p in fs.find(staging_path(out, run_id)) if p.endswith(".parquet")]:
+        try:
+            with fs.open(path, "rb") as fh:
+                pq.read_metadata(fh)
+        except Exception:
+            fs.rm(path)
+            removed += 1
+    fs.invalidate_cache()
+    return removed
 
 
 def partition_dates(out: str, settings: StorageSettings) -> list[str]:

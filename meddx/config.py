@@ -55,6 +55,9 @@ class ScoreConfig:
     # silent one lasts before it is taken over.
     wait_for_lock: float = 0.0
     lock_timeout: float = 300.0
+    progress_seconds: float = 30.0  # a progress line this often when not on a terminal
+    resume: bool = False  # continue the last uncommitted run of this OUT and run date
+    quiet: bool = False  # no progress at all
     storage: StorageSettings = StorageSettings()
 
     def __post_init__(self):
@@ -72,6 +75,8 @@ class ScoreConfig:
                 raise MeddxError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
         if not self.wait_for_lock >= 0:
             raise MeddxError(f"--wait-for-lock must be at least 0, got {self.wait_for_lock}")
+        if not self.progress_seconds > 0:
+            raise MeddxError(f"--progress-seconds must be above 0, got {self.progress_seconds}")
         if not self.lock_timeout > 0:
             raise MeddxError(f"--lock-timeout must be above 0, got {self.lock_timeout}")
         if self.runtime not in RUNTIMES:

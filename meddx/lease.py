@@ -11,7 +11,8 @@ one gets it:
   file, which fails when the name exists.
 
 A lease whose heartbeat is older than the lock timeout belongs to a run that died (a
-killed process renews nothing). The next run takes it over with the same conditional
+killed process renews nothing); so does one whose holder ran on this host under a pid
+that no longer exists. The next run takes it over with the same conditional
 write against the stale ETag (S3) or by renaming the stale file away (local), so two
 runs that find the same stale lease cannot both take it, and then recovers the dead
 run's staging as every run does. Heartbeats compare the holder's clock with the
@@ -245,6 +246,20 @@ class Lease:
                 self.store.remove(self.version)
 
 
+def _gone_from_here(holder: Holder) -> bool:
+    """Whether the holder ran on this host and its process no longer exists: a run
+    killed here is taken over at once, without waiting out the timeout."""
+    if holder.host != socket.gethostname():
+        return False
+    try:
+        os.kill(holder.pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, another user's
+    return False
+
+
 def acquire(
     out: str,
     settings: StorageSettings,
@@ -268,11 +283,14 @@ def acquire(
             continue  # released between our try and our look: try again
         holder, tag, file_age = current
         age = holder.age if holder else file_age
-        if age > timeout:
+        gone = holder is not None and _gone_from_here(holder)
+        if age > timeout or gone:
             if store.take_stale(tag):
                 who = holder.run_id if holder else "an unreadable lock"
+                why = f"its pid {holder.pid} on this host is gone" if gone else ""
                 print(
-                    f"meddx: took over the lease on {out} from {who}, silent for {age:.0f} s",
+                    f"meddx: took over the lease on {out} from {who}, "
+                    + (why or f"silent for {age:.0f} s"),
                     file=sys.stderr,
                 )
             continue

@@ -7,6 +7,7 @@ scoring and training apply the same ones.
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import uuid
 
@@ -29,6 +30,10 @@ def init_ray(dashboard: bool = False) -> None:
         # keeps it, as Ray Train watches its workers through the state API it serves.
         # Joining a cluster ignores the flag.
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        if "RAY_ADDRESS" not in os.environ:
+            # A local cluster of its own: token auth, as Ray's default, said explicitly
+            # so Ray does not warn about it on every run.
+            os.environ.setdefault("RAY_AUTH_MODE", "token")
         ray.init(
             include_dashboard=None if dashboard else False,  # None: when installed
             log_to_driver=os.environ.get("MEDDX_QUIET_WORKERS") is None,
@@ -37,7 +42,10 @@ def init_ray(dashboard: bool = False) -> None:
         # what it started; the rows are committed by then, so stop it at once (this
         # handler runs first, and Ray's then finds nothing to do).
         atexit.register(ray.shutdown)
+    # meddx shows its own progress, counted from written rows (progress.py): Ray Data's
+    # bars stay off, and so does its warning that they are.
     ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
 
 def new_run_id(run_date: str) -> str:

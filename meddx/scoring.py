@@ -28,6 +28,7 @@ from meddx import (
     lease,
     models,
     optimize,
+    progress,
     runtime,
     sources,
     storage,
@@ -53,6 +54,8 @@ class ScoreSummary:
     run_id: str
     startup_seconds: float = 0.0  # listing, checkpoint check and Ray's start
     recovered: tuple[str, ...] = ()  # what was left of earlier runs, and what became of it
+    resumed_rows: int = 0  # --resume: rows the killed run had staged, kept
+    scored_now: int = 0  # inputs this run read and scored
 
     @property
     def pipeline_seconds(self) -> float:
@@ -180,16 +183,27 @@ def score(cfg: ScoreConfig) -> ScoreSummary:
 
 
 def _score(cfg: ScoreConfig, run_id: str, held: lease.Lease, start: float) -> ScoreSummary:
-    recovered = commit.recover(cfg.out, cfg.storage)
+    resumed = commit.last_uncommitted(cfg.out, cfg.storage, cfg.run_date) if cfg.resume else None
+    recovered = commit.recover(cfg.out, cfg.storage, keep=resumed)
     uris = sources.list_inputs(cfg.input, cfg.storage)
     # Fail fast, in the driver, before Ray starts; the actors then insist on the very
     # same file.
     ckpt, sha = models.read_checkpoint(cfg.model, cfg.storage, cfg.model_sha256)
-    runtime.init_ray()
-    ds = build_dataset(cfg, uris, ckpt, run_id, sha=sha)
+    todo, kept = uris, 0
+    if resumed:
+        run_id, todo, kept = resume(cfg, resumed, uris, sha)
+    elif cfg.resume:
+        recovered.append(f"nothing to resume for {cfg.run_date}: scoring every input")
     startup = time.perf_counter() - start
-    schema = OUTPUT_SCHEMA.with_metadata(file_metadata(ckpt, sha, run_id, cfg))
-    commit.write_staged(ds, cfg.out, cfg.storage, run_id, schema)
+    if todo:
+        runtime.init_ray()
+        ds = build_dataset(cfg, todo, ckpt, run_id, sha=sha)
+        startup = time.perf_counter() - start
+        schema = OUTPUT_SCHEMA.with_metadata(file_metadata(ckpt, sha, run_id, cfg))
+        with progress.shown(
+            cfg.out, cfg.storage, run_id, len(todo), "scored", cfg.progress_seconds, cfg.quiet
+        ):
+            commit.write_staged(ds, cfg.out, cfg.storage, run_id, schema)
     table = commit.read_staged(cfg.out, cfg.storage, run_id, ["status"])
     if table.num_rows < len(uris):  # every input gives at least one row (a shard, many)
         commit.discard(cfg.out, cfg.storage, run_id)
@@ -208,4 +222,26 @@ def _score(cfg: ScoreConfig, run_id: str, held: lease.Lease, start: float) -> Sc
         run_id=run_id,
         startup_seconds=startup,
         recovered=tuple(recovered),
+        resumed_rows=kept,
+        scored_now=len(todo),
     )
+
+
+def resume(cfg: ScoreConfig, run_id: str, uris: list[str], sha: str) -> tuple[str, list, int]:
+    """``--resume``: the killed run's id, the inputs it has no rows for, and the rows it
+    staged. Its half-written files are dropped (their inputs are scored again)."""
+    commit.readable_staged(cfg.out, cfg.storage, run_id)
+    staged = commit.read_staged(cfg.out, cfg.storage, run_id, ["image_uri", "model_sha256"])
+    models_used = set(staged["model_sha256"].to_pylist()) - {sha}
+    if models_used:
+        raise MeddxError(
+            f"run {run_id} was scoring with another checkpoint ({sorted(models_used)[0][:12]}"
+            "...): run without --resume to start over"
+        )
+    done = {u.split("#", 1)[0] for u in staged["image_uri"].to_pylist()}
+    listed = set(uris)
+    if done - listed:
+        raise MeddxError(
+            f"run {run_id} scored inputs that INPUT no longer lists: run without --resume"
+        )
+    return run_id, [u for u in uris if u not in done], staged.num_rows

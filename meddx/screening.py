@@ -44,6 +44,7 @@ from meddx import (
     drift,
     lease,
     models,
+    progress,
     report,
     runtime,
     sources,
@@ -163,7 +164,10 @@ def _screen(cfg: ScreenConfig, run_id: str, held: lease.Lease, start: float) -> 
         runtime.init_ray()
         schema = OUTPUT_SCHEMA.with_metadata(file_metadata(ckpt, sha, run_id, cfg))
         ds = build_dataset(cfg, todo, ckpt, run_id, known=known, sha=sha)
-        commit.write_staged(ds, cfg.out, cfg.storage, run_id, schema)
+        with progress.shown(
+            cfg.out, cfg.storage, run_id, len(todo), "screened", cfg.progress_seconds, cfg.quiet
+        ):
+            commit.write_staged(ds, cfg.out, cfg.storage, run_id, schema)
         held.check()
         # Defence in depth, for a store that ignores conditional writes: inputs another
         # run committed since they were selected are not committed again.
