@@ -236,6 +236,14 @@ TRAIN_OPTIONS = [
         "opacity,effusion,nodule (one sigmoid output each).",
     ),
     click.option(
+        "--progress-seconds",
+        type=float,
+        default=default(TrainConfig, "progress_seconds"),
+        show_default=True,
+        metavar="SECONDS",
+        help="A progress line within each epoch this often (one per epoch always).",
+    ),
+    click.option(
         "--init-weights",
         default=None,
         metavar="FILE",

@@ -136,6 +136,7 @@ class TrainConfig:
     init_weights: str | None = None
     # Also make the int8 OpenVINO model (meddx optimize), gated on the validation split.
     optimize: bool = False
+    progress_seconds: float = 30.0  # rank 0's line within an epoch this often
     storage: StorageSettings = field(default_factory=StorageSettings)
 
     def __post_init__(self):
@@ -148,6 +149,8 @@ class TrainConfig:
                 raise MeddxError(f"--{name.replace('_', '-')} must be at least {low}")
         if self.max_failures < 0:
             raise MeddxError("--max-failures must be at least 0")
+        if not self.progress_seconds > 0:
+            raise MeddxError(f"--progress-seconds must be above 0, got {self.progress_seconds}")
         if isinstance(self.modalities, str):  # "CR,DX" or "any", as on the command line
             object.__setattr__(self, "modalities", parse_modalities(self.modalities))
         if not self.lr > 0:

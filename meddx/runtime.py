@@ -30,10 +30,6 @@ def init_ray(dashboard: bool = False) -> None:
         # keeps it, as Ray Train watches its workers through the state API it serves.
         # Joining a cluster ignores the flag.
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        if "RAY_ADDRESS" not in os.environ:
-            # A local cluster of its own: token auth, as Ray's default, said explicitly
-            # so Ray does not warn about it on every run.
-            os.environ.setdefault("RAY_AUTH_MODE", "token")
         ray.init(
             include_dashboard=None if dashboard else False,  # None: when installed
             log_to_driver=os.environ.get("MEDDX_QUIET_WORKERS") is None,

@@ -107,9 +107,10 @@ def labelled_dataset(items, class_names, cfg: TrainConfig) -> ray.data.Dataset:
 
 
 def train_one_epoch(
-    model, loader, optimizer, loss_fn, augment, mean, std, device, amp_dtype=None
+    model, loader, optimizer, loss_fn, augment, mean, std, device, amp_dtype=None, seen=None
 ) -> tuple[float, int]:
-    """Mean training loss and the number of images this worker saw."""
+    """Mean training loss and the number of images this worker saw; ``seen(count)``
+    hears the count after every batch."""
     model.train()
     total, count = 0.0, 0
     for batch in loader:
@@ -122,7 +123,30 @@ def train_one_epoch(
         optimizer.step()
         total += loss.item() * len(y)
         count += len(y)
+        if seen is not None:
+            seen(count)
     return total / max(count, 1), count
+
+
+def epoch_progress(epoch: int, config: dict, world: int):
+    """Rank 0's line within an epoch every ``progress_seconds``: images of the epoch
+    done by all workers (DDP steps in lockstep) and the rate."""
+    start = last = time.perf_counter()
+
+    def seen(count: int) -> None:
+        nonlocal last
+        now = time.perf_counter()
+        if now - last >= config["progress_seconds"]:
+            last = now
+            done = count * world
+            print(
+                f"[meddx train] epoch {epoch}/{config['epochs']}: "
+                f"{min(done, config['n_train']):,}/{config['n_train']:,} images, "
+                f"{done / (now - start):.1f} images/s",
+                flush=True,
+            )
+
+    return seen
 
 
 @torch.no_grad()
@@ -255,6 +279,7 @@ def train_loop_per_worker(config: dict) -> None:
             std,
             device,
             amp_dtype,
+            epoch_progress(epoch + 1, config, ctx.get_world_size()) if rank == 0 else None,
         )
         # DDP steps in lockstep: this worker's rate times the number of workers.
         images_per_s = seen * ctx.get_world_size() / (time.perf_counter() - start)
@@ -445,6 +470,8 @@ def train(cfg: TrainConfig) -> TrainSummary:
             "resolved": resolved,
             "modalities": list(cfg.modalities or []),
             "init_weights": None if init is None else ray.put(init),
+            "n_train": len(train_items),
+            "progress_seconds": cfg.progress_seconds,
         },
         torch_config=ray.train.torch.TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(

@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -228,10 +229,12 @@ def test_train_command_on_its_own_ray_prints_no_state_api_noise(tmp_path):
     workers through the state API, which otherwise fails and logs about once a second."""
     write_archive(SynthConfig(out=str(tmp_path / "data"), n=40, size=64, seed=3))
     env = {**os.environ, "RAY_ADDRESS": "local"}  # a Ray of its own, not the session's
+    env.pop("MEDDX_QUIET_WORKERS", None)  # the workers' lines reach the driver, as for users
     result = subprocess.run(
         [MEDDX, "train", str(tmp_path / "data")]
         + ["--out", str(tmp_path / "m.pt"), "--model", "seednet", "--workers", "2"]
-        + ["--epochs", "3", "--image-size", "64", "--storage-path", str(tmp_path / "runs")],
+        + ["--epochs", "3", "--image-size", "64", "--storage-path", str(tmp_path / "runs")]
+        + ["--batch-size", "4", "--progress-seconds", "0.01"],
         env=env,
         capture_output=True,
         text=True,
@@ -240,6 +243,12 @@ def test_train_command_on_its_own_ray_prints_no_state_api_noise(tmp_path):
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
     assert "trained seednet on 32 images (validation 8)" in result.stdout
+    # Progress within each epoch (rank 0), then each epoch's line.
+    line = r"\[meddx train\] epoch (\d)/3: ([\d,]+)/32 images, [\d.]+ images/s"
+    within = re.findall(line, output)
+    assert {e for e, _ in within} == {"1", "2", "3"}, output[-3000:]
+    assert all(0 < int(n) <= 32 for _, n in within)
+    assert len(re.findall(r"\[meddx train\] epoch \d/3 train_loss=", output)) == 3
     assert "State API may be temporarily unavailable" not in output
     ckpt, _ = models.read_checkpoint(str(tmp_path / "m.pt"), StorageSettings())
     assert ckpt.model_name == "seednet"
