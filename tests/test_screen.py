@@ -227,6 +227,7 @@ def test_alarms_exit_non_zero_with_one_line(
         f"{bucket}/results",
         "--s3-endpoint",
         settings.s3_endpoint,
+        "--quiet",  # no progress lines: the alarm is all there is on stderr
     ]
     with pytest.raises(SystemExit) as exit_info:
         main([*args, "--run-date", "2026-11-10"])
