@@ -30,6 +30,11 @@ def init_ray(dashboard: bool = False) -> None:
         # keeps it, as Ray Train watches its workers through the state API it serves.
         # Joining a cluster ignores the flag.
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        # A local cluster of meddx's own gets Ray's default token auth; Ray's warning
+        # that it did is noise on every run (joining a cluster never says it).
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
+            logging.ERROR
+        )
         ray.init(
             include_dashboard=None if dashboard else False,  # None: when installed
             log_to_driver=os.environ.get("MEDDX_QUIET_WORKERS") is None,

@@ -69,6 +69,19 @@ def wait_for_lock(out, settings, proc, seconds=120):
     raise AssertionError("the first run never took its lease")
 
 
+def first_night(tree, model):
+    """A screen of the night of 2026-12-01 on the tree, once it holds its lease."""
+    inputs, out, settings, env = tree
+    first = subprocess.Popen(
+        command("screen", inputs, out, model, "2026-12-01"),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    return first, wait_for_lock(out, settings, first)
+
+
 def rows_per_input(out, settings):
     uris = read_results(out, settings, ["image_uri"])["image_uri"].to_pylist()
     return len(uris), len(set(uris))
@@ -78,14 +91,7 @@ def rows_per_input(out, settings):
 @pytest.mark.parametrize("tree, second", [("s3", "screen"), ("local", "score")], indirect=["tree"])
 def test_a_second_run_on_the_same_out_is_refused_in_one_line(tree, second, random_checkpoint):
     inputs, out, settings, env = tree
-    first = subprocess.Popen(
-        command("screen", inputs, out, random_checkpoint[0], "2026-12-01"),
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    holder = wait_for_lock(out, settings, first)
+    first, holder = first_night(tree, random_checkpoint[0])
     # The next night's schedule fires (another date), or someone re-runs by hand.
     refused = subprocess.run(
         command(second, inputs, out, random_checkpoint[0], "2026-12-02"),
@@ -110,14 +116,7 @@ def test_a_second_run_on_the_same_out_is_refused_in_one_line(tree, second, rando
 @pytest.mark.parametrize("tree", ["s3"], indirect=True)
 def test_wait_for_lock_runs_once_the_first_run_ends(tree, random_checkpoint):
     inputs, out, settings, env = tree
-    first = subprocess.Popen(
-        command("screen", inputs, out, random_checkpoint[0], "2026-12-01"),
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    wait_for_lock(out, settings, first)
+    first, _ = first_night(tree, random_checkpoint[0])
     second = subprocess.run(
         command(
             "screen", inputs, out, random_checkpoint[0], "2026-12-02", "--wait-for-lock", "300"
