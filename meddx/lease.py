@@ -26,6 +26,7 @@ import datetime as dt
 import json
 import os
 import posixpath
+import signal
 import socket
 import sys
 import threading
@@ -260,6 +261,27 @@ def _gone_from_here(holder: Holder) -> bool:
     return False
 
 
+@contextlib.contextmanager
+def _uninterrupted():
+    """Hold SIGINT and SIGTERM back for the block and deliver them after it: a lock
+    created by the block is then always in the hands of the code that releases it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    kept = {
+        sig: signal.signal(sig, lambda signum, frame: caught.append(signum))
+        for sig in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        yield
+    finally:
+        for sig, handler in kept.items():
+            signal.signal(sig, handler)
+        for sig in caught:
+            signal.raise_signal(sig)
+
+
 def acquire(
     out: str,
     settings: StorageSettings,
@@ -267,17 +289,25 @@ def acquire(
     command: str,
     wait: float = 0.0,
     timeout: float = DEFAULT_LOCK_TIMEOUT,
+    into: list[Lease] | None = None,
 ) -> Lease:
     """Take the lease on OUT, waiting up to ``wait`` seconds for its holder; a lease
-    silent for ``timeout`` seconds is taken over. Raises MeddxBusy naming the holder."""
+    silent for ``timeout`` seconds is taken over. Raises MeddxBusy naming the holder.
+    The lease is also appended to ``into`` before any signal can interrupt, so that a
+    caller's ``finally`` can release a lease whose ``acquire`` a signal cut short."""
     store = _Store(out, settings)
     deadline = time.monotonic() + wait
     while True:
         started = _now().isoformat()
         me = Holder(run_id, socket.gethostname(), os.getpid(), command, started, started)
-        version = store.create(me)
+        with _uninterrupted():
+            version = store.create(me)
+            if version is not None:
+                lease = Lease(store, me, version, timeout)
+                if into is not None:
+                    into.append(lease)
         if version is not None:
-            return Lease(store, me, version, timeout)
+            return lease
         current = store.read()
         if current is None:
             continue  # released between our try and our look: try again
@@ -305,9 +335,10 @@ def held(
     out: str, settings: StorageSettings, run_id: str, command: str, wait: float, timeout: float
 ):
     """The lease for the duration of a run, released on every way out (success, error,
-    alarm, Ctrl-C)."""
-    lease = acquire(out, settings, run_id, command, wait, timeout)
+    alarm, Ctrl-C, SIGTERM), including a signal that arrives as the lock is created."""
+    taken: list[Lease] = []
     try:
-        yield lease
+        yield acquire(out, settings, run_id, command, wait, timeout, into=taken)
     finally:
-        lease.release()
+        for lease in taken:
+            lease.release()

@@ -98,3 +98,31 @@ def test_a_holder_that_lost_its_lease_finds_out_before_committing(out, settings)
         assert store.read()[0].run_id == "other"
     finally:
         other.release()
+
+
+def test_a_signal_as_the_lock_is_created_still_releases_it(out, settings, monkeypatch):
+    # A scheduler's SIGTERM can land in the instant after the lock exists and before the
+    # run's clean-up is in place; the lease must be released all the same.
+    import os
+    import signal
+
+    def terminated(signum, frame):
+        raise SystemExit(128 + signum)
+
+    create = lease._Store.create
+
+    def create_then_terminated(self, holder):
+        version = create(self, holder)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return version
+
+    monkeypatch.setattr(lease._Store, "create", create_then_terminated)
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            with lease.held(out, settings, "cut-short", "score", wait=0, timeout=60):
+                pytest.fail("the signal should stop the run before it starts work")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert store_of(out, settings).read() is None
