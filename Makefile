@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # torch/torchvision come from pip exactly as pinned in pyproject.toml.
 PIP_INSTALL := $(BIN)/pip install --disable-pip-version-check
 
-.PHONY: install demo test test-fast lint nightly bench bench-png512 bench-scale bench-scale-dicom bench-inputs bench-decode bench-runtimes train-ddp score submit-score submit-train clean
+.PHONY: install demo test test-fast lint nightly bench bench-qc bench-png512 bench-scale bench-scale-dicom bench-inputs bench-decode bench-runtimes train-ddp score submit-score submit-train clean
 
 install: $(STAMP)
 
@@ -56,6 +56,11 @@ clean:
 # in a realistic mix of formats; bench-png512: the same on 2,000 PNGs of 512 px.
 bench: install
 	$(BIN)/python benchmarks/bench.py --preset mix --model resnet18
+
+# Quality control: chest films flagged and other images caught, per category, for
+# seednet and densenet121 (trained here), and ood_score AUROC by scoring method.
+bench-qc: install
+	$(BIN)/python benchmarks/ood.py --models seednet,densenet121
 
 bench-png512: install
 	$(BIN)/python benchmarks/bench.py --preset png512 --model resnet18

@@ -181,6 +181,57 @@ def ceiling(model: torch.nn.Module, dtype, device: torch.device, seconds: float 
     return n / (time.perf_counter() - start)
 
 
+def ood_cost(ckpt, device: torch.device, seconds: float) -> dict:
+    """The predictor stage (Predictor.__call__: forward pass, probabilities, rows) with and
+    without an out-of-distribution density, timed in alternating rounds on one batch of
+    the same uint8 images: what ood_score costs in throughput."""
+    from meddx import ood
+    from meddx.decode import INFO_DEFAULTS
+    from meddx.predict import Predictor
+
+    batch_size = GPU_BATCH if device.type == "cuda" else CPU_BATCH
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (batch_size, MODEL_SIZE, MODEL_SIZE), dtype=np.uint8)
+    features = ood.features_of(ckpt, [images])
+    groups = np.arange(len(features)) % 2
+    with_density = ood.with_density(ckpt, features, groups, features)
+    batch = {
+        "image_uri": np.array([f"x/{i}.png" for i in range(batch_size)], dtype=object),
+        "status": np.array(["ok"] * batch_size, dtype=object),
+        "error": np.array([""] * batch_size, dtype=object),
+        "qc": np.array(["ok"] * batch_size, dtype=object),
+        "content_sha256": np.array([""] * batch_size, dtype=object),
+        "image": images,
+        **{
+            k: np.array([v] * batch_size, dtype=np.int64 if isinstance(v, int) else object)
+            for k, v in INFO_DEFAULTS.items()
+        },
+    }
+    settings = StorageSettings()
+    predictors = {
+        "without": Predictor(ckpt, settings, "fp32", "bench"),
+        "with": Predictor(with_density, settings, "fp32", "bench"),
+    }
+    counts = {k: 0 for k in predictors}
+    elapsed = {k: 0.0 for k in predictors}
+    rounds = 6  # alternating, so drift of the machine's speed falls on both alike
+    for p in predictors.values():
+        p(batch)  # warm-up
+    for _ in range(rounds):
+        for name, p in predictors.items():
+            start = time.perf_counter()
+            while time.perf_counter() - start < seconds / rounds:
+                p(batch)
+                counts[name] += batch_size
+            elapsed[name] += time.perf_counter() - start
+    rates = {k: counts[k] / elapsed[k] for k in predictors}
+    return {
+        "predictor_images_per_s_without_ood": round(rates["without"], 1),
+        "predictor_images_per_s_with_ood": round(rates["with"], 1),
+        "ood_cost": round(1 - rates["with"] / rates["without"], 4),
+    }
+
+
 class ArchiveDataset(Dataset):
     """The Dataset users write over an archive's files: decode_formats.users_loop (pydicom
     pixel_array + modality and VOI LUTs, MONOCHROME1 inverted, or PIL, 16-bit PNG as
@@ -676,6 +727,8 @@ def throughput(args) -> None:
         unfolded = inference_model(ckpt, device, fold=False)
         a["picked"] = ceiling(unfolded, picked, device, seconds)
     del model
+    log("(a) the predictor stage with and without the out-of-distribution score")
+    a.update(ood_cost(ckpt, device, seconds * 2))
     optimized = None
     if optimize.available() and device.type == "cpu":
         log("(a) OpenVINO fp32 and int8; meddx optimize on the first films")
@@ -761,6 +814,13 @@ def print_summary(r: dict) -> None:
     print(f"\n{r['preset']}: {r['n']} films of {r['size']} px, {r['model']}")
     print(f"machine: {m['cpu']} x {m['cpus']} ({' '.join(m['cpu_flags'])}); GPU {m['gpu']}")
     print(f"(a) ceiling        fp32 {a['fp32']:.1f}, {picked} {a['picked']:.1f} images/s")
+    if "ood_cost" in a:
+        print(
+            f"    predictor stage without / with ood_score"
+            f" {a['predictor_images_per_s_without_ood']:.1f} /"
+            f" {a['predictor_images_per_s_with_ood']:.1f} images/s"
+            f" (cost {a['ood_cost']:.1%})"
+        )
     if "openvino_fp32" in a:
         gate = a["openvino_int8_gate"]
         gated = a.get("openvino_int8_gated")
@@ -921,6 +981,11 @@ def main() -> None:
         default=5,
         help="films of each format timed for the decode ms per format",
     )
+    parser.add_argument(
+        "--only-ood-cost",
+        action="store_true",
+        help="only time the predictor stage with and without the out-of-distribution score",
+    )
     parser.add_argument("--scale", default=None, metavar="N1,N2,...")
     parser.add_argument("--cache", type=Path, default=Path("benchmarks/.cache"))
     args = parser.parse_args()
@@ -933,6 +998,14 @@ def main() -> None:
     parse_film_size(args.size)  # fails early on a malformed size
     if custom:  # the preset's name no longer describes the run
         args.preset = f"{args.preset}+{'+'.join(sorted(custom))}"
+    if args.only_ood_cost:
+        torch.set_num_threads(os.cpu_count() or 1)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        ckpt = models.untrained_checkpoint(args.model, input_size=MODEL_SIZE)
+        result = {"model": args.model, "machine": machine()}
+        result.update(ood_cost(ckpt, device, args.ceiling_seconds * 2))
+        print(json.dumps(result, indent=2))
+        return
     scale(args) if args.scale else throughput(args)
 
 

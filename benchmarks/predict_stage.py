@@ -53,6 +53,7 @@ def main() -> None:
         "image_uri": np.array([f"img-{i}" for i in range(n)], dtype=object),
         "image": rng.integers(0, 255, (n, args.size, args.size), dtype=np.uint8),
         "status": np.array(["ok"] * n, dtype=object),
+        "qc": np.array(["ok"] * n, dtype=object),
         "error": np.array([""] * n, dtype=object),
         "content_sha256": np.array([""] * n, dtype=object),
         **{k: np.array([v] * n) for k, v in INFO_DEFAULTS.items()},

@@ -15,10 +15,11 @@ from __future__ import annotations
 import datetime as dt
 
 import numpy as np
+import pyarrow.compute as pc
 from scipy.optimize import minimize_scalar
 from sklearn.metrics import log_loss
 
-from meddx import MeddxError, metrics, models, sources
+from meddx import MeddxError, metrics, models, ood, sources
 from meddx.evaluation import finding_truth, labelled_scores, read_predictions
 from meddx.storage import StorageSettings
 
@@ -55,11 +56,47 @@ def calibrate(
     temperature: bool,
     settings: StorageSettings,
     finding: str | None = None,
+    ood_percentile: float | None = None,
 ) -> dict:
+    """Set the operating point (a target sensitivity or specificity, and a temperature)
+    and/or the out-of-distribution threshold (``ood_percentile`` of the scored rows'
+    ood_score) on scored validation PREDICTIONS; write CKPT2 to ``out``."""
     ckpt, sha = models.read_checkpoint(model, settings)
     table, meta = read_predictions(predictions, settings)
     if meta.get("meddx.model_sha256") != sha:
         raise MeddxError(f"{predictions} was not scored by {model} (sha256 differs)")
+    result = {}
+    if sensitivity is not None or specificity is not None:
+        ckpt, result = operating_point(
+            ckpt,
+            table,
+            labels,
+            sensitivity,
+            specificity,
+            temperature,
+            finding,
+            settings,
+            source=(model, sha, predictions),
+        )
+    if ood_percentile is not None:
+        if "ood_score" not in table.column_names:
+            raise MeddxError(f"{predictions} has no ood_score column: score it again")
+        ok = table.filter(pc.equal(table["status"], "ok"))
+        scores = np.array([v for v in ok["ood_score"].to_pylist() if v is not None], float)
+        ckpt, result["ood_threshold"] = ood.with_threshold(
+            ckpt, scores, ood_percentile, predictions
+        )
+        result["ood_rows"] = len(scores)
+    result["sha256"] = models.save_checkpoint(ckpt, out, settings)
+    return result
+
+
+def operating_point(
+    ckpt, table, labels, sensitivity, specificity, temperature, finding, settings, *, source
+):
+    """The checkpoint with its threshold (and temperature) for the target, and figures;
+    ``source`` is (the checkpoint's name, its sha256, the predictions' name)."""
+    model, sha, predictions = source
     names = list(ckpt.class_names)
     if ckpt.multi_label:
         if finding not in names:
@@ -107,10 +144,4 @@ def calibrate(
         temperatures=tuple(temperatures),
         extra={**ckpt.extra, "calibration": calibration},
     )
-    new_sha = models.save_checkpoint(ckpt, out, settings)
-    return {
-        "threshold": threshold,
-        "temperature": temperatures[k],
-        "metrics": validation,
-        "sha256": new_sha,
-    }
+    return ckpt, {"threshold": threshold, "temperature": temperatures[k], "metrics": validation}

@@ -136,8 +136,15 @@ def cli():
     help="Multi-label: findings drawn independently, each NAME[=PREVALENCE] "
     "(opacity, effusion, nodule), or 'all'.",
 )
+@click.option(
+    "--quality-set",
+    is_flag=True,
+    help="Write the quality-control evaluation set instead: --n held-out chest films and "
+    "images that are not (lateral, inverted, rotated, blank, noise, text, photographs, "
+    "pydicom's CT/MR/US/SC), its manifest marking which is which (meddx evaluate --labels).",
+)
 @storage_option
-def synth(out, findings, **opts):
+def synth(out, findings, quality_set, **opts):
     """Write a labelled synthetic chest-X-ray archive to OUT (folder or s3:// prefix).
 
     Layout: OUT/<normal|opacity>/cxr-NNNNNN.<ext> and OUT/_manifest.csv (uri,label).
@@ -145,6 +152,21 @@ def synth(out, findings, **opts):
     """
     width, height = opts.pop("size")
     cfg = build(SynthConfig, out=out, findings=findings or (), size=width, height=height, **opts)
+    if quality_set:
+        from collections import Counter
+
+        from meddx.qcset import write_quality_set
+
+        if height not in (None, width) or cfg.mix or cfg.findings:
+            raise click.UsageError("--quality-set takes a square --size and no --mix/--findings")
+        rows = write_quality_set(out, cfg.n, cfg.size, cfg.seed, cfg.storage)
+        kinds = Counter(r["category"] for r in rows)
+        click.echo(
+            f"wrote {len(rows)} images ("
+            + ", ".join(f"{n} {k}" for k, n in kinds.items())
+            + f") and {names.MANIFEST_NAME} to {out}"
+        )
+        return
     from meddx.synth import write_archive
 
     rows = write_archive(cfg)
@@ -206,6 +228,15 @@ TRAIN_OPTIONS = [
         metavar="LIST",
         callback=_parsed(names.parse_modalities),
         help="DICOM Modality values to train on and later accept when scoring, or 'any'.",
+    ),
+    click.option(
+        "--views",
+        default=",".join(names.DEFAULT_VIEWS),
+        show_default=True,
+        metavar="LIST",
+        callback=_parsed(names.parse_views),
+        help="DICOM ViewPosition values trained on; other views (a lateral) are "
+        "qc=wrong_view when scoring, or 'any'.",
     ),
     click.option(
         "--run-name",
@@ -363,6 +394,14 @@ SCORING_OPTIONS = [
         help="DICOM Modality values to score, e.g. CR,DX, or 'any' [default: the checkpoint's].",
     ),
     click.option(
+        "--views",
+        default=None,
+        metavar="LIST",
+        callback=_parsed(names.parse_views),
+        help="DICOM ViewPosition values the model reads, e.g. PA,AP, or 'any'; other views "
+        "are qc=wrong_view [default: the checkpoint's].",
+    ),
+    click.option(
         "--model-sha256",
         default=None,
         metavar="HEX",
@@ -449,6 +488,14 @@ def score(input, **opts):
     help="Alarm (exit 3) when more of this run's rows are errors.",
 )
 @click.option(
+    "--max-qc-rate",
+    type=float,
+    default=default(ScreenConfig, "max_qc_rate"),
+    show_default=True,
+    help="Alarm (exit 3) when more of this run's rows fail quality control (qc not ok): "
+    "usually a feed sending the wrong series.",
+)
+@click.option(
     "--max-psi",
     type=float,
     default=default(ScreenConfig, "max_psi"),
@@ -472,7 +519,7 @@ def screen(source, **opts):
     click.echo(
         f"night {s.run_date}: inputs_seen={s.inputs_seen} new={s.new_inputs} "
         f"rows={s.rows} ok={s.ok} errors={s.errors} positives={s.positives} "
-        f"seconds={s.seconds}"
+        f"needs_human_read={s.qc_flagged} seconds={s.seconds}"
     )
     click.echo(f"report: {cfg.out.rstrip('/')}/_runs/dt={s.run_date}/report.html")
 
@@ -528,6 +575,18 @@ def evaluate_command(predictions, labels, json_path, plots, by, storage):
             f"{by}={value}: n={sub['n']} auroc={sub['auroc']:.4f} "
             f"sensitivity={sub['sensitivity']:.4f} specificity={sub['specificity']:.4f}"
         )
+    if "ood" in result:
+        o = result["ood"]
+        click.echo(
+            f"quality control: ood_score auroc={o['auroc']:.4f} "
+            f"chest films flagged={o['in_distribution_flag_rate']:.1%} "
+            f"others caught={o['out_of_distribution_caught_rate']:.1%}"
+        )
+        for name, g in o["by_category"].items():
+            click.echo(
+                f"  {name}: n={g['n']} flagged={g['flagged']} errors={g['errors']} "
+                f"caught={g['caught_rate']:.1%}"
+            )
     for path in result.get("plots", []):
         click.echo(f"wrote {path}")
     if json_path:
@@ -549,6 +608,14 @@ def evaluate_command(predictions, labels, json_path, plots, by, storage):
 @click.option("--target-specificity", type=click.FloatRange(0, 1, min_open=True), default=None)
 @click.option("--temperature", is_flag=True, help="Also fit temperature scaling.")
 @click.option(
+    "--ood-percentile",
+    type=click.FloatRange(50, 100),
+    default=None,
+    metavar="P",
+    help="Set the out-of-distribution threshold at this percentile of the scored rows' "
+    "ood_score (in-distribution validation images; train sets it at 99).",
+)
+@click.option(
     "--finding",
     default=None,
     metavar="NAME",
@@ -563,6 +630,7 @@ def calibrate(
     target_sensitivity,
     target_specificity,
     temperature,
+    ood_percentile,
     finding,
     storage,
 ):
@@ -570,12 +638,18 @@ def calibrate(
 
     Writes CKPT2: the same weights with the threshold for the target, the fitted
     temperature, the validation metrics and what it was calibrated on. Scoring with it
-    applies both; every output row carries the threshold used.
+    applies both; every output row carries the threshold used. With --ood-percentile,
+    also (or only) the out-of-distribution threshold: rows whose ood_score is above it
+    are qc=out_of_distribution.
     """
     from meddx import calibration
 
-    if (target_sensitivity is None) == (target_specificity is None):
-        raise click.UsageError("give exactly one of --target-sensitivity, --target-specificity")
+    if target_sensitivity is not None and target_specificity is not None:
+        raise click.UsageError("give one of --target-sensitivity, --target-specificity")
+    if target_sensitivity is None and target_specificity is None and ood_percentile is None:
+        raise click.UsageError(
+            "give --target-sensitivity or --target-specificity, and/or --ood-percentile"
+        )
     result = calibration.calibrate(
         predictions,
         model,
@@ -586,13 +660,20 @@ def calibrate(
         temperature=temperature,
         settings=storage,
         finding=finding,
+        ood_percentile=ood_percentile,
     )
-    click.echo(
-        f"{finding + ': ' if finding else ''}threshold={result['threshold']:.4f} "
-        f"temperature={result['temperature']:.3f} "
-        f"validation sensitivity={result['metrics']['sensitivity']:.4f} "
-        f"specificity={result['metrics']['specificity']:.4f} n={result['metrics']['n']}"
-    )
+    if "threshold" in result:
+        click.echo(
+            f"{finding + ': ' if finding else ''}threshold={result['threshold']:.4f} "
+            f"temperature={result['temperature']:.3f} "
+            f"validation sensitivity={result['metrics']['sensitivity']:.4f} "
+            f"specificity={result['metrics']['specificity']:.4f} n={result['metrics']['n']}"
+        )
+    if "ood_threshold" in result:
+        click.echo(
+            f"ood_threshold={result['ood_threshold']:.4f} "
+            f"(percentile {ood_percentile:g} of {result['ood_rows']} rows)"
+        )
     click.echo(f"wrote {out} sha256={result['sha256']}")
 
 

@@ -16,12 +16,14 @@ from meddx.names import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_MODALITIES,
     DEFAULT_MODEL,
+    DEFAULT_VIEWS,
     MODEL_NAMES,
     PRECISIONS,
     RUNTIMES,
     SYNTH_FORMATS,
     parse_finding_names,
     parse_modalities,
+    parse_views,
 )
 from meddx.storage import StorageSettings
 
@@ -48,6 +50,8 @@ class ScoreConfig:
     max_object_bytes: int = DEFAULT_MAX_OBJECT_BYTES  # objects and tar members
     # DICOM Modality values to score; (): any; None: the checkpoint's list.
     modalities: tuple[str, ...] | None = None
+    # DICOM ViewPosition values to accept as frontal; (): any; None: the checkpoint's.
+    views: tuple[str, ...] | None = None
     model_sha256: str | None = None  # pin: refuse any other checkpoint file
     compile_model: bool = False  # torch.compile in each predictor (GPU runs)
     runtime: str = "auto"  # names.RUNTIMES
@@ -69,6 +73,8 @@ class ScoreConfig:
             raise MeddxError(f"--run-date must be YYYY-MM-DD, got {self.run_date!r}")
         if isinstance(self.modalities, str):  # "CR,DX" or "any", as on the command line
             object.__setattr__(self, "modalities", parse_modalities(self.modalities))
+        if isinstance(self.views, str):  # "PA,AP" or "any"
+            object.__setattr__(self, "views", parse_views(self.views))
         for name in ("batch_size", "actors", "max_pixels", "max_object_bytes"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -95,6 +101,9 @@ class ScreenConfig(ScoreConfig):
 
     new_model: bool = False
     max_error_rate: float = 0.05
+    # A night with more rows flagged by quality control than this is an alarm: usually a
+    # feed sending the wrong series (in-distribution films are flagged at about 1%).
+    max_qc_rate: float = 0.10
     max_psi: float = 0.25
     drift_window: int = 7  # how many earlier run dates form the reference distribution
 
@@ -102,6 +111,8 @@ class ScreenConfig(ScoreConfig):
         super().__post_init__()
         if not 0 <= self.max_error_rate <= 1:
             raise MeddxError(f"--max-error-rate must lie in [0, 1], got {self.max_error_rate}")
+        if not 0 <= self.max_qc_rate <= 1:
+            raise MeddxError(f"--max-qc-rate must lie in [0, 1], got {self.max_qc_rate}")
         if self.max_psi < 0:
             raise MeddxError(f"--max-psi must be at least 0, got {self.max_psi}")
         if self.drift_window < 1:
@@ -125,6 +136,8 @@ class TrainConfig:
     seed: int = 0
     # DICOM Modality values trained on (and so accepted when scoring); (): any.
     modalities: tuple[str, ...] = DEFAULT_MODALITIES
+    # DICOM ViewPosition values trained on (others are wrong_view when scoring); (): any.
+    views: tuple[str, ...] = DEFAULT_VIEWS
     storage_path: str | None = None  # Ray Train run folder; shared storage on multi-node
     run_name: str | None = None  # the same name and storage path continue a stopped run
     # Worker-group restarts from the last checkpoint before the run fails: a preempted
@@ -153,6 +166,8 @@ class TrainConfig:
             raise MeddxError(f"--progress-seconds must be above 0, got {self.progress_seconds}")
         if isinstance(self.modalities, str):  # "CR,DX" or "any", as on the command line
             object.__setattr__(self, "modalities", parse_modalities(self.modalities))
+        if isinstance(self.views, str):  # "PA,AP" or "any"
+            object.__setattr__(self, "views", parse_views(self.views))
         if not self.lr > 0:
             raise MeddxError(f"--lr must be above 0, got {self.lr}")
         if not 0 < self.val_fraction < 1:

@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow.dataset as pads
 
 from meddx import MeddxError, metrics, sources, storage
+from meddx.names import QC_OK
 from meddx.storage import StorageSettings
 
 
@@ -155,6 +156,10 @@ def evaluate_predictions(
         model_name=meta.get("meddx.model_name"),
         model_sha256=meta.get("meddx.model_sha256"),
     )
+    if labels:
+        figures = ood_figures(table, sources.read_manifest(labels, settings))
+        if figures:
+            result["ood"] = figures
     if by:
         result["by"] = {by: subgroups(rows, y_true, scores, threshold, by, labels, settings)}
     if plots:
@@ -173,6 +178,67 @@ def evaluate_predictions(
                     settings,
                 )
     return result
+
+
+# The manifest column that says which inputs are chest films like the training data (1)
+# and which are not (0), and an optional column naming what each input is.
+IN_DISTRIBUTION = "in_distribution"
+CATEGORY = "category"
+
+
+def ood_figures(table, manifest) -> dict | None:
+    """How well quality control tells chest films from the rest, when the manifest says
+    which is which: the AUROC of ood_score, and per group the share of rows flagged
+    (qc not ok) or refused (an error row: also never a silent negative)."""
+    if IN_DISTRIBUTION not in manifest.column_names or "qc" not in table.column_names:
+        return None
+    columns = manifest.column_names
+    truth = dict(
+        zip(manifest["uri"].to_pylist(), manifest[IN_DISTRIBUTION].to_pylist(), strict=True)
+    )
+    category = (
+        dict(zip(manifest["uri"].to_pylist(), manifest[CATEGORY].to_pylist(), strict=True))
+        if CATEGORY in columns
+        else {}
+    )
+    groups: dict[str, dict] = {}
+    y, ood_scores = [], []
+    for r in table.select(["image_uri", "status", "qc", "ood_score"]).to_pylist():
+        value = truth.get(r["image_uri"])
+        if value in (None, ""):
+            continue
+        inside = bool(int(float(value)))
+        name = str(category.get(r["image_uri"]) or ("chest" if inside else "not chest"))
+        g = groups.setdefault(name, {"in_distribution": inside, "n": 0, "flagged": 0, "errors": 0})
+        g["n"] += 1
+        if r["status"] != "ok":
+            g["errors"] += 1
+            continue
+        g["flagged"] += r["qc"] != QC_OK
+        if r["ood_score"] is not None:
+            y.append(0 if inside else 1)
+            ood_scores.append(r["ood_score"])
+    if not groups:
+        return None
+    for g in groups.values():
+        g["caught_rate"] = (g["flagged"] + g["errors"]) / g["n"]
+
+    def rate(inside: bool) -> float:
+        chosen = [g for g in groups.values() if g["in_distribution"] == inside]
+        n = sum(g["n"] for g in chosen)
+        return sum(g["flagged"] + g["errors"] for g in chosen) / n if n else math.nan
+
+    auroc = math.nan
+    if len(set(y)) == 2:
+        from sklearn.metrics import roc_auc_score
+
+        auroc = float(roc_auc_score(y, ood_scores))
+    return {
+        "auroc": auroc,
+        "in_distribution_flag_rate": rate(True),
+        "out_of_distribution_caught_rate": rate(False),
+        "by_category": groups,
+    }
 
 
 def subgroups(rows, y_true, scores, threshold, column, labels, settings) -> dict:

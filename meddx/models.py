@@ -31,6 +31,7 @@ from meddx import MeddxError, __version__, one_line, storage
 from meddx.names import (
     ABNORMAL,
     DEFAULT_MODALITIES,
+    DEFAULT_VIEWS,
     IMAGENET_MEAN,
     IMAGENET_STD,
     MODEL_NAMES,
@@ -141,6 +142,7 @@ class Checkpoint:
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
     modalities: tuple[str, ...] = DEFAULT_MODALITIES  # DICOM Modality values; (): any
+    views: tuple[str, ...] = DEFAULT_VIEWS  # DICOM ViewPosition values trained on; (): any
     precision: str | None = None  # a pinned precision (a model that fails under bf16)
     metrics: dict = field(default_factory=dict)
     train_config: dict = field(default_factory=dict)
@@ -199,6 +201,8 @@ class Checkpoint:
                 std=tuple(float(v) for v in d.get("std", IMAGENET_STD)),
                 # Written before modalities were recorded: the radiography default.
                 modalities=tuple(str(m) for m in d.get("modalities", DEFAULT_MODALITIES)),
+                # Written before views were recorded: frontal films, as every model was.
+                views=tuple(str(v) for v in d.get("views", DEFAULT_VIEWS)),
                 precision=d.get("precision") if d.get("precision") in PRECISIONS else None,
                 metrics=dict(d.get("metrics", {})),
                 train_config=dict(d.get("train_config", {})),
@@ -221,6 +225,7 @@ class Checkpoint:
             "std": list(self.std),
             "threshold": self.threshold,
             "modalities": list(self.modalities),
+            "views": list(self.views),
             "train_config": dict(self.train_config),
             "metrics": dict(self.metrics),
             "state_dict": self.state_dict,
@@ -246,6 +251,7 @@ def make_checkpoint(
     threshold: float = 0.5,
     thresholds: list[float] | None = None,
     modalities: list[str] | tuple[str, ...] = DEFAULT_MODALITIES,
+    views: list[str] | tuple[str, ...] = DEFAULT_VIEWS,
     train_config: dict | None = None,
     metrics: dict | None = None,
 ) -> Checkpoint:
@@ -266,6 +272,7 @@ def make_checkpoint(
         temperatures=(1.0,) * len(cuts),
         input_size=int(input_size),
         modalities=tuple(modalities),
+        views=tuple(views),
         train_config=dict(train_config or {}),
         metrics={k: float(v) for k, v in (metrics or {}).items()},
         state_dict={k: v.detach().cpu() for k, v in state.items()},
@@ -345,6 +352,26 @@ def model_from_checkpoint(ckpt: Checkpoint) -> nn.Module:
     model = build_model(ckpt.model_name, len(ckpt.class_names))
     model.load_state_dict(ckpt.state_dict)
     return model.eval()
+
+
+class WithFeatures(nn.Module):
+    """A model that returns its logits and the penultimate features its classifier read,
+    from one forward pass: the out-of-distribution score (ood.py) needs the features."""
+
+    def __init__(self, model: nn.Module, head: str):
+        super().__init__()
+        self.head = model.get_submodule(head)
+        model.set_submodule(head, nn.Identity())
+        self.body = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = torch.flatten(self.body(x), 1)
+        return self.head(features), features
+
+
+def features_model(ckpt: Checkpoint) -> WithFeatures:
+    """The checkpoint's model, returning (logits, penultimate features)."""
+    return WithFeatures(model_from_checkpoint(ckpt), HEADS[ckpt.model_name]).eval()
 
 
 def read_state_dict(uri: str, settings: StorageSettings) -> tuple[dict, str]:

@@ -66,6 +66,18 @@ DEFAULT_MAX_PIXELS = 60_000_000
 DEFAULT_MAX_OBJECT_BYTES = 512 * 2**20
 # Radiography: a chest-X-ray model must not score CT slices or MR images.
 DEFAULT_MODALITIES = ("CR", "DX")
+# Frontal chest views: a model trained on them must not read a lateral as a negative.
+DEFAULT_VIEWS = ("PA", "AP")
+
+# ---- input quality control (the ``qc`` column) -------------------------------------------
+
+QC_OK = "ok"
+QC_OOD = "out_of_distribution"  # the model's features are far from its training data
+QC_LOW_QUALITY = "low_quality"  # blank, saturated or without contrast
+QC_WRONG_VIEW = "wrong_view"  # a DICOM view the model was not trained on (a lateral)
+QC_VALUES = (QC_OK, QC_OOD, QC_LOW_QUALITY, QC_WRONG_VIEW)
+# The worklist's section for rows whose qc is not ok: never a silent negative.
+HUMAN_READ = "needs a human read"
 
 # ---- the output row ------------------------------------------------------------------------
 
@@ -94,6 +106,11 @@ OUTPUT_SCHEMA = pa.schema(
         ("study_pseudonym", pa.string()),
         ("series_pseudonym", pa.string()),
         ("instance_pseudonym", pa.string()),
+        # Input quality control (null on error rows): ok, out_of_distribution,
+        # low_quality or wrong_view; and the distance of the model's features from its
+        # training data (higher is further; null without a fitted density).
+        ("qc", pa.string()),
+        ("ood_score", pa.float32()),
         ("run_id", pa.string()),
         ("scored_at", pa.timestamp("us", tz="UTC")),
     ]
@@ -110,6 +127,16 @@ def parse_modalities(text: str) -> tuple[str, ...]:
     names = tuple(m.strip().upper() for m in text.split(",") if m.strip())
     if not names:
         raise MeddxError("--modalities needs DICOM Modality values such as CR,DX, or 'any'")
+    return names
+
+
+def parse_views(text: str) -> tuple[str, ...]:
+    """``PA,AP`` -> ("PA", "AP"); ``any`` -> () (every view)."""
+    if text.strip().lower() == "any":
+        return ()
+    names = tuple(v.strip().upper() for v in text.split(",") if v.strip())
+    if not names:
+        raise MeddxError("--views needs DICOM ViewPosition values such as PA,AP, or 'any'")
     return names
 
 

@@ -118,9 +118,10 @@ def export(
     import openvino as ov
     import torch
 
-    from meddx.models import model_from_checkpoint
+    from meddx.models import features_model
 
-    model = model_from_checkpoint(ckpt)
+    # Logits first, then the penultimate features the out-of-distribution score needs.
+    model = features_model(ckpt)
     size = ckpt.input_size
     with torch.no_grad():
         ov_model = ov.convert_model(

@@ -14,11 +14,11 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from meddx import MeddxError, models
+from meddx import MeddxError, models, ood
 from meddx import runtime as runtime_mod
 from meddx.decode import INFO_DEFAULTS
 from meddx.models import Checkpoint
-from meddx.names import LABEL_SEPARATOR, NO_FINDING, OUTPUT_SCHEMA
+from meddx.names import LABEL_SEPARATOR, NO_FINDING, OUTPUT_SCHEMA, QC_OK, QC_OOD
 from meddx.storage import StorageSettings
 from meddx.transforms import to_model_input
 
@@ -38,12 +38,13 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
 
 
 def inference_model(ckpt: Checkpoint, device: torch.device, fold: bool = True) -> torch.nn.Module:
-    """The checkpoint's model ready to score: eval mode, with ``fold`` each BatchNorm
-    that follows a convolution folded into it (the same fp32 outputs to float rounding,
-    one pass over the activations less), channels_last, on ``device``."""
+    """The checkpoint's model ready to score, returning (logits, penultimate features):
+    eval mode, with ``fold`` each BatchNorm that follows a convolution folded into it
+    (the same fp32 outputs to float rounding, one pass over the activations less),
+    channels_last, on ``device``."""
     from torch.fx.experimental.optimization import fuse
 
-    model = models.model_from_checkpoint(ckpt).eval()
+    model = models.features_model(ckpt)
     try:
         model = fuse(model) if fold else model
     except Exception:  # torch.fx cannot trace every model: such a one runs unfolded
@@ -69,7 +70,8 @@ def artefact(ckpt: Checkpoint) -> dict | None:
 
 
 class CompiledModel:
-    """The artefact compiled for this node's CPU: float NCHW in, logits out."""
+    """The artefact compiled for this node's CPU: float NCHW in, logits out (and the
+    penultimate features, from artefacts exported with them: ``features``)."""
 
     def __init__(self, ckpt: Checkpoint, threads: int | None = None):
         import openvino as ov
@@ -88,9 +90,17 @@ class CompiledModel:
             config["INFERENCE_NUM_THREADS"] = int(threads)
         self.compiled = core.compile_model(model, "CPU", config)
         self.output = self.compiled.output(0)
+        outputs = self.compiled.outputs
+        self.features_output = outputs[1] if len(outputs) > 1 else None
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        return self.compiled(np.ascontiguousarray(x, dtype=np.float32))[self.output]
+        return self.infer(x)[0]
+
+    def infer(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Logits and features (None from an artefact without them) of one batch."""
+        out = self.compiled(np.ascontiguousarray(x, dtype=np.float32))
+        features = out[self.features_output] if self.features_output is not None else None
+        return out[self.output], features
 
 
 def _as_array(value) -> np.ndarray:
@@ -158,23 +168,41 @@ class Predictor:
         self.run_id = run_id
         self.mean = torch.tensor(ckpt.mean, device=self.device)
         self.std = torch.tensor(ckpt.std, device=self.device)
+        # The out-of-distribution density (ood.py), scored from the same forward pass.
+        density = ood.density_of(ckpt)
+        self.density = density.to(self.device) if density is not None else None
+
+    def predict_probs(self, images: np.ndarray) -> np.ndarray:
+        return self.infer(images)[0]
 
     @torch.inference_mode()
-    def predict_probs(self, images: np.ndarray) -> np.ndarray:
+    def infer(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Probabilities and penultimate features (None from an OpenVINO artefact made
+        without them) of a batch of uint8 images, from one forward pass."""
         x = torch.from_numpy(images)
         if self.device.type == "cuda":  # page-locked, so the copy overlaps with compute
             x = x.pin_memory().to(self.device, non_blocking=True)
         x = to_model_input(x, self.mean, self.std)
         if self.compiled is not None:
-            logits = torch.from_numpy(self.compiled(x.contiguous().numpy()))
+            logits, features = self.compiled.infer(x.contiguous().numpy())
+            logits = torch.from_numpy(logits)
+            features = torch.from_numpy(features) if features is not None else None
         else:
-            logits = self.forward(x)
+            logits, features = self.forward(x)
         logits = logits.float() / self.temperature
         if self.ckpt.multi_label:
-            return torch.sigmoid(logits).cpu().numpy()
-        return torch.softmax(logits, dim=1).cpu().numpy()
+            probs = torch.sigmoid(logits)
+        else:
+            probs = torch.softmax(logits, dim=1)
+        return probs.cpu().numpy(), None if features is None else features.float().cpu().numpy()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    @torch.inference_mode()
+    def ood_scores(self, features: np.ndarray | None) -> np.ndarray | None:
+        if self.density is None or features is None:
+            return None
+        return self.density.score(torch.from_numpy(features).to(self.device)).cpu().numpy()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.autocast(
             self.device.type,
             dtype=self.autocast_dtype or torch.float32,
@@ -184,16 +212,22 @@ class Predictor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         ok = batch["status"] == "ok"
-        probs = [None] * len(ok)
-        scores = [None] * len(ok)
-        labels = [None] * len(ok)
+        n = len(ok)
+        probs, scores, labels, ood_scores = [None] * n, [None] * n, [None] * n, [None] * n
+        # The checks before the model (decode.qc_of) stand; a film that passed them is
+        # out of distribution when its features are far from the training data.
+        qc = [q or None for q in batch["qc"].tolist()]
         if ok.any():
-            p = self.predict_probs(batch["image"][ok])
-            for i, row in zip(np.flatnonzero(ok), p, strict=True):
+            p, features = self.infer(batch["image"][ok])
+            distances = self.ood_scores(features)
+            for j, (i, row) in enumerate(zip(np.flatnonzero(ok), p, strict=True)):
                 probs[i] = row.tolist()
                 scores[i] = self.score_for(row)
                 labels[i] = self.label_for(row)
-        n = len(ok)
+                if distances is not None:
+                    ood_scores[i] = float(distances[j])
+                    if qc[i] == QC_OK and distances[j] > self.density.threshold:
+                        qc[i] = QC_OOD
         columns = {
             "image_uri": batch["image_uri"].tolist(),
             "status": batch["status"].tolist(),
@@ -207,6 +241,8 @@ class Predictor:
             "content_sha256": [h or None for h in batch["content_sha256"].tolist()],
             # "" and 0 mean unknown between stages; null in the output.
             **{name: [v or None for v in batch[name].tolist()] for name in INFO_DEFAULTS},
+            "qc": qc,
+            "ood_score": ood_scores,
             "run_id": [self.run_id] * n,
             "scored_at": [dt.datetime.now(dt.UTC)] * n,
         }

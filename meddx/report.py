@@ -22,6 +22,7 @@ import pyarrow as pa  # noqa: E402
 
 from meddx import __version__  # noqa: E402
 from meddx.dicom import pseudonymous_id  # noqa: E402
+from meddx.names import HUMAN_READ  # noqa: E402
 
 HISTORY_RUNS = 7
 TOP_WORKLIST = 20
@@ -105,6 +106,8 @@ def render(summary, rows: pa.Table, triage: pa.Table, history: dict, heatmaps=()
         ("errors", summary.errors),
         ("error rate", f"{summary.error_rate:.1%}"),
         ("positives (worklist)", summary.positives),
+        ("needs a human read (qc not ok)", summary.qc_flagged),
+        ("quality-control rate", f"{summary.qc_rate:.1%}"),
         ("seconds", summary.seconds),
         ("images/s", summary.images_per_s),
     ]
@@ -116,14 +119,31 @@ def render(summary, rows: pa.Table, triage: pa.Table, history: dict, heatmaps=()
         )
         or "<tr><td colspan=2>none</td></tr>"
     )
+
+    def section(name: str) -> list[dict]:
+        return [r for r in triage.to_pylist() if r["section"] == name][:TOP_WORKLIST]
+
     work = (
         "".join(
             f"<tr><td>{r['rank']}</td><td><code>{esc(pseudonymous_id(r))}</code></td>"
             f"<td>{r['score']:.3f}</td><td>{esc(r['label'] or '')}</td>"
             f"<td>{esc(r['modality'] or '')}</td></tr>"
-            for r in triage.slice(0, TOP_WORKLIST).to_pylist()
+            for r in section("positive")
         )
         or "<tr><td colspan=5>no positives above the threshold</td></tr>"
+    )
+    human = (
+        "".join(
+            f"<tr><td>{r['rank']}</td><td><code>{esc(pseudonymous_id(r))}</code></td>"
+            f"<td>{esc(r['qc'])}</td><td>{r['score']:.3f}</td>"
+            f"<td>{'' if r['ood_score'] is None else format(r['ood_score'], '.2f')}</td>"
+            f"<td>{esc(r['view_position'] or '')}</td></tr>"
+            for r in section(HUMAN_READ)
+        )
+        or "<tr><td colspan=6>none: every scored image passed quality control</td></tr>"
+    )
+    qc_reasons = "".join(
+        f"<tr><td>{esc(r)}</td><td>{n}</td></tr>" for r, n in summary.qc_by_reason.items()
     )
     alarms = "".join(f"<li>{esc(a)}</li>" for a in summary.alarms)
     version_rows = "".join(
@@ -158,6 +178,14 @@ figure {{ margin: 1em 0; }} img {{ max-width: 100%; }}
 orders the reading: every study stays in the results.</p>
 <table><tr><th>rank</th><th>study</th><th>score</th><th>label</th><th>modality</th></tr>
 {work}</table>
+<h2>Needs a human read ({summary.qc_flagged})</h2>
+<p>Images the model should not judge alone: out of its training distribution, of low
+quality, or a view it was not trained on. They are never silent negatives, whatever
+their score; read them first-hand.</p>
+{f"<table><tr><th>reason</th><th>rows</th></tr>{qc_reasons}</table>" if qc_reasons else ""}
+<table><tr><th>rank</th><th>study</th><th>qc</th><th>score</th><th>ood score</th>
+<th>view</th></tr>
+{human}</table>
 <h2>Plots</h2>
 {images}
 <h2>Versions</h2>

@@ -27,6 +27,7 @@ from meddx import (
     commit,
     lease,
     models,
+    ood,
     optimize,
     progress,
     runtime,
@@ -36,7 +37,7 @@ from meddx import (
 from meddx.config import ScoreConfig
 from meddx.decode import DecodeSettings
 from meddx.models import Checkpoint
-from meddx.names import CPU_BATCH, GPU_BATCH, OUTPUT_SCHEMA
+from meddx.names import CPU_BATCH, GPU_BATCH, OUTPUT_SCHEMA, QC_VALUES
 from meddx.predict import Predictor, checkpoint_precision
 
 PSEUDONYM_KEY_ENV = "MEDDX_PSEUDONYM_KEY"
@@ -80,6 +81,7 @@ def resolve_runtime(cfg: ScoreConfig, ckpt: Checkpoint) -> str:
 def file_metadata(ckpt: Checkpoint, sha: str, run_id: str, cfg: ScoreConfig) -> dict[str, str]:
     """Provenance in every Parquet file's key-value metadata (no credentials, no PHI)."""
     model_runtime = resolve_runtime(cfg, ckpt)
+    density = ood.density_of(ckpt)
     return {
         "meddx.version": __version__,
         "meddx.run_id": run_id,
@@ -97,6 +99,12 @@ def file_metadata(ckpt: Checkpoint, sha: str, run_id: str, cfg: ScoreConfig) -> 
             model_runtime, ckpt, checkpoint_precision(cfg.precision, ckpt)
         ),
         "meddx.runtime": model_runtime,
+        # Quality control: the qc column's values, the views accepted, and the
+        # ood_score above which a row is out_of_distribution ("" without a density).
+        "meddx.qc_values": json.dumps(list(QC_VALUES)),
+        "meddx.views": json.dumps(list(ckpt.views if cfg.views is None else cfg.views)),
+        "meddx.ood_threshold": repr(density.threshold) if density else "",
+        "meddx.ood_method": "mahalanobis" if density else "",
     }
 
 
@@ -117,10 +125,12 @@ def build_dataset(
     """list -> read + [drop already-scored bytes] + decode -> predict, as a Ray Dataset
     (reading and decoding are one task: the bytes never leave it)."""
     modalities = ckpt.modalities if cfg.modalities is None else cfg.modalities
+    views = ckpt.views if cfg.views is None else cfg.views
     decode_settings = DecodeSettings(
         size=ckpt.input_size,
         max_pixels=cfg.max_pixels,
         modalities=modalities or None,
+        views=views or None,
         pseudonym_key=pseudonym_key(),
     )
     pool, threads, resources = runtime.predictor_pool(cfg.actors, len(uris))

@@ -13,10 +13,12 @@
 4. Commit: write ``_COMMIT`` (the file list), move the files into ``OUT/dt=RUN_DATE/``,
    remove the staging folder. Readers of ``OUT/dt=*/`` never see uncommitted rows.
    (``commit.py`` holds this protocol; ``meddx score`` commits the same way.)
-5. Triage and report under ``OUT/_runs/dt=RUN_DATE/``: worklist (CSV and Parquet),
-   ``summary.json`` and a self-contained ``report.html``.
-6. Alarms: error rate over ``--max-error-rate`` or score drift (population stability
-   index against the recent runs) over ``--max-psi`` -> one line and a non-zero exit.
+5. Triage and report under ``OUT/_runs/dt=RUN_DATE/``: worklist (CSV and Parquet) with
+   its "positive" section and a "needs a human read" section for every row whose ``qc``
+   is not ok, ``summary.json`` and a self-contained ``report.html``.
+6. Alarms: error rate over ``--max-error-rate``, quality-control rate over
+   ``--max-qc-rate`` or score drift (population stability index against the recent
+   runs) over ``--max-psi`` -> one line and a non-zero exit.
 
 Re-running a date scores nothing that is already there: exactly one row per input.
 """
@@ -52,7 +54,7 @@ from meddx import (
 )
 from meddx.config import ScreenConfig
 from meddx.models import Checkpoint
-from meddx.names import OUTPUT_SCHEMA
+from meddx.names import HUMAN_READ, OUTPUT_SCHEMA, QC_OK
 from meddx.scoring import build_dataset, file_metadata
 from meddx.storage import StorageSettings
 
@@ -81,6 +83,13 @@ class NightSummary:
     versions: dict[str, str]
     drift: drift.Drift | None = None
     alarms: list[str] = dataclasses.field(default_factory=list)
+    # Rows whose qc is not ok (the worklist's "needs a human read"), by qc value.
+    qc_flagged: int = 0
+    qc_by_reason: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    @property
+    def qc_rate(self) -> float:
+        return self.qc_flagged / self.ok if self.ok else 0.0
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, default=str) + "\n"
@@ -211,6 +220,9 @@ def summarise(cfg, rows, listing, todo, ckpt: Checkpoint, sha, run_id, seconds, 
         if s == "error"
     )
     ok = status.count("ok")
+    flagged = Counter(
+        q for q, st in zip(rows["qc"].to_pylist(), status, strict=True) if st == "ok" and q != QC_OK
+    )
     return NightSummary(
         run_id=run_id,
         run_date=cfg.run_date,
@@ -222,7 +234,7 @@ def summarise(cfg, rows, listing, todo, ckpt: Checkpoint, sha, run_id, seconds, 
         errors=len(status) - ok,
         error_rate=(len(status) - ok) / len(status) if status else 0.0,
         errors_by_reason=dict(errors.most_common()),
-        positives=int((ok_scores(rows) >= ckpt.threshold).sum()),
+        positives=positives(rows, ckpt.threshold).num_rows,
         threshold=ckpt.threshold,
         model_name=ckpt.model_name,
         model_sha256=sha,
@@ -230,6 +242,8 @@ def summarise(cfg, rows, listing, todo, ckpt: Checkpoint, sha, run_id, seconds, 
         images_per_s=round(len(status) / seconds, 2) if seconds > 0 else 0.0,
         recovered=recovered,
         versions=report.versions(),
+        qc_flagged=sum(flagged.values()),
+        qc_by_reason=dict(flagged.most_common()),
     )
 
 
@@ -240,6 +254,12 @@ def check_alarms(cfg: ScreenConfig, summary: NightSummary, scored: drift.Drift |
             f"error rate {summary.error_rate:.1%} is over --max-error-rate "
             f"{cfg.max_error_rate:.1%} ({summary.errors} of {summary.rows} rows)"
         )
+    if summary.ok and summary.qc_rate > cfg.max_qc_rate:
+        reasons = ", ".join(f"{n} {q}" for q, n in summary.qc_by_reason.items())
+        alarms.append(
+            f"quality-control rate {summary.qc_rate:.1%} is over --max-qc-rate "
+            f"{cfg.max_qc_rate:.1%} ({reasons} of {summary.ok} scored rows)"
+        )
     if scored is not None and scored.psi > cfg.max_psi:
         alarms.append(
             f"score distribution drifted: PSI {scored.psi:.3f} over --max-psi {cfg.max_psi} "
@@ -248,25 +268,55 @@ def check_alarms(cfg: ScreenConfig, summary: NightSummary, scored: drift.Drift |
     return alarms
 
 
-def worklist(rows: pa.Table, threshold: float) -> pa.Table:
-    """Positives above the threshold, highest score first. Triage only orders the reading."""
-    positives = rows.filter(
-        pc.and_(pc.equal(rows["status"], "ok"), pc.greater_equal(rows["score"], threshold))
+def needs_qc(rows: pa.Table) -> pa.Expression:
+    return pc.and_(pc.equal(rows["status"], "ok"), pc.not_equal(rows["qc"], QC_OK))
+
+
+def positives(rows: pa.Table, threshold: float) -> pa.Table:
+    """Scored rows at or above the threshold that passed quality control."""
+    return rows.filter(
+        pc.and_(
+            pc.and_(pc.equal(rows["status"], "ok"), pc.equal(rows["qc"], QC_OK)),
+            pc.greater_equal(rows["score"], threshold),
+        )
     )
-    positives = positives.sort_by([("score", "descending"), ("image_uri", "ascending")])
-    cols = [
-        "image_uri",
-        "score",
-        "label",
-        "study_pseudonym",
-        "instance_pseudonym",
-        "modality",
-        "view_position",
-        "model_name",
-        "run_id",
-    ]
-    table = positives.select(cols)
-    return table.add_column(0, "rank", pa.array(range(1, table.num_rows + 1), pa.int32()))
+
+
+WORKLIST_COLUMNS = [
+    "image_uri",
+    "score",
+    "label",
+    "qc",
+    "ood_score",
+    "study_pseudonym",
+    "instance_pseudonym",
+    "modality",
+    "view_position",
+    "model_name",
+    "run_id",
+]
+
+
+def worklist(rows: pa.Table, threshold: float) -> pa.Table:
+    """Two sections, each ranked from 1. ``positive``: rows above the threshold that
+    passed quality control, highest score first. ``needs a human read``: every row whose
+    qc is not ok, whatever its score (the model's score of an image it should not judge
+    is no negative), grouped by reason, highest score first. Triage only orders the
+    reading."""
+    found = positives(rows, threshold).sort_by(
+        [("score", "descending"), ("image_uri", "ascending")]
+    )
+    flagged = rows.filter(needs_qc(rows)).sort_by(
+        [("qc", "ascending"), ("score", "descending"), ("image_uri", "ascending")]
+    )
+    sections = []
+    for name, table in (("positive", found), (HUMAN_READ, flagged)):
+        table = table.select(WORKLIST_COLUMNS)
+        table = table.add_column(0, "rank", pa.array(range(1, table.num_rows + 1), pa.int32()))
+        sections.append(
+            table.add_column(0, "section", pa.array([name] * table.num_rows, pa.string()))
+        )
+    return pa.concat_tables(sections)
 
 
 # Grad-CAM overlays for the top of the worklist in the report: enough to see what the
@@ -278,7 +328,8 @@ def worklist_heatmaps(cfg, triage: pa.Table, ckpt: Checkpoint) -> list[tuple[dic
     from meddx.explain import heatmaps
 
     try:
-        rows = triage.slice(0, REPORT_HEATMAPS).to_pylist()
+        found = triage.filter(pc.equal(triage["section"], "positive"))
+        rows = found.slice(0, REPORT_HEATMAPS).to_pylist()
         return heatmaps(rows, ckpt, cfg.storage, cfg.max_object_bytes)
     except Exception as exc:  # a heatmap is a courtesy: never fail a night for it
         print(f"meddx: no heatmaps in the report: {type(exc).__name__}")

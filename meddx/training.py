@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import random
 import tempfile
 import time
 from collections import Counter
@@ -27,11 +28,11 @@ import torch
 from sklearn.model_selection import train_test_split
 from torch import nn
 
-from meddx import MeddxError, metrics, models, runtime, sources, storage
+from meddx import MeddxError, metrics, models, ood, runtime, sources, storage
 from meddx.config import TrainConfig
 from meddx.decode import DecodeSettings
 from meddx.models import Checkpoint
-from meddx.names import ABNORMAL, positive_class_of
+from meddx.names import ABNORMAL, DEFAULT_VIEWS, QC_WRONG_VIEW, positive_class_of
 from meddx.predict import precision_check, resolve_precision
 from meddx.sources import read_objects
 from meddx.transforms import TrainAugment, to_model_input
@@ -95,12 +96,17 @@ def labelled_dataset(items, class_names, cfg: TrainConfig) -> ray.data.Dataset:
         rows = [{"image_uri": u, "label": index[lbl]} for u, lbl in items]
     blocks = runtime.read_blocks(len(rows), sum(sources.is_shard(u) for u, _ in items))
     ds = ray.data.from_items(rows, override_num_blocks=blocks)
-    decode = DecodeSettings(size=cfg.image_size, modalities=cfg.modalities or None)
+    decode = DecodeSettings(
+        size=cfg.image_size, modalities=cfg.modalities or None, views=cfg.views or None
+    )
     ds = ds.map_batches(
         read_objects, fn_kwargs={"settings": cfg.storage, "decode": decode}, batch_size=None
     )
-    # Unreadable training images cannot teach anything; scoring is where every input counts.
-    return ds.filter(lambda row: row["status"] == "ok").select_columns(["image", "label"])
+    # Unreadable training images cannot teach anything, nor can views the model is not
+    # for; scoring is where every input counts.
+    return ds.filter(
+        lambda row: row["status"] == "ok" and row["qc"] != QC_WRONG_VIEW
+    ).select_columns(["image", "label"])
 
 
 # ---- per worker ----------------------------------------------------------------------
@@ -330,6 +336,7 @@ def train_loop_per_worker(config: dict) -> None:
                     threshold=figures["val_threshold"],
                     thresholds=thresholds if multi_label else None,
                     modalities=config["modalities"],
+                    views=config.get("views", DEFAULT_VIEWS),
                     input_size=config["image_size"],
                     train_config=config["resolved"],
                     metrics={k: v for k, v in report.items() if k != "val_auroc_rank"},
@@ -392,6 +399,29 @@ def validation_images(ckpt: Checkpoint, val: ray.data.Dataset) -> tuple[np.ndarr
     if not ckpt.multi_label:
         truth = (truth == ckpt.positive_index).astype(np.float32)
     return np.concatenate(images), truth
+
+
+def fit_ood(ckpt: Checkpoint, train_items, class_names, cfg: TrainConfig, val_images):
+    """The checkpoint with its out-of-distribution density (ood.py): fitted to the
+    training split's features (a sample of at most ood.MAX_FIT_IMAGES), its threshold
+    set on the validation split's."""
+    sample = list(train_items)
+    if len(sample) > ood.MAX_FIT_IMAGES:
+        sample = random.Random(cfg.seed).sample(sample, ood.MAX_FIT_IMAGES)
+    labels = []
+
+    def images():
+        for batch in labelled_dataset(sample, class_names, cfg).iter_batches(
+            batch_size=ood.FEATURE_BATCH * 4, batch_format="numpy"
+        ):
+            labels.append(batch["label"])
+            yield batch["image"]
+
+    features = ood.features_of(ckpt, images())
+    if not len(features):
+        return ckpt
+    groups = ood.groups_of(ckpt, np.concatenate(labels))
+    return ood.with_density(ckpt, features, groups, ood.features_of(ckpt, [val_images]))
 
 
 def pin_precision(ckpt: Checkpoint, images: np.ndarray, truth: np.ndarray) -> Checkpoint:
@@ -469,6 +499,7 @@ def train(cfg: TrainConfig) -> TrainSummary:
             "class_weights": class_weights,
             "resolved": resolved,
             "modalities": list(cfg.modalities or []),
+            "views": list(cfg.views or []),
             "init_weights": None if init is None else ray.put(init),
             "n_train": len(train_items),
             "progress_seconds": cfg.progress_seconds,
@@ -501,6 +532,7 @@ def train(cfg: TrainConfig) -> TrainSummary:
     with best.as_directory() as folder:
         ckpt = read_epoch_checkpoint(folder)
     images, truth = validation_images(ckpt, labelled_dataset(val_items, class_names, cfg))
+    ckpt = fit_ood(ckpt, train_items, class_names, cfg, images)
     ckpt = pin_precision(ckpt, images, truth)
     optimized = ""
     if cfg.optimize:

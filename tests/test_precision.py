@@ -79,7 +79,9 @@ def test_folded_inference_model_gives_the_same_scores(name):
     assert norms(folded) < norms(plain) and (norms(folded) == 0 or name == "densenet121")
     x = torch.randn(4, 3, 64, 64, generator=gen)
     with torch.inference_mode():
-        torch.testing.assert_close(folded(x).softmax(1), plain(x).softmax(1), atol=1e-5, rtol=0)
+        logits, features = folded(x)
+        torch.testing.assert_close(logits.softmax(1), plain(x).softmax(1), atol=1e-5, rtol=0)
+    assert features.shape[0] == 4  # the penultimate features come from the same pass
 
 
 @pytest.mark.slow

@@ -18,6 +18,7 @@ def batch(n_ok=3, n_err=2, size=64):
         "image": rng.integers(0, 255, (n_ok + n_err, size, size), dtype=np.uint8),
         "status": np.array(status, dtype=object),
         "error": np.array([""] * n_ok + ["empty object (0 bytes)"] * n_err, dtype=object),
+        "qc": np.array(["ok"] * n_ok + [""] * n_err, dtype=object),
         "content_sha256": np.array(["ab" * 32] * (n_ok + n_err), dtype=object),
         **{
             name: np.array([default] * (n_ok + n_err), dtype=object if default == "" else np.int64)
@@ -35,9 +36,11 @@ def test_rows_in_output_schema(random_checkpoint):
     for r in rows[:3]:
         assert r["error"] is None and len(r["probs"]) == 2 and r["label"] in ("normal", "opacity")
         assert r["score"] == pytest.approx(r["probs"][1])
+        assert r["qc"] == "ok" and r["ood_score"] is None  # no density in this checkpoint
     for r in rows[3:]:
         assert r["error"] == "empty object (0 bytes)"
         assert r["score"] is None and r["probs"] is None and r["label"] is None
+        assert r["qc"] is None and r["ood_score"] is None
     assert {r["model_sha256"] for r in rows} == {sha} and {r["run_id"] for r in rows} == {"run-1"}
 
 

@@ -240,8 +240,10 @@ def test_alarms_exit_non_zero_with_one_line(
     # Drift: a night of very different images against the night before.
     for p in fs.find(f"{root}/incoming"):
         fs.rm(p)
-    dark = [np.full((64, 64), v, np.uint8) for v in range(10, 50)]
-    bright = [np.full((64, 64), v, np.uint8) for v in range(200, 240)]
+    # Films with some contrast (blank ones would be qc=low_quality, another alarm).
+    texture = np.outer(np.linspace(0, 1, 64), np.linspace(0, 1, 64)) * 60
+    dark = [(v + texture).astype(np.uint8) for v in range(10, 50)]
+    bright = [(v - 60 + texture).astype(np.uint8) for v in range(200, 240)]
 
     def put(name, pixels):
         buf = io.BytesIO()

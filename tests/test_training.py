@@ -53,6 +53,13 @@ def test_train_one_epoch_two_workers_from_s3(ray_session, bucket, settings, tmp_
         assert key in ckpt.metrics, key
     assert 0.0 <= ckpt.metrics["val_auroc"] <= 1.0
     assert 0.0 <= ckpt.threshold <= 1.0 and ckpt.threshold == ckpt.metrics["val_threshold"]
+    # The out-of-distribution density: fitted to the 32 training films' features, its
+    # threshold the 99th percentile of the 8 validation films' scores.
+    density = ckpt.extra["ood"]
+    assert (density["fit_images"], density["threshold_images"]) == (32, 8)
+    assert density["threshold_source"] == "validation" and density["percentile"] == 99.0
+    assert tuple(density["means"].shape) == (2, 256) and 0 < density["threshold"] < 1e6
+    assert ckpt.views == ("PA", "AP")  # the frontal views, recorded for scoring
     # The file holds seednet's weights for two classes, as one epoch of training left them,
     # and the model scoring builds from it holds exactly those.
     saved = torch.load(
