@@ -238,3 +238,10 @@ def test_train_from_init_weights_then_optimize_on_the_validation_split(
     check = optimize.artefact(ckpt)["check"]
     assert optimize.usable(ckpt) and check["images"] == summary.n_val // 2
     assert check["quantized_ops"] > 0 and check["max_score_diff"] <= optimize.MAX_SCORE_DIFF
+    # The int8 artefact also gives the penultimate features: its ood_score follows torch's.
+    films, _ = synthetic_films(16, seed=9, size=SIZE)
+    ov = Predictor(ckpt, StorageSettings(), "fp32", "ov", runtime="openvino")
+    pt = Predictor(ckpt, StorageSettings(), "fp32", "pt", runtime="torch")
+    ov_ood, pt_ood = (p.ood_scores(p.infer(films)[1]) for p in (ov, pt))
+    assert ov_ood is not None and np.corrcoef(ov_ood, pt_ood)[0, 1] > 0.9
+    assert np.abs(ov_ood - pt_ood).max() < 0.25 * ckpt.extra["ood"]["threshold"]
