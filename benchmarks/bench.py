@@ -187,12 +187,12 @@ def ood_cost(ckpt, device: torch.device, seconds: float) -> dict:
     the same uint8 images: what ood_score costs in throughput."""
     from meddx import ood
     from meddx.decode import INFO_DEFAULTS
-    from meddx.predict import Predictor
+    from meddx.predict import Predictor, features_of
 
     batch_size = GPU_BATCH if device.type == "cuda" else CPU_BATCH
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (batch_size, MODEL_SIZE, MODEL_SIZE), dtype=np.uint8)
-    features = ood.features_of(ckpt, [images])
+    features = features_of(ckpt, [images])
     groups = np.arange(len(features)) % 2
     with_density = ood.with_density(ckpt, features, groups, features)
     batch = {

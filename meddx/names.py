@@ -120,24 +120,24 @@ OUTPUT_SCHEMA = pa.schema(
 # ---- parsing the names users type ----------------------------------------------------------
 
 
-def parse_modalities(text: str) -> tuple[str, ...]:
-    """``CR,DX`` -> ("CR", "DX"); ``any`` -> () (every modality)."""
+def _dicom_values(text: str, option: str, attribute: str, example: str) -> tuple[str, ...]:
+    """``A,B`` -> ("A", "B") upper-cased; ``any`` -> () (every value)."""
     if text.strip().lower() == "any":
         return ()
-    names = tuple(m.strip().upper() for m in text.split(",") if m.strip())
-    if not names:
-        raise MeddxError("--modalities needs DICOM Modality values such as CR,DX, or 'any'")
-    return names
+    values = tuple(v.strip().upper() for v in text.split(",") if v.strip())
+    if not values:
+        raise MeddxError(f"{option} needs DICOM {attribute} values such as {example}, or 'any'")
+    return values
+
+
+def parse_modalities(text: str) -> tuple[str, ...]:
+    """``CR,DX`` -> ("CR", "DX"); ``any`` -> () (every modality)."""
+    return _dicom_values(text, "--modalities", "Modality", "CR,DX")
 
 
 def parse_views(text: str) -> tuple[str, ...]:
     """``PA,AP`` -> ("PA", "AP"); ``any`` -> () (every view)."""
-    if text.strip().lower() == "any":
-        return ()
-    names = tuple(v.strip().upper() for v in text.split(",") if v.strip())
-    if not names:
-        raise MeddxError("--views needs DICOM ViewPosition values such as PA,AP, or 'any'")
-    return names
+    return _dicom_values(text, "--views", "ViewPosition", "PA,AP")
 
 
 def parse_film_size(text: str) -> tuple[int, int | None]:

@@ -35,8 +35,6 @@ DEFAULT_PERCENTILE = 99.0
 # A 1,024-feature covariance is well estimated from ten times as many films; more only
 # lengthens the end of training.
 MAX_FIT_IMAGES = 10_000
-# Images per forward pass while features are gathered on the driver.
-FEATURE_BATCH = 64
 
 
 @dataclass(frozen=True)
@@ -151,17 +149,3 @@ def with_threshold(ckpt: Checkpoint, scores: np.ndarray, percentile: float, sour
         "threshold_source": source,
     }
     return ckpt.replace(extra={**ckpt.extra, KEY: entry}), threshold
-
-
-def features_of(ckpt: Checkpoint, batches) -> np.ndarray:
-    """Penultimate features (fp32, torch) of the uint8 image batches ``batches``."""
-    from meddx.predict import Predictor
-    from meddx.storage import StorageSettings
-
-    predictor = Predictor(ckpt, StorageSettings(), "fp32", "ood-fit", runtime="torch")
-    out = [
-        predictor.infer(images[i : i + FEATURE_BATCH])[1]
-        for images in batches
-        for i in range(0, len(images), FEATURE_BATCH)
-    ]
-    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)

@@ -268,6 +268,22 @@ class Predictor:
         return names[int(np.argmax(probs))]
 
 
+# Images per forward pass while features are gathered on the driver (ood.py's fit).
+FEATURE_BATCH = 64
+
+
+def features_of(ckpt: Checkpoint, batches) -> np.ndarray:
+    """Penultimate features (fp32, torch) of the uint8 image batches ``batches``: what
+    the out-of-distribution density (ood.py) is fitted to."""
+    predictor = Predictor(ckpt, StorageSettings(), "fp32", "ood-fit", runtime="torch")
+    out = [
+        predictor.infer(images[i : i + FEATURE_BATCH])[1]
+        for images in batches
+        for i in range(0, len(images), FEATURE_BATCH)
+    ]
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
 # A lower precision is accepted when no score moves more than this and AUROC not more
 # than that, on labelled validation images.
 MAX_SCORE_DIFF = 0.01

@@ -33,7 +33,7 @@ from meddx.config import TrainConfig
 from meddx.decode import DecodeSettings
 from meddx.models import Checkpoint
 from meddx.names import ABNORMAL, DEFAULT_VIEWS, QC_WRONG_VIEW, positive_class_of
-from meddx.predict import precision_check, resolve_precision
+from meddx.predict import FEATURE_BATCH, features_of, precision_check, resolve_precision
 from meddx.sources import read_objects
 from meddx.transforms import TrainAugment, to_model_input
 
@@ -412,16 +412,16 @@ def fit_ood(ckpt: Checkpoint, train_items, class_names, cfg: TrainConfig, val_im
 
     def images():
         for batch in labelled_dataset(sample, class_names, cfg).iter_batches(
-            batch_size=ood.FEATURE_BATCH * 4, batch_format="numpy"
+            batch_size=FEATURE_BATCH * 4, batch_format="numpy"
         ):
             labels.append(batch["label"])
             yield batch["image"]
 
-    features = ood.features_of(ckpt, images())
+    features = features_of(ckpt, images())
     if not len(features):
         return ckpt
     groups = ood.groups_of(ckpt, np.concatenate(labels))
-    return ood.with_density(ckpt, features, groups, ood.features_of(ckpt, [val_images]))
+    return ood.with_density(ckpt, features, groups, features_of(ckpt, [val_images]))
 
 
 def pin_precision(ckpt: Checkpoint, images: np.ndarray, truth: np.ndarray) -> Checkpoint:

@@ -20,6 +20,7 @@ from meddx.config import ScoreConfig, ScreenConfig
 from meddx.decode import DecodeSettings, decode_image, qc_of, quality_check
 from meddx.evaluation import evaluate_predictions
 from meddx.names import QC_LOW_QUALITY, QC_OK, QC_OOD, QC_VALUES, QC_WRONG_VIEW
+from meddx.predict import features_of
 from meddx.qcset import write_quality_set
 from meddx.scoring import score
 from meddx.screening import screen
@@ -72,8 +73,8 @@ def fitted(tmp_path_factory):
         )
 
     train, truth = films(11, 192)
-    features = ood.features_of(plain, [train])
-    validation = ood.features_of(plain, [films(12, 64)[0]])
+    features = features_of(plain, [train])
+    validation = features_of(plain, [films(12, 64)[0]])
     ckpt = ood.with_density(plain, features, ood.groups_of(plain, truth), validation)
     folder = tmp_path_factory.mktemp("qc-models")
     paths = {"density": str(folder / "density.pt"), "plain": str(folder / "plain.pt")}
