@@ -274,6 +274,7 @@ TRAIN_OPTIONS = [
         metavar="SECONDS",
         help="A progress line within each epoch this often (one per epoch always).",
     ),
+    click.option("--quiet", is_flag=True, help="No progress lines, within or after each epoch."),
     click.option(
         "--init-weights",
         default=None,

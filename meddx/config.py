@@ -150,6 +150,7 @@ class TrainConfig:
     # Also make the int8 OpenVINO model (meddx optimize), gated on the validation split.
     optimize: bool = False
     progress_seconds: float = 30.0  # rank 0's line within an epoch this often
+    quiet: bool = False  # no progress lines (within and after each epoch)
     storage: StorageSettings = field(default_factory=StorageSettings)
 
     def __post_init__(self):

@@ -142,7 +142,7 @@ def epoch_progress(epoch: int, config: dict, world: int):
     def seen(count: int) -> None:
         nonlocal last
         now = time.perf_counter()
-        if now - last >= config["progress_seconds"]:
+        if not config.get("quiet") and now - last >= config["progress_seconds"]:
             last = now
             done = count * world
             print(
@@ -319,15 +319,18 @@ def train_loop_per_worker(config: dict) -> None:
                     f" auroc_{name}={figures[f'val_auroc_{name}']:.3f}"
                     for name in (class_names if multi_label else [])
                 )
-                print(
-                    f"[meddx train] epoch {epoch + 1}/{config['epochs']} "
-                    f"train_loss={train_loss:.4f} val_loss={val_loss:.4f} "
-                    f"acc={figures['val_accuracy']:.3f} prec={figures['val_precision']:.3f} "
-                    f"rec={figures['val_recall']:.3f} f1={figures['val_f1']:.3f} "
-                    f"auroc={auroc:.3f}{per_finding} threshold={figures['val_threshold']:.3f} "
-                    f"train_images_per_s={images_per_s:.1f} ({time.perf_counter() - start:.1f}s)",
-                    flush=True,
-                )
+                if not config.get("quiet"):
+                    print(
+                        f"[meddx train] epoch {epoch + 1}/{config['epochs']} "
+                        f"train_loss={train_loss:.4f} val_loss={val_loss:.4f} "
+                        f"acc={figures['val_accuracy']:.3f} prec={figures['val_precision']:.3f} "
+                        f"rec={figures['val_recall']:.3f} f1={figures['val_f1']:.3f} "
+                        f"auroc={auroc:.3f}{per_finding} "
+                        f"threshold={figures['val_threshold']:.3f} "
+                        f"train_images_per_s={images_per_s:.1f} "
+                        f"({time.perf_counter() - start:.1f}s)",
+                        flush=True,
+                    )
                 ckpt = models.make_checkpoint(
                     net,
                     model_name=config["model"],
@@ -503,6 +506,7 @@ def train(cfg: TrainConfig) -> TrainSummary:
             "init_weights": None if init is None else ray.put(init),
             "n_train": len(train_items),
             "progress_seconds": cfg.progress_seconds,
+            "quiet": cfg.quiet,
         },
         torch_config=ray.train.torch.TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(

@@ -259,3 +259,24 @@ def test_train_command_on_its_own_ray_prints_no_state_api_noise(tmp_path):
     assert "State API may be temporarily unavailable" not in output
     ckpt, _ = models.read_checkpoint(str(tmp_path / "m.pt"), StorageSettings())
     assert ckpt.model_name == "seednet"
+
+
+@pytest.mark.slow
+def test_train_quiet_prints_no_progress(ray_session, tmp_path):
+    write_archive(SynthConfig(out=str(tmp_path / "data"), n=40, size=64, seed=3))
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    env.pop("MEDDX_QUIET_WORKERS", None)  # the workers' lines would reach the driver
+    result = subprocess.run(
+        [MEDDX, "train", str(tmp_path / "data")]
+        + ["--out", str(tmp_path / "m.pt"), "--model", "seednet", "--workers", "2"]
+        + ["--epochs", "2", "--image-size", "64", "--storage-path", str(tmp_path / "runs")]
+        + ["--batch-size", "4", "--progress-seconds", "0.01", "--quiet"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "[meddx train]" not in output, output[-3000:]
+    assert "trained seednet on 32 images (validation 8)" in result.stdout  # the summary stays
