@@ -198,7 +198,7 @@ def test_train_from_init_weights_then_optimize_on_the_validation_split(
     trained, ray_session, tmp_path
 ):
     """Fine-tuning starts from the file's weights (its classifier replaced), and
-    --optimize leaves an int8 model gated on the validation split inside."""
+    --optimize leaves an OpenVINO model gated on the validation split inside."""
     pytest.importorskip("openvino")
     write_archive(SynthConfig(out=str(tmp_path / "data"), n=120, size=SIZE, seed=4))
     # "Pretrained" weights with another head, as ImageNet's 1,000 outputs would be.
@@ -233,12 +233,32 @@ def test_train_from_init_weights_then_optimize_on_the_validation_split(
     assert (state["features.0.0.weight"] - start).abs().max() < 0.01
     assert not torch.equal(state["features.0.0.weight"], start)  # and trained
     assert ckpt.metrics["val_auroc"] > 0.9  # the features it started from already work
-    # --optimize: the int8 model passed its gate on the validation split's held-out half.
-    assert summary.optimized.startswith("optimized: openvino int8: max_score_diff="), summary
-    check = optimize.artefact(ckpt)["check"]
+    # --optimize gates the OpenVINO model on the validation split's held-out half and the
+    # summary line says what became of it. Which way it goes on a model this small
+    # depends on its training (DDP's order of batches varies, and one validation film
+    # near the threshold can move by 0.1 under int8): int8 held; accuracy control
+    # returned every layer to fp32; or the held-out half refused it and the checkpoint
+    # has no artefact. `meddx optimize`'s tests cover int8 holding on a fixed model.
+    entry = optimize.artefact(ckpt)
+    if entry is None:
+        refused = re.fullmatch(
+            r"not optimized: openvino int8 fails the accuracy check, no artefact written: "
+            r"max score diff (\S+) \(limit 0\.02\), AUROC (\S+) -> (\S+) \(limit 0\.003\) "
+            r"on 12 images",
+            summary.optimized,
+        )
+        assert refused, summary.optimized
+        diff, before, after = (float(v) for v in refused.groups())
+        assert diff > optimize.MAX_SCORE_DIFF or abs(before - after) > optimize.MAX_AUROC_DIFF
+        assert not optimize.usable(ckpt)
+        return
+    check = entry["check"]
     assert optimize.usable(ckpt) and check["images"] == summary.n_val // 2
-    assert check["quantized_ops"] > 0 and check["max_score_diff"] <= optimize.MAX_SCORE_DIFF
-    # The int8 artefact also gives the penultimate features: its ood_score follows torch's.
+    assert check["max_score_diff"] <= optimize.MAX_SCORE_DIFF
+    assert (entry["precision"] == "int8") == (check["quantized_ops"] > 0), entry["precision"]
+    result = optimize.OptimizeResult(entry["runtime"], entry["precision"], check, None)
+    assert summary.optimized == f"optimized: {optimize.describe(result)}"
+    # The artefact also gives the penultimate features: its ood_score follows torch's.
     films, _ = synthetic_films(16, seed=9, size=SIZE)
     ov = Predictor(ckpt, StorageSettings(), "fp32", "ov", runtime="openvino")
     pt = Predictor(ckpt, StorageSettings(), "fp32", "pt", runtime="torch")
