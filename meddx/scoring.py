@@ -25,6 +25,7 @@ from meddx import (
     MeddxError,
     __version__,
     commit,
+    dicomweb,
     lease,
     models,
     ood,
@@ -121,9 +122,11 @@ def build_dataset(
     run_id: str,
     known: dict[str, list[str]] | None = None,
     sha: str | None = None,
+    located: dict[str, str] | None = None,
 ) -> ray.data.Dataset:
     """list -> read + [drop already-scored bytes] + decode -> predict, as a Ray Dataset
-    (reading and decoding are one task: the bytes never leave it)."""
+    (reading and decoding are one task: the bytes never leave it). ``located``: each
+    DICOMweb input's locator, which the read task fetches it by."""
     modalities = ckpt.modalities if cfg.modalities is None else cfg.modalities
     views = ckpt.views if cfg.views is None else cfg.views
     decode_settings = DecodeSettings(
@@ -141,7 +144,12 @@ def build_dataset(
     # cores 53% and 91% busy, 16.7 images/s with an int8 model; without it 93% and 92%,
     # 25.1 images/s). Backpressure on the object store still bounds what is in flight.
     ray.data.DataContext.get_current().op_resource_reservation_enabled = False
-    ds = ray.data.from_items([{"image_uri": u} for u in uris], override_num_blocks=blocks)
+    rows = (
+        [{"image_uri": u, "locator": located[u]} for u in uris]
+        if located
+        else [{"image_uri": u} for u in uris]
+    )
+    ds = ray.data.from_items(rows, override_num_blocks=blocks)
     ds = ds.map_batches(
         sources.read_objects,
         fn_kwargs={
@@ -195,7 +203,9 @@ def score(cfg: ScoreConfig) -> ScoreSummary:
 def _score(cfg: ScoreConfig, run_id: str, held: lease.Lease, start: float) -> ScoreSummary:
     resumed = commit.last_uncommitted(cfg.out, cfg.storage, cfg.run_date) if cfg.resume else None
     recovered = commit.recover(cfg.out, cfg.storage, keep=resumed)
-    uris = sources.list_inputs(cfg.input, cfg.storage)
+    uris, located = sources.list_located(cfg.input, cfg.storage, pseudonym_key())
+    if not uris:
+        raise MeddxError(f"no instances match the query on {dicomweb.endpoint(cfg.input).host}")
     # Fail fast, in the driver, before Ray starts; the actors then insist on the very
     # same file.
     ckpt, sha = models.read_checkpoint(cfg.model, cfg.storage, cfg.model_sha256)
@@ -207,7 +217,7 @@ def _score(cfg: ScoreConfig, run_id: str, held: lease.Lease, start: float) -> Sc
     startup = time.perf_counter() - start
     if todo:
         runtime.init_ray()
-        ds = build_dataset(cfg, todo, ckpt, run_id, sha=sha)
+        ds = build_dataset(cfg, todo, ckpt, run_id, sha=sha, located=located)
         startup = time.perf_counter() - start
         schema = OUTPUT_SCHEMA.with_metadata(file_metadata(ckpt, sha, run_id, cfg))
         with progress.shown(

@@ -33,7 +33,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from meddx import MeddxError, one_line, storage
+from meddx import MeddxError, dicomweb, one_line, storage
 from meddx.decode import DecodeSettings, decode_images
 from meddx.names import DEFAULT_MAX_OBJECT_BYTES, MANIFEST_NAME
 from meddx.storage import StorageSettings
@@ -87,6 +87,22 @@ def list_inputs(input_uri: str, settings: StorageSettings) -> list[str]:
     if not uris:
         raise MeddxError(f"no inputs under {input_uri}")
     return uris
+
+
+def list_located(
+    input_uri: str,
+    settings: StorageSettings,
+    key: bytes | None = None,
+    since_days: int | None = None,
+) -> tuple[list[str], dict[str, str] | None]:
+    """The inputs, and for a DICOMweb source each one's locator (dicomweb.py: what its
+    retrieval needs, never written out); None for storage. ``since_days`` narrows a
+    DICOMweb query to the studies of the last days; an empty answer is not an error
+    there (a quiet night), the caller decides."""
+    if dicomweb.is_source(input_uri):
+        located = dicomweb.list_instances(input_uri, settings, key, since_days)
+        return list(located), located
+    return list_inputs(input_uri, settings), None
 
 
 def read_manifest(uri: str, settings: StorageSettings) -> pa.Table:
@@ -332,7 +348,11 @@ def read_objects(
 def _read_chunks(
     batch: dict[str, np.ndarray], settings: StorageSettings, max_bytes: int
 ) -> Iterator[dict[str, np.ndarray]]:
-    extra = [k for k in batch if k != "image_uri"]
+    # A DICOMweb input's locator (its UIDs) is used to fetch it and goes no further.
+    extra = [k for k in batch if k not in ("image_uri", "locator")]
+    locators = (
+        dict(zip(batch["image_uri"], batch["locator"], strict=True)) if "locator" in batch else {}
+    )
     rows: list[tuple] = []
 
     def flush():
@@ -361,7 +381,9 @@ def _read_chunks(
                     yield flush()
     objects = [(uri, carried) for uri, carried in inputs if not is_shard(uri)]
     for (uri, carried), (data, error) in zip(
-        objects, fetch_all([uri for uri, _ in objects], settings, max_bytes), strict=True
+        objects,
+        fetch_all([uri for uri, _ in objects], settings, max_bytes, locators),
+        strict=True,
     ):
         rows.append((uri, data, error, *carried))
         if full():
@@ -371,19 +393,32 @@ def _read_chunks(
 
 
 def fetch_all(
-    uris: list[str], settings: StorageSettings, max_bytes: int
+    uris: list[str],
+    settings: StorageSettings,
+    max_bytes: int,
+    locators: dict[str, str] | None = None,
 ) -> Iterator[tuple[bytes, str]]:
     """read_object for each URI, in order, with READ_CONCURRENCY requests in flight: an
-    object store's latency, not its bandwidth, bounds one request at a time. Local
-    files are read one by one (no latency to hide)."""
-    if not any(storage.is_s3(uri) for uri in uris):
+    object store's or a PACS's latency, not its bandwidth, bounds one request at a time.
+    A DICOMweb instance is retrieved by its locator. Local files are read one by one
+    (no latency to hide)."""
+    locators = locators or {}
+
+    def fetch(uri: str) -> tuple[bytes, str]:
+        if dicomweb.is_instance(uri):
+            if uri not in locators:
+                return b"", "a DICOMweb instance is read only in the run that listed it"
+            return dicomweb.read(locators[uri], settings, max_bytes)
+        return read_object(uri, settings, max_bytes)
+
+    if not any(storage.is_s3(uri) or dicomweb.is_instance(uri) for uri in uris):
         yield from (read_object(uri, settings, max_bytes) for uri in uris)
         return
     read_bytes, read_count = 0, 0
     with ThreadPoolExecutor(READ_CONCURRENCY) as pool:
         pending: deque = deque()
         for uri in uris:
-            pending.append(pool.submit(read_object, uri, settings, max_bytes))
+            pending.append(pool.submit(fetch, uri))
             while pending and len(pending) >= reads_in_flight(read_bytes, read_count):
                 result = pending.popleft().result()
                 read_bytes, read_count = read_bytes + len(result[0]), read_count + 1

@@ -20,17 +20,23 @@ import pyarrow.fs as pafs
 from meddx import MeddxError
 
 ENDPOINT_ENV = "MEDDX_S3_ENDPOINT"
+CA_BUNDLE_ENV = "MEDDX_CA_BUNDLE"
 
 
 @dataclass(frozen=True)
 class StorageSettings:
-    """How to reach object storage. Only the endpoint: credentials stay in the AWS chain."""
+    """How to reach object storage and DICOMweb servers. Only the endpoint and the CA
+    bundle: credentials stay in the AWS chain and the environment (dicomweb.py)."""
 
     s3_endpoint: str | None = None
+    ca_bundle: str | None = None  # PEM file of the site's CA, for DICOMweb over TLS
 
     @classmethod
     def from_env(cls, s3_endpoint: str | None = None) -> StorageSettings:
-        return cls(s3_endpoint=s3_endpoint or os.environ.get(ENDPOINT_ENV) or None)
+        return cls(
+            s3_endpoint=s3_endpoint or os.environ.get(ENDPOINT_ENV) or None,
+            ca_bundle=os.environ.get(CA_BUNDLE_ENV) or None,
+        )
 
 
 def is_s3(uri: str) -> bool:
