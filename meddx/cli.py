@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import signal
 import sys
 import threading
@@ -433,8 +434,32 @@ SCORING_OPTIONS = [
         metavar="SECONDS",
         help="A run whose lease on OUT is silent this long has died: its lease is taken over.",
     ),
+    click.option(
+        "--results-to",
+        default=None,
+        metavar="DICOMWEB",
+        help="Also store a DICOM Structured Report of each scored study on this DICOMweb "
+        "server (dicomweb+http(s)://HOST/PATH, STOW-RS), in the study. Needs a DICOMweb "
+        "INPUT.",
+    ),
+    click.option(
+        "--ca-bundle",
+        envvar="MEDDX_CA_BUNDLE",
+        default=None,
+        type=click.Path(exists=True, dir_okay=False),
+        help="PEM file of the site's CA for DICOMweb over TLS; env MEDDX_CA_BUNDLE "
+        "[default: the system's CAs].",
+    ),
     storage_option,
 ]
+
+
+def _with_ca_bundle(opts: dict) -> dict:
+    """--ca-bundle joins the storage settings, which every Ray task receives."""
+    ca = opts.pop("ca_bundle", None)
+    if ca:
+        opts["storage"] = dataclasses.replace(opts["storage"], ca_bundle=os.path.abspath(ca))
+    return opts
 
 
 @cli.command()
@@ -457,7 +482,7 @@ def score(input, **opts):
     partition when the run has written them all, replacing its earlier rows. One run
     writes to OUT at a time: another exits 4 in one line (see --wait-for-lock).
     """
-    cfg = build(ScoreConfig, input=input, **given(opts))
+    cfg = build(ScoreConfig, input=input, **given(_with_ca_bundle(opts)))
     from meddx.scoring import score as run
 
     s = run(cfg)
@@ -471,6 +496,10 @@ def score(input, **opts):
         f"startup_seconds={s.startup_seconds:.1f} pipeline_seconds={s.pipeline_seconds:.1f}"
     )
     click.echo(f"wrote {s.output} (run_id {s.run_id})")
+    if s.results:
+        click.echo(s.results)
+    if s.results_failed:
+        raise MeddxError(f"{s.results_failed} studies' reports were not stored (see above)")
 
 
 @cli.command()
@@ -503,6 +532,16 @@ def score(input, **opts):
     show_default=True,
     help="Alarm (exit 3) when scores drift further from the recent runs (PSI).",
 )
+@click.option(
+    "--since",
+    "since_days",
+    type=click.IntRange(0),
+    default=default(ScreenConfig, "since_days"),
+    show_default=True,
+    metavar="DAYS",
+    help="A DICOMweb SOURCE is asked only for studies of the last DAYS days (StudyDate), "
+    "unless its query sets StudyDate.",
+)
 def screen(source, **opts):
     """Nightly screening: score only what is new in SOURCE since the last run.
 
@@ -511,7 +550,7 @@ def screen(source, **opts):
     report.html to OUT/_runs/dt=RUN_DATE/. Exits 3 with one line on an alarm, and 4
     when another run holds OUT (see --wait-for-lock).
     """
-    cfg = build(ScreenConfig, input=source, **given(opts))
+    cfg = build(ScreenConfig, input=source, **given(_with_ca_bundle(opts)))
     from meddx.screening import screen as run
 
     s = run(cfg)

@@ -17,6 +17,7 @@ from meddx.names import (
     DEFAULT_MODALITIES,
     DEFAULT_MODEL,
     DEFAULT_VIEWS,
+    DICOMWEB_SCHEMES,
     MODEL_NAMES,
     PRECISIONS,
     RUNTIMES,
@@ -62,6 +63,8 @@ class ScoreConfig:
     progress_seconds: float = 30.0  # a progress line this often when not on a terminal
     resume: bool = False  # continue the last uncommitted run of this OUT and run date
     quiet: bool = False  # no progress at all
+    # A DICOMweb server to STOW-RS each scored study's Structured Report to (results.py).
+    results_to: str | None = None
     storage: StorageSettings = StorageSettings()
 
     def __post_init__(self):
@@ -75,6 +78,15 @@ class ScoreConfig:
             object.__setattr__(self, "modalities", parse_modalities(self.modalities))
         if isinstance(self.views, str):  # "PA,AP" or "any"
             object.__setattr__(self, "views", parse_views(self.views))
+        if self.results_to is not None:
+            if not self.results_to.lower().startswith(DICOMWEB_SCHEMES):
+                raise MeddxError(
+                    f"--results-to must be dicomweb+http(s)://HOST/PATH, got {self.results_to!r}"
+                )
+            if not self.input.lower().startswith(DICOMWEB_SCHEMES):
+                raise MeddxError(
+                    "--results-to needs a DICOMweb INPUT: the reports go into the studies it listed"
+                )
         for name in ("batch_size", "actors", "max_pixels", "max_object_bytes"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -106,6 +118,8 @@ class ScreenConfig(ScoreConfig):
     max_qc_rate: float = 0.10
     max_psi: float = 0.25
     drift_window: int = 7  # how many earlier run dates form the reference distribution
+    # A DICOMweb source is asked only for studies of the last this many days (StudyDate).
+    since_days: int = 2
 
     def __post_init__(self):
         super().__post_init__()
@@ -115,6 +129,8 @@ class ScreenConfig(ScoreConfig):
             raise MeddxError(f"--max-qc-rate must lie in [0, 1], got {self.max_qc_rate}")
         if self.max_psi < 0:
             raise MeddxError(f"--max-psi must be at least 0, got {self.max_psi}")
+        if self.since_days < 0:
+            raise MeddxError(f"--since must be at least 0 days, got {self.since_days}")
         if self.drift_window < 1:
             raise MeddxError(f"the drift window must be at least 1 night, got {self.drift_window}")
 
@@ -169,6 +185,15 @@ class TrainConfig:
             object.__setattr__(self, "modalities", parse_modalities(self.modalities))
         if isinstance(self.views, str):  # "PA,AP" or "any"
             object.__setattr__(self, "views", parse_views(self.views))
+        if self.results_to is not None:
+            if not self.results_to.lower().startswith(DICOMWEB_SCHEMES):
+                raise MeddxError(
+                    f"--results-to must be dicomweb+http(s)://HOST/PATH, got {self.results_to!r}"
+                )
+            if not self.input.lower().startswith(DICOMWEB_SCHEMES):
+                raise MeddxError(
+                    "--results-to needs a DICOMweb INPUT: the reports go into the studies it listed"
+                )
         if not self.lr > 0:
             raise MeddxError(f"--lr must be above 0, got {self.lr}")
         if not 0 < self.val_fraction < 1:

@@ -36,9 +36,10 @@ from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from meddx import MeddxError, one_line
 from meddx.dicom import pseudonym
+from meddx.names import DICOMWEB_SCHEMES
 from meddx.storage import StorageSettings, TooLarge
 
-SCHEMES = ("dicomweb+http://", "dicomweb+https://")
+SCHEMES = DICOMWEB_SCHEMES
 URI_SCHEME = "dicomweb://"  # of image_uri: dicomweb://HOST/instances/PSEUDONYM
 USER_ENV, PASSWORD_ENV, TOKEN_ENV = (
     "MEDDX_DICOMWEB_USER",

@@ -31,6 +31,7 @@ from meddx import (
     ood,
     optimize,
     progress,
+    results,
     runtime,
     sources,
     storage,
@@ -58,6 +59,8 @@ class ScoreSummary:
     recovered: tuple[str, ...] = ()  # what was left of earlier runs, and what became of it
     resumed_rows: int = 0  # --resume: rows the killed run had staged, kept
     scored_now: int = 0  # inputs this run read and scored
+    results: str = ""  # --results-to: what reached the PACS, in one line
+    results_failed: int = 0  # studies whose report could not be stored
 
     @property
     def pipeline_seconds(self) -> float:
@@ -232,6 +235,9 @@ def _score(cfg: ScoreConfig, run_id: str, held: lease.Lease, start: float) -> Sc
     # Re-scoring a run date replaces that partition, in the same commit.
     commit.commit(cfg.out, cfg.storage, run_id, cfg.run_date, replace=True)
     ok = pc.sum(pc.equal(table["status"], "ok")).as_py() or 0
+    sent = None
+    if cfg.results_to and located:
+        sent = results.send_run(cfg, run_id, located, ckpt, sha)
     return ScoreSummary(
         inputs=len(uris),
         ok=ok,
@@ -244,6 +250,8 @@ def _score(cfg: ScoreConfig, run_id: str, held: lease.Lease, start: float) -> Sc
         recovered=tuple(recovered),
         resumed_rows=kept,
         scored_now=len(todo),
+        results=results.describe(sent, cfg.results_to) if sent else "",
+        results_failed=len(sent.failed) if sent else 0,
     )
 
 
