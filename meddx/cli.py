@@ -561,6 +561,8 @@ def screen(source, **opts):
         f"rows={s.rows} ok={s.ok} errors={s.errors} positives={s.positives} "
         f"needs_human_read={s.qc_flagged} seconds={s.seconds}"
     )
+    if s.results:
+        click.echo(s.results)
     click.echo(f"report: {cfg.out.rstrip('/')}/_runs/dt={s.run_date}/report.html")
 
 

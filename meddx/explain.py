@@ -79,13 +79,15 @@ def heatmaps(
     ckpt: Checkpoint,
     settings: StorageSettings,
     max_bytes: int = DEFAULT_MAX_OBJECT_BYTES,
+    locators: dict[str, str] | None = None,
 ) -> list[tuple[dict, bytes]]:
     """(row, overlay PNG) for each row, in order. The images are read as scoring reads
-    them (the same limits; each tar shard streamed once for all its members)."""
+    them (the same limits; each tar shard streamed once for all its members; a DICOMweb
+    instance by its locator)."""
     model = models.model_from_checkpoint(ckpt)
     mean, std = torch.tensor(ckpt.mean), torch.tensor(ckpt.std)
     settings_decode = decode.DecodeSettings(size=ckpt.input_size, modalities=None)
-    blobs = sources.read_uris([row["image_uri"] for row in rows], settings, max_bytes)
+    blobs = sources.read_uris([row["image_uri"] for row in rows], settings, max_bytes, locators)
     out = []
     for rank, (row, (data, error)) in enumerate(zip(rows, blobs, strict=True), start=1):
         if error:

@@ -205,4 +205,3 @@ def describe(sent: Sent, target: str) -> str:
     if sent.failed:
         line += f"; {len(sent.failed)} not stored, first: {sent.failed[0]}"
     return line
-

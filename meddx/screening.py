@@ -48,6 +48,7 @@ from meddx import (
     models,
     progress,
     report,
+    results,
     runtime,
     sources,
     storage,
@@ -55,8 +56,7 @@ from meddx import (
 from meddx.config import ScreenConfig
 from meddx.models import Checkpoint
 from meddx.names import HUMAN_READ, OUTPUT_SCHEMA, QC_OK
-from meddx.scoring import build_dataset, file_metadata
-from meddx.storage import StorageSettings
+from meddx.scoring import build_dataset, file_metadata, pseudonym_key
 
 
 @dataclass(frozen=True)
@@ -86,6 +86,10 @@ class NightSummary:
     # Rows whose qc is not ok (the worklist's "needs a human read"), by qc value.
     qc_flagged: int = 0
     qc_by_reason: dict[str, int] = dataclasses.field(default_factory=dict)
+    # --results-to: Structured Reports stored on the PACS, and those that were not.
+    reports_stored: int = 0
+    reports_failed: int = 0
+    results: str = ""
 
     @property
     def qc_rate(self) -> float:
@@ -134,13 +138,17 @@ def select_new(cfg: ScreenConfig, listing: list[tuple[str, float | None]], sha: 
     return todo, known_for_todo
 
 
-def listing_with_times(source: str, settings: StorageSettings) -> list[tuple[str, float | None]]:
-    """Inputs with their modification time (None from a manifest: nothing is listed)."""
-    uris = sources.list_inputs(source, settings)
-    if sources.is_manifest(source):
-        return [(u, None) for u in uris]
-    fs = storage.filesystem(source, settings)
-    return [(u, _mtime(fs.info(storage.strip_scheme(u)))) for u in uris]
+def listing_with_times(
+    cfg: ScreenConfig,
+) -> tuple[list[tuple[str, float | None]], dict[str, str] | None]:
+    """Inputs with their modification time (None from a manifest or a PACS: nothing is
+    listed with a time, and a DICOM instance never changes), and a DICOMweb source's
+    locators (sources.list_located)."""
+    uris, located = sources.list_located(cfg.input, cfg.storage, pseudonym_key(), cfg.since_days)
+    if located is not None or sources.is_manifest(cfg.input):
+        return [(u, None) for u in uris], located
+    fs = storage.filesystem(cfg.input, cfg.storage)
+    return [(u, _mtime(fs.info(storage.strip_scheme(u)))) for u in uris], None
 
 
 def _mtime(info: dict) -> float | None:
@@ -167,12 +175,12 @@ def screen(cfg: ScreenConfig) -> NightSummary:
 def _screen(cfg: ScreenConfig, run_id: str, held: lease.Lease, start: float) -> NightSummary:
     recovered = commit.recover(cfg.out, cfg.storage)
     ckpt, sha = models.read_checkpoint(cfg.model, cfg.storage, cfg.model_sha256)
-    listing = listing_with_times(cfg.input, cfg.storage)
+    listing, located = listing_with_times(cfg)
     todo, known = select_new(cfg, listing, sha)
     if todo:
         runtime.init_ray()
         schema = OUTPUT_SCHEMA.with_metadata(file_metadata(ckpt, sha, run_id, cfg))
-        ds = build_dataset(cfg, todo, ckpt, run_id, known=known, sha=sha)
+        ds = build_dataset(cfg, todo, ckpt, run_id, known=known, sha=sha, located=located)
         with progress.shown(
             cfg.out, cfg.storage, run_id, len(todo), "screened", cfg.progress_seconds, cfg.quiet
         ):
@@ -200,8 +208,16 @@ def _screen(cfg: ScreenConfig, run_id: str, held: lease.Lease, start: float) -> 
         cfg.out, cfg.storage, sha, cfg.run_date, cfg.drift_window, report.HISTORY_RUNS
     )
     scored = drift.measure(reference, ok_scores(rows))
+    if cfg.results_to and located and todo:
+        sent = results.send_run(cfg, run_id, located, ckpt, sha)
+        summary = dataclasses.replace(
+            summary,
+            reports_stored=sent.studies,
+            reports_failed=len(sent.failed),
+            results=results.describe(sent, cfg.results_to),
+        )
     summary = dataclasses.replace(summary, drift=scored, alarms=check_alarms(cfg, summary, scored))
-    write_artefacts(cfg, summary, rows, ckpt, history)
+    write_artefacts(cfg, summary, rows, ckpt, history, located)
     if summary.alarms:
         raise MeddxAlarm("; ".join(summary.alarms))
     return summary
@@ -259,6 +275,10 @@ def check_alarms(cfg: ScreenConfig, summary: NightSummary, scored: drift.Drift |
         alarms.append(
             f"quality-control rate {summary.qc_rate:.1%} is over --max-qc-rate "
             f"{cfg.max_qc_rate:.1%} ({reasons} of {summary.ok} scored rows)"
+        )
+    if summary.reports_failed:
+        alarms.append(
+            f"{summary.reports_failed} studies' reports were not stored: {summary.results}"
         )
     if scored is not None and scored.psi > cfg.max_psi:
         alarms.append(
@@ -324,19 +344,23 @@ def worklist(rows: pa.Table, threshold: float) -> pa.Table:
 REPORT_HEATMAPS = 3
 
 
-def worklist_heatmaps(cfg, triage: pa.Table, ckpt: Checkpoint) -> list[tuple[dict, bytes]]:
+def worklist_heatmaps(
+    cfg, triage: pa.Table, ckpt: Checkpoint, located: dict[str, str] | None = None
+) -> list[tuple[dict, bytes]]:
     from meddx.explain import heatmaps
 
     try:
         found = triage.filter(pc.equal(triage["section"], "positive"))
         rows = found.slice(0, REPORT_HEATMAPS).to_pylist()
-        return heatmaps(rows, ckpt, cfg.storage, cfg.max_object_bytes)
+        return heatmaps(rows, ckpt, cfg.storage, cfg.max_object_bytes, located)
     except Exception as exc:  # a heatmap is a courtesy: never fail a night for it
         print(f"meddx: no heatmaps in the report: {type(exc).__name__}")
         return []
 
 
-def write_artefacts(cfg, summary: NightSummary, rows, ckpt: Checkpoint, history) -> None:
+def write_artefacts(
+    cfg, summary: NightSummary, rows, ckpt: Checkpoint, history, located=None
+) -> None:
     folder = storage.join(cfg.out, commit.RUNS, f"dt={cfg.run_date}")
     triage = worklist(rows, summary.threshold)
     buf = pa.BufferOutputStream()
@@ -349,7 +373,8 @@ def write_artefacts(cfg, summary: NightSummary, rows, ckpt: Checkpoint, history)
     storage.write_bytes(
         storage.join(folder, "worklist.csv"), csv_buf.getvalue().to_pybytes(), cfg.storage
     )
-    html = report.render(summary, rows, triage, history, worklist_heatmaps(cfg, triage, ckpt))
+    overlays = worklist_heatmaps(cfg, triage, ckpt, located)
+    html = report.render(summary, rows, triage, history, overlays)
     storage.write_bytes(storage.join(folder, "report.html"), html.encode(), cfg.storage)
     storage.write_bytes(
         storage.join(folder, "summary.json"), summary.to_json().encode(), cfg.storage

@@ -437,7 +437,10 @@ def reads_in_flight(read_bytes: int, read_count: int) -> int:
 
 
 def read_uris(
-    uris: list[str], settings: StorageSettings, max_bytes: int = DEFAULT_MAX_OBJECT_BYTES
+    uris: list[str],
+    settings: StorageSettings,
+    max_bytes: int = DEFAULT_MAX_OBJECT_BYTES,
+    locators: dict[str, str] | None = None,
 ) -> list[tuple[bytes, str]]:
     """(bytes, error) behind each image_uri, in order, a tar member (SHARD#MEMBER)
     included, with the read stage's limits: each shard is streamed once for all of its
@@ -457,7 +460,7 @@ def read_uris(
         for uri in members - found.keys():
             found[uri] = (b"", shard_error or f"no such member in tar shard {shard}")
     loose = list(dict.fromkeys(u for u in uris if u not in found))
-    found.update(zip(loose, fetch_all(loose, settings, max_bytes), strict=True))
+    found.update(zip(loose, fetch_all(loose, settings, max_bytes, locators), strict=True))
     return [found[uri] for uri in uris]
 
 
