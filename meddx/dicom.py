@@ -396,6 +396,14 @@ def reduced_j2k(codestream: bytes, target: int) -> np.ndarray | None:
     reduce = 0
     while reduce < header.levels and -(-header.short_side // 2 ** (reduce + 1)) >= target:
         reduce += 1
+    # Pillow sizes a reduced image by rounding, OpenJPEG by the ceiling: where they
+    # differ (a 2,500 px side at 16x: 156 against 157) Pillow's decode fails with
+    # "broken data stream". Drop one level fewer there.
+    while reduce and not all(
+        (side + (1 << reduce >> 1)) >> reduce == -(-side >> reduce)
+        for side in (header.width, header.height)
+    ):
+        reduce -= 1
     img = Image.open(io.BytesIO(codestream), formats=["JPEG2000"])
     img.reduce = reduce
     img.load()
