@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # torch/torchvision come from pip exactly as pinned in pyproject.toml.
 PIP_INSTALL := $(BIN)/pip install --disable-pip-version-check
 
-.PHONY: install demo test test-fast lint nightly bench bench-qc bench-png512 bench-scale bench-scale-dicom bench-inputs bench-decode bench-runtimes train-ddp score submit-score submit-train clean
+.PHONY: install pacs-deps demo test test-fast lint nightly bench bench-qc bench-png512 bench-scale bench-scale-dicom bench-inputs bench-decode bench-runtimes train-ddp score submit-score submit-train clean
 
 install: $(STAMP)
 
@@ -15,10 +15,18 @@ $(STAMP): pyproject.toml
 	$(PIP_INSTALL) -e '.[test,demo,openvino]'
 	touch $(STAMP)
 
+# Orthanc with its DICOMweb plugin, from Debian's packages: the PACS the tests run
+# against (tests/pacs.py starts its own, on free ports; the service is not started).
+pacs-deps:
+	test -x /usr/sbin/Orthanc -a -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so || { \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    orthanc orthanc-dicomweb >/dev/null; }
+
 demo: install
 	$(BIN)/meddx demo
 
 test: install
+	@$(MAKE) -s pacs-deps || echo "warning: orthanc could not be installed; the PACS tests will skip"
 	$(BIN)/python -m pytest -v --durations=15
 
 test-fast: install

@@ -1,0 +1,270 @@
+"""A PACS as source and target: DICOMweb against a real Orthanc (tests/pacs.py).
+
+Seeded with detector-size JPEG 2000 DICOMs (meddx synth) over STOW-RS: five studies, one
+of them with two series, three studies from today and two from 2020.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pyarrow.parquet as pq
+import pydicom
+import pytest
+from dicomweb_client.api import DICOMwebClient
+
+from meddx import dicomweb, models
+from meddx.config import SynthConfig
+from meddx.dicom import pseudonym
+from meddx.storage import StorageSettings
+from meddx.synth import write_archive
+
+from . import pacs as pacs_mod
+from .helpers import trained_seednet
+from .leaks import leaks, leaks_in_tree
+from .s3_faults import FaultRules, FaultyS3Proxy
+
+MEDDX = str(Path(sys.executable).with_name("meddx"))
+KEY = "site-key-for-pseudonyms"
+RECENT = 4  # instances in studies of today
+
+pytestmark = pytest.mark.skipif(
+    pacs_mod.missing() is not None, reason=f"NO PACS TESTS: {pacs_mod.missing()}"
+)
+
+
+@pytest.fixture(scope="module")
+def films(tmp_path_factory) -> list[Path]:
+    """Six detector-size films; film 1 joins film 0's study in a series of its own."""
+    folder = tmp_path_factory.mktemp("films")
+    write_archive(
+        SynthConfig(
+            out=str(folder / "synth"), n=6, size=2048, height=2500, format="dicom-j2k", seed=11
+        )
+    )
+    files = sorted((folder / "synth").rglob("*.dcm"), key=lambda p: p.name)
+    first = pydicom.dcmread(files[0])
+    today = dt.date.today().strftime("%Y%m%d")
+    out = []
+    for i, path in enumerate(files):
+        ds = pydicom.dcmread(path)
+        if i == 1:
+            ds.StudyInstanceUID, ds.PatientID = first.StudyInstanceUID, first.PatientID
+        ds.StudyDate = ds.SeriesDate = today if i < RECENT else "20200101"
+        target = folder / f"film-{i}.dcm"
+        ds.save_as(target, enforce_file_format=True)
+        out.append(target)
+    return out
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("model") / "seednet.pt"
+    models.save_checkpoint(trained_seednet(64), str(path), StorageSettings())
+    return str(path)
+
+
+@pytest.fixture
+def pacs(tmp_path, films):
+    with pacs_mod.orthanc_server(tmp_path / "orthanc") as server:
+        pacs_mod.store(server, films)
+        yield server
+
+
+def env(password: str = pacs_mod.PASSWORD) -> dict[str, str]:
+    return {
+        **os.environ,
+        "MEDDX_PSEUDONYM_KEY": KEY,
+        "MEDDX_DICOMWEB_USER": pacs_mod.USER,
+        "MEDDX_DICOMWEB_PASSWORD": password,
+        "MEDDX_QUIET_WORKERS": "1",
+    }
+
+
+def meddx(*args, password: str = pacs_mod.PASSWORD):
+    return subprocess.run(
+        [MEDDX, *args], capture_output=True, text=True, env=env(password), timeout=600
+    )
+
+
+def rows_of(out: Path):
+    return pq.read_table(out / f"dt={dt.date.today().isoformat()}").to_pylist()
+
+
+def sr_instances(pacs) -> list[dict]:
+    found = pacs.session().get(f"{pacs.dicomweb}/instances", params={"Modality": "SR"}).json()
+    return found
+
+
+def needles(films) -> dict[str, bytes]:
+    """What must never reach OUT or a log: UIDs, patient identifiers, the password."""
+    found = {"password": pacs_mod.PASSWORD.encode(), "pseudonym key": KEY.encode()}
+    for path in films:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "PatientID"):
+            found[f"{keyword} of {path.name}"] = str(ds.data_element(keyword).value).encode()
+    found["PatientName"] = b"Synthetic^Film"
+    return found
+
+
+def test_scoring_a_pacs_gives_a_row_per_instance_and_a_report_in_each_study(
+    pacs, films, checkpoint, tmp_path
+):
+    out = tmp_path / "out"
+    args = ("score", pacs.source, "--model", checkpoint, "--out", str(out), "--quiet")
+    run = meddx(*args, "--results-to", pacs.source)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "inputs=6 ok=6 errors=0 rows_written=6" in run.stdout
+    assert "results: 5 reports on 6 instances stored on 127.0.0.1:" in run.stdout
+    rows = {r["image_uri"]: r for r in rows_of(out)}
+    assert len(rows) == 6
+    host = pacs.http.removeprefix("http://")
+    by_sop = {}
+    for path in films:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        uri = f"dicomweb://{host}/instances/{pseudonym(ds.SOPInstanceUID, KEY.encode())}"
+        row = rows[uri]  # the keyed pseudonym, never the UID
+        # WADO-RS brought the stored bytes: JPEG 2000, not transcoded by the server.
+        assert row["content_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+        assert row["transfer_syntax"] == "1.2.840.10008.1.2.4.90" and row["status"] == "ok"
+        by_sop[ds.SOPInstanceUID] = row
+    # One SR per study, in its study, found by QIDO-RS; its content is the Parquet's.
+
+    studies = {pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID for p in films}
+    reports = sr_instances(pacs)
+    assert len(reports) == len(studies) == 5
+    session = pacs.session()
+    client = DICOMwebClient(pacs.dicomweb, session=pacs.session())
+    seen = set()
+    for study in studies:
+        series = session.get(
+            f"{pacs.dicomweb}/studies/{study}/series", params={"Modality": "SR"}
+        ).json()
+        assert len(series) == 1
+        assert series[0]["0008103E"]["Value"] == [dicomweb.RESULTS_SERIES]
+        series_uid = series[0]["0020000E"]["Value"][0]
+        (instance,) = client.search_for_instances(study, series_uid)
+        ds = client.retrieve_instance(study, series_uid, instance["00080018"]["Value"][0])
+        assert ds.StudyInstanceUID == study and ds.PatientName == "Synthetic^Film"
+        sr = hd.sr.ComprehensiveSR.from_dataset(ds)
+        for group in sr.content.get_image_measurement_groups():
+            (source,) = group.source_images
+            row = by_sop[source.referenced_sop_instance_uid]
+            seen.add(source.referenced_sop_instance_uid)
+            (measurement,) = group.get_measurements()
+            assert measurement.name.value == "opacity"
+            assert measurement.value == pytest.approx(row["score"], abs=1e-6)
+            (decision,) = group.get_qualitative_evaluations()
+            assert decision.value.meaning == ("Present" if row["label"] == "opacity" else "Absent")
+            # TID 4019 Algorithm Identification: DCM 111001 Name, 111003 Version.
+            names = {
+                item.ConceptNameCodeSequence[0].CodeValue: item.TextValue
+                for item in group[0].ContentSequence  # the group's container
+                if item.ValueType == "TEXT"
+            }
+            assert names.get("111001") == "seednet", names
+            assert names.get("111003") == f"sha256:{row['model_sha256']}", names
+    assert seen == set(by_sop)
+    # Again: the same reports, so no second copy in the PACS.
+    again = meddx(*args, "--results-to", pacs.source)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert len(sr_instances(pacs)) == 5
+    # No UID, patient identifier or credential in OUT or what the runs printed.
+    secret = needles(films)
+    assert leaks_in_tree(out, secret) == []
+    for r in (run, again):
+        assert leaks("stdout", r.stdout.encode(), secret) == []
+        assert leaks("stderr", r.stderr.encode(), secret) == []
+
+
+def test_screening_a_pacs_scores_the_recent_studies_once(pacs, films, checkpoint, tmp_path):
+    out = tmp_path / "night"
+    args = ("screen", pacs.source, "--model", checkpoint, "--out", str(out), "--quiet")
+    first = meddx(*args, "--since", "2", "--results-to", pacs.source)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert f"inputs_seen={RECENT} new={RECENT} rows={RECENT}" in first.stdout
+    assert "results: 3 reports on 4 instances" in first.stdout
+    second = meddx(*args, "--since", "2", "--results-to", pacs.source)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"inputs_seen={RECENT} new=0 rows=0" in second.stdout  # the SR series not listed
+    assert len(sr_instances(pacs)) == 3
+    assert len(rows_of(out)) == RECENT
+    secret = needles(films)
+    assert leaks_in_tree(out, secret) == []
+    assert leaks("stderr", (first.stderr + second.stderr).encode(), secret) == []
+
+
+def test_a_wrong_password_is_one_line(pacs, checkpoint, tmp_path):
+    run = meddx(
+        "score", pacs.source, "--model", checkpoint, "--out", str(tmp_path / "o"),
+        password="not-the-password",
+    )  # fmt: skip
+    assert run.returncode == 1
+    assert run.stderr.count("\n") == 1, run.stderr
+    assert "refused the credentials (HTTP 401)" in run.stderr
+    assert "not-the-password" not in run.stderr + run.stdout
+    assert not (tmp_path / "o" / f"dt={dt.date.today().isoformat()}").exists()
+
+
+def test_503s_and_cut_bodies_on_retrieval_still_give_a_row_per_instance(
+    pacs, films, checkpoint, tmp_path
+):
+    # Every instance's first retrieval answers 503, its second is cut half way.
+    rules = FaultRules(transient={"/instances/": ["503", "truncate"]})
+    with FaultyS3Proxy(pacs.http, rules) as proxy:
+        run = meddx(
+            "score", f"dicomweb+{proxy.url}/dicom-web", "--model", checkpoint,
+            "--out", str(tmp_path / "out"), "--quiet",
+        )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "inputs=6 ok=6 errors=0 rows_written=6" in run.stdout
+    assert proxy.injected["503"] == 6 and proxy.injected["truncate"] == 6
+
+
+def test_listing_pages_through_every_level(pacs, films, monkeypatch):
+    monkeypatch.setattr(dicomweb, "QIDO_PAGE", 2)
+    monkeypatch.setenv("MEDDX_DICOMWEB_USER", pacs_mod.USER)
+    monkeypatch.setenv("MEDDX_DICOMWEB_PASSWORD", pacs_mod.PASSWORD)
+    located = dicomweb.list_instances(pacs.source, StorageSettings(), KEY.encode())
+    assert len(located) == 6
+    assert all(
+        re.fullmatch(r"dicomweb://127\.0\.0\.1:\d+/instances/[0-9a-f]{32}", u) for u in located
+    )
+    recent = dicomweb.list_instances(pacs.source, StorageSettings(), KEY.encode(), since_days=2)
+    assert len(recent) == RECENT
+    # The query's own filters are the QIDO-RS study-level matching.
+    (one,) = dicomweb.list_instances(
+        f"{pacs.source}?PatientID={pydicom.dcmread(films[2]).PatientID}",
+        StorageSettings(),
+        KEY.encode(),
+    ).items()
+    assert one[0] in located
+
+
+def test_a_truncated_multipart_body_is_told_from_a_whole_one():
+    whole = b"--b1\r\nContent-Type: application/dicom\r\n\r\nDICM-bytes\r\n--b1--\r\n"
+    kind = 'multipart/related; type="application/dicom"; boundary=b1'
+    assert dicomweb.single_part(kind, whole) == b"DICM-bytes"
+    with pytest.raises(dicomweb.Truncated):
+        dicomweb.single_part(kind, whole[:-12])
+    assert np.all([dicomweb.transient(dicomweb.Truncated())])
+
+
+def test_credentials_in_the_url_or_results_without_a_pacs_are_refused(tmp_path):
+    from meddx import MeddxError
+
+    with pytest.raises(MeddxError, match="credentials do not belong in the URL"):
+        dicomweb.endpoint("dicomweb+http://user:pw@pacs:8042/dicom-web")
+    run = meddx(
+        "score", str(tmp_path), "--model", "m.pt", "--out", str(tmp_path / "o"),
+        "--results-to", "dicomweb+http://pacs/dicom-web",
+    )  # fmt: skip
+    assert run.returncode == 2 and "--results-to needs a DICOMweb INPUT" in run.stderr
