@@ -443,6 +443,13 @@ SCORING_OPTIONS = [
         "INPUT.",
     ),
     click.option(
+        "--results-heatmaps",
+        is_flag=True,
+        default=None,
+        help="With --results-to: also the Grad-CAM overlay of each study's top finding, as "
+        "a Secondary Capture in the same series.",
+    ),
+    click.option(
         "--ca-bundle",
         envvar="MEDDX_CA_BUNDLE",
         default=None,

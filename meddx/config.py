@@ -65,6 +65,7 @@ class ScoreConfig:
     quiet: bool = False  # no progress at all
     # A DICOMweb server to STOW-RS each scored study's Structured Report to (results.py).
     results_to: str | None = None
+    results_heatmaps: bool = False  # ... and the top finding's Grad-CAM as a Secondary Capture
     storage: StorageSettings = StorageSettings()
 
     def __post_init__(self):
@@ -78,6 +79,8 @@ class ScoreConfig:
             object.__setattr__(self, "modalities", parse_modalities(self.modalities))
         if isinstance(self.views, str):  # "PA,AP" or "any"
             object.__setattr__(self, "views", parse_views(self.views))
+        if self.results_heatmaps and self.results_to is None:
+            raise MeddxError("--results-heatmaps goes with --results-to")
         if self.results_to is not None:
             if not self.results_to.lower().startswith(DICOMWEB_SCHEMES):
                 raise MeddxError(
@@ -185,6 +188,8 @@ class TrainConfig:
             object.__setattr__(self, "modalities", parse_modalities(self.modalities))
         if isinstance(self.views, str):  # "PA,AP" or "any"
             object.__setattr__(self, "views", parse_views(self.views))
+        if self.results_heatmaps and self.results_to is None:
+            raise MeddxError("--results-heatmaps goes with --results-to")
         if self.results_to is not None:
             if not self.results_to.lower().startswith(DICOMWEB_SCHEMES):
                 raise MeddxError(

@@ -74,22 +74,30 @@ def overlay_png(image: np.ndarray, cam: np.ndarray, title: str) -> bytes:
     return buf.getvalue()
 
 
-def heatmaps(
+def overlay_rgb(image: np.ndarray, cam: np.ndarray, alpha: float = 0.35) -> np.ndarray:
+    """uint8 (H, W, 3): the heatmap blended over the gray image as overlay_png draws it,
+    without axes or title (for a DICOM Secondary Capture)."""
+    heat = plt.get_cmap("jet")(np.clip(cam, 0, 1))[..., :3]
+    gray = (image.astype(np.float32) / 255)[..., None]
+    return np.round(((1 - alpha) * gray + alpha * heat) * 255).astype(np.uint8)
+
+
+def cams(
     rows: list[dict],
     ckpt: Checkpoint,
     settings: StorageSettings,
     max_bytes: int = DEFAULT_MAX_OBJECT_BYTES,
     locators: dict[str, str] | None = None,
-) -> list[tuple[dict, bytes]]:
-    """(row, overlay PNG) for each row, in order. The images are read as scoring reads
-    them (the same limits; each tar shard streamed once for all its members; a DICOMweb
-    instance by its locator)."""
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(model-size pixels, Grad-CAM) for each row, in order. The images are read as
+    scoring reads them (the same limits; each tar shard streamed once for all its
+    members; a DICOMweb instance by its locator)."""
     model = models.model_from_checkpoint(ckpt)
     mean, std = torch.tensor(ckpt.mean), torch.tensor(ckpt.std)
     settings_decode = decode.DecodeSettings(size=ckpt.input_size, modalities=None)
     blobs = sources.read_uris([row["image_uri"] for row in rows], settings, max_bytes, locators)
     out = []
-    for rank, (row, (data, error)) in enumerate(zip(rows, blobs, strict=True), start=1):
+    for row, (data, error) in zip(rows, blobs, strict=True):
         if error:
             raise MeddxError(f"cannot read {row['image_uri']}: {error}")
         try:
@@ -100,7 +108,21 @@ def heatmaps(
         target = ckpt.positive_index
         if ckpt.multi_label and row.get("probs"):  # the finding behind the score
             target = int(np.argmax(row["probs"]))
-        cam = grad_cam(model, x, target)
+        out.append((pixels, grad_cam(model, x, target)))
+    return out
+
+
+def heatmaps(
+    rows: list[dict],
+    ckpt: Checkpoint,
+    settings: StorageSettings,
+    max_bytes: int = DEFAULT_MAX_OBJECT_BYTES,
+    locators: dict[str, str] | None = None,
+) -> list[tuple[dict, bytes]]:
+    """(row, overlay PNG titled with rank, pseudonym and score) for each row, in order."""
+    out = []
+    found = cams(rows, ckpt, settings, max_bytes, locators)
+    for rank, (row, (pixels, cam)) in enumerate(zip(rows, found, strict=True), start=1):
         title = f"#{rank} {pseudonymous_id(row)} score {row['score']:.3f}"
         if ckpt.multi_label and row.get("label"):
             title += f" {row['label']}"

@@ -44,7 +44,7 @@ TYPE2_COPIED = (
     "StudyID",
     "AccessionNumber",
 )
-COLUMNS = ["image_uri", "status", "probs", "study_pseudonym", "instance_pseudonym"]
+COLUMNS = ["image_uri", "status", "probs", "score", "label", "study_pseudonym"]
 
 
 @dataclass(frozen=True)
@@ -150,6 +150,36 @@ def report(sources: list, probs: list[list[float]], ckpt: Checkpoint, sha: str, 
     )
 
 
+def heatmap(source, row: dict, located: dict[str, str], ckpt, sha: str, study: str, settings):
+    """The Grad-CAM overlay of ``row``'s top finding on the image the model saw, as a
+    Secondary Capture in the study's results series."""
+    import highdicom as hd
+
+    from meddx.explain import cams, overlay_rgb
+
+    ((pixels, cam),) = cams([row], ckpt, settings, locators=located)
+    # The overlay keeps its source's orientation (only resized). highdicom wants one
+    # for patient coordinates; when the source states none, the SC states none either.
+    stated = tuple(source.get("PatientOrientation") or ())
+    image = hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=source,
+        pixel_array=overlay_rgb(pixels, cam),
+        photometric_interpretation="RGB",
+        bits_allocated=8,
+        coordinate_system="PATIENT",
+        patient_orientation=stated if len(stated) == 2 else ("L", "F"),
+        series_instance_uid=uid("series", study, sha),
+        series_number=SERIES_NUMBER,
+        sop_instance_uid=uid("heatmap", study, sha, source.SOPInstanceUID),
+        instance_number=2,
+        manufacturer="meddx",
+        series_description=dicomweb.RESULTS_SERIES,
+    )
+    if len(stated) != 2:
+        image.PatientOrientation = ""  # type 2C: present, unknown
+    return image
+
+
 def send(
     target: str,
     rows: pa.Table,
@@ -157,25 +187,28 @@ def send(
     ckpt: Checkpoint,
     sha: str,
     settings: StorageSettings,
+    heatmaps: bool = False,
 ) -> Sent:
-    """STOW-RS one SR per study among ``rows`` (a run's rows) to ``target``."""
+    """STOW-RS one SR per study among ``rows`` (a run's rows) to ``target``; with
+    ``heatmaps``, also the Grad-CAM overlay of the study's top-scoring instance."""
     import requests
 
     where = dicomweb.endpoint(target)
-    by_study: dict[str, list[tuple[str, list[float]]]] = {}
+    by_study: dict[str, list[dict]] = {}
     for row in rows.select(COLUMNS).to_pylist():
         if row["status"] != "ok" or row["image_uri"] not in located:
             continue
-        by_study.setdefault(row["study_pseudonym"] or "", []).append(
-            (located[row["image_uri"]], row["probs"])
-        )
+        by_study.setdefault(row["study_pseudonym"] or "", []).append(row)
     c = dicomweb.client(where.url, settings)
     stored, instances, failed = 0, 0, []
     for study, scored in sorted(by_study.items()):
         try:
-            sources = [source_metadata(loc, settings) for loc, _ in scored]
-            sr = report(sources, [p for _, p in scored], ckpt, sha, study)
-            dicomweb.retried(lambda sr=sr: c.store_instances([sr]))
+            sources = [source_metadata(located[r["image_uri"]], settings) for r in scored]
+            made = [report(sources, [r["probs"] for r in scored], ckpt, sha, study)]
+            if heatmaps:
+                top = max(range(len(scored)), key=lambda i: max(scored[i]["probs"]))
+                made.append(heatmap(sources[top], scored[top], located, ckpt, sha, study, settings))
+            dicomweb.retried(lambda made=made: c.store_instances(made))
         except MeddxError as exc:
             failed.append(f"study {study}: {exc}")
             continue
@@ -195,7 +228,7 @@ def send_run(cfg, run_id: str, located: dict[str, str], ckpt: Checkpoint, sha: s
     rows = commit.read_results(
         cfg.out, cfg.storage, COLUMNS, where=pc.field("run_id") == run_id, dates=[cfg.run_date]
     )
-    return send(cfg.results_to, rows, located, ckpt, sha, cfg.storage)
+    return send(cfg.results_to, rows, located, ckpt, sha, cfg.storage, cfg.results_heatmaps)
 
 
 def describe(sent: Sent, target: str) -> str:

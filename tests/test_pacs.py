@@ -99,9 +99,12 @@ def rows_of(out: Path):
     return pq.read_table(out / f"dt={dt.date.today().isoformat()}").to_pylist()
 
 
-def sr_instances(pacs) -> list[dict]:
-    found = pacs.session().get(f"{pacs.dicomweb}/instances", params={"Modality": "SR"}).json()
-    return found
+COMPREHENSIVE_SR, SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.88.33", "1.2.840.10008.5.1.4.1.1.7"
+
+
+def sr_instances(pacs, sop_class: str = COMPREHENSIVE_SR) -> list[dict]:
+    url = f"{pacs.dicomweb}/instances"
+    return pacs.session().get(url, params={"SOPClassUID": sop_class}).json()
 
 
 def needles(films) -> dict[str, bytes]:
@@ -188,14 +191,28 @@ def test_scoring_a_pacs_gives_a_row_per_instance_and_a_report_in_each_study(
 def test_screening_a_pacs_scores_the_recent_studies_once(pacs, films, checkpoint, tmp_path):
     out = tmp_path / "night"
     args = ("screen", pacs.source, "--model", checkpoint, "--out", str(out), "--quiet")
-    first = meddx(*args, "--since", "2", "--results-to", pacs.source)
+    night = (*args, "--since", "2", "--results-to", pacs.source, "--results-heatmaps")
+    first = meddx(*night)
     assert first.returncode == 0, first.stderr[-3000:]
     assert f"inputs_seen={RECENT} new={RECENT} rows={RECENT}" in first.stdout
     assert "results: 3 reports on 4 instances" in first.stdout
-    second = meddx(*args, "--since", "2", "--results-to", pacs.source)
+    second = meddx(*night)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert f"inputs_seen={RECENT} new=0 rows=0" in second.stdout  # the SR series not listed
+    # The results series (SR and heatmaps) are not inputs.
+    assert f"inputs_seen={RECENT} new=0 rows=0" in second.stdout
     assert len(sr_instances(pacs)) == 3
+    # --results-heatmaps: each study's top finding as a Secondary Capture, in the SR's series.
+    heatmaps = sr_instances(pacs, SECONDARY_CAPTURE)
+    assert len(heatmaps) == 3
+    client = DICOMwebClient(pacs.dicomweb, session=pacs.session())
+    uids = [heatmaps[0][tag]["Value"][0] for tag in ("0020000D", "0020000E", "00080018")]
+    sc = client.retrieve_instance(*uids)
+    assert sc.pixel_array.shape == (64, 64, 3) and sc.PatientName == "Synthetic^Film"
+    assert sc.SeriesDescription == dicomweb.RESULTS_SERIES
+    (report,) = client.search_for_instances(
+        uids[0], uids[1], search_filters={"SOPClassUID": COMPREHENSIVE_SR}
+    )
+    assert report
     assert len(rows_of(out)) == RECENT
     secret = needles(films)
     assert leaks_in_tree(out, secret) == []
