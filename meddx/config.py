@@ -188,17 +188,6 @@ class TrainConfig:
             object.__setattr__(self, "modalities", parse_modalities(self.modalities))
         if isinstance(self.views, str):  # "PA,AP" or "any"
             object.__setattr__(self, "views", parse_views(self.views))
-        if self.results_heatmaps and self.results_to is None:
-            raise MeddxError("--results-heatmaps goes with --results-to")
-        if self.results_to is not None:
-            if not self.results_to.lower().startswith(DICOMWEB_SCHEMES):
-                raise MeddxError(
-                    f"--results-to must be dicomweb+http(s)://HOST/PATH, got {self.results_to!r}"
-                )
-            if not self.input.lower().startswith(DICOMWEB_SCHEMES):
-                raise MeddxError(
-                    "--results-to needs a DICOMweb INPUT: the reports go into the studies it listed"
-                )
         if not self.lr > 0:
             raise MeddxError(f"--lr must be above 0, got {self.lr}")
         if not 0 < self.val_fraction < 1:

@@ -67,12 +67,17 @@ def moto_server(timeout: float = 30) -> Iterator[str]:
     try:
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        terminate(proc, timeout=10)
+
+
+def terminate(proc: subprocess.Popen, timeout: float) -> None:
+    """Stop a server started by a fixture, by its own pid: SIGTERM, then SIGKILL."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def descendants(pid: int) -> list[int]:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import requests
 
-from .helpers import free_port
+from .helpers import free_port, terminate
 
 ORTHANC = "/usr/sbin/Orthanc"
 DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
@@ -95,12 +95,7 @@ def orthanc_server(folder: Path, timeout: float = 60) -> Iterator[Pacs]:
             time.sleep(0.2)
         yield pacs
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        terminate(proc, timeout=20)
         log.close()
 
 
