@@ -56,6 +56,25 @@ class Pacs:
         return s
 
 
+def site_ca(folder: Path) -> tuple[Path, Path, Path]:
+    """A site CA's certificate, and a server certificate for 127.0.0.1 that it signed
+    with that certificate's key (openssl)."""
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key",
+            "-out", "ca.pem", "-days", "2", "-subj", "/CN=meddx test site CA")  # fmt: skip
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key",
+            "-out", "server.csr", "-subj", "/CN=127.0.0.1")  # fmt: skip
+    (folder / "san.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-out", "server.crt", "-days", "2",
+            "-extfile", "san.cnf")  # fmt: skip
+    return folder / "ca.pem", folder / "server.crt", folder / "server.key"
+
+
 @contextmanager
 def orthanc_server(folder: Path, timeout: float = 60) -> Iterator[Pacs]:
     http_port, dicom_port = free_port(), free_port()

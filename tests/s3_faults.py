@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import http.client
 import socket
+import ssl
 import struct
 import threading
 from collections import Counter
@@ -68,7 +69,8 @@ def request_key(method: str, target: str) -> str:
 class FaultyS3Proxy:
     """Forwards to ``upstream`` and injects faults by ``rules``; ``url`` is its endpoint."""
 
-    def __init__(self, upstream: str, rules: FaultRules | None = None):
+    def __init__(self, upstream: str, rules: FaultRules | None = None, tls=None):
+        """``tls``: (certificate, key) files to serve HTTPS with (Python's ssl)."""
         up = urlsplit(upstream)
         self.upstream = (up.hostname, up.port)
         self.rules = rules or FaultRules()
@@ -79,7 +81,13 @@ class FaultyS3Proxy:
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
         self._server.daemon_threads = True
         self._server.proxy = self
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        scheme = "http"
+        if tls:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*map(str, tls))
+            self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
+            scheme = "https"
+        self.url = f"{scheme}://127.0.0.1:{self._server.server_address[1]}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
     def __enter__(self) -> FaultyS3Proxy:

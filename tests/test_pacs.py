@@ -246,6 +246,22 @@ def test_503s_and_cut_bodies_on_retrieval_still_give_a_row_per_instance(
     assert proxy.injected["503"] == 6 and proxy.injected["truncate"] == 6
 
 
+def test_tls_is_verified_and_a_site_ca_can_be_given(pacs, films, checkpoint, tmp_path):
+    # HTTPS in front of the PACS, its certificate signed by a site CA no system trusts.
+    # (Debian's Orthanc 1.10 resets TLS connections after the handshake.)
+    ca, cert, key = pacs_mod.site_ca(tmp_path / "tls")
+    with FaultyS3Proxy(pacs.http, tls=(cert, key)) as https:
+        patient = pydicom.dcmread(films[2], stop_before_pixels=True).PatientID
+        source = f"dicomweb+{https.url}/dicom-web?PatientID={patient}"
+        args = ("score", source, "--model", checkpoint, "--quiet")
+        refused = meddx(*args, "--out", str(tmp_path / "refused"))
+        assert refused.returncode == 1 and refused.stderr.count("\n") == 1, refused.stderr
+        assert "TLS verification failed for DICOMweb server 127.0.0.1:" in refused.stderr
+        trusted = meddx(*args, "--out", str(tmp_path / "out"), "--ca-bundle", str(ca))
+    assert trusted.returncode == 0, trusted.stderr[-3000:]
+    assert "inputs=1 ok=1 errors=0 rows_written=1" in trusted.stdout
+
+
 def test_listing_pages_through_every_level(pacs, films, monkeypatch):
     monkeypatch.setattr(dicomweb, "QIDO_PAGE", 2)
     monkeypatch.setenv("MEDDX_DICOMWEB_USER", pacs_mod.USER)
