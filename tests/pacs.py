@@ -92,7 +92,7 @@ def orthanc_server(folder: Path, timeout: float = 60) -> Iterator[Pacs]:
         "RegisteredUsers": {USER: PASSWORD},
         "Plugins": [DICOMWEB_PLUGIN],
         "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True},
-        "HttpCompressionEnabled": False,
+        "HttpCompressionEnabled": True,  # Orthanc's default: gzip'd answers
     }
     path = folder / "orthanc.json"
     path.write_text(json.dumps(config))
