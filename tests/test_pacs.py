@@ -29,7 +29,7 @@ from meddx.synth import write_archive
 
 from . import pacs as pacs_mod
 from .helpers import trained_seednet
-from .leaks import leaks, leaks_in_tree
+from .leaks import files_under, leaks, leaks_in_tree
 from .s3_faults import FaultRules, FaultyS3Proxy
 
 MEDDX = str(Path(sys.executable).with_name("meddx"))
@@ -125,6 +125,7 @@ def test_scoring_a_pacs_gives_a_row_per_instance_and_a_report_in_each_study(
     args = ("score", pacs.source, "--model", checkpoint, "--out", str(out), "--quiet")
     run = meddx(*args, "--results-to", pacs.source)
     assert run.returncode == 0, run.stderr[-3000:]
+    ray_dir = Path("/tmp/ray/session_latest").resolve()  # the run's own Ray: its logs
     assert "inputs=6 ok=6 errors=0 rows_written=6" in run.stdout
     assert "results: 5 reports on 6 instances stored on 127.0.0.1:" in run.stdout
     rows = {r["image_uri"]: r for r in rows_of(out)}
@@ -183,6 +184,8 @@ def test_scoring_a_pacs_gives_a_row_per_instance_and_a_report_in_each_study(
     # No UID, patient identifier or credential in OUT or what the runs printed.
     secret = needles(films)
     assert leaks_in_tree(out, secret) == []
+    assert len(files_under(ray_dir / "logs")) > 10
+    assert leaks_in_tree(ray_dir, secret) == []
     for r in (run, again):
         assert leaks("stdout", r.stdout.encode(), secret) == []
         assert leaks("stderr", r.stderr.encode(), secret) == []
