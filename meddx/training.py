@@ -25,6 +25,7 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
+from ray.data.expressions import col
 from sklearn.model_selection import train_test_split
 from torch import nn
 
@@ -104,9 +105,10 @@ def labelled_dataset(items, class_names, cfg: TrainConfig) -> ray.data.Dataset:
     )
     # Unreadable training images cannot teach anything, nor can views the model is not
     # for; scoring is where every input counts.
-    return ds.filter(
-        lambda row: row["status"] == "ok" and row["qc"] != QC_WRONG_VIEW
-    ).select_columns(["image", "label"])
+    # An expression, not a Python function: Ray Data evaluates it on Arrow blocks (and
+    # does not warn that a function filter is slow).
+    keep = (col("status") == "ok") & (col("qc") != QC_WRONG_VIEW)
+    return ds.filter(expr=keep).select_columns(["image", "label"])
 
 
 # ---- per worker ----------------------------------------------------------------------

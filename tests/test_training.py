@@ -257,6 +257,7 @@ def test_train_command_on_its_own_ray_prints_no_state_api_noise(tmp_path):
     assert all(0 < int(n) <= 32 for _, n in within)
     assert set(re.findall(r"\[meddx train\] epoch (\d)/3 train_loss=", output)) == {"1", "2", "3"}
     assert "State API may be temporarily unavailable" not in output
+    assert "Use 'expr' instead of 'fn'" not in output  # Ray Data's warning on a fn filter
     ckpt, _ = models.read_checkpoint(str(tmp_path / "m.pt"), StorageSettings())
     assert ckpt.model_name == "seednet"
 
