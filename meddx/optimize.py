@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -123,7 +124,10 @@ def export(
     # Logits first, then the penultimate features the out-of-distribution score needs.
     model = features_model(ckpt)
     size = ckpt.input_size
-    with torch.no_grad():
+    # OpenVINO converts through TorchScript tracing, which torch 2.14 calls deprecated
+    # on every call: a warning for OpenVINO's authors, not for whoever runs meddx.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`torch.jit.trace", category=FutureWarning)
         ov_model = ov.convert_model(
             model,
             example_input=torch.zeros(1, 3, size, size),
