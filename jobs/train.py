@@ -6,7 +6,7 @@ import sys
 # Under `ray job submit` the working dir is the cwd, but python puts jobs/ on sys.path.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from meddx.cli import main  # noqa: E402
+from meddx.cli import run  # noqa: E402
 
 if __name__ == "__main__":
-    main(["train", *sys.argv[1:]])
+    run(["train", *sys.argv[1:]])

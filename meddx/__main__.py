@@ -1,5 +1,5 @@
 """`python -m meddx ...`: the same as the `meddx` command."""
 
-from meddx.cli import main
+from meddx.cli import run
 
-main()
+run()

@@ -8,11 +8,13 @@ configs' own checks. Nothing heavy (torch, Ray) is imported until a command runs
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import signal
 import sys
 import threading
+from typing import NoReturn
 
 import click
 
@@ -946,5 +948,30 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(exc.exit_code)
 
 
+def run(argv: list[str] | None = None) -> NoReturn:
+    """The ``meddx`` command: main(), then the exit. What the command printed is
+    flushed and Ray stopped (runtime.stop_ray), and the process ends without the
+    interpreter's teardown, which does nothing for a finished run and took most of a
+    second with torch loaded. A caller of main() keeps its process."""
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if isinstance(exc.code, str):
+            print(exc.code, file=sys.stderr)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    if "ray" in sys.modules:
+        from meddx import runtime
+
+        runtime.stop_ray()
+    logging.shutdown()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    main()
+    run()

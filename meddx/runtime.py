@@ -11,6 +11,7 @@ import logging
 import os
 import uuid
 
+import psutil
 import ray
 
 # A CPU predictor holds the model (resnet50: 100 MB), torch's runtime and a batch's
@@ -42,11 +43,31 @@ def init_ray(dashboard: bool = False) -> None:
         # Ray's own exit handler waits half a second for log lines before stopping
         # what it started; the rows are committed by then, so stop it at once (this
         # handler runs first, and Ray's then finds nothing to do).
-        atexit.register(ray.shutdown)
+        atexit.register(stop_ray)
     # meddx shows its own progress, counted from written rows (progress.py): Ray Data's
     # bars stay off, and so does its warning that they are.
     ray.data.DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+
+
+def stop_ray() -> None:
+    """Leave Ray: disconnect from a cluster this process joined, or stop the local one
+    it started. Ray's autoscaler monitor, which a local cluster starts and which has
+    nothing to do at its end, ignores SIGTERM, and Ray waits a second for it before it
+    kills it; it is killed first (stopping took 1.4 s, now 0.4 s)."""
+    if not ray.is_initialized():
+        return
+    for child in psutil.Process().children():
+        try:
+            if any(arg.endswith(_RAY_MONITOR) for arg in child.cmdline()):
+                child.kill()
+                child.wait(timeout=5)
+        except (psutil.Error, psutil.TimeoutExpired):
+            pass
+    ray.shutdown()
+
+
+_RAY_MONITOR = os.path.join("autoscaler", "_private", "monitor.py")
 
 
 def new_run_id(run_date: str) -> str:

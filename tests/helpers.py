@@ -223,3 +223,21 @@ def trained_seednet(size: int = 64, epochs: int = 8):
         positive_class="opacity",
         input_size=size,
     )
+
+
+def processes_of_ray_session(name: str, grace: float = 10.0) -> list[str]:
+    """The processes still running for the Ray session ``name`` (its folder's name
+    under /tmp/ray, which every process of the session names in its command line),
+    after up to ``grace`` seconds for those on their way out."""
+    import psutil
+
+    deadline = time.monotonic() + grace
+    while True:
+        alive = []
+        for proc in psutil.process_iter(["pid", "cmdline", "status"]):
+            cmdline = " ".join(proc.info["cmdline"] or [])
+            if name in cmdline and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                alive.append(f"{proc.info['pid']} {cmdline[:120]}")
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.2)

@@ -28,7 +28,7 @@ from meddx.storage import StorageSettings
 from meddx.synth import write_archive
 
 from . import pacs as pacs_mod
-from .helpers import trained_seednet
+from .helpers import processes_of_ray_session, trained_seednet
 from .leaks import files_under, leaks, leaks_in_tree
 from .s3_faults import FaultRules, FaultyS3Proxy
 
@@ -127,6 +127,8 @@ def test_scoring_a_pacs_gives_a_row_per_instance_and_a_report_in_each_study(
     assert run.returncode == 0, run.stderr[-3000:]
     ray_dir = Path("/tmp/ray/session_latest").resolve()  # the run's own Ray: its logs
     assert "inputs=6 ok=6 errors=0 rows_written=6" in run.stdout
+    # The command stopped the Ray it started (runtime.stop_ray) before it exited.
+    assert processes_of_ray_session(ray_dir.name) == []
     assert "results: 5 reports on 6 instances stored on 127.0.0.1:" in run.stdout
     rows = {r["image_uri"]: r for r in rows_of(out)}
     assert len(rows) == 6
