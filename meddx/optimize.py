@@ -36,8 +36,15 @@ MAX_SCORE_DIFF = 0.02
 MAX_AUROC_DIFF = 0.003
 CALIBRATION_IMAGES = 300  # NNCF's default subset size
 # Quantization keeps scores this close on the images it is tuned on, so that the gate,
-# checked on other images, has room.
-CONTROL_SCORE_DIFF = 0.75 * MAX_SCORE_DIFF
+# checked on other images, has room. On a trained resnet18 (205 films of the mix, scores
+# spread over the whole range), tuning to 0.015 gave 0.021 on the held-out half and
+# 0.0125 gave 0.017, with 10 of 29 layers back in fp32 and int8 still 2.5x torch; on
+# the tests' seednet 0.010 returned every layer to fp32, and 0.0125 keeps int8.
+CONTROL_SCORE_DIFF = 0.625 * MAX_SCORE_DIFF
+# The classifier head stays fp32: the logits are its output, so its rounding moves the
+# scores most (trained resnet18, largest change on held-out films: 0.085 with the head
+# in int8, 0.022 without), and it is a thousandth of the model's work.
+HEAD_SCOPE = r"__module\.head/.*"
 CHECK_BATCH = 32
 
 
@@ -142,6 +149,7 @@ def export(
         options = {
             "subset_size": min(CALIBRATION_IMAGES, len(calibration)),
             "fast_bias_correction": False,
+            "ignored_scope": nncf.IgnoredScope(patterns=[HEAD_SCOPE]),
         }
         if control is None:
             ov_model = nncf.quantize(ov_model, calibrate, **options)

@@ -68,9 +68,27 @@ def test_int8_artefact_passes_its_gate_and_lives_in_the_checkpoint(labelled, opt
     assert check["auroc_reference"] > 0.9  # a model worth comparing
     assert 0 < check["max_score_diff"] <= optimize.MAX_SCORE_DIFF  # int8 ran, and held
     assert b"<net" in optimize._as_bytes(entry["xml"])  # OpenVINO IR, as bytes
+    # The classifier head reads fp32 features with fp32 weights; the body is int8.
+    assert head_inputs(entry) and "FakeQuantize" not in head_inputs(entry)
     # The weights are the same as the torch checkpoint's: only the artefact was added.
     original, _ = models.read_checkpoint(str(path), StorageSettings())
     assert ckpt.state_dict.keys() == original.state_dict.keys()
+
+
+def head_inputs(entry) -> set[str]:
+    """The op types feeding the classifier head's MatMul in the artefact's IR."""
+    import openvino as ov
+
+    model = ov.Core().read_model(
+        model=optimize._as_bytes(entry["xml"]),
+        weights=ov.Tensor(optimize._as_array(entry["bin"])),
+    )
+    return {
+        port.get_source_output().get_node().get_type_name()
+        for op in model.get_ops()
+        if op.get_type_name() == "MatMul" and op.get_friendly_name().startswith("__module.head/")
+        for port in op.inputs()
+    }
 
 
 def test_scores_from_the_artefact_match_its_recorded_check(labelled, optimized):
