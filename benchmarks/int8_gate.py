@@ -1,0 +1,199 @@
+"""The int8 gate's figures on a trained model: ways of quantizing it, each with the
+largest score change against torch fp32 on the held-out half of the mix's first 240
+films (docs/benchmarks.md, "Start-up, 16-bit PNG and the int8 gate").
+
+    python benchmarks/int8_gate.py [MODEL [SIZE [VARIANT,...]]]
+    AC=ac MAXDROP=0.0125 python benchmarks/int8_gate.py resnet18 224 none  # accuracy control
+
+Needs the mix archive `make bench` renders (benchmarks/.cache/mix-240-2400x2800).
+"""
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench  # noqa: E402
+import nncf
+import openvino as ov
+from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters as AQP
+from nncf.quantization.range_estimator import RangeEstimatorParametersSet as RE
+from sklearn.metrics import roc_auc_score
+
+from meddx import models, optimize
+from meddx.storage import StorageSettings
+
+torch.set_num_threads(2)
+model_name = sys.argv[1] if len(sys.argv) > 1 else "resnet18"
+size = int(sys.argv[2]) if len(sys.argv) > 2 else 224
+cache = Path(__file__).resolve().parent / ".cache"
+ck_path = cache / f"gate-{model_name}-{size}-trained.pt"
+img_path = cache / f"gate-{model_name}-{size}-images.npz"
+folder = cache / "mix-240-2400x2800"
+manifest = bench.first_films_manifest(folder, 240, cache)
+t = time.time()
+if ck_path.exists():
+    ck, _ = models.read_checkpoint(str(ck_path), StorageSettings())
+    z = np.load(img_path)
+    images, truth = z["images"], z["truth"]
+else:
+    ck0 = models.untrained_checkpoint(model_name, input_size=size)
+    ck, images = bench.trained(ck0, manifest)
+    _, truth = optimize.labelled_images(ck, str(manifest), StorageSettings(), 10**6)
+    models.save_checkpoint(ck, str(ck_path), StorageSettings())
+    np.savez(img_path, images=images, truth=truth)
+print("trained/loaded", round(time.time() - t), "s", len(images), flush=True)
+ref = optimize.torch_probs(ck, images)
+print(
+    "auroc",
+    roc_auc_score(truth, ref[:, list(ck.class_names).index(ck.positive_class)]),
+    "p in (0.05,0.95):",
+    int(((ref[:, 1] > 0.05) & (ref[:, 1] < 0.95)).sum()),
+    flush=True,
+)
+X = optimize.model_inputs(ck, images)
+tune, held = slice(0, None, 2), slice(1, None, 2)
+base = ov.convert_model(
+    models.features_model(ck),
+    example_input=torch.zeros(1, 3, size, size),
+    input=[ov.PartialShape([-1, 3, size, size])],
+)
+core = ov.Core()
+
+
+def evaluate(m):
+    c = core.compile_model(m, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    o = c.output(0)
+    p = np.concatenate(
+        [optimize.probs_from_logits(ck, c(X[i : i + 32])[o]) for i in range(0, len(X), 32)]
+    )
+    d = np.abs(p - ref).max(axis=1)
+    dh, dt = d[held], d[tune]
+    top = np.argsort(-dh)[:3]
+    worst = [round(float(ref[held][i, 1]), 3) for i in top]
+    return (
+        f"held max {dh.max():.4f} p99 {np.quantile(dh, 0.99):.4f} mean {dh.mean():.4f}"
+        f" | tune max {dt.max():.4f} | worst refs {worst}"
+    )
+
+
+names = [n.get_friendly_name() for n in base.get_ops()]
+convs = [
+    n.get_friendly_name() for n in base.get_ops() if n.get_type_name() in ("Convolution", "MatMul")
+]
+print("convs/matmuls", len(convs), convs[0], convs[-1], flush=True)
+
+
+def q(cal, **kw):
+    ds = nncf.Dataset([cal[i : i + 1] for i in range(len(cal))])
+    kw.setdefault("fast_bias_correction", False)
+    return nncf.quantize(base.clone(), ds, subset_size=min(300, len(cal)), **kw)
+
+
+variants = {
+    "default_tune": lambda: q(X[tune]),
+    "default_all": lambda: q(X),
+    "ignore_fc": lambda: q(X[tune], ignored_scope=nncf.IgnoredScope(names=[convs[-1]])),
+    "ignore_first_fc": lambda: q(
+        X[tune], ignored_scope=nncf.IgnoredScope(names=[convs[0], convs[-1]])
+    ),
+    "mixed_ignore_fc": lambda: q(
+        X[tune],
+        preset=nncf.QuantizationPreset.MIXED,
+        ignored_scope=nncf.IgnoredScope(names=[convs[-1]]),
+    ),
+    "quantile_ignore_fc": lambda: q(
+        X[tune],
+        ignored_scope=nncf.IgnoredScope(names=[convs[-1]]),
+        advanced_parameters=AQP(activations_range_estimator_params=RE.QUANTILE),
+    ),
+    "mean_minmax_ignore_fc": lambda: q(
+        X[tune],
+        ignored_scope=nncf.IgnoredScope(names=[convs[-1]]),
+        advanced_parameters=AQP(activations_range_estimator_params=RE.MEAN_MINMAX),
+    ),
+}
+only = sys.argv[3].split(",") if len(sys.argv) > 3 else list(variants)
+print("fp32 IR:", evaluate(base), flush=True)
+for name in only:
+    t = time.time()
+    try:
+        print(f"{name:24s}", evaluate(variants[name]()), f"({time.time() - t:.0f}s)", flush=True)
+    except Exception as e:
+        print(name, "failed", repr(e)[:300], flush=True)
+
+
+def speed(m, seconds=8):
+    c = core.compile_model(
+        m,
+        "CPU",
+        {
+            "PERFORMANCE_HINT": "LATENCY",
+            "INFERENCE_PRECISION_HINT": "f32",
+            "INFERENCE_NUM_THREADS": 2,
+        },
+    )
+    x = np.ascontiguousarray(X[:32])
+    c(x)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        c(x)
+        n += 32
+    return round(n / (time.perf_counter() - t0), 1)
+
+
+def torch_speed(seconds=8):
+    from meddx.predict import inference_model
+
+    m = inference_model(ck, torch.device("cpu")).eval()
+    x = torch.from_numpy(np.ascontiguousarray(X[:32])).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        m(x)
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            m(x)
+            n += 32
+    return round(n / (time.perf_counter() - t0), 1)
+
+
+def ac(cal_idx, ignored, **kw):
+    ds = nncf.Dataset([X[cal_idx][i : i + 1] for i in range(len(X[cal_idx]))])
+    ref_t = ref[cal_idx]
+    Xt = X[cal_idx]
+    check = nncf.Dataset([(Xt[i : i + 1], ref_t[i]) for i in range(len(Xt))])
+
+    def closeness(compiled, data):
+        out = compiled.output(0)
+        diffs = [
+            float(np.abs(optimize.probs_from_logits(ck, compiled(x)[out])[0] - r).max())
+            for x, r in data
+        ]
+        return 1 - max(diffs), [1 - d for d in diffs]
+
+    return nncf.quantize_with_accuracy_control(
+        base.clone(),
+        ds,
+        check,
+        validation_fn=closeness,
+        max_drop=float(os.environ.get("MAXDROP", "0.015")),
+        drop_type=nncf.DropType.ABSOLUTE,
+        subset_size=300,
+        fast_bias_correction=False,
+        ignored_scope=nncf.IgnoredScope(names=ignored) if ignored else None,
+        **kw,
+    )
+
+
+if "ac" in os.environ.get("AC", ""):
+    for label, ign in (("ac_ignore_fc", [convs[-1]]), ("ac_no_ignore", None))[
+        int(os.environ.get("ACFROM", "0")) : int(os.environ.get("ACTO", "1"))
+    ]:
+        t = time.time()
+        m = ac(tune, ign)
+        fq = sum(1 for n in m.get_ops() if n.get_type_name() == "FakeQuantize")
+        print(f"{label:24s}", evaluate(m), f"FQ {fq} ({time.time() - t:.0f}s)", flush=True)
+        print("speed int8 img/s", speed(m), flush=True)
