@@ -137,13 +137,7 @@ def speed(m, seconds=8):
             "INFERENCE_NUM_THREADS": 2,
         },
     )
-    x = np.ascontiguousarray(X[:32])
-    c(x)
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        c(x)
-        n += 32
-    return round(n / (time.perf_counter() - t0), 1)
+    return rate(c, np.ascontiguousarray(X[:32]), seconds)
 
 
 def torch_speed(seconds=8):
@@ -152,11 +146,16 @@ def torch_speed(seconds=8):
     m = inference_model(ck, torch.device("cpu")).eval()
     x = torch.from_numpy(np.ascontiguousarray(X[:32])).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
-        m(x)
-        n, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds:
-            m(x)
-            n += 32
+        return rate(m, x, seconds)
+
+
+def rate(run, x, seconds) -> float:
+    """Images per second of ``run`` on the batch ``x``, after one warm-up call."""
+    run(x)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        run(x)
+        n += len(x)
     return round(n / (time.perf_counter() - t0), 1)
 
 
@@ -196,4 +195,4 @@ if "ac" in os.environ.get("AC", ""):
         m = ac(tune, ign)
         fq = sum(1 for n in m.get_ops() if n.get_type_name() == "FakeQuantize")
         print(f"{label:24s}", evaluate(m), f"FQ {fq} ({time.time() - t:.0f}s)", flush=True)
-        print("speed int8 img/s", speed(m), flush=True)
+        print("speed int8 img/s", speed(m), "torch fp32", torch_speed(), flush=True)
