@@ -4,6 +4,7 @@ films (docs/benchmarks.md, "Start-up, 16-bit PNG and the int8 gate").
 
     python benchmarks/int8_gate.py [MODEL [SIZE [VARIANT,...]]]
     AC=ac MAXDROP=0.0125 python benchmarks/int8_gate.py resnet18 224 none  # accuracy control
+    SPEED=1 python benchmarks/int8_gate.py densenet121 224 smooth50_ignore_fc  # and img/s
 
 Needs the mix archive `make bench` renders (benchmarks/.cache/mix-240-2400x2800).
 """
@@ -21,6 +22,7 @@ import bench  # noqa: E402
 import nncf
 import openvino as ov
 from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters as AQP
+from nncf.quantization.advanced_parameters import AdvancedSmoothQuantParameters as SQP
 from nncf.quantization.range_estimator import RangeEstimatorParametersSet as RE
 from sklearn.metrics import roc_auc_score
 
@@ -116,13 +118,38 @@ variants = {
         ignored_scope=nncf.IgnoredScope(names=[convs[-1]]),
         advanced_parameters=AQP(activations_range_estimator_params=RE.MEAN_MINMAX),
     ),
+    "histogram_ignore_fc": lambda: q(
+        X[tune],
+        ignored_scope=nncf.IgnoredScope(names=[convs[-1]]),
+        advanced_parameters=AQP(activations_range_estimator_params=RE.HISTOGRAM),
+    ),
+    "channel_alignment_ignore_fc": lambda: q(
+        X[tune],
+        ignored_scope=nncf.IgnoredScope(names=[convs[-1]]),
+        advanced_parameters=AQP(disable_channel_alignment=False),
+    ),
+    # SmoothQuant on convolutions: per input channel, range moves from activations to
+    # weights (NNCF runs it only for its TRANSFORMER model type).
+    **{
+        f"smooth{int(alpha * 100)}_ignore_fc": (
+            lambda alpha=alpha: q(
+                X[tune],
+                model_type=nncf.ModelType.TRANSFORMER,
+                ignored_scope=nncf.IgnoredScope(names=[convs[-1]]),
+                advanced_parameters=AQP(smooth_quant_alphas=SQP(convolution=alpha, matmul=-1)),
+            )
+        )
+        for alpha in (0.3, 0.5, 0.8)
+    },
 }
 only = sys.argv[3].split(",") if len(sys.argv) > 3 else list(variants)
 print("fp32 IR:", evaluate(base), flush=True)
+quantized = {}
 for name in only:
     t = time.time()
     try:
-        print(f"{name:24s}", evaluate(variants[name]()), f"({time.time() - t:.0f}s)", flush=True)
+        quantized[name] = variants[name]()
+        print(f"{name:24s}", evaluate(quantized[name]), f"({time.time() - t:.0f}s)", flush=True)
     except Exception as e:
         print(name, "failed", repr(e)[:300], flush=True)
 
@@ -186,6 +213,11 @@ def ac(cal_idx, ignored, **kw):
         **kw,
     )
 
+
+if os.environ.get("SPEED"):  # images/s of each variant, beside torch fp32's, one run
+    print("torch fp32 img/s", torch_speed(), flush=True)
+    for name, m in quantized.items():
+        print(f"{name:24s} img/s", speed(m), flush=True)
 
 if "ac" in os.environ.get("AC", ""):
     for label, ign in (("ac_ignore_fc", [convs[-1]]), ("ac_no_ignore", None))[
