@@ -96,46 +96,40 @@ def q(cal, **kw):
     return nncf.quantize(base.clone(), ds, subset_size=min(300, len(cal)), **kw)
 
 
+def head_fp32(**kw):
+    """Quantized on the tuning half with the classifier head left in fp32."""
+    return q(X[tune], ignored_scope=nncf.IgnoredScope(names=[convs[-1]]), **kw)
+
+
 variants = {
     "default_tune": lambda: q(X[tune]),
     "default_all": lambda: q(X),
-    "ignore_fc": lambda: q(X[tune], ignored_scope=nncf.IgnoredScope(names=[convs[-1]])),
+    "ignore_fc": head_fp32,
     "ignore_first_fc": lambda: q(
         X[tune], ignored_scope=nncf.IgnoredScope(names=[convs[0], convs[-1]])
     ),
-    "mixed_ignore_fc": lambda: q(
-        X[tune],
-        preset=nncf.QuantizationPreset.MIXED,
-        ignored_scope=nncf.IgnoredScope(names=[convs[-1]]),
-    ),
-    "quantile_ignore_fc": lambda: q(
-        X[tune],
-        ignored_scope=nncf.IgnoredScope(names=[convs[-1]]),
-        advanced_parameters=AQP(activations_range_estimator_params=RE.QUANTILE),
-    ),
-    "mean_minmax_ignore_fc": lambda: q(
-        X[tune],
-        ignored_scope=nncf.IgnoredScope(names=[convs[-1]]),
-        advanced_parameters=AQP(activations_range_estimator_params=RE.MEAN_MINMAX),
-    ),
-    "histogram_ignore_fc": lambda: q(
-        X[tune],
-        ignored_scope=nncf.IgnoredScope(names=[convs[-1]]),
-        advanced_parameters=AQP(activations_range_estimator_params=RE.HISTOGRAM),
-    ),
-    "channel_alignment_ignore_fc": lambda: q(
-        X[tune],
-        ignored_scope=nncf.IgnoredScope(names=[convs[-1]]),
-        advanced_parameters=AQP(disable_channel_alignment=False),
+    "mixed_ignore_fc": lambda: head_fp32(preset=nncf.QuantizationPreset.MIXED),
+    **{
+        f"{name.lower()}_ignore_fc": (
+            lambda ranges=ranges: head_fp32(
+                advanced_parameters=AQP(activations_range_estimator_params=ranges)
+            )
+        )
+        for name, ranges in (
+            ("QUANTILE", RE.QUANTILE),
+            ("MEAN_MINMAX", RE.MEAN_MINMAX),
+            ("HISTOGRAM", RE.HISTOGRAM),
+        )
+    },
+    "channel_alignment_ignore_fc": lambda: head_fp32(
+        advanced_parameters=AQP(disable_channel_alignment=False)
     ),
     # SmoothQuant on convolutions: per input channel, range moves from activations to
     # weights (NNCF runs it only for its TRANSFORMER model type).
     **{
         f"smooth{int(alpha * 100)}_ignore_fc": (
-            lambda alpha=alpha: q(
-                X[tune],
+            lambda alpha=alpha: head_fp32(
                 model_type=nncf.ModelType.TRANSFORMER,
-                ignored_scope=nncf.IgnoredScope(names=[convs[-1]]),
                 advanced_parameters=AQP(smooth_quant_alphas=SQP(convolution=alpha, matmul=-1)),
             )
         )
