@@ -592,7 +592,7 @@ def optimized_checkpoint(ckpt, folder: Path, args):
     return optimized, r.check, calibration
 
 
-def trained(ckpt, manifest: Path, epochs: int = 4):
+def trained(ckpt, manifest: Path, epochs: int = 4, lr: float = 1e-3):
     """``ckpt``'s model trained in this process on the manifest's films (decoded as
     scoring decodes them): enough for AUROC well above chance on synth's films."""
     from meddx.transforms import to_model_input
@@ -601,7 +601,7 @@ def trained(ckpt, manifest: Path, epochs: int = 4):
     torch.manual_seed(0)
     model = models.model_from_checkpoint(ckpt).train()
     mean, std = torch.tensor(ckpt.mean), torch.tensor(ckpt.std)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
     labels = torch.from_numpy(truth.astype(np.int64))
     for _ in range(epochs):
         for i in torch.randperm(len(images)).split(32):
