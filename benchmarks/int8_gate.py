@@ -4,6 +4,7 @@ films (docs/benchmarks.md, "Start-up, 16-bit PNG and the int8 gate").
 
     python benchmarks/int8_gate.py [MODEL [SIZE [VARIANT,...]]]
     AC=ac MAXDROP=0.0125 python benchmarks/int8_gate.py resnet18 224 none  # accuracy control
+    AC=ac_smooth50 python benchmarks/int8_gate.py densenet121 224 none  # after SmoothQuant
     SPEED=1 python benchmarks/int8_gate.py densenet121 224 smooth50_ignore_fc  # and img/s
 
 Needs the mix archive `make bench` renders (benchmarks/.cache/mix-240-2400x2800).
@@ -215,11 +216,23 @@ if os.environ.get("SPEED"):  # images/s of each variant, beside torch fp32's, on
         print(f"{name:24s} img/s", speed(m), flush=True)
 
 if "ac" in os.environ.get("AC", ""):
+    # AC=ac_smooth50: accuracy control after SmoothQuant on convolutions at alpha 0.5.
+    smooth = os.environ["AC"].partition("smooth")[2]
+    smoothing = (
+        {
+            "model_type": nncf.ModelType.TRANSFORMER,
+            "advanced_quantization_parameters": AQP(
+                smooth_quant_alphas=SQP(convolution=int(smooth) / 100, matmul=-1)
+            ),
+        }
+        if smooth
+        else {}
+    )
     for label, ign in (("ac_ignore_fc", [convs[-1]]), ("ac_no_ignore", None))[
         int(os.environ.get("ACFROM", "0")) : int(os.environ.get("ACTO", "1"))
     ]:
         t = time.time()
-        m = ac(tune, ign)
+        m = ac(tune, ign, **smoothing)
         fq = sum(1 for n in m.get_ops() if n.get_type_name() == "FakeQuantize")
         print(f"{label:24s}", evaluate(m), f"FQ {fq} ({time.time() - t:.0f}s)", flush=True)
         print("speed int8 img/s", speed(m), "torch fp32", torch_speed(), flush=True)

@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from typing import NoReturn
 
 import click
@@ -492,9 +493,16 @@ def score(input, **opts):
     writes to OUT at a time: another exits 4 in one line (see --wait-for-lock).
     """
     cfg = build(ScoreConfig, input=input, **given(_with_ca_bundle(opts)))
+    started = time.perf_counter()
+    from meddx import runtime
+
+    # Ray starts while the driver imports what scoring needs; a run then lists its
+    # inputs and checks its checkpoint on a running Ray (10 films, whole command, median
+    # of 5 interleaved runs: 12.4 s before, 11.2 s after).
+    runtime.init_ray_importing("meddx.scoring")
     from meddx.scoring import score as run
 
-    s = run(cfg)
+    s = run(cfg, started)
     for line in s.recovered:
         click.echo(f"recovered: {line}")
     if cfg.resume:

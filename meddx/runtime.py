@@ -7,8 +7,10 @@ scoring and training apply the same ones.
 from __future__ import annotations
 
 import atexit
+import importlib
 import logging
 import os
+import threading
 import uuid
 
 import psutil
@@ -36,6 +38,9 @@ def init_ray(dashboard: bool = False) -> None:
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
             logging.ERROR
         )
+        # Nor does it say that it started one: Ray starts before a run lists its inputs,
+        # and a missing input must stay a one-line error.
+        logging.getLogger("ray._private.worker").addFilter(_not_local_start)
         ray.init(
             include_dashboard=None if dashboard else False,  # None: when installed
             log_to_driver=os.environ.get("MEDDX_QUIET_WORKERS") is None,
@@ -48,6 +53,30 @@ def init_ray(dashboard: bool = False) -> None:
     # bars stay off, and so does its warning that they are.
     ray.data.DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+
+
+def _not_local_start(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Started a local Ray instance")
+
+
+def init_ray_importing(module: str) -> None:
+    """init_ray() while another thread imports ``module``. Ray's start takes seconds,
+    mostly waiting on processes of its own, and a scoring driver's imports (torch) take
+    a second and a half of one core: they overlap. An import that fails is left for the
+    caller's own import to raise."""
+    importer = threading.Thread(target=_import_quietly, args=(module,), daemon=True)
+    importer.start()
+    try:
+        init_ray()
+    finally:
+        importer.join()
+
+
+def _import_quietly(module: str) -> None:
+    try:
+        importlib.import_module(module)
+    except Exception:  # noqa: BLE001 - the caller imports it again and sees the error
+        pass
 
 
 def stop_ray() -> None:

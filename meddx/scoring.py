@@ -191,10 +191,11 @@ def build_dataset(
         )
 
 
-def score(cfg: ScoreConfig) -> ScoreSummary:
+def score(cfg: ScoreConfig, started: float | None = None) -> ScoreSummary:
     """Score every input under ``cfg.input``; commit the rows into ``OUT/dt=RUN_DATE/``,
-    holding the lease on OUT throughout."""
-    start = time.perf_counter()
+    holding the lease on OUT throughout. ``started``: the perf_counter() the run's clock
+    starts from, where the caller started Ray before calling."""
+    start = time.perf_counter() if started is None else started
     storage.require_bucket(cfg.out, cfg.storage)
     run_id = runtime.new_run_id(cfg.run_date)
     with lease.held(
@@ -209,8 +210,8 @@ def _score(cfg: ScoreConfig, run_id: str, held: lease.Lease, start: float) -> Sc
     uris, located = sources.list_located(cfg.input, cfg.storage, pseudonym_key())
     if not uris:
         raise MeddxError(f"no instances match the query on {dicomweb.endpoint(cfg.input).host}")
-    # Fail fast, in the driver, before Ray starts; the actors then insist on the very
-    # same file.
+    # Fail fast, in the driver, before the dataset is built; the actors then insist on
+    # the very same file.
     ckpt, sha = models.read_checkpoint(cfg.model, cfg.storage, cfg.model_sha256)
     todo, kept = uris, 0
     if resumed:

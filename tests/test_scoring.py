@@ -224,6 +224,20 @@ def test_predictor_pool_is_sized_from_the_cluster_and_the_job(ray_session):
     assert resources["num_cpus"] * 3 <= 1.0
 
 
+def test_an_import_that_fails_beside_ray_start_is_left_to_the_caller(ray_session):
+    import importlib
+
+    import ray
+
+    from meddx.runtime import init_ray_importing
+
+    # The importer thread swallows the error; the caller's own import raises it.
+    init_ray_importing("meddx.no_such_module")
+    assert ray.is_initialized()
+    with pytest.raises(ModuleNotFoundError, match="meddx.no_such_module"):
+        importlib.import_module("meddx.no_such_module")
+
+
 @pytest.mark.slow
 def test_a_killed_score_run_leaves_no_rows_visible(ray_session, tmp_path, random_checkpoint):
     """SIGKILL `meddx score` once it has staged files: dt= still holds the earlier run's
