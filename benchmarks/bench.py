@@ -23,7 +23,10 @@ Measured side by side in one run, on the same archive and the same model:
       num_workers=0 and with num_workers=os.cpu_count();
   (c) `meddx score` as a whole command (start-up included), in fp32 and in what `auto`
       picks, reading the archive from the local folder and from a local S3 endpoint
-      (moto's server in its own process, sharing the CPUs); `--source` picks one;
+      (moto's server in its own process, sharing the CPUs); `--source` picks one; from
+      local disk also in fp32 on LONG_RUN (4) times the films (hard links), where
+      start-up weighs less; each run's core-seconds by role (TreeCPU: read + decode
+      tasks, predictor, the command's own process, Ray's daemons and helper actors);
   (d) decode only: meddx's read and decode stages on Ray, no model (the CPU bound), from
       each source (c) reads;
   (e) training: `meddx train` images/s with 1 and 2 DDP workers (first --train-n films);
@@ -145,6 +148,7 @@ def film_formats(folder: Path, n: int, size: str, mix: bool) -> dict[Path, str]:
 
 
 START_UP_FILMS = 10  # issue 13's small night: a 10-image run as a whole command
+LONG_RUN = 4  # (c) also runs on this many times the archive's films, from local disk
 
 
 def first_films_manifest(folder: Path, k: int, cache: Path) -> Path:
@@ -406,9 +410,55 @@ def busy_per_core(before: list, after: list) -> list[float]:
     ]
 
 
+# Where a run's core-seconds go: Ray names a worker's process after what it runs.
+ROLES = (("MapBatches(read_objects)", "read_decode"), ("MapBatches(Predictor)", "predictor"))
+
+
+class TreeCPU:
+    """Core-seconds of a command's process tree by role: its read + decode tasks' workers,
+    its predictor actors, the command's own process, and the rest (Ray's daemons and
+    Ray Data's helper actors). Sampled every half second while the tree lives, so a
+    process's last half second may be missed."""
+
+    def __init__(self, root: int):
+        self.root = root
+        self.seconds: dict[int, float] = {}
+        self.role: dict[int, str] = {}
+
+    def sample(self) -> None:
+        import psutil
+
+        try:
+            tree = [psutil.Process(self.root)]
+            tree += tree[0].children(recursive=True)
+        except psutil.Error:
+            return
+        for proc in tree:
+            try:
+                times = proc.cpu_times()
+                title = " ".join(proc.cmdline())
+            except psutil.Error:
+                continue
+            self.seconds[proc.pid] = times.user + times.system
+            if proc.pid == self.root:
+                self.role[proc.pid] = "command"
+            elif proc.pid not in self.role or self.role[proc.pid] == "ray":
+                # A worker keeps the first role it is seen in (decode workers later
+                # run the Parquet writes too).
+                found = [role for name, role in ROLES if name in title]
+                self.role[proc.pid] = found[0] if found else "ray"
+
+    def by_role(self) -> dict[str, float]:
+        out = dict.fromkeys(("read_decode", "predictor", "command", "ray"), 0.0)
+        for pid, seconds in self.seconds.items():
+            out[self.role[pid]] += seconds
+        return {role: round(seconds, 1) for role, seconds in out.items()}
+
+
 def run_meddx(args: list[str], env: dict, sample_memory: bool = False) -> dict:
-    """Run a meddx command; its wall time, last summary line, peak tree PSS and how busy
-    each core was while it ran (the whole machine's account, start-up included)."""
+    """Run a meddx command; its wall time, last summary line, peak tree PSS, how busy
+    each core was while it ran (the whole machine's account, start-up included) and
+    its process tree's core-seconds by role (TreeCPU)."""
     cores_before = cpu_times()
     start = time.perf_counter()
     proc = subprocess.Popen(
@@ -420,14 +470,16 @@ def run_meddx(args: list[str], env: dict, sample_memory: bool = False) -> dict:
         start_new_session=True,
     )
     peak = [0]
-    if sample_memory:
+    account = TreeCPU(proc.pid)
 
-        def sample():
-            while proc.poll() is None:
+    def sample():
+        while proc.poll() is None:
+            if sample_memory:
                 peak[0] = max(peak[0], tree_pss_bytes(proc.pid))
-                time.sleep(0.5)
+            account.sample()
+            time.sleep(0.5)
 
-        threading.Thread(target=sample, daemon=True).start()
+    threading.Thread(target=sample, daemon=True).start()
     out, err = proc.communicate()
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
@@ -437,6 +489,7 @@ def run_meddx(args: list[str], env: dict, sample_memory: bool = False) -> dict:
         "stdout": out,
         "peak_pss_bytes": peak[0],
         "core_busy": busy_per_core(cores_before, cpu_times()),
+        "core_seconds": account.by_role(),
     }
 
 
@@ -677,6 +730,10 @@ def score_from(source: str, folder: Path, ckpt, args, picked, optimized=None) ->
         if not store:  # a small night: what the command costs beyond its images
             ten = first_films_manifest(folder, START_UP_FILMS, args.cache)
             start_up = [meddx_score(env, str(ten), model_uri, "fp32") for _ in range(2)]
+            # A longer run, where start-up weighs less: LONG_RUN times the films, hard
+            # links to the same ones, each read and decoded on its own.
+            longer = archive(len(uris) * LONG_RUN, args.size, args.mix, args.cache, len(uris))
+            runs["fp32_long"] = meddx_score(env, str(longer), model_uri, "fp32")
     finally:
         if store:
             store.close()
@@ -697,6 +754,8 @@ def score_from(source: str, folder: Path, ckpt, args, picked, optimized=None) ->
                 "inside_command": round(run["images_per_s_inside"], 1),
                 "pipeline": round(run["images_per_s_pipeline"], 1),
                 "core_busy": run["core_busy"],
+                "core_seconds": run["core_seconds"],
+                "rows": run["rows"],
                 "summary": run["summary"],
             }
             for name, run in runs.items()
@@ -759,6 +818,18 @@ def throughput(args) -> None:
             "c_fp32_over_b_best": round(s["c"]["fp32"]["images_per_s"] / b_best, 3),
             "c_picked_over_b_best": round(s["c"]["picked"]["images_per_s"] / b_best, 3),
             "c_picked_over_d": round(s["c"]["picked"]["images_per_s"] / s["d"], 3),
+            **(
+                {
+                    "c_fp32_long_over_a_fp32": round(
+                        s["c"]["fp32_long"]["images_per_s"] / a["fp32"], 3
+                    ),
+                    "c_fp32_long_over_b_best": round(
+                        s["c"]["fp32_long"]["images_per_s"] / b_best, 3
+                    ),
+                }
+                if "fp32_long" in s["c"]
+                else {}
+            ),
             **(
                 {
                     "c_runtime_auto_over_a_fp32": round(
@@ -842,6 +913,15 @@ def print_summary(r: dict) -> None:
             f" c/b {q['c_fp32_over_b_best']}, {q['c_picked_over_b_best']};"
             f" cores busy {c['fp32'].get('core_busy')}, {c['picked'].get('core_busy')}"
         )
+        for name, run in c.items():
+            print(f"    core-seconds of {name} ({run['rows']} films): {run['core_seconds']}")
+        if "fp32_long" in c:
+            long = c["fp32_long"]
+            print(
+                f"    fp32, {long['rows']} films: {long['images_per_s']:.1f} images/s"
+                f" (pipeline {long['pipeline']:.1f}); c/a {q['c_fp32_long_over_a_fp32']},"
+                f" c/b {q['c_fp32_long_over_b_best']}; cores busy {long['core_busy']}"
+            )
         if "runtime_auto" in c:
             auto = c["runtime_auto"]["images_per_s"]
             print(
