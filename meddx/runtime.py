@@ -38,9 +38,9 @@ def init_ray(dashboard: bool = False) -> None:
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
             logging.ERROR
         )
-        # Nor does it say that it started one: Ray starts before a run lists its inputs,
-        # and a missing input must stay a one-line error.
-        logging.getLogger("ray._private.worker").addFilter(_not_local_start)
+        # Nor does it say that it started or joined one: Ray starts before a run lists
+        # its inputs, and a missing input must stay a one-line error.
+        logging.getLogger("ray._private.worker").addFilter(_not_start_or_join)
         ray.init(
             include_dashboard=None if dashboard else False,  # None: when installed
             log_to_driver=os.environ.get("MEDDX_QUIET_WORKERS") is None,
@@ -55,8 +55,16 @@ def init_ray(dashboard: bool = False) -> None:
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
 
-def _not_local_start(record: logging.LogRecord) -> bool:
-    return not record.getMessage().startswith("Started a local Ray instance")
+_START_OR_JOIN = (
+    "Started a local Ray instance",
+    "Using address ",
+    "Connecting to existing Ray cluster",
+    "Connected to Ray cluster",
+)
+
+
+def _not_start_or_join(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith(_START_OR_JOIN)
 
 
 def init_ray_importing(module: str) -> None:
