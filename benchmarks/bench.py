@@ -818,30 +818,13 @@ def throughput(args) -> None:
             "c_fp32_over_b_best": round(s["c"]["fp32"]["images_per_s"] / b_best, 3),
             "c_picked_over_b_best": round(s["c"]["picked"]["images_per_s"] / b_best, 3),
             "c_picked_over_d": round(s["c"]["picked"]["images_per_s"] / s["d"], 3),
-            **(
-                {
-                    "c_fp32_long_over_a_fp32": round(
-                        s["c"]["fp32_long"]["images_per_s"] / a["fp32"], 3
-                    ),
-                    "c_fp32_long_over_b_best": round(
-                        s["c"]["fp32_long"]["images_per_s"] / b_best, 3
-                    ),
-                }
-                if "fp32_long" in s["c"]
-                else {}
-            ),
-            **(
-                {
-                    "c_runtime_auto_over_a_fp32": round(
-                        s["c"]["runtime_auto"]["images_per_s"] / a["fp32"], 3
-                    ),
-                    "c_runtime_auto_over_b_best": round(
-                        s["c"]["runtime_auto"]["images_per_s"] / b_best, 3
-                    ),
-                }
-                if "runtime_auto" in s["c"]
-                else {}
-            ),
+            # The optional runs: the longer one (local only) and --runtime auto.
+            **{
+                f"c_{run}_over_{ref}": round(s["c"][run]["images_per_s"] / value, 3)
+                for run in ("fp32_long", "runtime_auto")
+                if run in s["c"]
+                for ref, value in (("a_fp32", a["fp32"]), ("b_best", b_best))
+            },
         }
         for source, s in by_source.items()
     }
