@@ -494,7 +494,11 @@ def score(input, **opts):
     """
     cfg = build(ScoreConfig, input=input, **given(_with_ca_bundle(opts)))
     started = time.perf_counter()
-    from meddx import runtime
+    from meddx import runtime, storage
+
+    for uri, what in ((cfg.input, "input"), (cfg.model, "checkpoint")):
+        if storage.missing_locally(uri):  # a typo: one line at once, not after Ray's start
+            raise MeddxError(f"{what} not found: {uri}")
 
     # Ray starts while the driver imports what scoring needs; a run then lists its
     # inputs and checks its checkpoint on a running Ray (10 films, whole command, median

@@ -170,6 +170,12 @@ def is_hidden(path: str) -> bool:
     )
 
 
+def missing_locally(uri: str) -> bool:
+    """A local path (no scheme) that does not exist: what a run refuses before it starts
+    Ray, which takes seconds."""
+    return "://" not in uri and not os.path.exists(uri)
+
+
 def list_files(prefix: str, settings: StorageSettings) -> list[str]:
     """Every object under ``prefix`` (recursively), as URIs, sorted, without metadata names."""
     fs = filesystem(prefix, settings)
