@@ -645,9 +645,13 @@ def optimized_checkpoint(ckpt, folder: Path, args):
     return optimized, r.check, calibration
 
 
-def trained(ckpt, manifest: Path, epochs: int = 4, lr: float = 1e-3):
+def trained(ckpt, manifest: Path, epochs: int = 4, lr: float = 3e-4):
     """``ckpt``'s model trained in this process on the manifest's films (decoded as
-    scoring decodes them): enough for AUROC well above chance on synth's films."""
+    scoring decodes them): enough for AUROC well above chance on synth's films.
+
+    At 1e-3 resnet18's scores on these films all came out above 0.96 (median 1.000), so
+    the int8 gate's AUROC turned on rounding (0.771 -> 0.809 for a 0.002 score change);
+    at 3e-4 they spread from 0 to 1 (median 0.87, AUROC 0.94 on the films)."""
     from meddx.transforms import to_model_input
 
     images, truth = optimize.labelled_images(ckpt, str(manifest), StorageSettings(), 10**6)

@@ -763,10 +763,21 @@ def calibrate(
     show_default=True,
     help="Labelled images to calibrate and check on.",
 )
+@click.option(
+    "--finetune-epochs",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="int8 by quantization-aware fine-tuning: this many epochs of distillation toward "
+    "torch fp32 on the tuning half, for models post-training quantization cannot hold.",
+)
 @storage_option
-def optimize(checkpoint, calibration, out, runtime, precision, max_images, storage):
+def optimize(
+    checkpoint, calibration, out, runtime, precision, max_images, finetune_epochs, storage
+):
     """Export CHECKPOINT's model for CPU nodes (OpenVINO; int8 by post-training
-    quantization on DATA) and write CKPT2 with it inside.
+    quantization on DATA, or by fine-tuning with --finetune-epochs) and write CKPT2
+    with it inside.
 
     Quantization is tuned on half of DATA's labelled images; the artefact is kept only
     when it holds up against torch fp32 on the other half: every score within 0.02 and
@@ -776,7 +787,7 @@ def optimize(checkpoint, calibration, out, runtime, precision, max_images, stora
     from meddx.optimize import describe
     from meddx.optimize import optimize as run
 
-    r = run(checkpoint, calibration, out, storage, runtime, precision, max_images)
+    r = run(checkpoint, calibration, out, storage, runtime, precision, max_images, finetune_epochs)
     click.echo(describe(r))
     click.echo(f"wrote {out} sha256={r.sha256}")
 

@@ -91,6 +91,48 @@ def head_inputs(entry) -> set[str]:
     }
 
 
+def test_finetuning_moves_int8_logits_toward_fp32(labelled):
+    """Quantization-aware fine-tuning starts from NNCF's post-training quantization (0
+    epochs) and distils toward the fp32 model: its int8 logits end closer to fp32's."""
+    path, _, data = labelled
+    ckpt, _ = models.read_checkpoint(str(path), StorageSettings())
+    images, _ = optimize.labelled_images(ckpt, str(data), StorageSettings(), 1000)
+    x = optimize.model_inputs(ckpt, images[::2])
+    fp32 = optimize.to_openvino(models.features_model(ckpt), SIZE)
+
+    def logits(model) -> np.ndarray:
+        import openvino as ov
+
+        compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        return compiled(x)[compiled.output(0)]
+
+    reference = logits(fp32)
+    errors = []
+    for epochs in (0, 8):
+        student = optimize.finetuned(models.features_model(ckpt), x, epochs)
+        quantized = optimize.to_openvino(student, SIZE)
+        assert sum(op.get_type_name() == "FakeQuantize" for op in quantized.get_ops()) > 0
+        errors.append(float(np.mean((logits(quantized) - reference) ** 2)))
+    assert 0 < errors[1] < 0.8 * errors[0], errors
+
+
+def test_optimize_with_finetuning_keeps_an_int8_artefact_that_holds(labelled, tmp_path):
+    path, _, data = labelled
+    out = tmp_path / "seednet-qat.pt"
+    run = subprocess.run(
+        [MEDDX, "optimize", str(path), "--calibration", str(data), "--out", str(out)]
+        + ["--finetune-epochs", "2"],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr
+    entry = optimize.artefact(models.read_checkpoint(str(out), StorageSettings())[0])
+    assert entry["precision"] == "int8" and entry["check"]["finetune_epochs"] == 2
+    assert entry["check"]["holds"] and entry["check"]["quantized_ops"] > 0
+    assert 0 < entry["check"]["max_score_diff"] <= optimize.MAX_SCORE_DIFF
+    assert head_inputs(entry) and "FakeQuantize" not in head_inputs(entry)
+
+
 def test_scores_from_the_artefact_match_its_recorded_check(labelled, optimized):
     _, _, data = labelled
     ckpt, _ = models.read_checkpoint(str(optimized[0]), StorageSettings())
@@ -209,6 +251,7 @@ def test_optimize_flags_are_one_line_errors(labelled, tmp_path):
         (["--precision", "int4"], "Invalid value for '--precision'"),
         (["--runtime", "tensorrt"], "Invalid value for '--runtime'"),
         (["--max-images", "0"], "Invalid value for '--max-images'"),
+        (["--finetune-epochs", "-1"], "Invalid value for '--finetune-epochs'"),
     ]:
         run = subprocess.run(
             [MEDDX, "optimize", str(path), "--calibration", str(data), "--out", "x.pt", *args],
