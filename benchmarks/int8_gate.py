@@ -6,6 +6,7 @@ films (docs/benchmarks.md, "Start-up, 16-bit PNG and the int8 gate").
     AC=ac MAXDROP=0.0125 python benchmarks/int8_gate.py resnet18 224 none  # accuracy control
     AC=ac_smooth50 python benchmarks/int8_gate.py densenet121 224 none  # after SmoothQuant
     SPEED=1 python benchmarks/int8_gate.py densenet121 224 smooth50_ignore_fc  # and img/s
+    python benchmarks/int8_gate.py densenet121 224 finetune5  # quantization-aware
 
 Needs the mix archive `make bench` renders (benchmarks/.cache/mix-240-2400x2800).
 """
@@ -157,6 +158,15 @@ variants = {
             ("transition3", "denseblock4"),
             ("denseblock3", "transition3", "denseblock4"),
         )
+    },
+    # Quantization-aware fine-tuning (meddx optimize --finetune-epochs N) on the tuning half.
+    **{
+        f"finetune{n}": (
+            lambda n=n: optimize.to_openvino(
+                optimize.finetuned(models.features_model(ck), X[tune], n), size
+            )
+        )
+        for n in (2, 5, 10)
     },
     # SmoothQuant on convolutions: per input channel, range moves from activations to
     # weights (NNCF runs it only for its TRANSFORMER model type).
