@@ -168,6 +168,15 @@ variants = {
         )
         for n in (2, 5, 10)
     },
+    # The same, distilling the penultimate features too (1,024 targets a film, not 2).
+    **{
+        f"finetune{n}_features": (
+            lambda n=n: optimize.to_openvino(
+                optimize.finetuned(models.features_model(ck), X[tune], n, features=True), size
+            )
+        )
+        for n in (2, 5, 10)
+    },
     # SmoothQuant on convolutions: per input channel, range moves from activations to
     # weights (NNCF runs it only for its TRANSFORMER model type).
     **{

@@ -13,6 +13,7 @@ install`` does). Without them meddx runs the torch model and says so once.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import sys
 import warnings
@@ -29,6 +30,10 @@ from meddx.predict import (  # noqa: F401  (the artefact's format, read there)
     _as_bytes,
     artefact,
 )
+
+# NNCF imports torch's C++ extension builder, which warns on a CPU node that it found no
+# CUDA runtime: nothing meddx's user can act on.
+logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 # The gate: no score moves more than this from torch fp32's, and AUROC (per finding for
 # a multi-label model) not more than that, on the labelled images of DATA.
@@ -204,7 +209,7 @@ def to_openvino(model, size: int):
         )
 
 
-def finetuned(model, inputs: np.ndarray, epochs: int):
+def finetuned(model, inputs: np.ndarray, epochs: int, features: bool = False):
     """Quantization-aware fine-tuning of ``model`` (logits first) on the float ``inputs``:
     NNCF's post-training quantization in torch with the head in fp32, then ``epochs``
     passes of distillation toward the fp32 model's logits on the same inputs, in eval
@@ -218,9 +223,11 @@ def finetuned(model, inputs: np.ndarray, epochs: int):
     x = torch.from_numpy(np.ascontiguousarray(inputs))
     teacher = copy.deepcopy(model).eval()  # nncf.quantize may change the module it takes
     with torch.no_grad():
-        target = torch.cat(
-            [teacher(x[i : i + CHECK_BATCH])[0] for i in range(0, len(x), CHECK_BATCH)]
-        )
+        outs = [teacher(x[i : i + CHECK_BATCH]) for i in range(0, len(x), CHECK_BATCH)]
+    target = torch.cat([o[0] for o in outs])
+    target_f = torch.cat([o[1] for o in outs])
+    # Each part of the loss relative to its target's variance, so neither dominates by scale.
+    scale, scale_f = target.var().clamp_min(1e-6), target_f.var().clamp_min(1e-6)
     student = nncf.quantize(
         model.eval(),
         nncf.Dataset([x[i : i + 1] for i in range(len(x))]),
@@ -236,7 +243,10 @@ def finetuned(model, inputs: np.ndarray, epochs: int):
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
     for _ in range(epochs):
         for batch in torch.randperm(len(x)).split(FINETUNE_BATCH):
-            loss = torch.nn.functional.mse_loss(student(x[batch])[0], target[batch])
+            logits, feats = student(x[batch])
+            loss = torch.nn.functional.mse_loss(logits, target[batch]) / scale
+            if features:
+                loss = loss + torch.nn.functional.mse_loss(feats, target_f[batch]) / scale_f
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -317,11 +327,14 @@ def with_artefact(
     if precision == "int8" and not check["quantized_ops"]:
         precision = "fp32"  # accuracy control returned every layer to fp32: say so
     if not check["holds"]:
+        hint = ""
+        if precision == "int8" and not finetune_epochs:
+            hint = "; fine-tuning may hold it: meddx optimize --finetune-epochs 5"
         raise MeddxError(
             f"{runtime} {precision} fails the accuracy check, no artefact written: "
             f"max score diff {check['max_score_diff']:.4f} (limit {MAX_SCORE_DIFF}), "
             f"AUROC {check['auroc_reference']:.4f} -> {check['auroc_candidate']:.4f} "
-            f"(limit {MAX_AUROC_DIFF}) on {check['images']} images"
+            f"(limit {MAX_AUROC_DIFF}) on {check['images']} images{hint}"
         )
     import torch
 

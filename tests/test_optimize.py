@@ -119,15 +119,19 @@ def test_finetuning_moves_int8_logits_toward_fp32(labelled):
 def test_optimize_with_finetuning_keeps_an_int8_artefact_that_holds(labelled, tmp_path):
     path, _, data = labelled
     out = tmp_path / "seednet-qat.pt"
+    # The held-out half's largest change turns on a film or two near the threshold. After
+    # 2 epochs it was 0.0298 on an AMD EPYC (0.0229 before fine-tuning) and within the
+    # limit on an Intel Xeon; after 16 it was 0.0112 on the EPYC.
     run = subprocess.run(
         [MEDDX, "optimize", str(path), "--calibration", str(data), "--out", str(out)]
-        + ["--finetune-epochs", "2"],
+        + ["--finetune-epochs", "16"],
         capture_output=True,
         text=True,
     )
     assert run.returncode == 0, run.stderr
+    assert "CUDA" not in run.stderr, run.stderr  # torch's warning on a CPU node, silenced
     entry = optimize.artefact(models.read_checkpoint(str(out), StorageSettings())[0])
-    assert entry["precision"] == "int8" and entry["check"]["finetune_epochs"] == 2
+    assert entry["precision"] == "int8" and entry["check"]["finetune_epochs"] == 16
     assert entry["check"]["holds"] and entry["check"]["quantized_ops"] > 0
     assert 0 < entry["check"]["max_score_diff"] <= optimize.MAX_SCORE_DIFF
     assert head_inputs(entry) and "FakeQuantize" not in head_inputs(entry)
@@ -153,8 +157,10 @@ def test_an_artefact_that_fails_the_gate_is_not_written(labelled, tmp_path, monk
     # int8 always moves some score: with no tolerance the same model fails the gate.
     monkeypatch.setattr(optimize, "MAX_SCORE_DIFF", 0.0)
     out = tmp_path / "never.pt"
-    with pytest.raises(MeddxError, match=r"fails the accuracy check, no artefact written: max"):
+    refused = r"fails the accuracy check, no artefact written: max"
+    with pytest.raises(MeddxError, match=refused) as e:
         optimize.optimize(str(path), str(data), str(out), StorageSettings())
+    assert str(e.value).endswith("fine-tuning may hold it: meddx optimize --finetune-epochs 5")
     assert not out.exists()
 
 

@@ -244,7 +244,7 @@ def test_train_from_init_weights_then_optimize_on_the_validation_split(
         refused = re.fullmatch(
             r"not optimized: openvino int8 fails the accuracy check, no artefact written: "
             r"max score diff (\S+) \(limit 0\.02\), AUROC (\S+) -> (\S+) \(limit 0\.003\) "
-            r"on 12 images",
+            r"on 12 images; fine-tuning may hold it: meddx optimize --finetune-epochs 5",
             summary.optimized,
         )
         assert refused, summary.optimized
