@@ -209,7 +209,7 @@ def to_openvino(model, size: int):
         )
 
 
-def finetuned(model, inputs: np.ndarray, epochs: int, features: bool = False):
+def finetuned(model, inputs: np.ndarray, epochs: int):
     """Quantization-aware fine-tuning of ``model`` (logits first) on the float ``inputs``:
     NNCF's post-training quantization in torch with the head in fp32, then ``epochs``
     passes of distillation toward the fp32 model's logits on the same inputs, in eval
@@ -223,11 +223,9 @@ def finetuned(model, inputs: np.ndarray, epochs: int, features: bool = False):
     x = torch.from_numpy(np.ascontiguousarray(inputs))
     teacher = copy.deepcopy(model).eval()  # nncf.quantize may change the module it takes
     with torch.no_grad():
-        outs = [teacher(x[i : i + CHECK_BATCH]) for i in range(0, len(x), CHECK_BATCH)]
-    target = torch.cat([o[0] for o in outs])
-    target_f = torch.cat([o[1] for o in outs])
-    # Each part of the loss relative to its target's variance, so neither dominates by scale.
-    scale, scale_f = target.var().clamp_min(1e-6), target_f.var().clamp_min(1e-6)
+        target = torch.cat(
+            [teacher(x[i : i + CHECK_BATCH])[0] for i in range(0, len(x), CHECK_BATCH)]
+        )
     student = nncf.quantize(
         model.eval(),
         nncf.Dataset([x[i : i + 1] for i in range(len(x))]),
@@ -243,10 +241,7 @@ def finetuned(model, inputs: np.ndarray, epochs: int, features: bool = False):
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
     for _ in range(epochs):
         for batch in torch.randperm(len(x)).split(FINETUNE_BATCH):
-            logits, feats = student(x[batch])
-            loss = torch.nn.functional.mse_loss(logits, target[batch]) / scale
-            if features:
-                loss = loss + torch.nn.functional.mse_loss(feats, target_f[batch]) / scale_f
+            loss = torch.nn.functional.mse_loss(student(x[batch])[0], target[batch])
             opt.zero_grad()
             loss.backward()
             opt.step()
