@@ -488,6 +488,9 @@ def train(cfg: TrainConfig) -> TrainSummary:
     if cfg.use_gpu and not ray.cluster_resources().get("GPU"):
         raise MeddxError("--use-gpu asked for, but this Ray cluster has no GPUs")
     resources = runtime.training_worker_resources(cfg.workers, cfg.use_gpu)
+    # Ray Train sends a worker's print() through its logger as well as to stdout, so each
+    # progress line reached the driver twice; Train passes this on to its workers.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     trainer = ray.train.torch.TorchTrainer(
         train_loop_per_worker,
         train_loop_config={

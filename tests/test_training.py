@@ -263,15 +263,18 @@ def test_train_command_on_its_own_ray_prints_no_state_api_noise(tmp_path):
 
 
 @pytest.mark.slow
-def test_train_quiet_prints_no_progress(ray_session, tmp_path):
+@pytest.mark.parametrize("quiet", [True, False], ids=["quiet", "progress"])
+def test_train_quiet_prints_no_progress(ray_session, tmp_path, quiet):
     write_archive(SynthConfig(out=str(tmp_path / "data"), n=40, size=64, seed=3))
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     env.pop("MEDDX_QUIET_WORKERS", None)  # the workers' lines would reach the driver
+    env.pop("RAY_TRAIN_ENABLE_PRINT_PATCH", None)
     result = subprocess.run(
         [MEDDX, "train", str(tmp_path / "data")]
         + ["--out", str(tmp_path / "m.pt"), "--model", "seednet", "--workers", "2"]
         + ["--epochs", "2", "--image-size", "64", "--storage-path", str(tmp_path / "runs")]
-        + ["--batch-size", "4", "--progress-seconds", "0.01", "--quiet"],
+        + ["--batch-size", "4", "--progress-seconds", "0.01"]
+        + (["--quiet"] if quiet else []),
         env=env,
         capture_output=True,
         text=True,
@@ -279,5 +282,10 @@ def test_train_quiet_prints_no_progress(ray_session, tmp_path):
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
+    if not quiet:
+        # Each epoch's line reaches the driver once (Ray Train's print patch doubled it).
+        for epoch in (1, 2):
+            assert output.count(f"[meddx train] epoch {epoch}/2 train_loss=") == 1, output
+        return
     assert "[meddx train]" not in output, output[-3000:]
     assert "trained seednet on 32 images (validation 8)" in result.stdout  # the summary stays
