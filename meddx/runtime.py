@@ -12,6 +12,7 @@ import logging
 import os
 import threading
 import uuid
+import warnings
 
 import psutil
 import ray
@@ -25,8 +26,11 @@ INPUTS_PER_CPU_ACTOR = 1000  # a CPU job this long gets one more predictor actor
 OBJECTS_PER_BLOCK = 64
 
 
-def init_ray(dashboard: bool = False) -> None:
-    """Join the cluster this runs on (``ray job submit``) or start a local one."""
+def init_ray(dashboard: bool = False, quiet_libraries: bool = False) -> None:
+    """Join the cluster this runs on (``ray job submit``) or start a local one.
+    ``quiet_libraries``: every worker of the job runs ``quiet_worker_logs`` as it starts
+    (a runtime environment costs a scoring run about a second of start-up; a training
+    run's workers print Ray Train's and Ray Data's lines without it)."""
     if not ray.is_initialized():
         # No usage reports leave the machine. A local scoring run skips the dashboard
         # (its processes cost seconds of start-up and a share of the CPUs); training
@@ -44,6 +48,11 @@ def init_ray(dashboard: bool = False) -> None:
         ray.init(
             include_dashboard=None if dashboard else False,  # None: when installed
             log_to_driver=os.environ.get("MEDDX_QUIET_WORKERS") is None,
+            runtime_env=(
+                {"worker_process_setup_hook": "meddx.runtime.quiet_worker_logs"}
+                if quiet_libraries
+                else None
+            ),
         )
         # Ray's own exit handler waits half a second for log lines before stopping
         # what it started; the rows are committed by then, so stop it at once (this
@@ -51,8 +60,29 @@ def init_ray(dashboard: bool = False) -> None:
         atexit.register(stop_ray)
     # meddx shows its own progress, counted from written rows (progress.py): Ray Data's
     # bars stay off, and so does its warning that they are.
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+    # Nor its plan and log folder at the start of each dataset, in this process or in
+    # the workers that run one (a dataset carries its context there).
+    context.print_on_execution_start = False
+    # Its other lines here ("execution finished", "data sink finished") stay in its log
+    # file (the session's logs/ray-data): its console handler shows warnings and errors.
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler):
+            handler.setLevel(max(handler.level, logging.WARNING))
+
+
+def quiet_worker_logs() -> None:
+    """Run in each of a meddx job's Ray workers as it starts: libraries' INFO lines (Ray
+    Train's "Reporting training result", Ray Data's "execution finished" and "progress
+    bars disabled") stay off the console that log_to_driver brings worker output to.
+    meddx's own lines are printed, not logged, and warnings and errors still show."""
+    logging.getLogger().setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+    logging.getLogger("ray.data._internal.execution.streaming_executor").setLevel(logging.WARNING)
+    # Ray Train's dataset manager sets an option Ray Data has deprecated; not ours to fix.
+    warnings.filterwarnings("ignore", message="`ExecutionOptions.exclude_resources`")
 
 
 _START_OR_JOIN = (

@@ -220,6 +220,9 @@ def read_epoch_checkpoint(folder: str) -> Checkpoint:
 
 
 def train_loop_per_worker(config: dict) -> None:
+    # Ray Train has just set this worker's root logger to INFO, and its own report of
+    # each epoch ("Reporting training result ...") is logged there: meddx prints its own.
+    runtime.quiet_worker_logs()
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     torch.manual_seed(config["seed"] + rank)
@@ -484,7 +487,7 @@ def train(cfg: TrainConfig) -> TrainSummary:
 
         if not available():
             raise MeddxError("--optimize needs OpenVINO and NNCF: pip install 'meddx[openvino]'")
-    runtime.init_ray(dashboard=True)
+    runtime.init_ray(dashboard=True, quiet_libraries=True)
     if cfg.use_gpu and not ray.cluster_resources().get("GPU"):
         raise MeddxError("--use-gpu asked for, but this Ray cluster has no GPUs")
     resources = runtime.training_worker_resources(cfg.workers, cfg.use_gpu)
@@ -526,6 +529,9 @@ def train(cfg: TrainConfig) -> TrainSummary:
         run_config=ray.train.RunConfig(
             name=cfg.run_name or f"meddx-train-{time.strftime('%Y%m%d-%H%M%S')}",
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            # Ray Train's INFO lines (worker group, process group, DDP, each checkpoint)
+            # stay in its log files; meddx prints a line per epoch.
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
             **run_storage(cfg),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=CHECKPOINTS_KEPT,

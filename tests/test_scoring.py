@@ -306,3 +306,33 @@ def test_a_killed_score_run_leaves_no_rows_visible(ray_session, tmp_path, random
     # The finished re-run replaced the partition: exactly one row per input of its own.
     assert sorted(rows) == sorted(str(p) for p in many.iterdir())
     assert not list((out / "_staging").rglob("*.parquet"))
+
+
+def test_the_console_shows_meddx_lines_not_ray_datas(ray_session, tmp_path, random_checkpoint):
+    """Ray Data's own INFO lines (its plan, its log folder, "execution finished", "data
+    sink finished") stay in its log file: the console has meddx's progress and summary."""
+    import subprocess
+
+    from .helpers import MEDDX
+
+    for i in range(3):
+        (tmp_path / f"{i}.png").write_bytes(png("L", size=64))
+    env = {
+        **os.environ,
+        "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address,
+        "RAY_AUTH_MODE": "token",
+    }
+    done = subprocess.run(
+        [MEDDX, "score", str(tmp_path), "--model", random_checkpoint[0]]
+        + ["--out", str(tmp_path / "out"), "--progress-seconds", "0.2"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "inputs=3 ok=3 errors=0 rows_written=3" in done.stdout
+    assert "scored: 3/3 (100%)" in done.stderr
+    for ray_data_line in ("Starting execution of Dataset", "Execution plan of Dataset"):
+        assert ray_data_line not in done.stderr, done.stderr
+    assert "execution finished" not in done.stderr and "Data sink" not in done.stderr
