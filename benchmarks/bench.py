@@ -609,6 +609,11 @@ def write_result(result: dict, kind: str) -> None:
     parts = [host, result["model"], result.get("preset"), source != "both" and source]
     name = "-".join(str(p).replace(" ", "-") for p in [*parts, result["date"]] if p)
     path = Path("benchmarks/results") / f"{kind}{name}.json"
+    # A second run the same day gets -b, -c, ...: results already kept stay as they are.
+    for suffix in "bcdefghijklmnopqrstuvwxyz":
+        if not path.exists():
+            break
+        path = path.with_name(f"{kind}{name}-{suffix}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")
