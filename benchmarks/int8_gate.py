@@ -129,6 +129,26 @@ def extra() -> np.ndarray:
     return optimize.model_inputs(ck, films)
 
 
+def smoothed_finetune(epochs: int):
+    """optimize.finetuned with SmoothQuant (alpha 0.5) in the quantization it starts from:
+    nncf.quantize, which finetuned calls, gets the options for this one run."""
+    plain = nncf.quantize
+
+    def with_smoothing(*args, **kwargs):
+        return plain(
+            *args,
+            model_type=nncf.ModelType.TRANSFORMER,
+            advanced_parameters=AQP(smooth_quant_alphas=SQP(convolution=0.5, matmul=-1)),
+            **kwargs,
+        )
+
+    nncf.quantize = with_smoothing
+    try:
+        return optimize.finetuned(models.features_model(ck), X[tune], epochs)
+    finally:
+        nncf.quantize = plain
+
+
 variants = {
     "default_tune": lambda: q(X[tune]),
     "default_all": lambda: q(X),
@@ -198,6 +218,8 @@ variants = {
         )
         for n in (2, 3, 5)
     },
+    # Fine-tuning that starts from SmoothQuant (alpha 0.5) instead of plain quantization.
+    "finetune3_smooth50": lambda: optimize.to_openvino(smoothed_finetune(3), size),
     # SmoothQuant on convolutions: per input channel, range moves from activations to
     # weights (NNCF runs it only for its TRANSFORMER model type).
     **{
