@@ -35,7 +35,7 @@ synth.film_format: meddx's decode_image against the decode of (b)'s loop
 (benchmarks/decode_formats.py's users_loop). Prints images/s, c/a (same precision) and
 c/b (against the better of the two (b) runs), and writes
 benchmarks/results/<host-or-gpu>-<model>-<preset>-<date>.json with the machine (CPU
-model and SIMD flags, GPU if any).
+model and SIMD flags, GPU if any); a later run the same day adds -b, -c, ... to the name.
 
 `--scale N1,N2,...` instead scores N1, N2, ... PNGs (CSV manifests over one uploaded
 set) and samples the proportional set size (PSS) of the whole process tree of each
@@ -614,6 +614,8 @@ def write_result(result: dict, kind: str) -> None:
         if not path.exists():
             break
         path = path.with_name(f"{kind}{name}-{suffix}.json")
+    if path.exists():
+        raise SystemExit(f"{path} and the day's 25 before it exist: move some away")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")

@@ -129,7 +129,7 @@ def extra() -> np.ndarray:
     return optimize.model_inputs(ck, films)
 
 
-def smoothed_finetune(epochs: int):
+def smoothed_finetune(epochs: int, inputs: np.ndarray):
     """optimize.finetuned with SmoothQuant (alpha 0.5) in the quantization it starts from:
     nncf.quantize, which finetuned calls, gets the options for this one run."""
     plain = nncf.quantize
@@ -144,7 +144,7 @@ def smoothed_finetune(epochs: int):
 
     nncf.quantize = with_smoothing
     try:
-        return optimize.finetuned(models.features_model(ck), X[tune], epochs)
+        return optimize.finetuned(models.features_model(ck), inputs, epochs)
     finally:
         nncf.quantize = plain
 
@@ -218,8 +218,18 @@ variants = {
         )
         for n in (2, 3, 5)
     },
-    # Fine-tuning that starts from SmoothQuant (alpha 0.5) instead of plain quantization.
-    "finetune3_smooth50": lambda: optimize.to_openvino(smoothed_finetune(3), size),
+    # Fine-tuning that starts from SmoothQuant (alpha 0.5) instead of plain quantization,
+    # on the tuning half, or on it and EXTRA's films.
+    **{
+        f"finetune{n}_smooth50{'_extra' * more}": (
+            lambda n=n, more=more: optimize.to_openvino(
+                smoothed_finetune(n, np.concatenate([X[tune], extra()]) if more else X[tune]),
+                size,
+            )
+        )
+        for n in (3, 5, 8)
+        for more in (False, True)
+    },
     # SmoothQuant on convolutions: per input channel, range moves from activations to
     # weights (NNCF runs it only for its TRANSFORMER model type).
     **{

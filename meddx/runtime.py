@@ -60,14 +60,11 @@ def init_ray(dashboard: bool = False, quiet_libraries: bool = False) -> None:
         atexit.register(stop_ray)
     # meddx shows its own progress, counted from written rows (progress.py): Ray Data's
     # bars stay off, and so does its warning that they are.
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False
+    ray.data.DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
-    # Nor its plan and log folder at the start of each dataset, in this process or in
-    # the workers that run one (a dataset carries its context there).
-    context.print_on_execution_start = False
-    # Its other lines here ("execution finished", "data sink finished") stay in its log
-    # file (the session's logs/ray-data): its console handler shows warnings and errors.
+    # Its own lines here (the plan, its log folder, "execution finished", "data sink
+    # finished") stay in its log file (the session's logs/ray-data): its console handler
+    # shows warnings and errors.
     for handler in logging.getLogger("ray.data").handlers:
         if isinstance(handler, logging.StreamHandler):
             handler.setLevel(max(handler.level, logging.WARNING))
@@ -75,9 +72,10 @@ def init_ray(dashboard: bool = False, quiet_libraries: bool = False) -> None:
 
 def quiet_worker_logs() -> None:
     """Run in each of a meddx job's Ray workers as it starts: libraries' INFO lines (Ray
-    Train's "Reporting training result", Ray Data's "execution finished" and "progress
-    bars disabled") stay off the console that log_to_driver brings worker output to.
-    meddx's own lines are printed, not logged, and warnings and errors still show."""
+    Train's "Reporting training result", Ray Data's plan and "execution finished", its
+    "progress bars disabled") are dropped there, so log_to_driver brings none of them to
+    the console; the driver's copies of Ray Data's stay in its log file. meddx's own
+    lines are printed, not logged, and warnings and errors still show."""
     logging.getLogger().setLevel(logging.WARNING)
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     logging.getLogger("ray.data._internal.execution.streaming_executor").setLevel(logging.WARNING)

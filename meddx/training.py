@@ -29,7 +29,7 @@ from ray.data.expressions import col
 from sklearn.model_selection import train_test_split
 from torch import nn
 
-from meddx import MeddxError, metrics, models, ood, runtime, sources, storage
+from meddx import MeddxError, metrics, models, one_line, ood, runtime, sources, storage
 from meddx.config import TrainConfig
 from meddx.decode import DecodeSettings
 from meddx.models import Checkpoint
@@ -455,6 +455,16 @@ def run_storage(cfg: TrainConfig) -> dict:
     return {"storage_path": storage.strip_scheme(path)}
 
 
+class FailureLines(ray.train.UserCallback):
+    """A line on the console for each worker that failed, before Ray Train restarts the
+    group from the last checkpoint (``--max-failures``) or gives up. Ray Train's own
+    account of the retry is an INFO line, which stays in its log files."""
+
+    def after_exception(self, run_context, worker_exceptions: dict) -> None:
+        for rank, error in sorted(worker_exceptions.items()):
+            print(f"[meddx train] worker {rank} failed: {one_line(error)}", flush=True)
+
+
 def train(cfg: TrainConfig) -> TrainSummary:
     start = time.perf_counter()
     if cfg.findings:
@@ -532,6 +542,7 @@ def train(cfg: TrainConfig) -> TrainSummary:
             # Ray Train's INFO lines (worker group, process group, DDP, each checkpoint)
             # stay in its log files; meddx prints a line per epoch.
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+            callbacks=[FailureLines()],
             **run_storage(cfg),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=CHECKPOINTS_KEPT,

@@ -13,7 +13,7 @@ from meddx import models
 from meddx.config import SynthConfig
 from meddx.storage import StorageSettings
 from meddx.synth import write_archive
-from meddx.training import TrainConfig, train
+from meddx.training import FailureLines, TrainConfig, train
 
 
 def checkpoints(folder: Path) -> list[Path]:
@@ -36,7 +36,28 @@ def kill_a_worker_after_first_checkpoint(runs: Path, killed: list, deadline_s=30
 
 
 @pytest.mark.slow
+def failure_lines(ray_session) -> list[str]:
+    """The "[meddx train] worker N failed" lines Ray Train's controller printed in this
+    session (its workers' output stays in the session's log files here)."""
+    logs = Path(ray_session._private.worker._global_node.get_session_dir_path()) / "logs"
+    return [
+        line
+        for out in logs.glob("worker-*.out")
+        for line in out.read_text(errors="replace").splitlines()
+        if "[meddx train] worker " in line and " failed: " in line
+    ]
+
+
+def test_failure_lines_name_each_failed_rank_on_one_line(capsys):
+    FailureLines().after_exception(None, {1: RuntimeError("lost\nits node"), 0: OSError()})
+    assert capsys.readouterr().out.splitlines() == [
+        "[meddx train] worker 0 failed: OSError",
+        "[meddx train] worker 1 failed: lost its node",
+    ]
+
+
 def test_killed_worker_restarts_from_last_checkpoint(ray_session, tmp_path):
+    before = len(failure_lines(ray_session))
     data = tmp_path / "data"
     write_archive(SynthConfig(out=str(data), n=48, size=64, seed=9))
     runs = tmp_path / "runs"
@@ -63,6 +84,8 @@ def test_killed_worker_restarts_from_last_checkpoint(ray_session, tmp_path):
     assert summary.last["epoch"] == 3
     assert summary.last["resumed_from_epoch"] >= 1
     models.read_checkpoint(str(tmp_path / "m.pt"), StorageSettings())
+    # The console was told which worker failed, and why, before the group restarted.
+    assert len(failure_lines(ray_session)) > before
 
 
 @pytest.mark.slow
