@@ -8,6 +8,8 @@ films (docs/benchmarks.md, "Start-up, 16-bit PNG and the int8 gate").
     SPEED=1 python benchmarks/int8_gate.py densenet121 224 smooth50_ignore_fc  # and img/s
     python benchmarks/int8_gate.py densenet121 224 finetune5  # quantization-aware
     EXTRA=data/more python benchmarks/int8_gate.py densenet121 224 finetune3_extra
+    KEEP=smooth50_nobc_ignore_fc KS=1,8,32 python benchmarks/int8_gate.py densenet121 224 none
+        # the k convolutions whose return to fp32 helps most, kept in fp32, for each k
 
 Needs the mix archive `make bench` renders (benchmarks/.cache/mix-240-2400x2800).
 """
@@ -36,7 +38,9 @@ torch.set_num_threads(2)
 model_name = sys.argv[1] if len(sys.argv) > 1 else "resnet18"
 size = int(sys.argv[2]) if len(sys.argv) > 2 else 224
 cache = Path(__file__).resolve().parent / ".cache"
-ck_path = cache / f"gate-{model_name}-{size}-trained.pt"
+# AUG=1: a model trained with meddx train's augmentation (EPOCHS of them, default 4).
+aug = "-aug" if os.environ.get("AUG") else ""
+ck_path = cache / f"gate-{model_name}-{size}-trained{aug}.pt"
 img_path = cache / f"gate-{model_name}-{size}-images.npz"
 folder = cache / "mix-240-2400x2800"
 manifest = bench.first_films_manifest(folder, 240, cache)
@@ -48,7 +52,13 @@ if ck_path.exists():
 else:
     ck0 = models.untrained_checkpoint(model_name, input_size=size)
     # LR: densenet121 at 1e-3 collapsed to one score on a Xeon with AMX (AUROC 0.5).
-    ck, images = bench.trained(ck0, manifest, 4, float(os.environ.get("LR", "1e-3")))
+    ck, images = bench.trained(
+        ck0,
+        manifest,
+        int(os.environ.get("EPOCHS", "4")),
+        float(os.environ.get("LR", "1e-3")),
+        augment=bool(aug),
+    )
     _, truth = optimize.labelled_images(ck, str(manifest), StorageSettings(), 10**6)
     models.save_checkpoint(ck, str(ck_path), StorageSettings())
     np.savez(img_path, images=images, truth=truth)
@@ -71,8 +81,8 @@ base = ov.convert_model(
 core = ov.Core()
 
 
-def evaluate(m):
-    c = core.compile_model(m, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+def evaluate(m, precision="f32"):
+    c = core.compile_model(m, "CPU", {"INFERENCE_PRECISION_HINT": precision})
     o = c.output(0)
     p = np.concatenate(
         [optimize.probs_from_logits(ck, c(X[i : i + 32])[o]) for i in range(0, len(X), 32)]
@@ -129,7 +139,7 @@ def extra() -> np.ndarray:
     return optimize.model_inputs(ck, films)
 
 
-def smoothed_finetune(epochs: int, inputs: np.ndarray):
+def smoothed_finetune(epochs: int, inputs: np.ndarray, range_lr: float = optimize.FINETUNE_LR):
     """optimize.finetuned with SmoothQuant (alpha 0.5) in the quantization it starts from:
     nncf.quantize, which finetuned calls, gets the options for this one run."""
     plain = nncf.quantize
@@ -144,7 +154,7 @@ def smoothed_finetune(epochs: int, inputs: np.ndarray):
 
     nncf.quantize = with_smoothing
     try:
-        return optimize.finetuned(models.features_model(ck), inputs, epochs)
+        return optimize.finetuned(models.features_model(ck), inputs, epochs, range_lr)
     finally:
         nncf.quantize = plain
 
@@ -198,6 +208,13 @@ variants = {
         )
         for n in (2, 5, 10)
     },
+    # The quantizers' ranges learning faster than the weights (LSQ-like), from SmoothQuant.
+    **{
+        f"finetune3_smooth50_range{lr:g}": (
+            lambda lr=lr: optimize.to_openvino(smoothed_finetune(3, X[tune], lr), size)
+        )
+        for lr in (1e-4, 1e-3, 1e-2)
+    },
     # The same on the tuning half and its mirror images: twice the films to distil on.
     "finetune3_flipped": lambda: optimize.to_openvino(
         optimize.finetuned(
@@ -241,6 +258,14 @@ variants = {
         )
         for alpha in (0.3, 0.5, 0.8)
     },
+    # The same without bias correction: a layer returned to fp32 (KEEP below) is then
+    # exactly the fp32 model's, as no bias of it was moved to make up for int8.
+    "smooth50_nobc_ignore_fc": lambda: head_fp32(
+        model_type=nncf.ModelType.TRANSFORMER,
+        advanced_parameters=AQP(
+            smooth_quant_alphas=SQP(convolution=0.5, matmul=-1), disable_bias_correction=True
+        ),
+    ),
     # The same at alpha 0.5 with NNCF's fast bias correction (less memory and time).
     "smooth50_fastbc_ignore_fc": lambda: head_fp32(
         model_type=nncf.ModelType.TRANSFORMER,
@@ -260,13 +285,13 @@ for name in only:
         print(name, "failed", repr(e)[:300], flush=True)
 
 
-def speed(m, seconds=8):
+def speed(m, seconds=8, precision="f32"):
     c = core.compile_model(
         m,
         "CPU",
         {
             "PERFORMANCE_HINT": "LATENCY",
-            "INFERENCE_PRECISION_HINT": "f32",
+            "INFERENCE_PRECISION_HINT": precision,
             "INFERENCE_NUM_THREADS": 2,
         },
     )
@@ -348,3 +373,116 @@ if "ac" in os.environ.get("AC", ""):
         fq = sum(1 for n in m.get_ops() if n.get_type_name() == "FakeQuantize")
         print(f"{label:24s}", evaluate(m), f"FQ {fq} ({time.time() - t:.0f}s)", flush=True)
         print("speed int8 img/s", speed(m), "torch fp32", torch_speed(), flush=True)
+
+
+def reverting(m, convs_to_revert):
+    """A copy of the OpenVINO model ``m`` (with FakeQuantize nodes) in which the given
+    convolutions run in fp32: the FakeQuantize nodes that feed them, on activations and on
+    weights, are taken out."""
+    m = m.clone()
+    by_name = {n.get_friendly_name(): n for n in m.get_ops()}
+    for name in convs_to_revert:
+        for fq in feeding_fqs(by_name[name]):
+            fq.output(0).replace(fq.input_value(0))
+    m.validate_nodes_and_infer_types()
+    return m
+
+
+def feeding_fqs(op):
+    """The FakeQuantize nodes on ``op``'s inputs, looking through shape-only ops."""
+    found = []
+    for v in op.input_values():
+        node = v.get_node()
+        while node.get_type_name() in ("Convert", "Reshape", "Transpose", "Unsqueeze"):
+            node = node.input_value(0).get_node()
+        if node.get_type_name() == "FakeQuantize":
+            found.append(node)
+    return found
+
+
+def quantized_convs(m) -> list[str]:
+    return [
+        op.get_friendly_name()
+        for op in m.get_ops()
+        if op.get_type_name() in ("Convolution", "MatMul") and feeding_fqs(op)
+    ]
+
+
+def tune_error(m) -> float:
+    """The mean of the five largest score changes on the tuning half: what reverting a
+    layer is ranked by (the held-out half is only ever reported)."""
+    c = core.compile_model(m, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    o = c.output(0)
+    Xt = X[tune]
+    p = np.concatenate(
+        [optimize.probs_from_logits(ck, c(Xt[i : i + 32])[o]) for i in range(0, len(Xt), 32)]
+    )
+    d = np.abs(p - ref[tune]).max(axis=1)
+    return float(np.sort(d)[-5:].mean())
+
+
+if os.environ.get("KEEP"):
+    # KEEP=finetune3_smooth50: rank that variant's quantized convolutions by how much the
+    # tuning half's worst films move when each alone runs in fp32, then keep the top k in
+    # fp32 for growing k; held-out figures and speed for each k.
+    name = os.environ["KEEP"]
+    saved = cache / f"gate-{model_name}-{size}-{name}{aug}.xml"
+    if saved.exists():
+        start = core.read_model(saved)
+    else:
+        start = quantized.get(name) or variants[name]()
+        ov.save_model(start, saved, compress_to_fp16=False)
+    print("start", evaluate(start), flush=True)
+    layers = quantized_convs(start)
+    base_err = tune_error(start)
+    t = time.time()
+    gains = sorted(
+        ((base_err - tune_error(reverting(start, [n])), n) for n in layers), reverse=True
+    )
+    print(f"ranked {len(layers)} layers ({time.time() - t:.0f}s); tune top5 {base_err:.4f}")
+    for g, n in gains[:12]:
+        print(f"  {g:+.4f} {n}", flush=True)
+    print("torch fp32 img/s", torch_speed(5), flush=True)
+    for k in [int(k) for k in os.environ.get("KS", "1,2,4,8,16,32").split(",")]:
+        m = reverting(start, [n for _, n in gains[:k]])
+        print(f"fp32 top {k:3d}:", evaluate(m), "img/s", speed(m, 5), flush=True)
+
+
+def on_weights(fq) -> bool:
+    """Whether the FakeQuantize ``fq`` quantizes a constant (weights), looking through
+    shape-only ops and conversions."""
+    node = fq.input_value(0).get_node()
+    while node.get_type_name() in ("Convert", "Reshape", "Transpose", "Unsqueeze", "Multiply"):
+        node = node.input_value(0).get_node()
+    return node.get_type_name() == "Constant"
+
+
+def only(m, weights: bool):
+    """A copy of ``m`` with only its weights' (or only its activations') FakeQuantize
+    nodes left: which of the two the score changes come from."""
+    m = m.clone()
+    fqs = [n for n in m.get_ops() if n.get_type_name() == "FakeQuantize"]
+    dropped = [fq for fq in fqs if on_weights(fq) != weights]
+    for fq in dropped:
+        fq.output(0).replace(fq.input_value(0))
+    m.validate_nodes_and_infer_types()
+    print(f"  {len(fqs) - len(dropped)} of {len(fqs)} FakeQuantize nodes kept", flush=True)
+    return m
+
+
+if os.environ.get("SPLIT"):
+    # SPLIT=ignore_fc,...: each variant with only its weights quantized, then only its
+    # activations, each against torch fp32.
+    for name in os.environ["SPLIT"].split(","):
+        m = quantized.get(name) or variants[name]()
+        print(f"{name:24s}", evaluate(m), flush=True)
+        print("  weights only          ", evaluate(only(m, weights=True)), flush=True)
+        print("  activations only      ", evaluate(only(m, weights=False)), flush=True)
+
+
+if os.environ.get("BF16"):
+    # BF16=1: the fp32 IR run by OpenVINO in bf16 (this CPU's native bf16, if it has it)
+    # and torch's bf16 autocast as the predictor runs it, against torch fp32.
+    print("OpenVINO bf16           ", evaluate(base, "bf16"), flush=True)
+    print("img/s: OpenVINO bf16", speed(base, 8, "bf16"), "fp32", speed(base, 8), flush=True)
+    print("torch fp32 img/s", torch_speed(8), flush=True)

@@ -209,11 +209,12 @@ def to_openvino(model, size: int):
         )
 
 
-def finetuned(model, inputs: np.ndarray, epochs: int):
+def finetuned(model, inputs: np.ndarray, epochs: int, range_lr: float = FINETUNE_LR):
     """Quantization-aware fine-tuning of ``model`` (logits first) on the float ``inputs``:
     NNCF's post-training quantization in torch with the head in fp32, then ``epochs``
     passes of distillation toward the fp32 model's logits on the same inputs, in eval
-    mode. Returns the module with its quantizers, for ``to_openvino``."""
+    mode; the quantizers' ranges learn at ``range_lr``, the weights at FINETUNE_LR.
+    Returns the module with its quantizers, for ``to_openvino``."""
     import copy
 
     import nncf
@@ -237,7 +238,12 @@ def finetuned(model, inputs: np.ndarray, epochs: int):
     # off (seednet's made the logits 13x further from fp32's), so that only weights and
     # quantization ranges move, toward the fp32 model's logits.
     student.eval()
-    opt = torch.optim.Adam(student.parameters(), lr=FINETUNE_LR)
+    params = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
+    ranges = [p for n, p in params if n.endswith("_param_storage")]
+    weights = [p for n, p in params if not n.endswith("_param_storage")]
+    opt = torch.optim.Adam(
+        [{"params": weights}, {"params": ranges, "lr": range_lr}], lr=FINETUNE_LR
+    )
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
     for _ in range(epochs):
         for batch in torch.randperm(len(x)).split(FINETUNE_BATCH):
