@@ -652,7 +652,7 @@ def optimized_checkpoint(ckpt, folder: Path, args):
     return optimized, r.check, calibration
 
 
-def trained(ckpt, manifest: Path, epochs: int = 8, lr: float = 1e-4, augment: bool = False):
+def trained(ckpt, manifest: Path, epochs: int = 8, lr: float = 1e-4, augment=None):
     """``ckpt``'s model trained in this process on the manifest's films (decoded as
     scoring decodes them): AUROC near 1 on synth's films, with scores spread out.
 
@@ -660,9 +660,9 @@ def trained(ckpt, manifest: Path, epochs: int = 8, lr: float = 1e-4, augment: bo
     at 1e-3 resnet18's scores all came out above 0.96 (AUROC 0.771 -> 0.809 for a 0.002
     score change, on an Intel Xeon); 4 epochs at 3e-4 gave AUROC 0.870 on an AMD EPYC
     (-> 0.933 for 0.016). 8 epochs at 1e-4: AUROC 1.000, 96 of 240 films between 0.05
-    and 0.95. ``augment``: with the random rotation, crop, shift and intensity jitter
-    ``meddx train`` applies (meddx.transforms.TrainAugment)."""
-    from meddx.transforms import TrainAugment, to_model_input
+    and 0.95. ``augment``: uint8 (N, H, W) -> float (N, 1, H, W) in [0, 1], such as
+    ``meddx train``'s meddx.transforms.TrainAugment()."""
+    from meddx.transforms import to_model_input
 
     images, truth = optimize.labelled_images(ckpt, str(manifest), StorageSettings(), 10**6)
     torch.manual_seed(0)
@@ -673,7 +673,7 @@ def trained(ckpt, manifest: Path, epochs: int = 8, lr: float = 1e-4, augment: bo
     for _ in range(epochs):
         for i in torch.randperm(len(images)).split(32):
             x = torch.from_numpy(images[i.numpy()])
-            x = to_model_input(TrainAugment()(x) if augment else x, mean, std)
+            x = to_model_input(augment(x) if augment else x, mean, std)
             loss = torch.nn.functional.cross_entropy(model(x), labels[i])
             opt.zero_grad()
             loss.backward()

@@ -38,8 +38,24 @@ torch.set_num_threads(2)
 model_name = sys.argv[1] if len(sys.argv) > 1 else "resnet18"
 size = int(sys.argv[2]) if len(sys.argv) > 2 else 224
 cache = Path(__file__).resolve().parent / ".cache"
-# AUG=1: a model trained with meddx train's augmentation (EPOCHS of them, default 4).
+# AUG=1: a model trained with meddx train's augmentation (EPOCHS of them, default 4);
+# AUG=1 NOISE=0.01: and Gaussian noise of that standard deviation (1 = white) on top.
 aug = "-aug" if os.environ.get("AUG") else ""
+noise_sd = float(os.environ.get("NOISE", "0"))
+aug += f"-noise{noise_sd:g}" if aug and noise_sd else ""
+# TRAIN=folder: the model trained on that synth archive's films instead of the mix's
+# 240, which it is then checked on (films it never saw).
+train_on = os.environ.get("TRAIN")
+aug += f"-{Path(train_on).name}" if train_on else ""
+
+
+def augment(x: torch.Tensor) -> torch.Tensor:
+    from meddx.transforms import TrainAugment
+
+    out = TrainAugment()(x)
+    return (out + noise_sd * torch.randn_like(out)).clamp(0, 1) if noise_sd else out
+
+
 ck_path = cache / f"gate-{model_name}-{size}-trained{aug}.pt"
 img_path = cache / f"gate-{model_name}-{size}-images.npz"
 folder = cache / "mix-240-2400x2800"
@@ -54,12 +70,12 @@ else:
     # LR: densenet121 at 1e-3 collapsed to one score on a Xeon with AMX (AUROC 0.5).
     ck, images = bench.trained(
         ck0,
-        manifest,
+        Path(train_on, "_manifest.csv") if train_on else manifest,
         int(os.environ.get("EPOCHS", "4")),
         float(os.environ.get("LR", "1e-3")),
-        augment=bool(aug),
+        augment=augment if aug else None,
     )
-    _, truth = optimize.labelled_images(ck, str(manifest), StorageSettings(), 10**6)
+    images, truth = optimize.labelled_images(ck, str(manifest), StorageSettings(), 10**6)
     models.save_checkpoint(ck, str(ck_path), StorageSettings())
     np.savez(img_path, images=images, truth=truth)
 print("trained/loaded", round(time.time() - t), "s", len(images), flush=True)
@@ -73,6 +89,13 @@ print(
 )
 X = optimize.model_inputs(ck, images)
 tune, held = slice(0, None, 2), slice(1, None, 2)
+# For scale: torch fp32's own scores when each pixel moves by at most one grey level.
+noise = np.abs(optimize.torch_probs(ck, optimize.grey_level_noise(images)) - ref).max(axis=1)
+print(
+    f"one grey level of noise: held max {noise[held].max():.4f}"
+    f" p99 {np.quantile(noise[held], 0.99):.4f} mean {noise[held].mean():.4f}",
+    flush=True,
+)
 base = ov.convert_model(
     models.features_model(ck),
     example_input=torch.zeros(1, 3, size, size),

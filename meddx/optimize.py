@@ -323,6 +323,12 @@ def with_artefact(
         ]
     )
     check = accuracy_check(ckpt, reference[held], probs_from_logits(ckpt, logits), truth[held])
+    # For scale: how far torch fp32's own scores move when each pixel moves by at most
+    # one grey level, a change below any decoder's or resize's.
+    noisy = torch_probs(ckpt, grey_level_noise(images[held]))
+    check["noise_score_diff"] = accuracy_check(ckpt, reference[held], noisy, truth[held])[
+        "max_score_diff"
+    ]
     check["quantized_ops"] = xml.count(b'type="FakeQuantize"')
     check["finetune_epochs"] = finetune_epochs if precision == "int8" else 0
     if precision == "int8" and not check["quantized_ops"]:
@@ -335,7 +341,8 @@ def with_artefact(
             f"{runtime} {precision} fails the accuracy check, no artefact written: "
             f"max score diff {check['max_score_diff']:.4f} (limit {MAX_SCORE_DIFF}), "
             f"AUROC {check['auroc_reference']:.4f} -> {check['auroc_candidate']:.4f} "
-            f"(limit {MAX_AUROC_DIFF}) on {check['images']} images{hint}"
+            f"(limit {MAX_AUROC_DIFF}) on {check['images']} images; one grey level of noise "
+            f"moves torch fp32's own scores by up to {check['noise_score_diff']:.4f}{hint}"
         )
     import torch
 
@@ -356,8 +363,18 @@ def describe(result: OptimizeResult) -> str:
     return (
         f"{result.runtime} {result.precision}: max_score_diff={c['max_score_diff']:.4f} "
         f"auroc_torch={c['auroc_reference']:.4f} "
-        f"auroc_{result.precision}={c['auroc_candidate']:.4f} images={c['images']}"
+        f"auroc_{result.precision}={c['auroc_candidate']:.4f} images={c['images']} "
+        f"noise_score_diff={c['noise_score_diff']:.4f}"
     )
+
+
+def grey_level_noise(images: np.ndarray, seed: int = 0) -> np.ndarray:
+    """The uint8 ``images`` with each pixel moved by at most one grey level, about half
+    of them by one (seeded): what a model's scores do under it is the floor below which
+    no 8-bit runtime can be expected to hold them."""
+    rng = np.random.default_rng(seed)
+    step = np.rint(rng.uniform(-1, 1, images.shape)).astype(np.int16)
+    return np.clip(images.astype(np.int16) + step, 0, 255).astype(np.uint8)
 
 
 def labelled_images(ckpt: Checkpoint, data: str, settings, max_images: int):

@@ -67,6 +67,9 @@ def test_int8_artefact_passes_its_gate_and_lives_in_the_checkpoint(labelled, opt
     assert check["quantized_ops"] > 0  # int8 for real, not every layer returned to fp32
     assert check["auroc_reference"] > 0.9  # a model worth comparing
     assert 0 < check["max_score_diff"] <= optimize.MAX_SCORE_DIFF  # int8 ran, and held
+    # Beside it, for scale: torch fp32's own scores under one grey level of noise.
+    assert 0 < check["noise_score_diff"] < 1
+    assert f"noise_score_diff={check['noise_score_diff']:.4f}" in printed
     assert b"<net" in optimize._as_bytes(entry["xml"])  # OpenVINO IR, as bytes
     # The classifier head reads fp32 features with fp32 weights; the body is int8.
     assert head_inputs(entry) and "FakeQuantize" not in head_inputs(entry)
@@ -161,7 +164,18 @@ def test_an_artefact_that_fails_the_gate_is_not_written(labelled, tmp_path, monk
     with pytest.raises(MeddxError, match=refused) as e:
         optimize.optimize(str(path), str(data), str(out), StorageSettings())
     assert str(e.value).endswith("fine-tuning may hold it: meddx optimize --finetune-epochs 5")
+    assert "one grey level of noise moves torch fp32's own scores by up to 0." in str(e.value)
     assert not out.exists()
+
+
+def test_grey_level_noise_moves_pixels_by_at_most_one_level():
+    images = np.array([[[0, 128, 255]]], dtype=np.uint8).repeat(4000, axis=1)
+    noisy = optimize.grey_level_noise(images)
+    step = noisy.astype(int) - images
+    assert noisy.dtype == np.uint8 and np.abs(step).max() == 1
+    assert 0.4 < (step[..., 1] != 0).mean() < 0.6  # about half of the pixels move
+    assert noisy[..., 0].max() == 1 and noisy[..., 2].min() == 254  # clipped, not wrapped
+    assert (optimize.grey_level_noise(images) == noisy).all()  # seeded: the same each time
 
 
 def test_runtime_auto_uses_only_an_artefact_that_held(labelled, optimized, monkeypatch, capsys):
