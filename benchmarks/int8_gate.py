@@ -162,24 +162,18 @@ def extra() -> np.ndarray:
     return optimize.model_inputs(ck, films)
 
 
+def plain_finetune(epochs: int, inputs: np.ndarray):
+    """optimize.finetuned as it was first measured: from plain quantization, with the
+    quantizers' ranges at the weights' rate."""
+    return optimize.finetuned(
+        models.features_model(ck), inputs, epochs, optimize.FINETUNE_LR, smooth_quant=0
+    )
+
+
 def smoothed_finetune(epochs: int, inputs: np.ndarray, range_lr: float = optimize.FINETUNE_LR):
-    """optimize.finetuned with SmoothQuant (alpha 0.5) in the quantization it starts from:
-    nncf.quantize, which finetuned calls, gets the options for this one run."""
-    plain = nncf.quantize
-
-    def with_smoothing(*args, **kwargs):
-        return plain(
-            *args,
-            model_type=nncf.ModelType.TRANSFORMER,
-            advanced_parameters=AQP(smooth_quant_alphas=SQP(convolution=0.5, matmul=-1)),
-            **kwargs,
-        )
-
-    nncf.quantize = with_smoothing
-    try:
-        return optimize.finetuned(models.features_model(ck), inputs, epochs, range_lr)
-    finally:
-        nncf.quantize = plain
+    """optimize.finetuned from SmoothQuant (alpha 0.5), with the ranges at ``range_lr``
+    (meddx optimize's own: FINETUNE_RANGE_LR)."""
+    return optimize.finetuned(models.features_model(ck), inputs, epochs, range_lr, 0.5)
 
 
 variants = {
@@ -224,11 +218,7 @@ variants = {
     },
     # Quantization-aware fine-tuning (meddx optimize --finetune-epochs N) on the tuning half.
     **{
-        f"finetune{n}": (
-            lambda n=n: optimize.to_openvino(
-                optimize.finetuned(models.features_model(ck), X[tune], n), size
-            )
-        )
+        f"finetune{n}": (lambda n=n: optimize.to_openvino(plain_finetune(n, X[tune]), size))
         for n in (2, 5, 10)
     },
     # The quantizers' ranges learning faster than the weights (LSQ-like), from SmoothQuant.
@@ -240,9 +230,7 @@ variants = {
     },
     # The same on the tuning half and its mirror images: twice the films to distil on.
     "finetune3_flipped": lambda: optimize.to_openvino(
-        optimize.finetuned(
-            models.features_model(ck), np.concatenate([X[tune], X[tune][..., ::-1]]), 3
-        ),
+        plain_finetune(3, np.concatenate([X[tune], X[tune][..., ::-1]])),
         size,
     ),
     # The tuning half and EXTRA's films (another meddx synth archive, decoded as scoring
@@ -250,9 +238,7 @@ variants = {
     **{
         f"finetune{n}_extra": (
             lambda n=n: optimize.to_openvino(
-                optimize.finetuned(
-                    models.features_model(ck), np.concatenate([X[tune], extra()]), n
-                ),
+                plain_finetune(n, np.concatenate([X[tune], extra()])),
                 size,
             )
         )
@@ -509,3 +495,39 @@ if os.environ.get("BF16"):
     print("OpenVINO bf16           ", evaluate(base, "bf16"), flush=True)
     print("img/s: OpenVINO bf16", speed(base, 8, "bf16"), "fp32", speed(base, 8), flush=True)
     print("torch fp32 img/s", torch_speed(8), flush=True)
+
+
+def rounded_weights(bits: int, part: str = "") -> torch.nn.Module:
+    """The fp32 model with the weights of its convolutions (those whose name holds
+    ``part``) rounded per output channel to ``bits``, symmetric, and nothing else."""
+    m = models.features_model(ck).eval()
+    levels = 2 ** (bits - 1) - 1
+    with torch.no_grad():
+        for name, conv in m.named_modules():
+            if isinstance(conv, torch.nn.Conv2d) and part in name:
+                w = conv.weight
+                step = w.abs().amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12) / levels
+                w.copy_((w / step).round().clamp(-levels, levels) * step)
+    return m
+
+
+def torch_changes(label: str, m, x: np.ndarray = X) -> None:
+    with torch.inference_mode():
+        t = torch.from_numpy(np.ascontiguousarray(x))
+        logits = np.concatenate([m(t[i : i + 32])[0].numpy() for i in range(0, len(t), 32)])
+    d = np.abs(optimize.probs_from_logits(ck, logits) - ref).max(axis=1)[held]
+    print(
+        f"{label:40s} held max {d.max():.4f} p99 {np.quantile(d, 0.99):.4f} mean {d.mean():.4f}",
+        flush=True,
+    )
+
+
+if os.environ.get("ROUND"):
+    # ROUND=8,7,10: torch fp32 with only its convolutions' weights rounded to those bits
+    # (and, at 8 bits, only conv0's), and with the films shifted by one pixel: how
+    # stable the model's own scores are, beside what int8 does to them.
+    for bits in [int(b) for b in os.environ["ROUND"].split(",")]:
+        torch_changes(f"convolution weights at {bits} bits", rounded_weights(bits))
+    torch_changes("conv0's weights at 8 bits", rounded_weights(8, "conv0"))
+    fp32 = models.features_model(ck).eval()
+    torch_changes("films shifted one pixel", fp32, np.roll(X, 1, axis=-1))

@@ -56,6 +56,12 @@ CHECK_BATCH = 32
 # trained model (densenet121: 2e-5 diverged in the first epoch, 1e-5 did not).
 FINETUNE_LR = 1e-5
 FINETUNE_BATCH = 8
+# The quantizers' ranges learn faster than the weights, and fine-tuning starts from
+# SmoothQuant (alpha 0.5 on convolutions: per input channel, range moves from the
+# activations into the weights). densenet121 trained on 960 films, held-out change:
+# 0.0310 from SmoothQuant with ranges at 1e-5, 0.0187 with ranges at 1e-2.
+FINETUNE_RANGE_LR = 1e-2
+FINETUNE_SMOOTH_QUANT = 0.5
 
 
 def available() -> bool:
@@ -209,12 +215,19 @@ def to_openvino(model, size: int):
         )
 
 
-def finetuned(model, inputs: np.ndarray, epochs: int, range_lr: float = FINETUNE_LR):
+def finetuned(
+    model,
+    inputs: np.ndarray,
+    epochs: int,
+    range_lr: float = FINETUNE_RANGE_LR,
+    smooth_quant: float = FINETUNE_SMOOTH_QUANT,
+):
     """Quantization-aware fine-tuning of ``model`` (logits first) on the float ``inputs``:
-    NNCF's post-training quantization in torch with the head in fp32, then ``epochs``
-    passes of distillation toward the fp32 model's logits on the same inputs, in eval
-    mode; the quantizers' ranges learn at ``range_lr``, the weights at FINETUNE_LR.
-    Returns the module with its quantizers, for ``to_openvino``."""
+    NNCF's post-training quantization in torch with the head in fp32 (after SmoothQuant
+    at alpha ``smooth_quant`` on convolutions; 0: none), then ``epochs`` passes of
+    distillation toward the fp32 model's logits on the same inputs, in eval mode; the
+    quantizers' ranges learn at ``range_lr``, the weights at FINETUNE_LR. Returns the
+    module with its quantizers, for ``to_openvino``."""
     import copy
 
     import nncf
@@ -233,6 +246,7 @@ def finetuned(model, inputs: np.ndarray, epochs: int, range_lr: float = FINETUNE
         subset_size=min(CALIBRATION_IMAGES, len(x)),
         fast_bias_correction=True,  # the only one NNCF's torch backend has
         ignored_scope=nncf.IgnoredScope(patterns=[r".*head.*"]),
+        **smoothing(smooth_quant),
     )
     # Eval mode throughout: BatchNorm keeps the fp32 model's statistics and dropout stays
     # off (seednet's made the logits 13x further from fp32's), so that only weights and
@@ -253,6 +267,21 @@ def finetuned(model, inputs: np.ndarray, epochs: int, range_lr: float = FINETUNE
             opt.step()
         schedule.step()
     return student.eval()
+
+
+def smoothing(alpha: float) -> dict:
+    """nncf.quantize's options for SmoothQuant on convolutions at ``alpha`` (NNCF runs
+    it only for its TRANSFORMER model type); none for 0."""
+    if not alpha:
+        return {}
+    import nncf
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters as AQP
+    from nncf.quantization.advanced_parameters import AdvancedSmoothQuantParameters as SQP
+
+    return {
+        "model_type": nncf.ModelType.TRANSFORMER,
+        "advanced_parameters": AQP(smooth_quant_alphas=SQP(convolution=alpha, matmul=-1)),
+    }
 
 
 def accuracy_check(
