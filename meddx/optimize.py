@@ -399,8 +399,8 @@ def describe(result: OptimizeResult) -> str:
 
 def grey_level_noise(images: np.ndarray, seed: int = 0) -> np.ndarray:
     """The uint8 ``images`` with each pixel moved by at most one grey level, about half
-    of them by one (seeded): what a model's scores do under it is the floor below which
-    no 8-bit runtime can be expected to hold them."""
+    of them by one (seeded): how far a model's scores move under it says how stable they
+    are before any runtime changes them."""
     rng = np.random.default_rng(seed)
     step = np.rint(rng.uniform(-1, 1, images.shape)).astype(np.int16)
     return np.clip(images.astype(np.int16) + step, 0, 255).astype(np.uint8)
