@@ -162,16 +162,20 @@ def decode_image(data: bytes, settings: DecodeSettings) -> tuple[np.ndarray, dic
 
 def _decode_dicom(data: bytes, settings: DecodeSettings) -> tuple[np.ndarray, dict]:
     try:
-        ds = dicom.parse(data)
-        info = {**INFO_DEFAULTS, **dicom.attributes(ds, settings.pseudonym_key)}
-        unit = dicom.to_unit_gray(
-            ds,
-            max_pixels=settings.max_pixels,
-            modalities=settings.modalities,
-            target=settings.target,
-        )
+        with dicom.silenced():
+            return _dicom_pixels(data, settings)
     except dicom.DicomError as exc:
         raise DecodeError(str(exc)) from None
+    except Exception as exc:  # whatever else a broken file provokes: its type, no values
+        raise DecodeError(f"cannot decode DICOM ({type(exc).__name__})") from None
+
+
+def _dicom_pixels(data: bytes, settings: DecodeSettings) -> tuple[np.ndarray, dict]:
+    ds = dicom.parse(data)
+    info = {**INFO_DEFAULTS, **dicom.attributes(ds, settings.pseudonym_key)}
+    unit = dicom.to_unit_gray(
+        ds, max_pixels=settings.max_pixels, modalities=settings.modalities, target=settings.target
+    )
     return resize(unit, settings.size), info
 
 
@@ -237,14 +241,21 @@ def decode_images(batch: dict[str, np.ndarray], settings: DecodeSettings) -> dic
             qc.append("")
             continue
         try:
-            images[i], info = decode_image(data, settings)
-            status.append("ok")
-            errors.append("")
-            qc.append(qc_of(images[i], info, settings))
+            pixels, decoded = decode_image(data, settings)
+            checked = qc_of(pixels, decoded, settings)
         except DecodeError as exc:
             status.append("error")
             errors.append(str(exc))
             qc.append("")
+        except Exception as exc:  # one input's failure is its own row, never the block's
+            status.append("error")
+            errors.append(f"decoding failed ({type(exc).__name__})")
+            qc.append("")
+        else:
+            images[i], info = pixels, decoded
+            status.append("ok")
+            errors.append("")
+            qc.append(checked)
         infos.append(info)
     passthrough = {k: v for k, v in batch.items() if k not in ("bytes", "read_error")}
     return {

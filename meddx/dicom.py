@@ -15,10 +15,14 @@ of the identifying values the dataset holds.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import importlib.util
 import io
+import logging
+import math
+import re
 import struct
 import warnings
 import zlib
@@ -106,10 +110,208 @@ class DicomError(Exception):
     """Why a DICOM object cannot be scored (one line, no identifying values)."""
 
 
+# ---- the attributes meddx reads, each checked once ---------------------------------------
+#
+# Any attribute of any file may be missing, multi-valued, of the wrong type (a hostile or
+# broken writer may give Rows the VR LO), empty, negative or absurd. Each reader below
+# gives a clean value or raises DicomError naming the attribute, never its value: the
+# file decides nothing but its own row.
+
+# DICOM PS3.5 code strings (CS: upper-case letters, digits, space, underscore; 16
+# characters). Stored values are compared upper-cased and stripped, as archives hold
+# "pa" and "CHEST " too; anything else (a formula, a name) is not a code string.
+CODE_STRING = re.compile(r"[A-Z0-9 _]{0,16}")
+UID = re.compile(r"[0-9.]{1,64}")  # PS3.5 UI
+PHOTOMETRIC = {
+    "MONOCHROME1",
+    "MONOCHROME2",
+    "PALETTE COLOR",
+    "RGB",
+    "YBR_FULL",
+    "YBR_FULL_422",
+    "YBR_PARTIAL_420",
+    "YBR_ICT",
+    "YBR_RCT",
+}
+
+
+def single(ds: Dataset, keyword: str):
+    """The one value of ``keyword``, or None when absent or empty."""
+    try:
+        value = ds.get(keyword)
+    except Exception as exc:  # pydicom converts raw values on access
+        raise DicomError(f"{keyword} cannot be read ({type(exc).__name__})") from None
+    if isinstance(value, list | tuple | pydicom.multival.MultiValue):
+        if len(value) > 1:
+            raise DicomError(f"{keyword} holds {len(value)} values where one is expected")
+        value = value[0] if value else None
+    if value is None or (isinstance(value, str | bytes) and not value.strip()):
+        return None
+    return value
+
+
+def integer(ds: Dataset, keyword: str, default: int | None, low: int, high: int) -> int:
+    """An integer attribute within [low, high]; ``default`` when absent (None: required)."""
+    value = single(ds, keyword)
+    if value is None:
+        if default is None:
+            raise DicomError(f"{keyword} is missing")
+        return default
+    try:
+        number = float(value) if not isinstance(value, int) else value
+        if isinstance(number, float):
+            if not number.is_integer():
+                raise ValueError
+            number = int(number)
+    except (TypeError, ValueError, OverflowError):
+        raise DicomError(f"{keyword} is not an integer") from None
+    if not low <= number <= high:
+        raise DicomError(f"{keyword} is out of range ({low} to {high})")
+    return number
+
+
+def decimals(ds: Dataset, keyword: str) -> list[float]:
+    """A decimal attribute's values (VM 1-n), all finite; [] when absent."""
+    try:
+        value = ds.get(keyword)
+    except Exception as exc:
+        raise DicomError(f"{keyword} cannot be read ({type(exc).__name__})") from None
+    if value is None or (isinstance(value, str | bytes) and not value.strip()):
+        return []
+    values = (
+        list(value) if isinstance(value, list | tuple | pydicom.multival.MultiValue) else [value]
+    )
+    try:
+        numbers = [float(v) for v in values]
+    except (TypeError, ValueError, OverflowError):
+        raise DicomError(f"{keyword} is not a number") from None
+    if not numbers or not all(math.isfinite(n) for n in numbers):
+        raise DicomError(f"{keyword} is not a finite number")
+    return numbers
+
+
+def code(ds: Dataset, keyword: str) -> str:
+    """A code string (CS), upper-cased and stripped; "" when absent."""
+    value = single(ds, keyword)
+    if value is None:
+        return ""
+    text = value.decode("ascii", "replace") if isinstance(value, bytes) else str(value)
+    text = text.strip(" \x00").upper()
+    if not CODE_STRING.fullmatch(text):
+        raise DicomError(f"{keyword} is not a DICOM code string")
+    return text
+
+
+def uid(ds: Dataset, keyword: str) -> str:
+    """A UID (UI); "" when absent."""
+    value = single(ds, keyword)
+    if value is None:
+        return ""
+    text = str(value).strip(" \x00")
+    if not UID.fullmatch(text):
+        raise DicomError(f"{keyword} is not a UID")
+    return text
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """The attributes that say how to read a frame, checked."""
+
+    rows: int
+    columns: int
+    samples: int
+    bits_allocated: int
+    bits_stored: int
+    signed: bool
+    frames: int
+    photometric: str
+
+
+def geometry(ds: Dataset) -> Geometry:
+    """Rows, Columns, samples, bits, frames and photometric interpretation, checked
+    (DicomError naming the first attribute that is missing or malformed)."""
+    rows = integer(ds, "Rows", None, 1, 65535)
+    columns = integer(ds, "Columns", None, 1, 65535)
+    samples = integer(ds, "SamplesPerPixel", 1, 1, 3)
+    if samples == 2:
+        raise DicomError("SamplesPerPixel is neither 1 nor 3")
+    allocated = integer(ds, "BitsAllocated", None, 1, 64)
+    if allocated not in (1, 8, 16, 32, 64):
+        raise DicomError("BitsAllocated is not 1, 8, 16, 32 or 64")
+    stored = integer(ds, "BitsStored", allocated, 1, allocated)
+    integer(ds, "HighBit", stored - 1, 0, allocated - 1)
+    signed = integer(ds, "PixelRepresentation", 0, 0, 1) == 1
+    photometric = code(ds, "PhotometricInterpretation") or "MONOCHROME2"
+    if photometric not in PHOTOMETRIC:
+        raise DicomError("PhotometricInterpretation is not one meddx reads")
+    if (samples == 3) != (
+        photometric in PHOTOMETRIC - {"MONOCHROME1", "MONOCHROME2", "PALETTE COLOR"}
+    ):
+        raise DicomError("SamplesPerPixel does not fit PhotometricInterpretation")
+    return Geometry(rows, columns, samples, allocated, stored, signed, _frames(ds), photometric)
+
+
+def check_luts(ds: Dataset) -> None:
+    """The modality and VOI transforms' attributes: finite rescale, windows with a width,
+    LUT items with a descriptor of three sane values and their data."""
+    for keyword in ("RescaleSlope", "RescaleIntercept"):
+        if len(decimals(ds, keyword)) > 1:
+            raise DicomError(f"{keyword} holds several values where one is expected")
+    centers, widths = decimals(ds, "WindowCenter"), decimals(ds, "WindowWidth")
+    if bool(centers) != bool(widths):
+        raise DicomError("WindowCenter and WindowWidth come only together")
+    if widths and widths[0] <= 0:
+        raise DicomError("WindowWidth is not positive")
+    function = code(ds, "VOILUTFunction")
+    if function not in ("", "LINEAR", "LINEAR_EXACT", "SIGMOID"):
+        raise DicomError("VOILUTFunction is not LINEAR, LINEAR_EXACT or SIGMOID")
+    if function != "LINEAR_EXACT" and widths and widths[0] < 1:
+        raise DicomError("WindowWidth is under 1")
+    for keyword in ("ModalityLUTSequence", "VOILUTSequence"):
+        if keyword in ds:
+            _check_lut_item(ds, keyword)
+
+
+def _check_lut_item(ds: Dataset, keyword: str) -> None:
+    try:
+        items = ds[keyword].value
+        item = items[0] if len(items) else None
+    except Exception as exc:
+        raise DicomError(f"{keyword} cannot be read ({type(exc).__name__})") from None
+    if item is None:
+        raise DicomError(f"{keyword} holds no item")
+    try:
+        descriptor = [int(v) for v in item.get("LUTDescriptor") or []]
+    except (TypeError, ValueError, OverflowError):
+        raise DicomError(f"{keyword}'s LUTDescriptor is not three integers") from None
+    if len(descriptor) != 3:
+        raise DicomError(f"{keyword}'s LUTDescriptor is not three integers")
+    if not 0 <= descriptor[0] <= 65535 or not 1 <= descriptor[2] <= 16:
+        raise DicomError(f"{keyword}'s LUTDescriptor is out of range")
+    if "LUTData" not in item or not item.LUTData:
+        raise DicomError(f"{keyword} has no LUTData")
+
+
+@contextlib.contextmanager
+def silenced():
+    """pydicom and its plugins warn, and log to the "pydicom" logger, with the offending
+    values themselves ("Invalid value for VR DA: '19800101'"): warnings off and that
+    logger's records dropped while a file's values are read (malformed-but-readable
+    values are each reader's to refuse, by name, not pydicom's to print)."""
+    logger = logging.getLogger("pydicom")
+    before = logger.disabled
+    logger.disabled = True
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.disabled = before
+
+
 def parse(data: bytes) -> Dataset:
     """Parse DICOM bytes, with or without the 128-byte preamble and DICM prefix."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # malformed-but-readable values: not the job's concern
+    with silenced():
         try:
             check_inflated_size(data)
             ds = pydicom.dcmread(io.BytesIO(data), force=True)
@@ -126,9 +328,10 @@ def parse(data: bytes) -> Dataset:
 
 def check_inflated_size(data: bytes) -> None:
     """Refuse a deflated dataset that inflates past MAX_INFLATED_BYTES, counting in 1 MiB
-    steps without keeping them (pydicom would inflate it whole)."""
-    if DeflatedExplicitVRLittleEndian.encode() not in data[:4096]:  # the file meta's UID
-        return
+    steps without keeping them (pydicom would inflate it whole).
+
+    The transfer syntax is read from the file meta group as pydicom reads it, not looked
+    for in the first bytes: earlier elements of any length can push it anywhere."""
     fp = io.BytesIO(data)
     read_preamble(fp, True)
     # pydicom's own reader of the file meta group (read_file_meta_info wants a path).
@@ -177,24 +380,23 @@ def pseudonymous_id(row: dict) -> str:
 
 
 def attributes(ds: Dataset, key: bytes | None) -> dict:
-    """The columns a DICOM input contributes to its output row."""
+    """The columns a DICOM input contributes to its output row, each checked (geometry
+    absent stays 0: an object without pixel data is refused for that, later)."""
     meta = getattr(ds, "file_meta", None)
-    out = {name: str(ds.get(keyword, "") or "") for name, keyword in COLUMNS.items()}
-    out["transfer_syntax"] = str(meta.get("TransferSyntaxUID", "") if meta else "")
-    out["rows"] = int(ds.get("Rows", 0) or 0)
-    out["columns"] = int(ds.get("Columns", 0) or 0)
+    out = {name: code(ds, keyword) for name, keyword in COLUMNS.items()}
+    out["transfer_syntax"] = uid(meta, "TransferSyntaxUID") if meta is not None else ""
+    out["rows"] = integer(ds, "Rows", 0, 0, 65535)
+    out["columns"] = integer(ds, "Columns", 0, 0, 65535)
     out["frames"] = _frames(ds)
     for name, keyword in PSEUDONYMS.items():
-        uid = str(ds.get(keyword, "") or "")
-        out[name] = pseudonym(uid, key) if key and uid else ""
+        value = uid(ds, keyword) if key else ""
+        out[name] = pseudonym(value, key) if key and value else ""
     return out
 
 
 def _frames(ds: Dataset) -> int:
-    try:
-        return max(1, int(ds.get("NumberOfFrames", 1) or 1))
-    except (TypeError, ValueError):
-        return 1
+    """NumberOfFrames (IS); absent or 0 is one frame, as pydicom reads it."""
+    return max(1, integer(ds, "NumberOfFrames", 1, 0, 2**31 - 1))
 
 
 def to_unit_gray(
@@ -208,7 +410,7 @@ def to_unit_gray(
     full size and box-reduced on their stored values. The modality LUT, VOI LUT and
     MONOCHROME1 inversion then run on the reduced array: no float copy of a full film.
     """
-    modality = str(ds.get("Modality", "") or "")
+    modality = code(ds, "Modality")
     if not any(t in ds for t in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         sop = getattr(ds.get("SOPClassUID"), "name", "") or "unknown SOP class"
         raise DicomError(f"DICOM object has no pixel data (Modality {modality or '?'}, {sop})")
@@ -217,16 +419,18 @@ def to_unit_gray(
             f"Modality {modality or '(none)'} is not one this model accepts "
             f"({', '.join(modalities)})"
         )
-    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
-    if rows <= 0 or cols <= 0:
+    if not integer(ds, "Rows", 0, 0, 65535) or not integer(ds, "Columns", 0, 0, 65535):
         raise DicomError("DICOM image has no Rows/Columns")
+    shape = geometry(ds)
+    rows, cols = shape.rows, shape.columns
     if rows * cols > max_pixels:
         raise DicomError(
             f"{cols}x{rows} pixels exceeds the limit of {max_pixels:,}"
             " (possible decompression bomb)"
         )
     check_codestream_size(ds, max_pixels)
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
+    check_luts(ds)
+    photometric = shape.photometric
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -250,7 +454,10 @@ def to_unit_gray(
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         name = getattr(syntax, "name", "") or "unknown transfer syntax"
         raise DicomError(
-            scrub(f"cannot decode DICOM pixel data ({name}): {one_line(exc)}", ds)
+            scrub(
+                f"cannot decode DICOM pixel data ({name}): {type(exc).__name__}: {one_line(exc)}",
+                ds,
+            )
         ) from None
     if photometric == "MONOCHROME1":
         unit = 1.0 - unit  # MONOCHROME1 shows low values bright: make bone bright always
@@ -269,7 +476,7 @@ def _display(stored: np.ndarray, ds: Dataset, extremes: np.ndarray | None) -> np
         # A VOI LUT is indexed by integers; its output spans 2**bits values.
         shown = apply_voi_lut(np.rint(values).astype(np.int64), ds, index=0)
         lo, hi = 0.0, float(2 ** int(ds.VOILUTSequence[0].LUTDescriptor[2]) - 1)
-    elif "WindowCenter" in ds:
+    elif decimals(ds, "WindowCenter"):
         shown = apply_voi_lut(values.astype(np.float64), ds, index=0)
         # The window's output range: what the same transform gives the extremes.
         extremes = apply_voi_lut(np.array([-1e12, 1e12]), ds, index=0)
@@ -474,6 +681,8 @@ def check_codestream_size(ds: Dataset, max_pixels: int) -> None:
     except Exception:
         return  # no frame to find: the decoder reports it
     size = codestream_size(frame)
+    if size is None and syntax in J2K_SYNTAXES:
+        raise DicomError("JPEG 2000 frame is neither a codestream nor a JP2 file")
     if size and size[0] * size[1] > max_pixels:
         raise DicomError(
             f"compressed frame declares {size[0]}x{size[1]} pixels, over the limit of "
@@ -481,11 +690,25 @@ def check_codestream_size(ds: Dataset, max_pixels: int) -> None:
         )
 
 
+# A JP2 file's first box (ISO/IEC 15444-1 I.5.1): some writers encapsulate whole JP2
+# files, not bare codestreams, and OpenJPEG decodes either.
+JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  \r\n\x87\n"
+
+
 def codestream_size(frame: bytes) -> tuple[int, int] | None:
-    """(width, height) a JPEG, JPEG-LS or JPEG 2000 codestream declares, or None."""
-    j2k = frame.find(b"\xff\x4f\xff\x51", 0, 4096)  # SOC then SIZ
-    if j2k >= 0 and len(frame) >= j2k + 24:
-        xsiz, ysiz, x0, y0 = struct.unpack(">IIII", frame[j2k + 8 : j2k + 24])
+    """(width, height) a JPEG, JPEG-LS or JPEG 2000 codestream declares, or None.
+
+    A JP2-boxed frame is read at its contiguous codestream box (``jp2c``), wherever the
+    boxes before it put it; a boxed frame without one declares an unknown size."""
+    if frame.startswith(JP2_SIGNATURE):
+        start = jp2_codestream(frame)
+        if start is None:
+            raise DicomError("JPEG 2000 frame is JP2-boxed without a codestream box")
+        frame = frame[start:]
+    if frame.startswith(b"\xff\x4f\xff\x51"):  # SOC then SIZ
+        if len(frame) < 24:
+            raise DicomError("JPEG 2000 codestream is cut off in its SIZ marker")
+        xsiz, ysiz, x0, y0 = struct.unpack(">IIII", frame[8:24])
         return xsiz - x0, ysiz - y0
     if not frame.startswith(b"\xff\xd8"):  # SOI
         return None
@@ -501,6 +724,27 @@ def codestream_size(frame: bytes) -> tuple[int, int] | None:
             i += 2
         else:
             i += 2 + struct.unpack(">H", frame[i + 2 : i + 4])[0]
+    return None
+
+
+def jp2_codestream(data: bytes) -> int | None:
+    """Where the ``jp2c`` box's codestream starts in a JP2 file, walking the top-level
+    boxes (length 0: to the end; 1: a 64-bit length follows), or None."""
+    pos = 0
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[pos : pos + 8])
+        header = 8
+        if length == 1:
+            if pos + 16 > len(data):
+                return None
+            length, header = struct.unpack(">Q", data[pos + 8 : pos + 16])[0], 16
+        elif length == 0:
+            length = len(data) - pos
+        if kind == b"jp2c":
+            return pos + header
+        if length < header:
+            return None
+        pos += length
     return None
 
 

@@ -11,19 +11,35 @@ one gets it:
   file, which fails when the name exists.
 
 A lease whose heartbeat is older than the lock timeout belongs to a run that died (a
-killed process renews nothing); so does one whose holder ran on this host under a pid
-that no longer exists. The next run takes it over with the same conditional
-write against the stale ETag (S3) or by renaming the stale file away (local), so two
-runs that find the same stale lease cannot both take it, and then recovers the dead
-run's staging as every run does. Heartbeats compare the holder's clock with the
-reader's: the hosts must keep time (NTP), as they must for the run dates anyway.
+killed process renews nothing); so does one whose holder's pid no longer exists in the
+reader's own PID namespace. That shortcut needs the namespace to be known to be the same:
+the lock records the holder's host name, kernel boot id and ``/proc/self/ns/pid`` inode,
+and only a reader with all three equal asks the kernel about the pid (containers with
+host networking share the host name, not the pids). Otherwise the staleness rule alone
+decides. The next run takes a stale lease over with the same conditional write against
+the stale ETag (S3) or a compare-and-remove under the guard (local), so two runs that
+find the same stale lease cannot both take it, and then recovers the dead run's staging
+as every run does. Heartbeats compare the holder's clock with the reader's: the hosts
+must keep time (NTP), as they must for the run dates anyway.
+
+On a local file system every read-compare-write of the lock (renew, take over, release)
+holds ``flock(2)`` on ``OUT/_LOCK.guard``, so it is one step for all meddx processes
+there; creating needs no guard, since ``link(2)`` fails while the lock exists.
+
+The lease fences the commit: :meth:`Lease.check` renews it synchronously and
+conditionally (If-Match on S3, the compare under the guard on disk) just before a run
+writes its ``_COMMIT`` plan, and raises unless that renewal succeeds. A run whose lease
+was taken over, or whose store cannot be reached, therefore never commits.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
+import fcntl
 import json
+import logging
 import os
 import posixpath
 import signal
@@ -34,13 +50,21 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from meddx import MeddxBusy, MeddxError, storage
+from meddx import MeddxBusy, MeddxError, one_line, storage
 from meddx.storage import StorageSettings
 
+log = logging.getLogger(__name__)
+
 LOCK = "_LOCK"
+GUARD = "_LOCK.guard"  # local only: flock(2) on it makes read-compare-write one step
 DEFAULT_LOCK_TIMEOUT = 300.0  # seconds without a heartbeat before a lease is stale
 RENEWALS_PER_TIMEOUT = 5  # a holder renews this often within one timeout
 POLL_SECONDS = 2.0  # how often a waiting run looks at the lease again
+# The guard is held for one read and one rename; a holder that keeps it this long is
+# stopped or hung, and the caller gets an error rather than hanging with it.
+GUARD_WAIT_SECONDS = 10.0
+PID_NS = "/proc/self/ns/pid"
+BOOT_ID = "/proc/sys/kernel/random/boot_id"
 
 
 def _now() -> dt.datetime:
@@ -57,6 +81,10 @@ class Holder:
     command: str
     started: str
     heartbeat: str
+    # Which kernel (boot id) and PID namespace (nsfs inode) ``pid`` belongs to; empty
+    # where the holder could not tell, and in locks written before they were recorded.
+    boot_id: str = ""
+    pid_ns: str = ""
 
     @property
     def age(self) -> float:
@@ -84,6 +112,7 @@ class _Store:
         self.s3 = storage.is_s3(out)
         self.fs = storage.filesystem(out, settings)
         self.path = posixpath.join(storage.strip_scheme(out), LOCK)
+        self.guard = posixpath.join(storage.strip_scheme(out), GUARD)
 
     def read(self) -> tuple[Holder | None, str | None, float] | None:
         """The lock (None if there is none): its holder, a version tag, its age by the
@@ -155,13 +184,18 @@ class _Store:
                     return None
                 raise
             return put["ETag"]
-        current = self.read()
-        if current is None or current[1] != version:
-            return None
         tmp = f"{self.path}.{uuid.uuid4().hex}"
         with open(tmp, "wb") as fh:
             fh.write(data)
-        os.replace(tmp, self.path)
+        try:
+            with self._guarded():
+                current = self.read()
+                if current is None or current[1] != version:
+                    return None
+                os.replace(tmp, self.path)  # atomic: a reader sees the old or the new lock
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
         return data.decode()
 
     def take_stale(self, version: str) -> bool:
@@ -181,28 +215,44 @@ class _Store:
                 raise
             self.fs.rm_file(self.path)
             return True
-        aside = f"{self.path}.stale-{uuid.uuid4().hex}"
-        try:
-            os.rename(self.path, aside)  # atomic: of racing runs, one moves it
-        except FileNotFoundError:
-            return False
-        with open(aside, "rb") as fh:
-            moved = fh.read().decode(errors="replace")
-        if moved != version:  # a fresh lock, created since it was judged: put it back
-            with contextlib.suppress(FileExistsError):
-                os.link(aside, self.path)
-            os.unlink(aside)
-            return False
-        os.unlink(aside)
-        return True
+        with self._guarded():
+            current = self.read()
+            if current is None or current[1] != version:
+                return False  # renewed or taken over since it was judged
+            os.unlink(self.path)
+            return True
 
     def remove(self, version: str) -> None:
-        current = self.read()
-        if current is not None and current[1] == version:
-            if self.s3:
+        if self.s3:
+            current = self.read()
+            if current is not None and current[1] == version:
                 self.fs.rm_file(self.path)
-            else:
+            return
+        with self._guarded():
+            current = self.read()
+            if current is not None and current[1] == version:
                 os.unlink(self.path)
+
+    @contextlib.contextmanager
+    def _guarded(self):
+        """Hold the local guard for the block. flock(2) excludes other processes and
+        other threads of this one alike (each call opens its own file description), and
+        the kernel drops it with a process that dies, so it can never be left behind."""
+        fd = os.open(self.guard, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            deadline = time.monotonic() + GUARD_WAIT_SECONDS
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        wait = f"{GUARD_WAIT_SECONDS:.0f} s"
+                        raise TimeoutError(f"{self.guard} held for over {wait}") from None
+                    time.sleep(0.01)
+            yield
+        finally:
+            os.close(fd)  # releases the flock
 
 
 def _precondition_failed(exc: BaseException) -> bool:
@@ -211,33 +261,71 @@ def _precondition_failed(exc: BaseException) -> bool:
 
 
 class Lease:
-    """A held lease: renewed by a background thread until released."""
+    """A held lease: renewed by a background thread until released, and synchronously by
+    :meth:`check`, the fence before a commit."""
 
     def __init__(self, store: _Store, holder: Holder, version: str, timeout: float):
         self.store, self.holder, self.version = store, holder, version
         self.lost: str | None = None
+        # One renewal at a time: the background beat and check() each compare against
+        # the version the other may be replacing, and would take each other for a thief.
+        self._renewing = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(
-            target=self._renew, args=(timeout / RENEWALS_PER_TIMEOUT,), daemon=True
+            target=self._beat, args=(timeout / RENEWALS_PER_TIMEOUT,), daemon=True
         )
         self._thread.start()
 
-    def _renew(self, every: float) -> None:
-        while not self._stop.wait(every):
-            holder = Holder(**{**self.holder.__dict__, "heartbeat": _now().isoformat()})
-            try:
-                version = self.store.replace(holder, self.version)
-            except OSError:
-                continue  # the store is briefly unreachable: try again at the next beat
+    def _stopped(self) -> str:
+        return f"run {self.holder.run_id} stopped: {self.lost}; nothing committed"
+
+    def renew(self) -> None:
+        """Write a new heartbeat, conditionally on the version this run last wrote.
+        Raises MeddxError (and the lease is lost for good) if the lock changed: another
+        run took it over, or it is gone. OSError: the store could not be reached."""
+        with self._renewing:
+            if self.lost:
+                raise MeddxError(self._stopped())
+            holder = dataclasses.replace(self.holder, heartbeat=_now().isoformat())
+            version = self.store.replace(holder, self.version)
             if version is None:
                 self.lost = "its lease on OUT was taken over by another run"
-                return
+                raise MeddxError(self._stopped())
             self.holder, self.version = holder, version
 
+    def _beat(self, every: float) -> None:
+        failing = False
+        while not self._stop.wait(every):
+            try:
+                self.renew()
+            except MeddxError:
+                return  # lost: check() says so before anything is committed
+            except OSError as exc:
+                # The store is briefly unreachable: try again at the next beat. check()
+                # renews for itself, so a run never commits on an unrenewed lease.
+                if not failing:
+                    log.warning(
+                        "meddx: could not renew the lease on OUT (%s); retrying every %.0f s",
+                        one_line(exc, 160),
+                        every,
+                    )
+                failing = True
+                continue
+            if failing:
+                log.warning("meddx: renewed the lease on OUT again")
+            failing = False
+
     def check(self) -> None:
-        """Raise if another run took the lease over (before committing anything)."""
-        if self.lost:
-            raise MeddxError(f"run {self.holder.run_id} stopped: {self.lost}; nothing committed")
+        """Renew the lease now and raise MeddxError unless that succeeds: the fence a run
+        passes just before it writes its commit plan. A lease taken over, gone, or not
+        renewable because the store cannot be reached all refuse the commit."""
+        try:
+            self.renew()
+        except OSError as exc:
+            raise MeddxError(
+                f"run {self.holder.run_id} stopped: could not renew its lease on OUT "
+                f"({one_line(exc, 160)}); nothing committed"
+            ) from exc
 
     def release(self) -> None:
         self._stop.set()
@@ -247,10 +335,27 @@ class Lease:
                 self.store.remove(self.version)
 
 
+def _pid_namespace() -> tuple[str, str]:
+    """This process's kernel (boot id) and PID namespace (the inode of
+    ``/proc/self/ns/pid``); empty strings where /proc does not say."""
+    try:
+        with open(BOOT_ID) as fh:
+            boot_id = fh.read().strip()
+        pid_ns = str(os.stat(PID_NS).st_ino)
+    except OSError:
+        return "", ""
+    return boot_id, pid_ns
+
+
 def _gone_from_here(holder: Holder) -> bool:
-    """Whether the holder ran on this host and its process no longer exists: a run
-    killed here is taken over at once, without waiting out the timeout."""
-    if holder.host != socket.gethostname():
+    """Whether the holder's process is known to no longer exist: a run killed here is
+    taken over at once, without waiting out the timeout. Only where its pid is known to
+    be one of our PID namespace (same host name, kernel boot and namespace inode): a
+    container with host networking has the host's name but pids of its own."""
+    boot_id, pid_ns = _pid_namespace()
+    if not (boot_id and pid_ns and holder.boot_id and holder.pid_ns):
+        return False  # unknown: the staleness rule decides
+    if (holder.host, holder.boot_id, holder.pid_ns) != (socket.gethostname(), boot_id, pid_ns):
         return False
     try:
         os.kill(holder.pid, 0)
@@ -299,7 +404,9 @@ def acquire(
     deadline = time.monotonic() + wait
     while True:
         started = _now().isoformat()
-        me = Holder(run_id, socket.gethostname(), os.getpid(), command, started, started)
+        me = Holder(
+            run_id, socket.gethostname(), os.getpid(), command, started, started, *_pid_namespace()
+        )
         with _uninterrupted():
             version = store.create(me)
             if version is not None:

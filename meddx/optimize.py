@@ -363,16 +363,7 @@ def with_artefact(
     if precision == "int8" and not check["quantized_ops"]:
         precision = "fp32"  # accuracy control returned every layer to fp32: say so
     if not check["holds"]:
-        hint = ""
-        if precision == "int8" and not finetune_epochs:
-            hint = "; fine-tuning may hold it: meddx optimize --finetune-epochs 5"
-        raise MeddxError(
-            f"{runtime} {precision} fails the accuracy check, no artefact written: "
-            f"max score diff {check['max_score_diff']:.4f} (limit {MAX_SCORE_DIFF}), "
-            f"AUROC {check['auroc_reference']:.4f} -> {check['auroc_candidate']:.4f} "
-            f"(limit {MAX_AUROC_DIFF}) on {check['images']} images; one grey level of noise "
-            f"moves torch fp32's own scores by up to {check['noise_score_diff']:.4f}{hint}"
-        )
+        raise GateRefused(OptimizeResult(runtime, precision, check, None))
     import torch
 
     stored = {
@@ -384,6 +375,30 @@ def with_artefact(
     }
     result = OptimizeResult(runtime, precision, check, None)
     return ckpt.replace(extra={**ckpt.extra, OPTIMIZED_KEY: stored}), result
+
+
+class GateRefused(MeddxError):
+    """The candidate failed its accuracy check: nothing was written. ``result`` holds the
+    check's figures; the message is ``refusal(result)``."""
+
+    def __init__(self, result: OptimizeResult):
+        super().__init__(refusal(result))
+        self.result = result
+
+
+def refusal(result: OptimizeResult) -> str:
+    """One line: why the candidate was refused, with the check's figures."""
+    c = result.check
+    hint = ""
+    if result.precision == "int8" and not c.get("finetune_epochs"):
+        hint = "; fine-tuning may hold it: meddx optimize --finetune-epochs 5"
+    return (
+        f"{result.runtime} {result.precision} fails the accuracy check, no artefact written: "
+        f"max score diff {c['max_score_diff']:.4f} (limit {MAX_SCORE_DIFF}), "
+        f"AUROC {c['auroc_reference']:.4f} -> {c['auroc_candidate']:.4f} "
+        f"(limit {MAX_AUROC_DIFF}) on {c['images']} images; one grey level of noise "
+        f"moves torch fp32's own scores by up to {c['noise_score_diff']:.4f}{hint}"
+    )
 
 
 def describe(result: OptimizeResult) -> str:

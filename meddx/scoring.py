@@ -13,7 +13,6 @@ visible there, and a finished run replaces the partition's earlier rows in one c
 from __future__ import annotations
 
 import json
-import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -114,7 +113,9 @@ def file_metadata(ckpt: Checkpoint, sha: str, run_id: str, cfg: ScoreConfig) -> 
 
 def pseudonym_key() -> bytes | None:
     """The site's HMAC key for DICOM UID pseudonyms (never logged; no key, no UIDs)."""
-    key = os.environ.get(PSEUDONYM_KEY_ENV, "")
+    from meddx import secret
+
+    key = secret.value(PSEUDONYM_KEY_ENV)  # or the file MEDDX_PSEUDONYM_KEY_FILE names
     return key.encode() if key else None
 
 
@@ -207,7 +208,9 @@ def score(cfg: ScoreConfig, started: float | None = None) -> ScoreSummary:
 def _score(cfg: ScoreConfig, run_id: str, held: lease.Lease, start: float) -> ScoreSummary:
     resumed = commit.last_uncommitted(cfg.out, cfg.storage, cfg.run_date) if cfg.resume else None
     recovered = commit.recover(cfg.out, cfg.storage, keep=resumed)
-    uris, located = sources.list_located(cfg.input, cfg.storage, pseudonym_key())
+    uris, located = sources.list_located(
+        cfg.input, cfg.storage, pseudonym_key(), max_bytes=cfg.max_object_bytes
+    )
     if not uris:
         raise MeddxError(f"no instances match the query on {dicomweb.endpoint(cfg.input).host}")
     # Fail fast, in the driver, before the dataset is built; the actors then insist on
@@ -232,9 +235,9 @@ def _score(cfg: ScoreConfig, run_id: str, held: lease.Lease, start: float) -> Sc
     if table.num_rows < len(uris):  # every input gives at least one row (a shard, many)
         commit.discard(cfg.out, cfg.storage, run_id)
         raise MeddxError(f"staged {table.num_rows} rows for {len(uris)} inputs: not committed")
-    held.check()
-    # Re-scoring a run date replaces that partition, in the same commit.
-    commit.commit(cfg.out, cfg.storage, run_id, cfg.run_date, replace=True)
+    # Re-scoring a run date replaces that partition, in the same commit; the lease is
+    # renewed, or the commit refused, just before the plan is written.
+    commit.commit(cfg.out, cfg.storage, run_id, cfg.run_date, fence=held.check, replace=True)
     ok = pc.sum(pc.equal(table["status"], "ok")).as_py() or 0
     sent = None
     if cfg.results_to and located:

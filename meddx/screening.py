@@ -144,7 +144,9 @@ def listing_with_times(
     """Inputs with their modification time (None from a manifest or a PACS: nothing is
     listed with a time, and a DICOM instance never changes), and a DICOMweb source's
     locators (sources.list_located)."""
-    uris, located = sources.list_located(cfg.input, cfg.storage, pseudonym_key(), cfg.since_days)
+    uris, located = sources.list_located(
+        cfg.input, cfg.storage, pseudonym_key(), cfg.since_days, cfg.max_object_bytes
+    )
     if located is not None or sources.is_manifest(cfg.input):
         return [(u, None) for u in uris], located
     fs = storage.filesystem(cfg.input, cfg.storage)
@@ -198,7 +200,7 @@ def _screen(cfg: ScreenConfig, run_id: str, held: lease.Lease, start: float) -> 
                 f"dropped their {dropped} rows",
                 file=sys.stderr,
             )
-        commit.commit(cfg.out, cfg.storage, run_id, cfg.run_date)
+        commit.commit(cfg.out, cfg.storage, run_id, cfg.run_date, fence=held.check)
     seconds = time.perf_counter() - start
     rows = commit.read_results(
         cfg.out, cfg.storage, [f.name for f in OUTPUT_SCHEMA], where=pc.field("run_id") == run_id
@@ -339,6 +341,22 @@ def worklist(rows: pa.Table, threshold: float) -> pa.Table:
     return pa.concat_tables(sections)
 
 
+# A spreadsheet runs a cell that starts with one of these as a formula (=HYPERLINK(...)
+# opens a URL, older ones ran commands): OWASP's CSV-injection list, tab and CR included.
+FORMULA_START = r"^[=+\-@\t\r]"
+
+
+def spreadsheet_safe(table: pa.Table) -> pa.Table:
+    """Every string cell that a spreadsheet would run as a formula, prefixed with a
+    quote (shown as text, OWASP's advice); numbers and other cells as they are."""
+    for i, column in enumerate(table.columns):
+        if pa.types.is_string(column.type):
+            risky = pc.fill_null(pc.match_substring_regex(column, FORMULA_START), False)
+            quoted = pc.binary_join_element_wise("'", column, "")
+            table = table.set_column(i, table.field(i), pc.if_else(risky, quoted, column))
+    return table
+
+
 # Grad-CAM overlays for the top of the worklist in the report: enough to see what the
 # model looked at, few enough to compute on the driver's CPU in seconds.
 REPORT_HEATMAPS = 3
@@ -369,7 +387,7 @@ def write_artefacts(
         storage.join(folder, "worklist.parquet"), buf.getvalue().to_pybytes(), cfg.storage
     )
     csv_buf = pa.BufferOutputStream()
-    pacsv.write_csv(triage, csv_buf)
+    pacsv.write_csv(spreadsheet_safe(triage), csv_buf)
     storage.write_bytes(
         storage.join(folder, "worklist.csv"), csv_buf.getvalue().to_pybytes(), cfg.storage
     )

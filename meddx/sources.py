@@ -76,10 +76,12 @@ def is_shard(uri: str) -> bool:
     return uri.split("#", 1)[0].lower().endswith(SHARD_SUFFIXES)
 
 
-def list_inputs(input_uri: str, settings: StorageSettings) -> list[str]:
+def list_inputs(
+    input_uri: str, settings: StorageSettings, max_bytes: int = DEFAULT_MAX_OBJECT_BYTES
+) -> list[str]:
     """The inputs named by INPUT (prefix, folder or manifest), in a stable order."""
     if is_manifest(input_uri):
-        uris = read_manifest(input_uri, settings).column("uri").to_pylist()
+        uris = read_manifest(input_uri, settings, max_bytes).column("uri").to_pylist()
         # A study listed twice is still one input.
         uris = list(dict.fromkeys(uris))
     else:
@@ -94,6 +96,7 @@ def list_located(
     settings: StorageSettings,
     key: bytes | None = None,
     since_days: int | None = None,
+    max_bytes: int = DEFAULT_MAX_OBJECT_BYTES,
 ) -> tuple[list[str], dict[str, str] | None]:
     """The inputs, and for a DICOMweb source each one's locator (dicomweb.py: what its
     retrieval needs, never written out); None for storage. ``since_days`` narrows a
@@ -102,15 +105,21 @@ def list_located(
     if dicomweb.is_source(input_uri):
         located = dicomweb.list_instances(input_uri, settings, key, since_days)
         return list(located), located
-    return list_inputs(input_uri, settings), None
+    return list_inputs(input_uri, settings, max_bytes), None
 
 
-def read_manifest(uri: str, settings: StorageSettings) -> pa.Table:
-    """A manifest as a table with a non-null string ``uri`` column (CSV or Parquet)."""
+def read_manifest(
+    uri: str, settings: StorageSettings, max_bytes: int = DEFAULT_MAX_OBJECT_BYTES
+) -> pa.Table:
+    """A manifest as a table with a non-null string ``uri`` column (CSV or Parquet),
+    refused unread past ``max_bytes`` like any object. Its URIs are read with the run's
+    own credentials: a manifest names what the run may read, so it is trusted input."""
     try:
-        data = storage.read_bytes(uri, settings)
+        data = storage.read_bytes(uri, settings, max_bytes)
     except FileNotFoundError:
         raise MeddxError(f"manifest not found: {uri}") from None
+    except storage.TooLarge as exc:
+        raise MeddxError(f"manifest {uri}: {exc} (--max-object-bytes)") from None
     try:
         if uri.lower().endswith(".parquet"):
             table = pq.read_table(io.BytesIO(data))
@@ -241,10 +250,11 @@ class GuardedStream:
             raise ShardRefused(f"tar header data over {MAX_HEADER_BYTES:,} bytes")
         return data
 
-    def entered(self, member: tarfile.TarInfo) -> None:
-        """The next header starts after this member's data (in 512-byte blocks)."""
-        data_end = member.offset_data + -(-member.size // 512) * 512
-        self.header_end = data_end + MAX_HEADER_BYTES + TAR_READ_BYTES
+    def entered(self, next_header: int) -> None:
+        """The next header starts at ``next_header``: tarfile's own offset in the stream,
+        which it skips to. A member's ``size`` is not that: a pax GNU.sparse.size or
+        realsize sets it to the logical size, which may be anything."""
+        self.header_end = next_header + MAX_HEADER_BYTES + TAR_READ_BYTES
 
 
 def open_tar_stream(fh, compressed_size: int, max_bytes: int) -> GuardedStream:
@@ -281,7 +291,7 @@ def read_shard(
             with tarfile.open(fileobj=stream, mode="r|", bufsize=TAR_READ_BYTES) as tar:
                 while (member := tar.next()) is not None:
                     tar.members.clear()  # kept for random access, which a stream never needs
-                    stream.entered(member)
+                    stream.entered(tar.offset)
                     members += 1
                     if members > MAX_SHARD_MEMBERS:
                         raise ShardRefused(f"tar shard holds over {MAX_SHARD_MEMBERS:,} members")

@@ -378,6 +378,8 @@ class TrainSummary:
     n_val: int
     last: dict = field(default_factory=dict)  # the last epoch's report
     optimized: str = ""  # train --optimize: what became of the int8 model, in one line
+    # ... and the check behind that line, held or refused (None without --optimize)
+    optimize_result: object = None
 
 
 def finding_weights(items, train_items, findings: list[str]) -> list[float]:
@@ -560,9 +562,9 @@ def train(cfg: TrainConfig) -> TrainSummary:
     images, truth = validation_images(ckpt, labelled_dataset(val_items, class_names, cfg))
     ckpt = fit_ood(ckpt, train_items, class_names, cfg, images)
     ckpt = pin_precision(ckpt, images, truth)
-    optimized = ""
+    optimized, optimize_result = "", None
     if cfg.optimize:
-        ckpt, optimized = with_optimized(ckpt, images, truth)
+        ckpt, optimized, optimize_result = with_optimized(ckpt, images, truth)
     storage.write_bytes(cfg.out, models.checkpoint_bytes(ckpt), cfg.storage)
     ckpt, sha = models.read_checkpoint(cfg.out, cfg.storage)  # proves it loads safely
     return TrainSummary(
@@ -574,19 +576,23 @@ def train(cfg: TrainConfig) -> TrainSummary:
         n_val=len(val_items),
         last=dict(result.metrics or {}),
         optimized=optimized,
+        optimize_result=optimize_result,
     )
 
 
 def with_optimized(ckpt: Checkpoint, images: np.ndarray, truth: np.ndarray) -> tuple:
     """``train --optimize``: the checkpoint with its int8 OpenVINO model when that holds
-    its check on the validation split, and a line saying which. A model that fails the
-    check is still a trained model: it is written without the artefact."""
+    its check on the validation split, a line saying which, and the check (None when no
+    candidate was checked). A model that fails the check is still a trained model: it is
+    written without the artefact."""
     from meddx import optimize
 
     if not optimize.available():
         raise MeddxError("--optimize needs OpenVINO and NNCF: pip install 'meddx[openvino]'")
     try:
         ckpt, result = optimize.with_artefact(ckpt, images, truth, source="the validation split")
+    except optimize.GateRefused as exc:
+        return ckpt, f"not optimized: {exc}", exc.result
     except MeddxError as exc:
-        return ckpt, f"not optimized: {exc}"
-    return ckpt, f"optimized: {optimize.describe(result)}"
+        return ckpt, f"not optimized: {exc}", None
+    return ckpt, f"optimized: {optimize.describe(result)}", result

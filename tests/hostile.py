@@ -123,7 +123,202 @@ def deflated_dicom_bomb(mib: int = 1024) -> bytes:
     return buf.getvalue() + _zero_chunk() * mib + b"\x03\x00"  # then a final empty block
 
 
+def padded_deflated_dicom_bomb(mib: int = 1024, padding: int = 8192) -> bytes:
+    """deflated_dicom_bomb, its file meta's first element padded so the transfer syntax
+    UID sits past the first ``padding`` bytes (a search of a prefix misses it)."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.filewriter import write_file_meta_info
+    from pydicom.uid import DeflatedExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.FileMetaInformationVersion = b"\x00\x01" + bytes(padding)
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    buf = io.BytesIO()
+    buf.write(b"\0" * 128 + b"DICM")
+    write_file_meta_info(buf, meta, enforce_standard=True)
+    head = buf.getvalue()
+    assert head.find(DeflatedExplicitVRLittleEndian.encode()) > padding
+    return head + _zero_chunk() * mib + b"\x03\x00"
+
+
+def sparse_pax_header_bomb(mib: int = 1024) -> bytes:
+    """A .tar.gz: a member whose pax header says GNU.sparse.size=10**12 (its logical size,
+    not what the archive holds), then a pax header of ``mib`` MiB."""
+    image = png("L", size=40)
+    first = member("a.png", size=len(image))
+    first.pax_headers = {"GNU.sparse.size": str(10**12)}
+    prefix = first.tobuf(format=tarfile.PAX_FORMAT) + image + bytes(-len(image) % 512)
+    header = member("././@PaxHeader", type=tarfile.XHDTYPE, size=mib * MIB)
+    return gzip_then_zeros(prefix + header.tobuf(format=tarfile.USTAR_FORMAT), mib)
+
+
+def _box(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", 8 + len(payload)) + kind + payload
+
+
+def boxed_jp2_dicom_bomb(width: int = 65000, height: int = 65000, padding: int = 8192) -> bytes:
+    """A JPEG 2000 CR whose frame is a whole JP2 file: signature, file type, a ``free``
+    box of ``padding`` bytes, then the codestream box, its SIZ saying width x height."""
+    import numpy as np
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEG2000Lossless
+
+    codestream = bytearray(jpeg2k_codestream(np.zeros((64, 64), np.uint16)))
+    codestream[8:16] = struct.pack(">II", width, height)  # Xsiz, Ysiz (offsets are 0)
+    jp2 = (
+        _box(b"jP  ", b"\r\n\x87\n")  # the JP2 signature box
+        + _box(b"ftyp", b"jp2 \0\0\0\0jp2 ")
+        + _box(b"free", bytes(padding))
+        + _box(b"jp2c", bytes(codestream))
+    )
+    ds = pydicom.dcmread(io.BytesIO(dicom_cr()))
+    ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
+    ds.PixelData = encapsulate([jp2])
+    ds["PixelData"].VR = "OB"
+    return _save(ds)
+
+
+def jpeg2k_codestream(pixels) -> bytes:
+    """A bare JPEG 2000 codestream (J2K, lossless) of ``pixels``."""
+    import imagecodecs
+
+    return imagecodecs.jpeg2k_encode(pixels, level=0, codecformat=imagecodecs.JPEG2K.CODEC.J2K)
+
+
 def _save(ds) -> bytes:
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()
+
+
+# ---- malformed attributes ---------------------------------------------------------------
+#
+# A real CR (tests/images.py) with one attribute broken as broken writers and hostile
+# files break them: several values where one belongs, the wrong VR (text in Rows), empty,
+# negative, absurd, or text that is no code string. Each must be one error row whose
+# reason names the attribute and holds none of the file's values (PROBE is in every
+# file's PatientName, and in the broken value where text can carry it).
+PROBE = "Probe^Leak^7731"
+
+
+def _cr_with(change) -> bytes:
+    from pydicom.dataelem import DataElement
+
+    ds = pydicom.dcmread(io.BytesIO(dicom_cr(patient_name=PROBE)))
+    change(ds, DataElement)
+    return _save(ds)
+
+
+def _lut_item(descriptor, data=True):
+    from pydicom.dataset import Dataset
+
+    item = Dataset()
+    item.LUTDescriptor = descriptor
+    if data:
+        item.LUTData = bytes(range(32))  # 16 entries of 16 bits (OW)
+    item.ModalityLUTType = "HU"
+    return item
+
+
+def malformed_dicoms() -> dict[str, tuple[bytes, str]]:
+    """name -> (DICOM bytes, the reason its row must give)."""
+    from pydicom.sequence import Sequence
+
+    def tag(keyword):
+        return pydicom.datadict.tag_for_keyword(keyword)
+
+    cases = {
+        "rows-two-values": (
+            lambda ds, E: setattr(ds, "Rows", [64, 64]),
+            "Rows holds 2 values where one is expected",
+        ),
+        "rows-text": (
+            lambda ds, E: ds.__setitem__(tag("Rows"), E(tag("Rows"), "LO", PROBE)),
+            "Rows is not an integer",
+        ),
+        "columns-negative": (
+            lambda ds, E: ds.__setitem__(tag("Columns"), E(tag("Columns"), "SS", -64)),
+            "Columns is out of range (0 to 65535)",
+        ),
+        "bits-stored-absurd": (
+            lambda ds, E: setattr(ds, "BitsStored", 40),
+            "BitsStored is out of range (1 to 16)",
+        ),
+        "bits-allocated-missing": (
+            lambda ds, E: delattr(ds, "BitsAllocated"),
+            "BitsAllocated is missing",
+        ),
+        "samples-absurd": (
+            lambda ds, E: setattr(ds, "SamplesPerPixel", 7),
+            "SamplesPerPixel is out of range (1 to 3)",
+        ),
+        "frames-negative": (
+            lambda ds, E: setattr(ds, "NumberOfFrames", "-3"),
+            "NumberOfFrames is out of range",
+        ),
+        "photometric-unknown": (
+            lambda ds, E: setattr(ds, "PhotometricInterpretation", "GREEN"),
+            "PhotometricInterpretation is not one meddx reads",
+        ),
+        "photometric-name": (
+            lambda ds, E: setattr(ds, "PhotometricInterpretation", PROBE),
+            "PhotometricInterpretation is not a DICOM code string",
+        ),
+        "modality-two-values": (
+            lambda ds, E: setattr(ds, "Modality", ["CR", "DX"]),
+            "Modality holds 2 values where one is expected",
+        ),
+        "view-formula": (
+            lambda ds, E: setattr(ds, "ViewPosition", '=HYPERLINK("http://x","PA")'),
+            "ViewPosition is not a DICOM code string",
+        ),
+        "body-part-name": (
+            lambda ds, E: setattr(ds, "BodyPartExamined", PROBE),
+            "BodyPartExamined is not a DICOM code string",
+        ),
+        "window-width-zero": (
+            lambda ds, E: setattr(ds, "WindowWidth", 0),
+            "WindowWidth is not positive",
+        ),
+        "window-center-text": (
+            lambda ds, E: ds.__setitem__(tag("WindowCenter"), E(tag("WindowCenter"), "LO", PROBE)),
+            "WindowCenter is not a number",
+        ),
+        "window-center-infinite": (
+            lambda ds, E: setattr(ds, "WindowCenter", "1e999"),
+            "WindowCenter is not a finite number",
+        ),
+        "rescale-two-slopes": (
+            lambda ds, E: setattr(ds, "RescaleSlope", [1, 2]),
+            "RescaleSlope holds several values where one is expected",
+        ),
+        "voi-lut-empty": (
+            lambda ds, E: setattr(ds, "VOILUTSequence", Sequence([])),
+            "VOILUTSequence holds no item",
+        ),
+        "voi-lut-bits-absurd": (
+            lambda ds, E: setattr(ds, "VOILUTSequence", Sequence([_lut_item([16, 0, 60])])),
+            "VOILUTSequence's LUTDescriptor is out of range",
+        ),
+        "modality-lut-without-data": (
+            lambda ds, E: setattr(
+                ds, "ModalityLUTSequence", Sequence([_lut_item([16, 0, 12], data=False)])
+            ),
+            "ModalityLUTSequence has no LUTData",
+        ),
+        "study-uid-name": (
+            lambda ds, E: setattr(ds, "StudyInstanceUID", PROBE),
+            "StudyInstanceUID is not a UID",
+        ),
+        "series-uid-two-values": (
+            lambda ds, E: setattr(ds, "SeriesInstanceUID", ["1.2.3", "1.2.4"]),
+            "SeriesInstanceUID holds 2 values where one is expected",
+        ),
+    }
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns of the very values made here
+        return {name: (_cr_with(change), reason) for name, (change, reason) in cases.items()}

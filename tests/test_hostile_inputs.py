@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import lzma
 import subprocess
 import sys
@@ -21,12 +22,12 @@ import pyarrow.dataset as pads
 import pydicom
 
 from meddx.cli import main
-from meddx.decode import DecodeSettings, decode_image
+from meddx.decode import DecodeSettings, decode_image, decode_images
 from meddx.sources import read_objects
 from meddx.storage import StorageSettings
 
 from . import hostile
-from .images import make_tar, png, png_bomb
+from .images import dicom_cr, make_tar, png, png_bomb
 
 # The read and decode stages exactly as a Ray worker runs them, in a process whose
 # address space is capped, with the member limit of a shard given on the command line.
@@ -76,8 +77,14 @@ def test_bombs_are_error_rows_in_bounded_memory(tmp_path):
         "rows.dcm": hostile.dicom_huge_rows(),
         "jpeg-frame.dcm": hostile.dicom_jpeg_frame_bomb(),
         "deflated.dcm": hostile.deflated_dicom_bomb(),  # 1 MB, inflates to 1 GiB
+        # ... its transfer syntax UID pushed past the first 8 KB by a padded element
+        "deflated-padded.dcm": hostile.padded_deflated_dicom_bomb(),
+        # a JP2-boxed frame, its codestream past the first 8 KB, declaring 65,000 squared
+        "boxed-jp2.dcm": hostile.boxed_jp2_dicom_bomb(),
         "bomb.tar.gz": hostile.gzip_tar_bomb(),  # 2 MB, one member of 2 GiB
         "pax.tar.gz": hostile.pax_header_bomb(),  # a 1 GiB pax header
+        # ... after a member whose pax GNU.sparse.size says 10**12
+        "sparse.tar.gz": hostile.sparse_pax_header_bomb(),
         "links.tar": hostile.links_tar(),
         "many.tar": hostile.members_tar(60),
     }
@@ -102,6 +109,8 @@ def test_bombs_are_error_rows_in_bounded_memory(tmp_path):
     )
     assert error("jpeg-frame.dcm").startswith("compressed frame declares 65000x65000 pixels")
     assert error("deflated.dcm").startswith("deflated DICOM inflates past 536,870,912 bytes")
+    assert error("deflated-padded.dcm") == error("deflated.dcm")
+    assert error("boxed-jp2.dcm").startswith("compressed frame declares 65000x65000 pixels")
     assert error("huge.png") == (
         "object of 10,737,418,240 bytes is over the limit of 536,870,912 (--max-object-bytes)"
     )
@@ -110,6 +119,8 @@ def test_bombs_are_error_rows_in_bounded_memory(tmp_path):
         "compressed tar shard inflates past 536,870,912 bytes (possible decompression bomb)"
     )
     assert error("pax.tar.gz").startswith("tar header data over 1,048,576 bytes")
+    assert error("sparse.tar.gz#a.png").startswith("tar member of 1,000,000,000,000 bytes")
+    assert error("sparse.tar.gz").startswith("tar header data over 1,048,576 bytes")
     for name in ("ok.png", "../../escape.png", "/abs/evil.png"):
         assert rows[f"{inputs}/links.tar#{name}"] == ("ok", "")
     for name in ("sym.png", "hard.png", "dev.png", "fifo.png"):
@@ -117,7 +128,7 @@ def test_bombs_are_error_rows_in_bounded_memory(tmp_path):
     many = [u for u in rows if u.startswith(f"{inputs}/many.tar#")]
     assert len(many) == 50 and all(rows[u][1] == "empty object (0 bytes)" for u in many)
     assert error("many.tar").startswith("tar shard holds over 50 members")
-    assert len(rows) == 6 + 2 + 1 + 7 + 51
+    assert len(rows) == 8 + 2 + 1 + 2 + 7 + 51
 
     # Memory stayed bounded, and nothing was extracted anywhere.
     assert peak_mib < 512, peak_mib
@@ -156,9 +167,69 @@ def test_a_real_deflated_dicom_still_decodes():
     assert info["transfer_syntax"] == "1.2.840.10008.1.2.1.99" and pixels.max() > 0
 
 
-def test_limits_flow_from_the_cli_to_the_workers(ray_session, tmp_path, random_checkpoint, capsys):
+def malformed_batch() -> tuple[dict, dict[str, str]]:
+    cases = hostile.malformed_dicoms()
+    batch = {
+        "image_uri": np.array([f"{name}.dcm" for name in cases], dtype=object),
+        "bytes": np.array([data for data, _ in cases.values()], dtype=object),
+        "read_error": np.array([""] * len(cases), dtype=object),
+    }
+    return batch, {f"{name}.dcm": reason for name, (_, reason) in cases.items()}
+
+
+def test_each_malformed_attribute_is_an_error_row_naming_it(caplog, capfd):
+    batch, reasons = malformed_batch()
+    # One good film in the same batch is still scored.
+    extra = {"image_uri": "good.dcm", "bytes": dicom_cr(), "read_error": ""}
+    batch = {k: np.array([*v, extra[k]], dtype=object) for k, v in batch.items()}
+    caplog.clear()  # making the files logged their values: only decoding's count
+    capfd.readouterr()
+    with caplog.at_level(logging.DEBUG):
+        out = decode_images(batch, DecodeSettings(size=32, pseudonym_key=b"site-key"))
+    rows = dict(zip(out["image_uri"], zip(out["status"], out["error"], strict=True), strict=True))
+    assert rows.pop("good.dcm") == ("ok", "")
+    assert len(rows) == len(reasons) == 21
+    for name, reason in reasons.items():
+        status, error = rows[name]
+        assert status == "error" and reason in error, (name, error)
+        assert error.startswith(reason.split()[0]), (name, error)  # the attribute comes first
+    # No value from the files in a reason, a log record or anything printed.
+    printed = capfd.readouterr()
+    for text in (*out["error"], caplog.text, printed.out, printed.err):
+        assert hostile.PROBE not in text and "HYPERLINK" not in text
+
+
+def test_any_other_failure_is_its_exception_type_and_no_value(monkeypatch):
+    from meddx import decode, dicom
+
+    def broken(*args, **kwargs):
+        raise KeyError(f"({hostile.PROBE})")
+
+    monkeypatch.setattr(dicom, "to_unit_gray", broken)
+    batch = {
+        "image_uri": np.array(["a.dcm", "b.png"], dtype=object),
+        "bytes": np.array([dicom_cr(patient_name=hostile.PROBE), png("L", size=40)], dtype=object),
+        "read_error": np.array(["", ""], dtype=object),
+    }
+    out = decode_images(batch, DecodeSettings(size=32))
+    assert out["status"].tolist() == ["error", "ok"]
+    assert out["error"].tolist() == ["cannot decode DICOM (KeyError)", ""]
+    monkeypatch.setattr(decode, "qc_of", lambda *a: 1 / 0)  # a failure past decoding
+    out = decode_images(batch, DecodeSettings(size=32))
+    assert out["error"].tolist()[1] == "decoding failed (ZeroDivisionError)"
+    assert out["status"].tolist() == ["error", "error"] and out["qc"].tolist() == ["", ""]
+
+
+def test_limits_flow_from_the_cli_to_the_workers(
+    ray_session, tmp_path, random_checkpoint, capsys, monkeypatch
+):
+    # The site's key makes the UIDs read (and checked) too.
+    monkeypatch.setenv("MEDDX_PSEUDONYM_KEY", "hostile-inputs-key")
     inputs = tmp_path / "in"
     inputs.mkdir()
+    malformed, reasons = malformed_batch()
+    for name, data in zip(malformed["image_uri"], malformed["bytes"], strict=True):
+        (inputs / name).write_bytes(data)
     (inputs / "ok.png").write_bytes(png("L", size=48))
     (inputs / "big.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(3_000_000))
     (inputs / "shard.tar").write_bytes(
@@ -183,10 +254,16 @@ def test_limits_flow_from_the_cli_to_the_workers(ray_session, tmp_path, random_c
             "2000000",
         ]
     )
-    assert "inputs=6 ok=5 errors=9 rows_written=14" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "inputs=27 ok=5 errors=30 rows_written=35" in printed.out
     table = pads.dataset(str(out), format="parquet", partitioning="hive").to_table()
     rows = {r["image_uri"]: r["error"] for r in table.to_pylist()}
-    assert len(rows) == table.num_rows == 14
+    assert len(rows) == table.num_rows == 35
+    # Malformed attributes: one error row each, naming the attribute, no value from a file.
+    for name, reason in reasons.items():
+        assert reason in rows[f"{inputs}/{name}"], (name, rows[f"{inputs}/{name}"])
+    for text in (printed.out, printed.err, *filter(None, rows.values())):
+        assert hostile.PROBE not in text and "HYPERLINK" not in text
     assert rows[f"{inputs}/big.png"] == (
         "object of 3,000,008 bytes is over the limit of 2,000,000 (--max-object-bytes)"
     )

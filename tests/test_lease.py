@@ -1,11 +1,18 @@
 """The lease on OUT, on moto's S3 server (conditional puts) and on a local disk."""
 
+import json
+import os
+import posixpath
+import socket
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
 
-from meddx import MeddxBusy, MeddxError, lease
+from meddx import MeddxBusy, MeddxError, commit, lease
+from meddx.storage import filesystem, strip_scheme
 
 
 @pytest.fixture(params=["s3", "local"])
@@ -126,3 +133,173 @@ def test_a_signal_as_the_lock_is_created_still_releases_it(out, settings, monkey
         signal.signal(signal.SIGTERM, previous)
     assert stopped.value.code == 128 + signal.SIGTERM
     assert store_of(out, settings).read() is None
+
+
+# ---- the fence before a commit ----------------------------------------------------------
+
+RUN = "2026-12-01-0123456789ab"
+
+
+def stage_one_file(out, settings, run_id=RUN):
+    """A staged Parquet file of ``run_id`` (commit never reads it); its path."""
+    fs = filesystem(out, settings)
+    staged = posixpath.join(commit.staging_path(out, run_id), "0.parquet")
+    fs.makedirs(posixpath.dirname(staged), exist_ok=True)
+    fs.pipe_file(staged, b"PAR1")
+    return staged
+
+
+def committed(out, settings):
+    fs = filesystem(out, settings)
+    fs.invalidate_cache()
+    return fs.exists(posixpath.join(strip_scheme(out), "dt=2026-12-01"))
+
+
+def test_a_lease_stolen_before_the_commit_refuses_it(out, settings):
+    # A 60 s timeout: the background beat comes every 12 s, long after the commit, so
+    # only the synchronous renewal at the fence can find out that the lock changed.
+    run = lease.acquire(out, settings, RUN, "score", timeout=60)
+    store = store_of(out, settings)
+    try:
+        staged = stage_one_file(out, settings)
+        before = store.read()[0].heartbeat
+        run.check()  # while it holds the lease, the fence renews it there and then
+        assert store.read()[0].heartbeat > before and store.read()[1] == run.version
+        # Its heartbeat stalled long enough for another run to judge it stale and take
+        # the lease over (forced here), after this run started and before it commits.
+        assert store.take_stale(store.read()[1])
+        thief = lease.acquire(out, settings, "2026-12-01-thief", "screen", timeout=60)
+        try:
+            with pytest.raises(MeddxError) as refused:
+                commit.commit(out, settings, RUN, "2026-12-01", fence=run.check, replace=True)
+            assert str(refused.value) == (
+                f"run {RUN} stopped: its lease on OUT was taken over by another run; "
+                "nothing committed"
+            )
+            fs = filesystem(out, settings)
+            assert not committed(out, settings)  # nothing moved into dt=
+            assert fs.exists(staged)
+            assert not fs.exists(posixpath.join(posixpath.dirname(staged), commit.COMMIT))
+            run.release()  # and never removes the new holder's lock
+            assert store.read()[0].run_id == "2026-12-01-thief"
+        finally:
+            thief.release()
+    finally:
+        run.release()
+
+
+def test_a_lock_overwritten_by_hand_refuses_the_commit(out, settings):
+    # Not through the protocol at all: someone (or a second run on a store that ignored
+    # the conditional create) rewrites OUT/_LOCK outright.
+    run = lease.acquire(out, settings, RUN, "score", timeout=60)
+    try:
+        stage_one_file(out, settings)
+        store = store_of(out, settings)
+        now = lease._now().isoformat()
+        other = lease.Holder("2026-12-01-other", "elsewhere", 1, "screen", now, now)
+        filesystem(out, settings).pipe_file(store.path, json.dumps(other.__dict__).encode())
+        with pytest.raises(MeddxError, match="taken over by another run; nothing committed"):
+            commit.commit(out, settings, RUN, "2026-12-01", fence=run.check)
+        assert not committed(out, settings)
+        assert store.read()[0].run_id == "2026-12-01-other"
+    finally:
+        run.release()
+
+
+def test_a_lease_that_cannot_be_renewed_refuses_the_commit(out, settings, monkeypatch):
+    run = lease.acquire(out, settings, RUN, "score", timeout=60)
+    try:
+        stage_one_file(out, settings)
+
+        def unreachable(holder, version):
+            raise ConnectionRefusedError(111, "Connection refused")
+
+        monkeypatch.setattr(run.store, "replace", unreachable)
+        with pytest.raises(MeddxError) as refused:
+            commit.commit(out, settings, RUN, "2026-12-01", fence=run.check)
+        assert str(refused.value) == (
+            f"run {RUN} stopped: could not renew its lease on OUT "
+            "([Errno 111] Connection refused); nothing committed"
+        )
+        assert not committed(out, settings)
+    finally:
+        monkeypatch.undo()
+        run.release()
+    assert store_of(out, settings).read() is None  # still its own lock: released
+
+
+def test_the_fence_and_the_heartbeat_never_take_each_other_for_a_thief(out, settings):
+    # Heartbeats every 10 ms race the fence's own renewals; each compares against the
+    # version the other may be replacing, so they must take turns.
+    run = lease.acquire(out, settings, RUN, "score", timeout=0.05)
+    try:
+        for _ in range(60):
+            run.check()
+        assert run.lost is None
+        with run._renewing:  # between two beats: the lock is the last one it wrote
+            assert store_of(out, settings).read()[1] == run.version
+    finally:
+        run.release()
+    assert store_of(out, settings).read() is None
+
+
+# ---- the pid shortcut needs the same PID namespace ------------------------------------------
+
+
+def a_dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_the_lock_records_the_holders_pid_namespace(out, settings):
+    run = lease.acquire(out, settings, RUN, "score", timeout=60)
+    try:
+        holder = store_of(out, settings).read()[0]
+        ours = our_pid_namespace()
+        assert (holder.boot_id, holder.pid_ns) == (ours["boot_id"], ours["pid_ns"])
+        assert holder.host == socket.gethostname() and holder.pid == os.getpid()
+    finally:
+        run.release()
+
+
+def our_pid_namespace() -> dict:
+    with open("/proc/sys/kernel/random/boot_id") as fh:
+        return {"boot_id": fh.read().strip(), "pid_ns": str(os.stat("/proc/self/ns/pid").st_ino)}
+
+
+@pytest.mark.parametrize("namespace", ["another", "another boot", "unknown"])
+def test_a_dead_pid_of_another_pid_namespace_is_not_taken_for_gone(out, settings, namespace):
+    # A container with host networking has this host's name, yet its pids are its own:
+    # a pid missing here says nothing about its process. Only the timeout can tell.
+    ours = our_pid_namespace()
+    recorded = {
+        "another": {**ours, "pid_ns": str(int(ours["pid_ns"]) + 1)},
+        "another boot": {**ours, "boot_id": "00000000-0000-0000-0000-000000000000"},
+        "unknown": {},  # not recorded: an older lock, or a holder without /proc
+    }[namespace]
+    now = lease._now().isoformat()
+    dead = lease.Holder(
+        "2026-12-01-elsewhere", socket.gethostname(), a_dead_pid(), "screen", now, now, **recorded
+    )
+    store = store_of(out, settings)
+    assert store.create(dead) is not None
+    with pytest.raises(MeddxBusy, match="run 2026-12-01-elsewhere"):
+        lease.acquire(out, settings, RUN, "score", timeout=60)
+    assert store.read()[0].run_id == "2026-12-01-elsewhere"  # not taken over
+
+
+def test_a_dead_pid_of_our_own_pid_namespace_is_taken_over_at_once(out, settings, capsys):
+    now = lease._now().isoformat()
+    pid = a_dead_pid()
+    dead = lease.Holder(
+        "2026-12-01-killed", socket.gethostname(), pid, "screen", now, now, **our_pid_namespace()
+    )
+    assert store_of(out, settings).create(dead) is not None
+    run = lease.acquire(out, settings, RUN, "score", timeout=60)
+    try:
+        assert store_of(out, settings).read()[0].run_id == RUN
+        err = capsys.readouterr().err
+        assert f"from 2026-12-01-killed, its pid {pid} on this host is gone" in err
+    finally:
+        run.release()

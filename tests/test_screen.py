@@ -335,3 +335,27 @@ def test_deploy_manifests_parse():
     assert "--submission-id nightly-$RUN_DATE" in cron and "jobs/nightly.py" in cron
     timer = (REPO / "deploy" / "systemd" / "meddx-nightly.timer").read_text()
     assert "OnCalendar=" in timer
+
+
+def test_worklist_cells_a_spreadsheet_would_run_are_quoted():
+    import pyarrow as pa
+
+    from meddx.screening import spreadsheet_safe
+
+    cells = ['=HYPERLINK("http://x","PA")', "+1+cmd", "-2+3", "@SUM(A1)", "\tx", "PA", "a=b"]
+    table = pa.table(
+        {
+            "view_position": pa.array(cells, pa.string()),
+            "image_uri": pa.array([f"s3://b/{c}" for c in cells], pa.string()),
+            "modality": pa.array([None, "CR", "CR", "CR", "CR", "CR", "CR"], pa.string()),
+            "score": pa.array([-0.5, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6]),
+        }
+    )
+    buf = io.BytesIO()
+    safe = spreadsheet_safe(table)
+    pacsv.write_csv(safe, buf)
+    read = pacsv.read_csv(io.BytesIO(buf.getvalue())).to_pydict()
+    assert read["view_position"] == ["'" + c for c in cells[:5]] + ["PA", "a=b"]
+    assert read["image_uri"] == table["image_uri"].to_pylist()  # nothing to quote there
+    assert read["score"] == table["score"].to_pylist()  # numbers are numbers, - and all
+    assert safe["modality"].to_pylist()[0] is None

@@ -216,6 +216,23 @@ def test_bad_manifests_are_clear(tmp_path):
         list_inputs(str(tmp_path / "absent.csv"), StorageSettings())
 
 
+def test_a_manifest_over_the_object_limit_is_refused_unread(tmp_path, bucket, settings):
+    body = "uri\n" + "".join(f"/data/{i:06d}.png\n" for i in range(1000))
+    (tmp_path / "big.csv").write_text(body)
+    filesystem(bucket, settings).pipe_file(f"{bucket[5:]}/big.csv", body.encode())
+    for uri, where in (
+        (str(tmp_path / "big.csv"), StorageSettings()),
+        (f"{bucket}/big.csv", settings),
+    ):
+        with pytest.raises(MeddxError) as e:
+            sources.list_located(uri, where, max_bytes=1000)
+        assert str(e.value) == (
+            f"manifest {uri}: object of {len(body):,} bytes is over the limit of 1,000 "
+            "(--max-object-bytes)"
+        )
+        assert len(sources.list_inputs(uri, where, max_bytes=len(body))) == 1000
+
+
 def test_s3_reads_one_request_each_with_the_byte_limit(bucket, settings, monkeypatch):
     """Ranged GETs, several in flight: the limit, empty objects and order hold on S3.
     A first read of 64 bytes: objects up to it take one GET, longer ones are sized,
