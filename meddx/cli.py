@@ -460,6 +460,28 @@ SCORING_OPTIONS = [
         help="PEM file of the site's CA for DICOMweb over TLS; env MEDDX_CA_BUNDLE "
         "[default: the system's CAs].",
     ),
+    click.option(
+        "--allow-insecure-http",
+        is_flag=True,
+        default=None,
+        help="Send DICOMweb credentials over plain http (dicomweb+http://) to hosts other "
+        "than loopback; without it such a source or --results-to is refused.",
+    ),
+    click.option(
+        "--pseudonymize-paths",
+        is_flag=True,
+        default=None,
+        help="Write image_uri (and paths in error text) as keyed hashes of the path "
+        "(pseudonym:HASH[#HASH]): file and member names often hold MRNs. Needs "
+        "MEDDX_PSEUDONYM_KEY (or MEDDX_PSEUDONYM_KEY_FILE).",
+    ),
+    click.option(
+        "--path-map",
+        default=None,
+        metavar="FOLDER",
+        help="With --pseudonymize-paths: keep each run's pseudonym -> path table as "
+        "FOLDER/RUN_ID.parquet (a place only the right people read) [default: kept nowhere].",
+    ),
     storage_option,
 ]
 

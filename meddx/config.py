@@ -66,6 +66,13 @@ class ScoreConfig:
     # A DICOMweb server to STOW-RS each scored study's Structured Report to (results.py).
     results_to: str | None = None
     results_heatmaps: bool = False  # ... and the top finding's Grad-CAM as a Secondary Capture
+    # DICOMweb credentials may go over plain http to a host other than loopback.
+    allow_insecure_http: bool = False
+    # image_uri (and paths in error text) as keyed hashes of the path: file and member
+    # names often hold MRNs or accession numbers. Needs the site's pseudonym key.
+    pseudonymize_paths: bool = False
+    # ... and where each run's pseudonym -> path table goes (a folder); None: nowhere.
+    path_map: str | None = None
     storage: StorageSettings = StorageSettings()
 
     def __post_init__(self):
@@ -79,6 +86,8 @@ class ScoreConfig:
             object.__setattr__(self, "modalities", parse_modalities(self.modalities))
         if isinstance(self.views, str):  # "PA,AP" or "any"
             object.__setattr__(self, "views", parse_views(self.views))
+        if self.path_map is not None and not self.pseudonymize_paths:
+            raise MeddxError("--path-map goes with --pseudonymize-paths")
         if self.results_heatmaps and self.results_to is None:
             raise MeddxError("--results-heatmaps goes with --results-to")
         if self.results_to is not None:
@@ -90,6 +99,11 @@ class ScoreConfig:
                 raise MeddxError(
                     "--results-to needs a DICOMweb INPUT: the reports go into the studies it listed"
                 )
+        for url in (self.input, self.results_to):
+            if url is not None and url.lower().startswith(DICOMWEB_SCHEMES):
+                from meddx.dicomweb import check_transport  # pydicom: DICOMweb runs only
+
+                check_transport(url, self.allow_insecure_http)
         for name in ("batch_size", "actors", "max_pixels", "max_object_bytes"):
             value = getattr(self, name)
             if value is not None and value < 1:

@@ -135,19 +135,23 @@ PHOTOMETRIC = {
 }
 
 
-def single(ds: Dataset, keyword: str):
-    """The one value of ``keyword``, or None when absent or empty."""
+def values(ds: Dataset, keyword: str) -> list:
+    """Every value of ``keyword``; [] when absent or empty."""
     try:
         value = ds.get(keyword)
     except Exception as exc:  # pydicom converts raw values on access
         raise DicomError(f"{keyword} cannot be read ({type(exc).__name__})") from None
-    if isinstance(value, list | tuple | pydicom.multival.MultiValue):
-        if len(value) > 1:
-            raise DicomError(f"{keyword} holds {len(value)} values where one is expected")
-        value = value[0] if value else None
     if value is None or (isinstance(value, str | bytes) and not value.strip()):
-        return None
-    return value
+        return []
+    return list(value) if isinstance(value, list | tuple | pydicom.multival.MultiValue) else [value]
+
+
+def single(ds: Dataset, keyword: str):
+    """The one value of ``keyword``, or None when absent or empty."""
+    found = values(ds, keyword)
+    if len(found) > 1:
+        raise DicomError(f"{keyword} holds {len(found)} values where one is expected")
+    return found[0] if found else None
 
 
 def integer(ds: Dataset, keyword: str, default: int | None, low: int, high: int) -> int:
@@ -173,43 +177,33 @@ def integer(ds: Dataset, keyword: str, default: int | None, low: int, high: int)
 def decimals(ds: Dataset, keyword: str) -> list[float]:
     """A decimal attribute's values (VM 1-n), all finite; [] when absent."""
     try:
-        value = ds.get(keyword)
-    except Exception as exc:
-        raise DicomError(f"{keyword} cannot be read ({type(exc).__name__})") from None
-    if value is None or (isinstance(value, str | bytes) and not value.strip()):
-        return []
-    values = (
-        list(value) if isinstance(value, list | tuple | pydicom.multival.MultiValue) else [value]
-    )
-    try:
-        numbers = [float(v) for v in values]
+        numbers = [float(v) for v in values(ds, keyword)]
     except (TypeError, ValueError, OverflowError):
         raise DicomError(f"{keyword} is not a number") from None
-    if not numbers or not all(math.isfinite(n) for n in numbers):
+    if not all(math.isfinite(n) for n in numbers):
         raise DicomError(f"{keyword} is not a finite number")
     return numbers
 
 
 def code(ds: Dataset, keyword: str) -> str:
     """A code string (CS), upper-cased and stripped; "" when absent."""
+    return _matching(ds, keyword, CODE_STRING, "a DICOM code string", upper=True)
+
+
+def uid(ds: Dataset, keyword: str) -> str:
+    """A UID (UI), stripped; "" when absent."""
+    return _matching(ds, keyword, UID, "a UID")
+
+
+def _matching(ds: Dataset, keyword: str, pattern: re.Pattern, what: str, upper=False) -> str:
     value = single(ds, keyword)
     if value is None:
         return ""
     text = value.decode("ascii", "replace") if isinstance(value, bytes) else str(value)
-    text = text.strip(" \x00").upper()
-    if not CODE_STRING.fullmatch(text):
-        raise DicomError(f"{keyword} is not a DICOM code string")
-    return text
-
-
-def uid(ds: Dataset, keyword: str) -> str:
-    """A UID (UI); "" when absent."""
-    value = single(ds, keyword)
-    if value is None:
-        return ""
-    text = str(value).strip(" \x00")
-    if not UID.fullmatch(text):
-        raise DicomError(f"{keyword} is not a UID")
+    text = text.strip(" \x00")
+    text = text.upper() if upper else text
+    if not pattern.fullmatch(text):
+        raise DicomError(f"{keyword} is not {what}")
     return text
 
 

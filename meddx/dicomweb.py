@@ -3,7 +3,8 @@
     meddx score 'dicomweb+http://pacs:8042/dicom-web?ModalitiesInStudy=CR' ...
 
 - Listing (QIDO-RS, in the driver): studies matching the query's filters, then their
-  series, then their instances, each level paged with ``limit`` and ``offset``. Series
+  series, then their instances, each level paged with ``limit`` and ``offset`` until an
+  empty page (``_paged``: a server may cap its pages, or ignore ``offset``). Series
   that are not images (SR, KO, PR, ...) and meddx's own results series are skipped.
 - Every instance is one input. Its ``image_uri`` is ``dicomweb://HOST/instances/P``
   where P is the keyed pseudonym of its SOP Instance UID (``MEDDX_PSEUDONYM_KEY``), so
@@ -15,8 +16,13 @@
   reduced-resolution decode reads them. 5xx, 408, 429, connection resets and truncated
   bodies are retried with back-off; an instance that stays unreadable is an error row.
 - Credentials come from the environment (``MEDDX_DICOMWEB_USER`` and
-  ``MEDDX_DICOMWEB_PASSWORD``, or ``MEDDX_DICOMWEB_TOKEN``) and are never printed.
-  TLS is verified, against ``--ca-bundle`` when given.
+  ``MEDDX_DICOMWEB_PASSWORD``, or ``MEDDX_DICOMWEB_TOKEN``; each also as ``..._FILE``,
+  the path of a mounted secret: secret.py) and are never printed. TLS is verified,
+  against ``--ca-bundle`` when given. Credentials go over plain http only to loopback,
+  unless ``--allow-insecure-http`` says so (``check_transport``).
+- Redirects are followed only within the origin asked (scheme, host, port): another
+  origin would receive the credentials' request, a re-POSTed report with its patient
+  module, or bytes whose hash then names the input.
 
 dicomweb-client does QIDO-RS and STOW-RS. WADO-RS is a plain GET on the same session:
 the client's retrieve parses every instance into a pydicom Dataset, and its multipart
@@ -26,15 +32,18 @@ decoder returns a truncated body as if whole, so the body is checked here instea
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import ipaddress
+import json
 import logging
-import os
 import random
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
-from urllib.parse import parse_qsl, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urljoin, urlsplit, urlunsplit
 
-from meddx import MeddxError, one_line
+from meddx import MeddxError, one_line, secret
 from meddx.dicom import pseudonym
 from meddx.names import DICOMWEB_SCHEMES
 from meddx.storage import StorageSettings, TooLarge
@@ -46,7 +55,12 @@ USER_ENV, PASSWORD_ENV, TOKEN_ENV = (
     "MEDDX_DICOMWEB_PASSWORD",
     "MEDDX_DICOMWEB_TOKEN",
 )
-QIDO_PAGE = 500  # results per QIDO-RS request (limit=, offset=)
+QIDO_PAGE = 500  # results per QIDO-RS request (limit=, offset=); a server may send fewer
+# Results listed per level (studies; series of a study; instances of a series) before
+# the listing stops with a warning: a server that never sends an empty page cannot hold
+# the driver forever. A night's query lists thousands of studies; this is an archive's
+# worth, about 200 MB of QIDO-RS JSON held in the driver.
+QIDO_MAX_RESULTS = 100_000
 ATTEMPTS = 5  # per request, for the transient failures below
 BACKOFF_S = 0.2  # first wait; doubled each try, with jitter
 MAX_BACKOFF_S = 8.0
@@ -59,6 +73,7 @@ RESULTS_SERIES = "meddx AI results"
 
 # dicomweb-client names UIDs in its INFO lines: they must not reach any log.
 logging.getLogger("dicomweb_client").setLevel(logging.WARNING)
+log = logging.getLogger(__name__)
 
 
 def is_source(uri: str) -> bool:
@@ -99,9 +114,10 @@ def endpoint(source: str) -> Endpoint:
 
 
 def credentials() -> tuple[tuple[str, str] | None, str | None]:
-    """(basic auth, bearer token) from the environment: at most one of them."""
-    user, password = os.environ.get(USER_ENV, ""), os.environ.get(PASSWORD_ENV, "")
-    token = os.environ.get(TOKEN_ENV, "")
+    """(basic auth, bearer token) from the environment, each variable or the file its
+    ``_FILE`` twin names (secret.value): at most one of them."""
+    user, password = secret.value(USER_ENV), secret.value(PASSWORD_ENV)
+    token = secret.value(TOKEN_ENV)
     if token and (user or password):
         raise MeddxError(f"set either {TOKEN_ENV} or {USER_ENV}/{PASSWORD_ENV}, not both")
     if bool(user) != bool(password):
@@ -109,12 +125,69 @@ def credentials() -> tuple[tuple[str, str] | None, str | None]:
     return ((user, password) if user else None), (token or None)
 
 
+def is_loopback(host: str) -> bool:
+    """``localhost`` or a loopback address: traffic that never leaves the machine."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_transport(source: str, allow_insecure_http: bool = False) -> None:
+    """Refuse, in one line, a DICOMweb URL (``dicomweb+http(s)://``) that would send the
+    environment's credentials in clear text: plain http to a host other than loopback,
+    unless ``allow_insecure_http`` (``--allow-insecure-http``). Without credentials,
+    or over https, nothing is refused."""
+    parts = urlsplit(endpoint(source).url)
+    if parts.scheme != "http" or allow_insecure_http or is_loopback(parts.hostname or ""):
+        return
+    auth, token = credentials()
+    if auth or token:
+        raise MeddxError(
+            f"refusing to send DICOMweb credentials ({TOKEN_ENV if token else USER_ENV}) "
+            f"over plain http to {parts.netloc}: use dicomweb+https://, or "
+            "--allow-insecure-http on a network you trust"
+        )
+
+
+def origin(url: str) -> tuple[str, str, int | None]:
+    """(scheme, host, port) of a URL, the port made explicit (None: not a valid one)."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port or {"http": 80, "https": 443}.get(scheme)
+    except ValueError:
+        port = None
+    return scheme, (parts.hostname or "").lower(), port
+
+
+class Redirected(MeddxError):
+    """A server answered with a redirect to another origin, which is not followed."""
+
+
+def _same_origin_redirects(response, *args, **kwargs):
+    """A response hook: requests calls it on every answer, before it follows a redirect."""
+    if response.is_redirect:
+        target = urljoin(response.url, response.headers["Location"])
+        if origin(target) != origin(response.url) or None in origin(target):
+            response.close()
+            scheme, host, port = origin(target)
+            raise Redirected(
+                f"DICOMweb server {urlsplit(response.url).netloc} redirected to another "
+                f"origin ({scheme}://{host}:{port}): not followed"
+            )
+    return response
+
+
 _local = threading.local()
 
 
 def session(settings: StorageSettings):
     """A requests session with the environment's credentials and TLS verified (against
-    the site's CA bundle when given): one per thread, reused for its connections."""
+    the site's CA bundle when given), following redirects only within an origin: one
+    per thread, reused for its connections."""
     import requests
 
     sessions = _local.__dict__.setdefault("sessions", {})
@@ -127,6 +200,7 @@ def session(settings: StorageSettings):
         if token:
             s.headers["Authorization"] = f"Bearer {token}"
         s.trust_env = False  # no proxies or .netrc credentials from elsewhere
+        s.hooks["response"].append(_same_origin_redirects)
         sessions[key] = s
     return sessions[key]
 
@@ -203,14 +277,47 @@ def _value(item: dict, keyword: str) -> str:
     return str(values[0])
 
 
-def _paged(search, **kwargs) -> list[dict]:
-    found, offset = [], 0
+def _paged(search, cut: Counter, what: str, **kwargs) -> list[dict]:
+    """Every result of a QIDO-RS search, page by page until an empty page. A server may
+    cap a page below ``limit`` (PS3.18 6.7.1.2), so a short page is not the last. A page
+    the server already sent (it ignores ``offset``) ends the listing, and so do
+    QIDO_MAX_RESULTS results; either may leave results out, and is counted in ``cut``
+    under ``("repeated" | "capped", what)`` for the caller's warning."""
+    found: list[dict] = []
+    seen: set[str] = set()
     while True:
+        offset = len(found)
         page = retried(lambda at=offset: search(limit=QIDO_PAGE, offset=at, **kwargs))
-        found.extend(page)
-        if len(page) < QIDO_PAGE:
+        if not page:
             return found
-        offset += len(page)
+        fingerprint = hashlib.sha256(json.dumps(page, sort_keys=True).encode()).hexdigest()
+        if fingerprint in seen:
+            cut["repeated", what] += 1
+            return found
+        seen.add(fingerprint)
+        found.extend(page)
+        if len(found) > QIDO_MAX_RESULTS:
+            cut["capped", what] += 1
+            return found[:QIDO_MAX_RESULTS]
+
+
+def warn_cut(host: str, cut: Counter) -> None:
+    """A warning line for each way ``_paged`` cut listings short, naming how many at
+    each level: a run that goes on without some studies says so in its log."""
+    for why in ("repeated", "capped"):
+        levels = ", ".join(f"{n} of {what}" for (w, what), n in sorted(cut.items()) if w == why)
+        if levels and why == "repeated":
+            log.warning(
+                "meddx: DICOMweb server %s ignores QIDO-RS offset: listings (%s) ended on a "
+                "page it had sent before; any results beyond it are missing",
+                host, levels,
+            )  # fmt: skip
+        elif levels:
+            log.warning(
+                "meddx: DICOMweb server %s: listings (%s) stopped at %d results, the most "
+                "meddx lists at one level; the rest are missing: narrow the query",
+                host, levels, QIDO_MAX_RESULTS,
+            )  # fmt: skip
 
 
 def since_filter(days: int, today: dt.date | None = None) -> str:
@@ -225,7 +332,8 @@ def list_instances(
     """{image_uri: locator} for every image instance the source's query matches (the
     locator, "URL STUDY SERIES SOP", is what WADO-RS needs; it never leaves the run).
     With ``since_days``, only studies of the last that many days (unless the query sets
-    its own StudyDate)."""
+    its own StudyDate). A listing cut short (``_paged``) is a warning, not an error: the
+    night goes on with what was listed."""
     if key is None:
         raise MeddxError(
             "a DICOMweb source needs MEDDX_PSEUDONYM_KEY: each instance is named by the "
@@ -237,10 +345,13 @@ def list_instances(
         filters["StudyDate"] = since_filter(since_days)
     c = client(where.url, settings)
     located: dict[str, str] = {}
+    cut: Counter = Counter()
     try:
-        for study in _paged(c.search_for_studies, search_filters=filters):
+        for study in _paged(c.search_for_studies, cut, "studies", search_filters=filters):
             study_uid = _value(study, "StudyInstanceUID")
-            for series in _paged(c.search_for_series, study_instance_uid=study_uid):
+            for series in _paged(
+                c.search_for_series, cut, "series of a study", study_instance_uid=study_uid
+            ):
                 if _value(series, "Modality").upper() in NOT_IMAGES:
                     continue
                 if _value(series, "SeriesDescription") == RESULTS_SERIES:
@@ -248,6 +359,8 @@ def list_instances(
                 series_uid = _value(series, "SeriesInstanceUID")
                 for inst in _paged(
                     c.search_for_instances,
+                    cut,
+                    "instances of a series",
                     study_instance_uid=study_uid,
                     series_instance_uid=series_uid,
                 ):
@@ -258,6 +371,7 @@ def list_instances(
         raise
     except Exception as exc:
         raise MeddxError(f"listing {where.host} failed: {reason(exc, where.host)}") from None
+    warn_cut(where.host, cut)
     return located
 
 

@@ -11,21 +11,32 @@ is identified by TID 4019 (DCM 111001 Algorithm Name: the model's name; 111003
 Algorithm Version: the checkpoint's sha256). docs/pacs.md records the choice.
 
 The SR carries the patient and study modules of its sources (read with WADO-RS
-metadata, no pixels), so the PACS files it in their study. It exists only in memory and
-on the --results-to server: never in OUT, a log or the report. Its UIDs are derived
-from the study pseudonym, the checkpoint and the instances it reports on, so sending
-the same results again stores no second copy.
+metadata, no pixels), so the PACS files it in their study. Instances are grouped by the
+study QIDO-RS listed them in (their locator), which is where the PACS files them, never
+by the StudyInstanceUID their files state (missing, or stale after a reconciliation).
+It exists only in memory and on the --results-to server: never in OUT, a log or the
+report. Its UIDs are derived from the study's pseudonym, the checkpoint and the
+instances it reports on, so sending the same results again stores no second copy.
+
+The libraries on this path (pydicom, highdicom, dicomweb-client) warn and log with the
+values they complain about (``Invalid value for VR DA: '1980-01-01'``, a patient's
+name): they are silenced here, and a report that cannot be built is recorded by the
+exception's type and the attributes' names, never by its text.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
+import warnings
 from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from meddx import MeddxError, __version__, commit, dicomweb, one_line
+from meddx import MeddxError, __version__, commit, dicomweb
+from meddx.dicom import pseudonym
 from meddx.models import Checkpoint
 from meddx.storage import StorageSettings
 
@@ -44,7 +55,9 @@ TYPE2_COPIED = (
     "StudyID",
     "AccessionNumber",
 )
-COLUMNS = ["image_uri", "status", "probs", "score", "label", "study_pseudonym"]
+COLUMNS = ["image_uri", "status", "probs", "score", "label"]
+# Libraries whose warnings and log records on this path can quote a patient's values.
+QUIETED = ("pydicom", "highdicom", "dicomweb_client")
 
 
 @dataclass(frozen=True)
@@ -60,14 +73,35 @@ def uid(*parts: str) -> str:
     return f"2.25.{int(digest, 16)}"
 
 
+@contextlib.contextmanager
+def quiet_libraries():
+    """No warning and no log record from QUIETED while the block runs: their texts
+    quote the values they refuse. Levels are restored after, whatever happens."""
+    loggers = [logging.getLogger(name) for name in QUIETED]
+    levels = [logger.level for logger in loggers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for logger in loggers:
+            logger.setLevel(logging.CRITICAL + 1)
+        try:
+            yield
+        finally:
+            for logger, level in zip(loggers, levels, strict=True):
+                logger.setLevel(level)
+
+
 def source_metadata(locator: str, settings: StorageSettings):
-    """The instance's attributes (WADO-RS metadata: no pixel data) as a Dataset."""
+    """The instance's attributes (WADO-RS metadata: no pixel data) as a Dataset, its
+    UIDs those it was listed under. Call it under quiet_libraries()."""
     import pydicom
 
     url, study, series, sop = dicomweb.locator_parts(locator)
     c = dicomweb.client(url, settings)
     meta = dicomweb.retried(lambda: c.retrieve_instance_metadata(study, series, sop))
     ds = pydicom.Dataset.from_json(meta, bulk_data_uri_handler=lambda *_: b"")
+    # The SR is filed in its first source's study and references each source by UID:
+    # those the PACS listed, whatever the header says (or leaves out).
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = study, series, sop
     # Type 2 attributes of the patient and study modules, which the SR copies: present,
     # if empty, in a conformant instance; a server's JSON may leave empty ones out.
     for keyword in TYPE2_COPIED:
@@ -180,6 +214,65 @@ def heatmap(source, row: dict, located: dict[str, str], ckpt, sha: str, study: s
     return image
 
 
+def by_listed_study(rows: pa.Table, located: dict[str, str]) -> dict[str, list[dict]]:
+    """The scored (status ok) rows among ``rows`` that have a locator, by the Study
+    Instance UID QIDO-RS listed each under: the study the PACS files it in."""
+    grouped: dict[str, list[dict]] = {}
+    for row in rows.select(COLUMNS).to_pylist():
+        locator = located.get(row["image_uri"])
+        if row["status"] != "ok" or locator is None:
+            continue
+        grouped.setdefault(dicomweb.locator_parts(locator)[1], []).append(row)
+    return grouped
+
+
+def one_patient(sources: list) -> None:
+    """Refuse a study whose sources name more than one patient: the SR states the
+    first source's, and would file the others' results under it."""
+    for keyword in ("PatientID", "IssuerOfPatientID"):
+        if len({str(ds.get(keyword, "")) for ds in sources}) > 1:
+            raise MeddxError(f"its instances differ in {keyword}: no report")
+
+
+def invalid_attributes(sources: list) -> list[str]:
+    """The keywords of the copied patient and study attributes whose values their VR
+    refuses (a date as 1980-01-01, say): the names only."""
+    from pydicom.config import RAISE
+    from pydicom.valuerep import validate_value
+
+    bad = set()
+    for ds in sources:
+        for keyword in TYPE2_COPIED:
+            if keyword not in ds:
+                continue
+            element = ds.data_element(keyword)
+            values = element.value if element.VM > 1 else [element.value]
+            try:
+                for value in values:
+                    if value not in (None, ""):
+                        validate_value(element.VR, value, RAISE)
+            except Exception:  # noqa: BLE001 - any refusal names the attribute
+                bad.add(keyword)
+    return sorted(bad)
+
+
+def why_not_built(exc: Exception, sources: list) -> str:
+    """One line for a report that could not be built: the exception's type and the
+    attributes at fault, never its text, which quotes values (``Unable to convert
+    '1980-01-01' to 'DA' object``)."""
+    from pydicom.datadict import tag_for_keyword
+
+    line = f"{type(exc).__name__} building the report"
+    with quiet_libraries():
+        invalid = invalid_attributes(sources)
+    if invalid:
+        line += f"; invalid {', '.join(invalid)}"
+    name = getattr(exc, "name", None)  # AttributeError's: the attribute asked for
+    if isinstance(exc, AttributeError) and name and tag_for_keyword(name) is not None:
+        line += f"; missing {name}"
+    return line
+
+
 def send(
     target: str,
     rows: pa.Table,
@@ -187,36 +280,44 @@ def send(
     ckpt: Checkpoint,
     sha: str,
     settings: StorageSettings,
+    key: bytes,
     heatmaps: bool = False,
+    allow_insecure_http: bool = False,
 ) -> Sent:
-    """STOW-RS one SR per study among ``rows`` (a run's rows) to ``target``; with
-    ``heatmaps``, also the Grad-CAM overlay of the study's top-scoring instance."""
+    """STOW-RS one SR per listed study among ``rows`` (a run's rows) to ``target``;
+    with ``heatmaps``, also the Grad-CAM overlay of the study's top-scoring instance.
+    ``key`` names each study by its pseudonym (in the SR's UIDs, in ``failed``). A
+    target that would get credentials over plain http is refused first, unless
+    ``allow_insecure_http`` (dicomweb.check_transport)."""
     import requests
 
+    dicomweb.check_transport(target, allow_insecure_http)
     where = dicomweb.endpoint(target)
-    by_study: dict[str, list[dict]] = {}
-    for row in rows.select(COLUMNS).to_pylist():
-        if row["status"] != "ok" or row["image_uri"] not in located:
-            continue
-        by_study.setdefault(row["study_pseudonym"] or "", []).append(row)
     c = dicomweb.client(where.url, settings)
     stored, instances, failed = 0, 0, []
-    for study, scored in sorted(by_study.items()):
+    for study_uid, scored in sorted(by_listed_study(rows, located).items()):
+        study = pseudonym(study_uid, key)
+        sources: list = []
         try:
-            sources = [source_metadata(located[r["image_uri"]], settings) for r in scored]
-            made = [report(sources, [r["probs"] for r in scored], ckpt, sha, study)]
-            if heatmaps:
-                top = max(range(len(scored)), key=lambda i: max(scored[i]["probs"]))
-                made.append(heatmap(sources[top], scored[top], located, ckpt, sha, study, settings))
-            dicomweb.retried(lambda made=made: c.store_instances(made))
+            with quiet_libraries():
+                for r in scored:
+                    sources.append(source_metadata(located[r["image_uri"]], settings))
+                one_patient(sources)
+                made = [report(sources, [r["probs"] for r in scored], ckpt, sha, study)]
+                if heatmaps:
+                    top = max(range(len(scored)), key=lambda i: max(scored[i]["probs"]))
+                    made.append(
+                        heatmap(sources[top], scored[top], located, ckpt, sha, study, settings)
+                    )
+                dicomweb.retried(lambda made=made: c.store_instances(made))
         except MeddxError as exc:
             failed.append(f"study {study}: {exc}")
             continue
         except requests.RequestException as exc:
             failed.append(f"study {study}: {dicomweb.reason(exc, where.host)}")
             continue
-        except Exception as exc:  # a report highdicom will not build: say which, go on
-            failed.append(f"study {study}: {type(exc).__name__}: {one_line(exc)}")
+        except Exception as exc:  # a report highdicom will not build: say why, go on
+            failed.append(f"study {study}: {why_not_built(exc, sources)}")
             continue
         stored += 1
         instances += len(scored)
@@ -225,10 +326,25 @@ def send(
 
 def send_run(cfg, run_id: str, located: dict[str, str], ckpt: Checkpoint, sha: str) -> Sent:
     """``--results-to``: the reports of the rows run ``run_id`` committed under cfg.out."""
+    from meddx.scoring import pseudonym_key  # scoring imports this module
+
     rows = commit.read_results(
         cfg.out, cfg.storage, COLUMNS, where=pc.field("run_id") == run_id, dates=[cfg.run_date]
     )
-    return send(cfg.results_to, rows, located, ckpt, sha, cfg.storage, cfg.results_heatmaps)
+    key = pseudonym_key()
+    if key is None:  # the listing needed it: only a key removed since can miss here
+        raise MeddxError("--results-to needs MEDDX_PSEUDONYM_KEY to name the studies")
+    return send(
+        cfg.results_to,
+        rows,
+        located,
+        ckpt,
+        sha,
+        cfg.storage,
+        key,
+        cfg.results_heatmaps,
+        cfg.allow_insecure_http,
+    )
 
 
 def describe(sent: Sent, target: str) -> str:

@@ -17,6 +17,9 @@ import warnings
 import psutil
 import ray
 
+from meddx import secret
+
+log = logging.getLogger(__name__)
 # A CPU predictor holds the model (resnet50: 100 MB), torch's runtime and a batch's
 # activations (resnet18 at batch 64 peaked at 970 MiB).
 PREDICTOR_MEMORY = 3 * 2**29
@@ -58,6 +61,7 @@ def init_ray(dashboard: bool = False, quiet_libraries: bool = False) -> None:
         # what it started; the rows are committed by then, so stop it at once (this
         # handler runs first, and Ray's then finds nothing to do).
         atexit.register(stop_ray)
+        warn_secrets_in_runtime_env()
     # meddx shows its own progress, counted from written rows (progress.py): Ray Data's
     # bars stay off, and so does its warning that they are.
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -68,6 +72,15 @@ def init_ray(dashboard: bool = False, quiet_libraries: bool = False) -> None:
     for handler in logging.getLogger("ray.data").handlers:
         if isinstance(handler, logging.StreamHandler):
             handler.setLevel(max(handler.level, logging.WARNING))
+
+
+def warn_secrets_in_runtime_env() -> None:
+    """A warning, one line naming the variables, when the job this driver belongs to
+    carries secrets in its runtime_env (``ray job submit --runtime-env-json``): Ray
+    keeps that in the job's metadata, which its dashboard and ``ray job list`` show."""
+    line = secret.runtime_env_warning(ray.get_runtime_context().runtime_env)
+    if line:
+        log.warning("meddx: %s", line)
 
 
 def quiet_worker_logs() -> None:

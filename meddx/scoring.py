@@ -119,6 +119,42 @@ def pseudonym_key() -> bytes | None:
     return key.encode() if key else None
 
 
+def path_key(cfg: ScoreConfig) -> bytes | None:
+    """The key of ``--pseudonymize-paths`` (the site's pseudonym key), else None."""
+    if not cfg.pseudonymize_paths:
+        return None
+    key = pseudonym_key()
+    if key is None:
+        raise MeddxError(
+            f"--pseudonymize-paths needs the site's key: set {PSEUDONYM_KEY_ENV} "
+            f"or {PSEUDONYM_KEY_ENV}_FILE"
+        )
+    return key
+
+
+def as_indexed(cfg: ScoreConfig, uris) -> dict[str, str]:
+    """How OUT's rows name each input: its pseudonym under --pseudonymize-paths, else
+    itself (pseudonym -> input)."""
+    key = path_key(cfg)
+    return {sources.path_pseudonym(u, key) if key else u: u for u in uris}
+
+
+def write_path_map(cfg: ScoreConfig, run_id: str, uris: list[str]) -> None:
+    """``--path-map``: this run's pseudonym -> path table, as PATH_MAP/RUN_ID.parquet
+    (a tar member's pseudonym is its shard's, then the keyed hash of its name)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if not cfg.path_map or not uris:
+        return
+    indexed = as_indexed(cfg, uris)
+    table = pa.table({"image_uri": list(indexed), "path": list(indexed.values())})
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf)
+    target = storage.join(cfg.path_map, f"{run_id}.parquet")
+    storage.write_bytes(target, buf.getvalue().to_pybytes(), cfg.storage)
+
+
 def build_dataset(
     cfg: ScoreConfig,
     uris: list[str],
@@ -161,6 +197,7 @@ def build_dataset(
             "max_bytes": cfg.max_object_bytes,
             "decode": decode_settings,
             "known": known,
+            "path_key": path_key(cfg),
         },
         batch_size=None,
         num_cpus=runtime.decode_task_cpus(resources, pool.max_size),
@@ -197,6 +234,7 @@ def score(cfg: ScoreConfig, started: float | None = None) -> ScoreSummary:
     holding the lease on OUT throughout. ``started``: the perf_counter() the run's clock
     starts from, where the caller started Ray before calling."""
     start = time.perf_counter() if started is None else started
+    path_key(cfg)  # --pseudonymize-paths without a key: refused before OUT is touched
     storage.require_bucket(cfg.out, cfg.storage)
     run_id = runtime.new_run_id(cfg.run_date)
     with lease.held(
@@ -238,6 +276,7 @@ def _score(cfg: ScoreConfig, run_id: str, held: lease.Lease, start: float) -> Sc
     # Re-scoring a run date replaces that partition, in the same commit; the lease is
     # renewed, or the commit refused, just before the plan is written.
     commit.commit(cfg.out, cfg.storage, run_id, cfg.run_date, fence=held.check, replace=True)
+    write_path_map(cfg, run_id, uris)
     ok = pc.sum(pc.equal(table["status"], "ok")).as_py() or 0
     sent = None
     if cfg.results_to and located:
@@ -271,9 +310,10 @@ def resume(cfg: ScoreConfig, run_id: str, uris: list[str], sha: str) -> tuple[st
             "...): run without --resume to start over"
         )
     done = {u.split("#", 1)[0] for u in staged["image_uri"].to_pylist()}
-    listed = set(uris)
+    indexed = as_indexed(cfg, uris)  # how the staged rows name the inputs
+    listed = set(indexed)
     if done - listed:
         raise MeddxError(
             f"run {run_id} scored inputs that INPUT no longer lists: run without --resume"
         )
-    return run_id, [u for u in uris if u not in done], staged.num_rows
+    return run_id, [u for p, u in indexed.items() if p not in done], staged.num_rows

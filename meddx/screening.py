@@ -56,7 +56,14 @@ from meddx import (
 from meddx.config import ScreenConfig
 from meddx.models import Checkpoint
 from meddx.names import HUMAN_READ, OUTPUT_SCHEMA, QC_OK
-from meddx.scoring import build_dataset, file_metadata, pseudonym_key
+from meddx.scoring import (
+    as_indexed,
+    build_dataset,
+    file_metadata,
+    path_key,
+    pseudonym_key,
+    write_path_map,
+)
 
 
 @dataclass(frozen=True)
@@ -103,7 +110,9 @@ class NightSummary:
 
 
 def select_new(cfg: ScreenConfig, listing: list[tuple[str, float | None]], sha: str):
-    """(inputs to read, {uri: [known content hashes]}) for this model."""
+    """(inputs to read, {uri: [known content hashes]}) for this model. OUT's rows name
+    inputs as ``as_indexed`` does (pseudonyms under --pseudonymize-paths), and so do the
+    hashes' keys, as the read stage compares them."""
     done = commit.read_results(
         cfg.out, cfg.storage, ["image_uri", "content_sha256", "model_sha256", "scored_at"]
     )
@@ -128,12 +137,14 @@ def select_new(cfg: ScreenConfig, listing: list[tuple[str, float | None]], sha: 
         base = uri.split("#", 1)[0]  # a tar member counts for its shard
         last_scored[base] = max(last_scored.get(base, 0.0), when.timestamp())
     todo, recheck = [], {}
+    key = path_key(cfg)
     for uri, modified in listing:
-        if uri not in last_scored:
+        name = sources.path_pseudonym(uri, key) if key else uri
+        if name not in last_scored:
             todo.append(uri)
-        elif modified is not None and modified > last_scored[uri]:
+        elif modified is not None and modified > last_scored[name]:
             todo.append(uri)
-            recheck[uri] = True
+            recheck[name] = True
     known_for_todo = {u: shas for u, shas in known.items() if u.split("#", 1)[0] in recheck}
     return todo, known_for_todo
 
@@ -166,6 +177,7 @@ def _mtime(info: dict) -> float | None:
 def screen(cfg: ScreenConfig) -> NightSummary:
     """One night, holding the lease on OUT from before recovery to after the report."""
     start = time.perf_counter()
+    path_key(cfg)  # --pseudonymize-paths without a key: refused before OUT is touched
     storage.require_bucket(cfg.out, cfg.storage)
     run_id = runtime.new_run_id(cfg.run_date)
     with lease.held(
@@ -194,13 +206,14 @@ def _screen(cfg: ScreenConfig, run_id: str, held: lease.Lease, start: float) -> 
         still_new = set(select_new(cfg, selected, sha)[0])
         gone = {u for u, _ in selected if u not in still_new}
         if gone:
-            dropped = commit.drop_staged(cfg.out, cfg.storage, run_id, gone)
+            dropped = commit.drop_staged(cfg.out, cfg.storage, run_id, set(as_indexed(cfg, gone)))
             print(
                 f"meddx: {len(gone)} inputs were committed by another run meanwhile: "
                 f"dropped their {dropped} rows",
                 file=sys.stderr,
             )
         commit.commit(cfg.out, cfg.storage, run_id, cfg.run_date, fence=held.check)
+        write_path_map(cfg, run_id, todo)
     seconds = time.perf_counter() - start
     rows = commit.read_results(
         cfg.out, cfg.storage, [f.name for f in OUTPUT_SCHEMA], where=pc.field("run_id") == run_id
@@ -219,7 +232,7 @@ def _screen(cfg: ScreenConfig, run_id: str, held: lease.Lease, start: float) -> 
             results=results.describe(sent, cfg.results_to),
         )
     summary = dataclasses.replace(summary, drift=scored, alarms=check_alarms(cfg, summary, scored))
-    write_artefacts(cfg, summary, rows, ckpt, history, located)
+    write_artefacts(cfg, summary, rows, ckpt, history, located, as_indexed(cfg, todo))
     if summary.alarms:
         raise MeddxAlarm("; ".join(summary.alarms))
     return summary
@@ -363,21 +376,36 @@ REPORT_HEATMAPS = 3
 
 
 def worklist_heatmaps(
-    cfg, triage: pa.Table, ckpt: Checkpoint, located: dict[str, str] | None = None
+    cfg,
+    triage: pa.Table,
+    ckpt: Checkpoint,
+    located: dict[str, str] | None = None,
+    paths: dict[str, str] | None = None,
 ) -> list[tuple[dict, bytes]]:
+    """Overlays of the top positives; ``paths``: the input behind each image_uri (a
+    pseudonym's path, read here and never written). A tar member's pseudonym has none:
+    it gets no overlay."""
     from meddx.explain import heatmaps
 
     try:
         found = triage.filter(pc.equal(triage["section"], "positive"))
         rows = found.slice(0, REPORT_HEATMAPS).to_pylist()
-        return heatmaps(rows, ckpt, cfg.storage, cfg.max_object_bytes, located)
+        paths = paths or {}
+        rows = [
+            r
+            for r in rows
+            if not sources.is_path_pseudonym(r["image_uri"]) or r["image_uri"] in paths
+        ]
+        readable = [{**r, "image_uri": paths.get(r["image_uri"], r["image_uri"])} for r in rows]
+        made = heatmaps(readable, ckpt, cfg.storage, cfg.max_object_bytes, located)
+        return [(row, png) for row, (_, png) in zip(rows, made, strict=True)]
     except Exception as exc:  # a heatmap is a courtesy: never fail a night for it
         print(f"meddx: no heatmaps in the report: {type(exc).__name__}")
         return []
 
 
 def write_artefacts(
-    cfg, summary: NightSummary, rows, ckpt: Checkpoint, history, located=None
+    cfg, summary: NightSummary, rows, ckpt: Checkpoint, history, located=None, paths=None
 ) -> None:
     folder = storage.join(cfg.out, commit.RUNS, f"dt={cfg.run_date}")
     triage = worklist(rows, summary.threshold)
@@ -391,7 +419,7 @@ def write_artefacts(
     storage.write_bytes(
         storage.join(folder, "worklist.csv"), csv_buf.getvalue().to_pybytes(), cfg.storage
     )
-    overlays = worklist_heatmaps(cfg, triage, ckpt, located)
+    overlays = worklist_heatmaps(cfg, triage, ckpt, located, paths)
     html = report.render(summary, rows, triage, history, overlays)
     storage.write_bytes(storage.join(folder, "report.html"), html.encode(), cfg.storage)
     storage.write_bytes(

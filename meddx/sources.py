@@ -18,6 +18,7 @@ from __future__ import annotations
 import bz2
 import gzip
 import hashlib
+import hmac
 import io
 import lzma
 import posixpath
@@ -66,6 +67,44 @@ READ_CONCURRENCY = 8
 # ... while the objects in flight, at the mean size read so far, stay under this: 8 x
 # 512 px PNGs, but 2-4 x 30 MB DICOMs, so a node's read tasks cannot exhaust its memory.
 READ_BYTES_IN_FLIGHT = 128 * 2**20
+
+
+# A pseudonymous image_uri: the keyed hash of the path, and of a tar member's name after
+# "#" (a shard's members stay grouped under their shard's pseudonym).
+PATH_PSEUDONYM = "pseudonym:"
+
+
+def path_pseudonym(uri: str, key: bytes) -> str:
+    """``uri`` as ``pseudonym:HASH[#HASH]`` (HMAC-SHA256 with the site's key, in a
+    domain of its own: no path hashes like a UID). A DICOMweb instance's URI is already
+    a pseudonym and stays as it is."""
+    if dicomweb.is_instance(uri) or is_path_pseudonym(uri):
+        return uri
+    base, sep, member = uri.partition("#")
+    out = PATH_PSEUDONYM + _keyed(base, key)
+    return out + "#" + _keyed(member, key) if sep else out
+
+
+def is_path_pseudonym(uri: str) -> bool:
+    return uri.startswith(PATH_PSEUDONYM)
+
+
+def _keyed(text: str, key: bytes) -> str:
+    return hmac.new(key, b"path\0" + text.encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def pseudonymize_paths(chunk: dict[str, np.ndarray], key: bytes) -> dict[str, np.ndarray]:
+    """The read stage's rows with image_uri pseudonymized, and each path the row's
+    error text quotes (a shard's, say) replaced by its pseudonym."""
+    real = chunk["image_uri"]
+    fake = np.array([path_pseudonym(u, key) for u in real], dtype=object)
+    errors = []
+    for uri, error in zip(real, chunk["read_error"], strict=True):
+        base = uri.split("#", 1)[0]
+        for path in (base, storage.strip_scheme(base)):  # as given, or as fsspec says it
+            error = error.replace(path, path_pseudonym(base, key)) if error else error
+        errors.append(error)
+    return {**chunk, "image_uri": fake, "read_error": np.array(errors, dtype=object)}
 
 
 def is_manifest(uri: str) -> bool:
@@ -334,6 +373,7 @@ def read_objects(
     max_bytes: int = DEFAULT_MAX_OBJECT_BYTES,
     decode: DecodeSettings | None = None,
     known: dict[str, list[str]] | None = None,
+    path_key: bytes | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Fetch each input's bytes (expanding tar shards into their members), refusing any
     object or member over ``max_bytes`` unread.
@@ -348,8 +388,13 @@ def read_objects(
     film's bytes (13-50 MB at detector size) then never pass through Ray's Arrow blocks,
     only its pixels at model size do. Two stages would copy the bytes into Arrow and
     back, 10 ms of a core per detector film.
+
+    With ``path_key``, paths leave the task only as pseudonyms (``pseudonymize_paths``;
+    ``known`` is then keyed by them, as OUT's index holds them).
     """
     for chunk in _read_chunks(batch, settings, max_bytes):
+        if path_key:
+            chunk = pseudonymize_paths(chunk, path_key)
         if known:
             chunk = drop_known(chunk, known)
         yield decode_images(chunk, decode) if decode is not None else chunk

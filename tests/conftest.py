@@ -89,3 +89,15 @@ def random_checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "seednet.pt"
     sha = models.save_checkpoint(ckpt, str(path), StorageSettings())
     return str(path), sha
+
+
+@pytest.fixture(scope="session")
+def triage_checkpoint(tmp_path_factory):
+    """Random seednet whose threshold 0 puts every scored study on the worklist."""
+    from meddx import models
+    from meddx.storage import StorageSettings
+
+    ckpt = models.untrained_checkpoint("seednet", input_size=64, seed=1, threshold=0.0)
+    path = tmp_path_factory.mktemp("triage") / "m.pt"
+    models.save_checkpoint(ckpt, str(path), StorageSettings())
+    return str(path)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import json
 import os
 import re
 import subprocess
@@ -35,6 +36,9 @@ from .s3_faults import FaultRules, FaultyS3Proxy
 MEDDX = str(Path(sys.executable).with_name("meddx"))
 KEY = "site-key-for-pseudonyms"
 RECENT = 4  # instances in studies of today
+# Patient values that pydicom and highdicom quote in their warnings and errors: a name
+# of one part in capitals, and a birth date that is no DICOM date (DA is YYYYMMDD).
+PROBE_NAME, PROBE_BIRTH = "ZQXPROBE KWYNAME", "1931-07-19"
 
 pytestmark = pytest.mark.skipif(
     pacs_mod.missing() is not None, reason=f"NO PACS TESTS: {pacs_mod.missing()}"
@@ -193,18 +197,46 @@ def test_scoring_a_pacs_gives_a_row_per_instance_and_a_report_in_each_study(
         assert leaks("stderr", r.stderr.encode(), secret) == []
 
 
+def probe_film(like: Path, target: Path) -> Path:
+    """A film of a study of its own, today, whose patient has the probe values."""
+    from pydicom.uid import generate_uid
+
+    ds = pydicom.dcmread(like)
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.PatientID, ds.PatientName = "PROBE-PID-5521", PROBE_NAME
+    with pytest.warns(UserWarning, match="Invalid value for VR DA"):
+        ds.PatientBirthDate = PROBE_BIRTH
+    ds.save_as(target, enforce_file_format=True)
+    return target
+
+
 def test_screening_a_pacs_scores_the_recent_studies_once(pacs, films, checkpoint, tmp_path):
+    # One more study of today, with the probe patient: its report cannot be built (the
+    # birth date), and the night's alarm, report, summary and logs say so without a value.
+    probe = probe_film(films[3], tmp_path / "probe.dcm")
+    pacs_mod.store(pacs, [probe])
     out = tmp_path / "night"
     args = ("screen", pacs.source, "--model", checkpoint, "--out", str(out), "--quiet")
     night = (*args, "--since", "2", "--results-to", pacs.source, "--results-heatmaps")
     first = meddx(*night)
-    assert first.returncode == 0, first.stderr[-3000:]
-    assert f"inputs_seen={RECENT} new={RECENT} rows={RECENT}" in first.stdout
-    assert "results: 3 reports on 4 instances" in first.stdout
+    ray_dir = Path("/tmp/ray/session_latest").resolve()  # the night's own Ray: its logs
+    assert first.returncode == 3, first.stderr[-3000:]
+    study = pseudonym(pydicom.dcmread(probe).StudyInstanceUID, KEY.encode())
+    # The alarm, in one line: which study, the exception's type and the attribute's name.
+    (alarm,) = [line for line in first.stderr.splitlines() if line.startswith("meddx:")]
+    assert alarm == (
+        "meddx: alarm: 1 studies' reports were not stored: results: 3 reports on 4 "
+        f"instances stored on {pacs.http.removeprefix('http://')}; 1 not stored, first: "
+        f"study {study}: ValueError building the report; invalid PatientBirthDate"
+    )
+    summary = json.loads(next(out.glob("_runs/dt=*/summary.json")).read_text())
+    assert summary["reports_failed"] == 1 and summary["reports_stored"] == 3
+    assert summary["new_inputs"] == RECENT + 1
     second = meddx(*night)
     assert second.returncode == 0, second.stderr[-3000:]
     # The results series (SR and heatmaps) are not inputs.
-    assert f"inputs_seen={RECENT} new=0 rows=0" in second.stdout
+    assert f"inputs_seen={RECENT + 1} new=0 rows=0" in second.stdout
     assert len(sr_instances(pacs)) == 3
     # --results-heatmaps: each study's top finding as a Secondary Capture, in the SR's series.
     heatmaps = sr_instances(pacs, SECONDARY_CAPTURE)
@@ -218,10 +250,18 @@ def test_screening_a_pacs_scores_the_recent_studies_once(pacs, films, checkpoint
         uids[0], uids[1], search_filters={"SOPClassUID": COMPREHENSIVE_SR}
     )
     assert report
-    assert len(rows_of(out)) == RECENT
-    secret = needles(films)
+    assert len(rows_of(out)) == RECENT + 1
+    secret = needles([*films, probe])
+    secret.update(probe_name=PROBE_NAME.encode(), probe_birth_date=PROBE_BIRTH.encode())
+    secret.update(probe_name_part=b"KWYNAME", probe_birth_date_digits=b"19310719")
+    written = {p.name for p in files_under(out / "_runs")}
+    assert {"report.html", "summary.json"} <= written
     assert leaks_in_tree(out, secret) == []
-    assert leaks("stderr", (first.stderr + second.stderr).encode(), secret) == []
+    assert len(files_under(ray_dir / "logs")) > 10
+    assert leaks_in_tree(ray_dir, secret) == []
+    for r in (first, second):
+        assert leaks("stdout", r.stdout.encode(), secret) == []
+        assert leaks("stderr", r.stderr.encode(), secret) == []
 
 
 def test_a_wrong_password_is_one_line(pacs, checkpoint, tmp_path):

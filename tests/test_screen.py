@@ -15,7 +15,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from meddx import MeddxAlarm, MeddxError, models
+from meddx import MeddxAlarm, MeddxError
 from meddx.cli import main
 from meddx.commit import COMMIT, read_results, recover
 from meddx.config import ScreenConfig
@@ -26,15 +26,6 @@ from meddx.storage import StorageSettings, filesystem
 from .helpers import MEDDX, REPO
 from .images import broken_inputs, png
 from .leaks import leaks_in_s3
-
-
-@pytest.fixture(scope="module")
-def triage_checkpoint(tmp_path_factory):
-    """Random seednet whose threshold 0 puts every scored study on the worklist."""
-    ckpt = models.untrained_checkpoint("seednet", input_size=64, seed=1, threshold=0.0)
-    path = tmp_path_factory.mktemp("triage") / "m.pt"
-    models.save_checkpoint(ckpt, str(path), StorageSettings())
-    return str(path)
 
 
 def upload(fs, prefix, start, stop, size=48):

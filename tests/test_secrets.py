@@ -6,6 +6,7 @@ commands printed and the text of exceptions are searched for them.
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import traceback
@@ -15,8 +16,8 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from meddx import MeddxError
-from meddx.scoring import ScoreConfig, score
+from meddx import MeddxError, dicomweb, runtime, secret
+from meddx.scoring import ScoreConfig, pseudonym_key, score
 from meddx.storage import arrow_filesystem, filesystem
 
 from .helpers import DUMMY_AWS, MEDDX
@@ -138,3 +139,118 @@ def test_no_secret_in_outputs_logs_or_errors(ray_session, bucket, settings, rand
         f"{root}/out", filesystem=arrow_filesystem(bucket, settings), format="parquet"
     ).to_table(columns=["image_uri", "study_pseudonym"])
     assert sum(p is not None for p in rows["study_pseudonym"].to_pylist()) == 3
+
+
+# ---- secrets from files, and out of Ray's job metadata ---------------------------------
+
+FILE_SECRET = "mounted-s3cret-Wq81"
+
+
+def no_meddx_env(monkeypatch):
+    for name in list(os.environ):
+        if name.startswith("MEDDX_"):
+            monkeypatch.delenv(name)
+
+
+def test_a_secret_can_come_from_the_file_its_FILE_variable_names(monkeypatch, tmp_path):
+    no_meddx_env(monkeypatch)
+    path = tmp_path / "key"
+    path.write_text(FILE_SECRET + "\n")  # as `echo` or a Secret's manifest leaves it
+    monkeypatch.setenv("MEDDX_PSEUDONYM_KEY_FILE", str(path))
+    assert secret.value("MEDDX_PSEUDONYM_KEY") == FILE_SECRET
+    # Every reader of a secret goes through it: the pseudonym key, the DICOMweb ones.
+    assert pseudonym_key() == FILE_SECRET.encode()
+    monkeypatch.setenv("MEDDX_DICOMWEB_USER", "reader")
+    monkeypatch.setenv("MEDDX_DICOMWEB_PASSWORD_FILE", str(path))
+    assert dicomweb.credentials() == (("reader", FILE_SECRET), None)
+    monkeypatch.delenv("MEDDX_DICOMWEB_USER")
+    monkeypatch.delenv("MEDDX_DICOMWEB_PASSWORD_FILE")
+    monkeypatch.setenv("MEDDX_DICOMWEB_TOKEN_FILE", str(path))
+    assert dicomweb.credentials() == (None, FILE_SECRET)
+    # Neither set: no secret, as before.
+    assert secret.value("MEDDX_NOT_SET") == ""
+
+
+def test_a_secret_set_twice_or_unreadable_is_one_line_without_its_value(monkeypatch, tmp_path):
+    no_meddx_env(monkeypatch)
+    path = tmp_path / "key"
+    path.write_text(FILE_SECRET)
+    monkeypatch.setenv("MEDDX_PSEUDONYM_KEY", "direct-s3cret-Zt40")
+    monkeypatch.setenv("MEDDX_PSEUDONYM_KEY_FILE", str(path))
+    errors = []
+    with pytest.raises(MeddxError) as both:
+        pseudonym_key()
+    errors.append(str(both.value))
+    assert errors[-1] == "set MEDDX_PSEUDONYM_KEY or MEDDX_PSEUDONYM_KEY_FILE, not both"
+    monkeypatch.delenv("MEDDX_PSEUDONYM_KEY")
+    for content, expected in (
+        (None, f"cannot read MEDDX_PSEUDONYM_KEY_FILE ({path}): No such file or directory"),
+        (b"", f"MEDDX_PSEUDONYM_KEY_FILE ({path}) is empty"),
+        (b"\xff" + FILE_SECRET.encode(), f"MEDDX_PSEUDONYM_KEY_FILE ({path}) is not UTF-8 text"),
+    ):
+        path.unlink(missing_ok=True)
+        if content is not None:
+            path.write_bytes(content)
+        with pytest.raises(MeddxError) as refused:
+            secret.value("MEDDX_PSEUDONYM_KEY")
+        errors.append(str(refused.value))
+        assert errors[-1] == expected
+    path.write_text(FILE_SECRET)
+    path.chmod(0)
+    if not os.access(path, os.R_OK):  # (root reads it anyway)
+        with pytest.raises(MeddxError, match=r"^cannot read .*: Permission denied$"):
+            secret.value("MEDDX_PSEUDONYM_KEY")
+    assert not [e for e in errors if FILE_SECRET in e or "\n" in e or "direct-s3cret" in e]
+
+
+def test_the_cli_says_a_secret_set_twice_in_one_line(tmp_path):
+    (tmp_path / "token").write_text(FILE_SECRET)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEDDX_")}
+    env.update(
+        MEDDX_DICOMWEB_TOKEN="direct-s3cret-Zt40",
+        MEDDX_DICOMWEB_TOKEN_FILE=str(tmp_path / "token"),
+    )
+    run = subprocess.run(
+        [MEDDX, "score", "dicomweb+http://pacs.example.org/dicom-web", "--model", "m.pt",
+         "--out", str(tmp_path / "o")],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 2 and run.stderr.count("\n") == 1, run.stderr
+    assert run.stderr.startswith(
+        "meddx: error: set MEDDX_DICOMWEB_TOKEN or MEDDX_DICOMWEB_TOKEN_FILE, not both"
+    )
+    assert FILE_SECRET not in run.stderr and "direct-s3cret" not in run.stderr
+
+
+def test_secrets_in_the_jobs_runtime_env_are_named_in_a_warning(monkeypatch, caplog):
+    values = {
+        "MEDDX_DICOMWEB_PASSWORD": "pw-in-job-metadata-1",
+        "MEDDX_PSEUDONYM_KEY": "key-in-job-metadata-2",
+        "AWS_SECRET_ACCESS_KEY": "aws-in-job-metadata-3",
+    }
+    runtime_env = {
+        "env_vars": {
+            **values,
+            "MEDDX_DICOMWEB_TOKEN_FILE": "/run/secrets/meddx/token",  # a path: fine
+            "MEDDX_DICOMWEB_USER": "reader",
+        },
+        "working_dir": ".",
+    }
+    line = secret.runtime_env_warning(runtime_env)
+    assert line.startswith(
+        "AWS_SECRET_ACCESS_KEY, MEDDX_DICOMWEB_PASSWORD, MEDDX_PSEUDONYM_KEY are set in this "
+        "Ray job's runtime_env, which Ray keeps in the job's metadata"
+    )
+    assert "\n" not in line and not [v for v in values.values() if v in line]
+    assert "TOKEN" not in line and "USER" not in line
+    for fine in (None, {}, {"env_vars": {}}, {"env_vars": {"MEDDX_PSEUDONYM_KEY_FILE": "/k"}}):
+        assert secret.runtime_env_warning(fine) is None
+    # The driver logs it once Ray is up, from the job's own runtime_env.
+    context = type("Context", (), {"runtime_env": runtime_env})()
+    monkeypatch.setattr(runtime.ray, "get_runtime_context", lambda: context)
+    runtime.warn_secrets_in_runtime_env()
+    (record,) = caplog.records
+    assert record.levelno == logging.WARNING and record.getMessage() == f"meddx: {line}"
+    context.runtime_env = {"env_vars": {"MEDDX_PSEUDONYM_KEY_FILE": "/k"}}
+    runtime.warn_secrets_in_runtime_env()
+    assert len(caplog.records) == 1
