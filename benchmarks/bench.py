@@ -7,7 +7,7 @@
 Presets (--n, --size and --mix/--no-mix override them):
   mix     240 films of 2400 x 2800 px in a realistic archive's mix of formats (DICOM
           uncompressed, JPEG 2000, HTJ2K, JPEG-LS, RLE, JPEG baseline; JPEG, 16-bit PNG,
-          1,024 px PNG; meddx/synth.py's MIX), the default;
+          1,024 px PNG; meddx/synthetic/chest.py's MIX), the default;
   png512  2,000 8-bit PNGs of 512 x 512 px.
 The archive is written once and cached under benchmarks/.cache.
 
@@ -72,13 +72,15 @@ from decode_formats import best_ms, users_loop  # benchmarks/, beside this scrip
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from meddx import MeddxError, decode, models, optimize
+from meddx import MeddxError
 from meddx.config import SynthConfig
+from meddx.imaging import decode
+from meddx.inputs.sources import IMAGE_SUFFIXES
+from meddx.inputs.storage import StorageSettings, filesystem
+from meddx.model import optimize, registry
+from meddx.model.inference import inference_model, resolve_precision
 from meddx.names import CPU_BATCH, GPU_BATCH, SYNTH_FORMATS, parse_film_size
-from meddx.predict import inference_model, resolve_precision
-from meddx.sources import IMAGE_SUFFIXES
-from meddx.storage import StorageSettings, filesystem
-from meddx.synth import film_format, write_archive
+from meddx.synthetic.chest import film_format, write_archive
 
 BIN = Path(sys.executable).parent
 MEDDX = [sys.executable, "-m", "meddx"]  # works installed or from a checkout on PYTHONPATH
@@ -189,9 +191,9 @@ def ood_cost(ckpt, device: torch.device, seconds: float) -> dict:
     """The predictor stage (Predictor.__call__: forward pass, probabilities, rows) with and
     without an out-of-distribution density, timed in alternating rounds on one batch of
     the same uint8 images: what ood_score costs in throughput."""
-    from meddx import ood
-    from meddx.decode import INFO_DEFAULTS
-    from meddx.predict import Predictor, features_of
+    from meddx.imaging.decode import INFO_DEFAULTS
+    from meddx.model import ood
+    from meddx.model.inference import Predictor, features_of
 
     batch_size = GPU_BATCH if device.type == "cuda" else CPU_BATCH
     rng = np.random.default_rng(0)
@@ -523,7 +525,7 @@ def decode_only(settings: StorageSettings, uris: list[str]) -> float:
     """meddx's read and decode stages on Ray with nothing after them (start-up excluded)."""
     import ray
 
-    from meddx import sources
+    from meddx.inputs import sources
 
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
     try:
@@ -625,7 +627,7 @@ def openvino_part(args) -> tuple[str | None, dict]:
     """(a) for the OpenVINO runtimes and ``meddx optimize`` of the bench's model: the
     optimized checkpoint's path (None when the gate refused it) and the figures."""
     torch.set_num_threads(os.cpu_count() or 1)
-    ckpt = models.untrained_checkpoint(args.model, input_size=MODEL_SIZE)
+    ckpt = registry.untrained_checkpoint(args.model, input_size=MODEL_SIZE)
     folder = archive(args.n, args.size, args.mix, args.cache, args.unique)
     optimized, gate, calibration = optimized_checkpoint(ckpt, folder, args)
     figures = openvino_ceilings(optimized or ckpt, gate, args.ceiling_seconds, calibration)
@@ -643,12 +645,12 @@ def optimized_checkpoint(ckpt, folder: Path, args):
     # rounding reorders them, so the model is trained first, briefly, on the same films.
     ckpt, images = trained(ckpt, manifest)
     calibration = optimize.model_inputs(ckpt, images[:CALIBRATION_FILMS])
-    models.save_checkpoint(ckpt, str(source), StorageSettings())
+    registry.save_checkpoint(ckpt, str(source), StorageSettings())
     try:
         r = optimize.optimize(str(source), str(manifest), str(out), StorageSettings())
     except MeddxError as exc:
         return None, {"holds": False, "refused": str(exc)}, calibration
-    optimized, _ = models.read_checkpoint(str(out), StorageSettings())
+    optimized, _ = registry.read_checkpoint(str(out), StorageSettings())
     return optimized, r.check, calibration
 
 
@@ -661,12 +663,12 @@ def trained(ckpt, manifest: Path, epochs: int = 8, lr: float = 1e-4, augment=Non
     score change, on an Intel Xeon); 4 epochs at 3e-4 gave AUROC 0.870 on an AMD EPYC
     (-> 0.933 for 0.016). 8 epochs at 1e-4: AUROC 1.000, 96 of 240 films between 0.05
     and 0.95. ``augment``: uint8 (N, H, W) -> float (N, 1, H, W) in [0, 1], such as
-    ``meddx train``'s meddx.transforms.TrainAugment()."""
-    from meddx.transforms import to_model_input
+    ``meddx train``'s meddx.imaging.transforms.TrainAugment()."""
+    from meddx.imaging.transforms import to_model_input
 
     images, truth = optimize.labelled_images(ckpt, str(manifest), StorageSettings(), 10**6)
     torch.manual_seed(0)
-    model = models.model_from_checkpoint(ckpt).train()
+    model = registry.model_from_checkpoint(ckpt).train()
     mean, std = torch.tensor(ckpt.mean), torch.tensor(ckpt.std)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     labels = torch.from_numpy(truth.astype(np.int64))
@@ -678,7 +680,7 @@ def trained(ckpt, manifest: Path, epochs: int = 8, lr: float = 1e-4, augment=Non
             opt.zero_grad()
             loss.backward()
             opt.step()
-    trained_ckpt = models.make_checkpoint(
+    trained_ckpt = registry.make_checkpoint(
         model.eval(),
         model_name=ckpt.model_name,
         class_names=list(ckpt.class_names),
@@ -734,13 +736,13 @@ def score_from(source: str, folder: Path, ckpt, args, picked, optimized=None) ->
             uris = [str(p) for p in films(folder)]
             inputs, model_uri = str(folder), str(args.cache / f"{args.model}.pt")
             settings, env = StorageSettings(), meddx_env()
-        models.save_checkpoint(ckpt, model_uri, settings)
+        registry.save_checkpoint(ckpt, model_uri, settings)
         fp32 = meddx_score(env, inputs, model_uri, "fp32")
         chosen = meddx_score(env, inputs, model_uri, args.precision) if picked else fp32
         runs = {"fp32": fp32, "picked": chosen}
         if optimized is not None:
             int8_uri = model_uri.replace(".pt", "-int8.pt")
-            models.save_checkpoint(optimized, int8_uri, settings)
+            registry.save_checkpoint(optimized, int8_uri, settings)
             runs["runtime_auto"] = meddx_score(env, inputs, int8_uri, "auto")
         d = decode_only(settings, uris)
         start_up = None
@@ -789,8 +791,8 @@ def throughput(args) -> None:
     )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.set_num_threads(os.cpu_count() or 1)
-    ckpt = models.untrained_checkpoint(args.model, input_size=MODEL_SIZE)
-    eager = models.model_from_checkpoint(ckpt).eval()
+    ckpt = registry.untrained_checkpoint(args.model, input_size=MODEL_SIZE)
+    eager = registry.model_from_checkpoint(ckpt).eval()
     eager = eager.to(device, memory_format=torch.channels_last)
     model = inference_model(ckpt, device)  # as meddx's predictor runs it
     picked = resolve_precision(args.precision, device)
@@ -813,7 +815,7 @@ def throughput(args) -> None:
         with multiprocessing.get_context("spawn").Pool(1) as pool:
             path, figures = pool.apply(openvino_part, (args,))
         a.update(figures)
-        optimized = models.read_checkpoint(path, StorageSettings())[0] if path else None
+        optimized = registry.read_checkpoint(path, StorageSettings())[0] if path else None
     dataset = ArchiveDataset(films(folder), ckpt.mean, ckpt.std)
     log("(b) the users' loop, DataLoader workers 0 and all cores")
     b = {
@@ -950,14 +952,14 @@ def print_summary(r: dict) -> None:
 
 def scale(args) -> None:
     sizes = sorted(int(n) for n in args.scale.split(","))
-    ckpt = models.untrained_checkpoint(args.model, input_size=MODEL_SIZE)
+    ckpt = registry.untrained_checkpoint(args.model, input_size=MODEL_SIZE)
     if args.mix:
         # Detector-size films from local disk (hard links to --unique rendered films: 5,000
         # uncompressed DICOMs would be 65 GB, far beyond what moto's server holds).
         folder = archive(sizes[-1], args.size, True, args.cache, args.unique)
         store, env, model_uri = None, meddx_env(), str(args.cache / f"scale-{args.model}.pt")
         uris = [str(p.resolve()) for p in sorted(films(folder), key=lambda p: p.name)]
-        models.save_checkpoint(ckpt, model_uri, StorageSettings())
+        registry.save_checkpoint(ckpt, model_uri, StorageSettings())
     else:
         # Any cached archive at least this large serves: the first N images are taken.
         cached = [p for p in args.cache.glob(f"synth-*-{args.size}") if p.is_dir()]
@@ -970,7 +972,7 @@ def scale(args) -> None:
     try:
         if store:
             uris = store.upload(folder, "scale", limit=sizes[-1])
-            models.save_checkpoint(ckpt, model_uri, store.settings)
+            registry.save_checkpoint(ckpt, model_uri, store.settings)
         for n in sizes:
             if store:
                 manifest = f"s3://{BUCKET}/manifests/{n}.csv"
@@ -1031,7 +1033,7 @@ def main() -> None:
         default=None,
         help="draw each film's format from a realistic archive mix [the preset's]",
     )
-    parser.add_argument("--model", default="resnet18", choices=sorted(models.MODELS))
+    parser.add_argument("--model", default="resnet18", choices=sorted(registry.MODELS))
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--train-n", type=int, default=256, help="films per training run")
     parser.add_argument("--skip-training", action="store_true")
@@ -1083,7 +1085,7 @@ def main() -> None:
     if args.only_ood_cost:
         torch.set_num_threads(os.cpu_count() or 1)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        ckpt = models.untrained_checkpoint(args.model, input_size=MODEL_SIZE)
+        ckpt = registry.untrained_checkpoint(args.model, input_size=MODEL_SIZE)
         result = {"model": args.model, "machine": machine()}
         result.update(ood_cost(ckpt, device, args.ceiling_seconds * 2))
         print(json.dumps(result, indent=2))

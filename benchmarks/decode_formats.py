@@ -26,10 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
-from meddx import decode
 from meddx.config import SynthConfig
+from meddx.imaging import decode
 from meddx.names import SYNTH_FORMATS, parse_film_size
-from meddx.synth import write_archive
+from meddx.synthetic.chest import write_archive
 
 FULL_SIZE_ONLY = {"dicom", "dicom-rle", "dicom-jpegls", "png16"}
 

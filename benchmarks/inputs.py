@@ -21,12 +21,12 @@ from pathlib import Path
 
 import ray
 
-from meddx import models
 from meddx.config import ScoreConfig, SynthConfig
-from meddx.demo import start_s3_server
-from meddx.scoring import score
-from meddx.storage import StorageSettings, filesystem
-from meddx.synth import write_archive
+from meddx.inputs.storage import StorageSettings, filesystem
+from meddx.model import registry
+from meddx.pipelines.demo import start_s3_server
+from meddx.pipelines.scoring import score
+from meddx.synthetic.chest import write_archive
 
 BUCKET = "meddx-bench"
 
@@ -42,7 +42,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=2000)
     parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--model", default="resnet18", choices=sorted(models.MODELS))
+    parser.add_argument("--model", default="resnet18", choices=sorted(registry.MODELS))
     parser.add_argument("--shard-size", type=int, default=100, help="images per tar shard")
     parser.add_argument("--cache", type=Path, default=Path("benchmarks/.cache"))
     parser.add_argument("--out", type=Path, default=None, help="write results JSON here")
@@ -70,9 +70,9 @@ def main() -> None:
         manifest = "uri\n" + "".join(f"s3://{key}\n" for key in loose)
         fs.pipe_file(f"{BUCKET}/manifests/all.csv", manifest.encode())
 
-        ckpt = models.untrained_checkpoint(args.model, input_size=224)
+        ckpt = registry.untrained_checkpoint(args.model, input_size=224)
         model_uri = f"s3://{BUCKET}/models/{args.model}.pt"
-        models.save_checkpoint(ckpt, model_uri, settings)
+        registry.save_checkpoint(ckpt, model_uri, settings)
 
         ray.init()
         results = {}

@@ -31,8 +31,8 @@ from nncf.quantization.advanced_parameters import AdvancedSmoothQuantParameters 
 from nncf.quantization.range_estimator import RangeEstimatorParametersSet as RE
 from sklearn.metrics import roc_auc_score
 
-from meddx import models, optimize
-from meddx.storage import StorageSettings
+from meddx.inputs.storage import StorageSettings
+from meddx.model import optimize, registry
 
 torch.set_num_threads(2)
 model_name = sys.argv[1] if len(sys.argv) > 1 else "resnet18"
@@ -50,7 +50,7 @@ aug += f"-{Path(train_on).name}" if train_on else ""
 
 
 def augment(x: torch.Tensor) -> torch.Tensor:
-    from meddx.transforms import TrainAugment
+    from meddx.imaging.transforms import TrainAugment
 
     out = TrainAugment()(x)
     return (out + noise_sd * torch.randn_like(out)).clamp(0, 1) if noise_sd else out
@@ -62,11 +62,11 @@ folder = cache / "mix-240-2400x2800"
 manifest = bench.first_films_manifest(folder, 240, cache)
 t = time.time()
 if ck_path.exists():
-    ck, _ = models.read_checkpoint(str(ck_path), StorageSettings())
+    ck, _ = registry.read_checkpoint(str(ck_path), StorageSettings())
     z = np.load(img_path)
     images, truth = z["images"], z["truth"]
 else:
-    ck0 = models.untrained_checkpoint(model_name, input_size=size)
+    ck0 = registry.untrained_checkpoint(model_name, input_size=size)
     # LR: densenet121 at 1e-3 collapsed to one score on a Xeon with AMX (AUROC 0.5).
     ck, images = bench.trained(
         ck0,
@@ -76,7 +76,7 @@ else:
         augment=augment if aug else None,
     )
     images, truth = optimize.labelled_images(ck, str(manifest), StorageSettings(), 10**6)
-    models.save_checkpoint(ck, str(ck_path), StorageSettings())
+    registry.save_checkpoint(ck, str(ck_path), StorageSettings())
     np.savez(img_path, images=images, truth=truth)
 print("trained/loaded", round(time.time() - t), "s", len(images), flush=True)
 ref = optimize.torch_probs(ck, images)
@@ -97,7 +97,7 @@ print(
     flush=True,
 )
 base = ov.convert_model(
-    models.features_model(ck),
+    registry.features_model(ck),
     example_input=torch.zeros(1, 3, size, size),
     input=[ov.PartialShape([-1, 3, size, size])],
 )
@@ -166,14 +166,14 @@ def plain_finetune(epochs: int, inputs: np.ndarray):
     """optimize.finetuned as it was first measured: from plain quantization, with the
     quantizers' ranges at the weights' rate."""
     return optimize.finetuned(
-        models.features_model(ck), inputs, epochs, optimize.FINETUNE_LR, smooth_quant=0
+        registry.features_model(ck), inputs, epochs, optimize.FINETUNE_LR, smooth_quant=0
     )
 
 
 def smoothed_finetune(epochs: int, inputs: np.ndarray, range_lr: float = optimize.FINETUNE_LR):
     """optimize.finetuned from SmoothQuant (alpha 0.5), with the ranges at ``range_lr``
     (meddx optimize's own: FINETUNE_RANGE_LR)."""
-    return optimize.finetuned(models.features_model(ck), inputs, epochs, range_lr, 0.5)
+    return optimize.finetuned(registry.features_model(ck), inputs, epochs, range_lr, 0.5)
 
 
 variants = {
@@ -308,7 +308,7 @@ def speed(m, seconds=8, precision="f32"):
 
 
 def torch_speed(seconds=8):
-    from meddx.predict import inference_model
+    from meddx.model.inference import inference_model
 
     m = inference_model(ck, torch.device("cpu")).eval()
     x = torch.from_numpy(np.ascontiguousarray(X[:32])).contiguous(memory_format=torch.channels_last)
@@ -500,7 +500,7 @@ if os.environ.get("BF16"):
 def rounded_weights(bits: int, part: str = "") -> torch.nn.Module:
     """The fp32 model with the weights of its convolutions (those whose name holds
     ``part``) rounded per output channel to ``bits``, symmetric, and nothing else."""
-    m = models.features_model(ck).eval()
+    m = registry.features_model(ck).eval()
     levels = 2 ** (bits - 1) - 1
     with torch.no_grad():
         for name, conv in m.named_modules():
@@ -529,5 +529,5 @@ if os.environ.get("ROUND"):
     for bits in [int(b) for b in os.environ["ROUND"].split(",")]:
         torch_changes(f"convolution weights at {bits} bits", rounded_weights(bits))
     torch_changes("conv0's weights at 8 bits", rounded_weights(8, "conv0"))
-    fp32 = models.features_model(ck).eval()
+    fp32 = registry.features_model(ck).eval()
     torch_changes("films shifted one pixel", fp32, np.roll(X, 1, axis=-1))

@@ -48,12 +48,12 @@ def score_alternatives(checkpoint: str, manifest: Path) -> dict:
 
     from sklearn.metrics import roc_auc_score
 
-    from meddx import models, ood
-    from meddx.decode import DecodeError, DecodeSettings, decode_image
-    from meddx.storage import StorageSettings
-    from meddx.transforms import to_model_input
+    from meddx.imaging.decode import DecodeError, DecodeSettings, decode_image
+    from meddx.imaging.transforms import to_model_input
+    from meddx.inputs.storage import StorageSettings
+    from meddx.model import ood, registry
 
-    ckpt, _ = models.read_checkpoint(checkpoint, StorageSettings())
+    ckpt, _ = registry.read_checkpoint(checkpoint, StorageSettings())
     settings = DecodeSettings(size=ckpt.input_size, modalities=None, views=None)
     images, truth = [], []
     with open(manifest) as fh:
@@ -64,7 +64,7 @@ def score_alternatives(checkpoint: str, manifest: Path) -> dict:
                 continue
             images.append(image)
             truth.append(0 if int(row["in_distribution"]) else 1)
-    model = models.features_model(ckpt)
+    model = registry.features_model(ckpt)
     x = to_model_input(
         torch.from_numpy(np.stack(images)), torch.tensor(ckpt.mean), torch.tensor(ckpt.std)
     )

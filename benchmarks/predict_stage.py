@@ -2,7 +2,7 @@
 
     python benchmarks/predict_stage.py --model resnet50 --batch-size 256 --precision auto
 
-Feeds ready uint8 batches to ``meddx.predict.Predictor`` exactly as the actor pool does
+Feeds ready uint8 batches to ``meddx.model.inference.Predictor`` exactly as the actor pool does
 and prints images/s for fp32 and for the precision meddx picks, side by side, plus the
 largest score difference between the two.
 """
@@ -18,10 +18,10 @@ import time
 import numpy as np
 import torch
 
-from meddx import models
-from meddx.decode import INFO_DEFAULTS
-from meddx.predict import Predictor
-from meddx.storage import StorageSettings
+from meddx.imaging.decode import INFO_DEFAULTS
+from meddx.inputs.storage import StorageSettings
+from meddx.model import registry
+from meddx.model.inference import Predictor
 
 
 def measure(predictor: Predictor, batch: dict, seconds: float) -> float:
@@ -39,14 +39,14 @@ def measure(predictor: Predictor, batch: dict, seconds: float) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="resnet50", choices=sorted(models.MODELS))
+    parser.add_argument("--model", default="resnet50", choices=sorted(registry.MODELS))
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--seconds", type=float, default=10.0)
     args = parser.parse_args()
 
-    ckpt = models.untrained_checkpoint(args.model, input_size=args.size)
+    ckpt = registry.untrained_checkpoint(args.model, input_size=args.size)
     rng = np.random.default_rng(0)
     n = args.batch_size
     batch = {
@@ -59,7 +59,7 @@ def main() -> None:
         **{k: np.array([v] * n) for k, v in INFO_DEFAULTS.items()},
     }
     with tempfile.NamedTemporaryFile(suffix=".pt") as fh:
-        models.save_checkpoint(ckpt, fh.name, StorageSettings())
+        registry.save_checkpoint(ckpt, fh.name, StorageSettings())
         fp32 = Predictor(fh.name, StorageSettings(), "fp32", "bench")
         picked = Predictor(fh.name, StorageSettings(), args.precision, "bench")
     result = {

@@ -16,7 +16,7 @@ batch 32, every core (os.cpu_count()), images/s of:
   onnxruntime int8: quant_pre_process, then quantize_static (QDQ, per-channel QInt8
               weights, MinMax calibration) once with QUInt8 and once with QInt8
               activations (one calibration, cached and shared by both).
-Calibration uses 300 synthetic chest films (meddx.synth.render at 224 px, normalised as
+Calibration uses 300 synthetic chest films (meddx.synthetic.chest.render at 224 px, normalised as
 meddx's models take them); 64 more films (other indices) are held out, and every row
 but torch's reports the largest |probability difference| from torch fp32's softmax on
 them. Weights are random, so the differences show numerical closeness, not the accuracy
@@ -51,9 +51,9 @@ import numpy as np
 import torch
 import torchvision
 
-from meddx.models import IMAGENET_MEAN, IMAGENET_STD
-from meddx.synth import render
-from meddx.transforms import to_model_input
+from meddx.imaging.transforms import to_model_input
+from meddx.model.registry import IMAGENET_MEAN, IMAGENET_STD
+from meddx.synthetic.chest import render
 
 # No usage reports from OpenVINO's converter or NNCF (importing meddx did this too);
 # openvino and nncf are imported below, inside the functions that use them.
@@ -449,7 +449,9 @@ def main() -> None:
             "threads": cores,
             "seconds": args.seconds,
             "seed": SEED,
-            "calibration": f"{CALIBRATION} synthetic films (meddx.synth.render, seed {SEED})",
+            "calibration": (
+                f"{CALIBRATION} synthetic films (meddx.synthetic.chest.render, seed {SEED})"
+            ),
             "held_out": f"{HELD_OUT} synthetic films, indices {CALIBRATION}+",
             "onnx_opset": OPSET,
             "ort_calibration_batch": ORT_CALIBRATION_BATCH,

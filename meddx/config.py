@@ -11,7 +11,9 @@ import datetime as dt
 from dataclasses import dataclass, field
 
 from meddx import MeddxError
+from meddx.inputs.storage import StorageSettings
 from meddx.names import (
+    DEFAULT_LOCK_TIMEOUT,
     DEFAULT_MAX_OBJECT_BYTES,
     DEFAULT_MAX_PIXELS,
     DEFAULT_MODALITIES,
@@ -26,7 +28,6 @@ from meddx.names import (
     parse_modalities,
     parse_views,
 )
-from meddx.storage import StorageSettings
 
 # Synthetic films: 64 px is the smallest that still draws ribs and a visible opacity;
 # 4,300 covers the largest chest detectors (43 cm at 100 um).
@@ -59,7 +60,7 @@ class ScoreConfig:
     # The lease on OUT (lease.py): how long to wait for another run's, and how long a
     # silent one lasts before it is taken over.
     wait_for_lock: float = 0.0
-    lock_timeout: float = 300.0
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT
     progress_seconds: float = 30.0  # a progress line this often when not on a terminal
     resume: bool = False  # continue the last uncommitted run of this OUT and run date
     quiet: bool = False  # no progress at all
@@ -101,7 +102,7 @@ class ScoreConfig:
                 )
         for url in (self.input, self.results_to):
             if url is not None and url.lower().startswith(DICOMWEB_SCHEMES):
-                from meddx.dicomweb import check_transport  # pydicom: DICOMweb runs only
+                from meddx.inputs.dicomweb import check_transport  # pydicom: DICOMweb runs only
 
                 check_transport(url, self.allow_insecure_http)
         for name in ("batch_size", "actors", "max_pixels", "max_object_bytes"):

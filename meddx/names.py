@@ -70,6 +70,10 @@ DEFAULT_MAX_OBJECT_BYTES = 512 * 2**20
 DEFAULT_MODALITIES = ("CR", "DX")
 # Frontal chest views: a model trained on them must not read a lateral as a negative.
 DEFAULT_VIEWS = ("PA", "AP")
+# Seconds without a heartbeat before the lease on OUT is stale and may be taken over.
+DEFAULT_LOCK_TIMEOUT = 300.0
+# Labelled images a precision or int8 check calibrates and checks on.
+DEFAULT_CHECK_IMAGES = 1000
 
 # ---- input quality control (the ``qc`` column) -------------------------------------------
 

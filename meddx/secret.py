@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from meddx import MeddxError
 
 FILE_SUFFIX = "_FILE"
-# The secrets meddx reads itself (dicomweb.py, scoring.py) ...
+# The secrets meddx reads itself (the DICOMweb client, the pseudonym key) ...
 MEDDX_SECRETS = ("MEDDX_DICOMWEB_PASSWORD", "MEDDX_DICOMWEB_TOKEN", "MEDDX_PSEUDONYM_KEY")
 # ... and those of the AWS chain, which the same job metadata would show as plainly.
 AWS_SECRETS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
@@ -50,6 +50,16 @@ def value(name: str, environ: Mapping[str, str] | None = None) -> str:
         # A mount that went wrong (an empty key of the Secret) must not read as "unset".
         raise MeddxError(f"{name}{FILE_SUFFIX} ({path}) is empty")
     return text
+
+
+PSEUDONYM_KEY_ENV = "MEDDX_PSEUDONYM_KEY"
+
+
+def pseudonym_key() -> bytes | None:
+    """The site's HMAC key for DICOM UID and path pseudonyms (never logged; no key, no
+    UIDs): MEDDX_PSEUDONYM_KEY, or the file MEDDX_PSEUDONYM_KEY_FILE names."""
+    key = value(PSEUDONYM_KEY_ENV)
+    return key.encode() if key else None
 
 
 def in_runtime_env(runtime_env: Mapping | None) -> list[str]:

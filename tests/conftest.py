@@ -50,7 +50,7 @@ def s3_endpoint(aws_credentials):
 
 @pytest.fixture(scope="session")
 def settings(s3_endpoint):
-    from meddx.storage import StorageSettings
+    from meddx.inputs.storage import StorageSettings
 
     return StorageSettings(s3_endpoint=s3_endpoint)
 
@@ -58,7 +58,7 @@ def settings(s3_endpoint):
 @pytest.fixture
 def bucket(settings):
     """A clean bucket per test, removed afterwards; its s3:// URI."""
-    from meddx.storage import filesystem
+    from meddx.inputs.storage import filesystem
 
     name = f"test-{uuid.uuid4().hex[:12]}"
     fs = filesystem("s3://", settings)
@@ -82,22 +82,22 @@ def ray_session(aws_credentials):
 @pytest.fixture(scope="session")
 def random_checkpoint(tmp_path_factory):
     """A seednet checkpoint with random weights at 64 px: exercises scoring, fast."""
-    from meddx import models
-    from meddx.storage import StorageSettings
+    from meddx.inputs.storage import StorageSettings
+    from meddx.model import registry
 
-    ckpt = models.untrained_checkpoint("seednet", input_size=64)
+    ckpt = registry.untrained_checkpoint("seednet", input_size=64)
     path = tmp_path_factory.mktemp("ckpt") / "seednet.pt"
-    sha = models.save_checkpoint(ckpt, str(path), StorageSettings())
+    sha = registry.save_checkpoint(ckpt, str(path), StorageSettings())
     return str(path), sha
 
 
 @pytest.fixture(scope="session")
 def triage_checkpoint(tmp_path_factory):
     """Random seednet whose threshold 0 puts every scored study on the worklist."""
-    from meddx import models
-    from meddx.storage import StorageSettings
+    from meddx.inputs.storage import StorageSettings
+    from meddx.model import registry
 
-    ckpt = models.untrained_checkpoint("seednet", input_size=64, seed=1, threshold=0.0)
+    ckpt = registry.untrained_checkpoint("seednet", input_size=64, seed=1, threshold=0.0)
     path = tmp_path_factory.mktemp("triage") / "m.pt"
-    models.save_checkpoint(ckpt, str(path), StorageSettings())
+    registry.save_checkpoint(ckpt, str(path), StorageSettings())
     return str(path)

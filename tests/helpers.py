@@ -185,11 +185,11 @@ def synthetic_films(n: int, seed: int, size: int):
     """uint8 films (n, size, size) of synth's two classes and their 0/1 labels."""
     import numpy as np
 
-    from meddx import synth
+    from meddx.synthetic import chest
 
-    labels = np.array([lbl == "opacity" for lbl in synth.labels_for(n, 0.5, seed)], dtype=int)
+    labels = np.array([lbl == "opacity" for lbl in chest.labels_for(n, 0.5, seed)], dtype=int)
     pixels = np.stack(
-        [synth.render(i, positive=bool(y), size=size, seed=seed) for i, y in enumerate(labels)]
+        [chest.render(i, positive=bool(y), size=size, seed=seed) for i, y in enumerate(labels)]
     )
     return pixels, labels
 
@@ -198,14 +198,15 @@ def trained_seednet(size: int = 64, epochs: int = 8):
     """A seednet trained in this process (seconds) on 256 synthetic films."""
     import torch
 
-    from meddx import models, synth
-    from meddx.transforms import to_model_input
+    from meddx.imaging.transforms import to_model_input
+    from meddx.model import registry
+    from meddx.synthetic import chest
 
     torch.manual_seed(0)
     x, y = synthetic_films(256, seed=5, size=size)
-    model = models.build_model("seednet", 2)
-    mean = torch.tensor(models.IMAGENET_MEAN)
-    std = torch.tensor(models.IMAGENET_STD)
+    model = registry.build_model("seednet", 2)
+    mean = torch.tensor(registry.IMAGENET_MEAN)
+    std = torch.tensor(registry.IMAGENET_STD)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     for _ in range(epochs):
         for i in torch.randperm(len(x)).split(32):
@@ -216,10 +217,10 @@ def trained_seednet(size: int = 64, epochs: int = 8):
             opt.zero_grad()
             loss.backward()
             opt.step()
-    return models.make_checkpoint(
+    return registry.make_checkpoint(
         model.eval(),
         model_name="seednet",
-        class_names=list(synth.CLASSES),
+        class_names=list(chest.CLASSES),
         positive_class="opacity",
         input_size=size,
     )

@@ -10,11 +10,11 @@ import pydicom
 import pytest
 from PIL import Image
 
-from meddx import decode, dicom
 from meddx.config import SynthConfig
+from meddx.imaging import decode, dicom
 from meddx.names import SYNTH_FORMATS
-from meddx.synth import MIX, encode_png16, film_format, render_film, write_archive
-from meddx.synth_dicom import encode_film
+from meddx.synthetic.chest import MIX, encode_png16, film_format, render_film, write_archive
+from meddx.synthetic.dicom_film import encode_film
 
 DICOM_FORMATS = [f for f in SYNTH_FORMATS if f.startswith("dicom")]
 # Formats whose codec decodes a lower resolution itself (the rest are box-reduced).
@@ -175,8 +175,8 @@ def mix_model(tmp_path_factory):
     (as meddx train decodes), and a held-out mixed archive with one detector-size film of
     every format."""
     torch = pytest.importorskip("torch")
-    from meddx import models
-    from meddx.transforms import TrainAugment, to_model_input
+    from meddx.imaging.transforms import TrainAugment, to_model_input
+    from meddx.model import registry
 
     root = tmp_path_factory.mktemp("mix")
     size = 64
@@ -192,8 +192,8 @@ def mix_model(tmp_path_factory):
     train = archive("train", 256, seed=21, size=640, height=768)
     x, y = decoded(train, reduce=True), np.array([t for _, t in train])
     torch.manual_seed(0)
-    model = models.build_model("seednet", 2)
-    mean, std = torch.tensor(models.IMAGENET_MEAN), torch.tensor(models.IMAGENET_STD)
+    model = registry.build_model("seednet", 2)
+    mean, std = torch.tensor(registry.IMAGENET_MEAN), torch.tensor(registry.IMAGENET_STD)
     epochs = 40
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)  # 3e-3 stalled at chance on some seeds
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
@@ -207,7 +207,7 @@ def mix_model(tmp_path_factory):
             loss.backward()
             opt.step()
         schedule.step()
-    ckpt = models.make_checkpoint(
+    ckpt = registry.make_checkpoint(
         model.eval(),
         model_name="seednet",
         class_names=["normal", "opacity"],
@@ -223,7 +223,7 @@ def mix_model(tmp_path_factory):
         elif fmt == "png16":
             data = encode_png16(film)
         else:
-            from meddx.synth import encode
+            from meddx.synthetic.chest import encode
 
             data = encode((film * 255 + 0.5).astype(np.uint8), fmt)
         detector.append((data, k % 2))
@@ -243,8 +243,8 @@ def test_reduced_decoding_against_full_resolution(mix_model):
     would want: the gap left in docs/benchmarks.md, not asserted away here."""
     from sklearn.metrics import roc_auc_score
 
-    from meddx.predict import Predictor
-    from meddx.storage import StorageSettings
+    from meddx.inputs.storage import StorageSettings
+    from meddx.model.inference import Predictor
 
     ckpt, items, decoded, formats = mix_model
     labels = np.array([t for _, t in items])

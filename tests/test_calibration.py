@@ -8,12 +8,12 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from meddx import metrics, models
-from meddx.calibration import fit_temperature, logit, sigmoid
+from meddx.analysis.calibration import fit_temperature, logit, sigmoid
 from meddx.cli import cli, main
+from meddx.inputs.storage import StorageSettings
+from meddx.model import metrics, registry
+from meddx.model.inference import Predictor
 from meddx.names import OUTPUT_SCHEMA
-from meddx.predict import Predictor
-from meddx.storage import StorageSettings
 
 from .test_predict import batch
 
@@ -144,7 +144,7 @@ def test_calibrate_writes_a_new_checkpoint_that_scoring_applies(tmp_path, random
         ],
     )
     assert result.exit_code == 0, result.output
-    ckpt, new_sha = models.read_checkpoint(str(out), StorageSettings())
+    ckpt, new_sha = registry.read_checkpoint(str(out), StorageSettings())
     assert new_sha != sha
     assert ckpt.temperatures[0] == pytest.approx(3.0, rel=0.15)
     stored = scores.astype(np.float32).astype(float)  # scores are float32 in the Parquet
@@ -239,8 +239,8 @@ def write_multi_label_scored(root, sha, n=400, seed=0):
 
 
 def test_calibrate_one_finding_of_a_multi_label_checkpoint(tmp_path, capsys):
-    ckpt = models.untrained_checkpoint("seednet", input_size=64, findings=FINDINGS)
-    sha = models.save_checkpoint(ckpt, str(tmp_path / "ml.pt"), StorageSettings())
+    ckpt = registry.untrained_checkpoint("seednet", input_size=64, findings=FINDINGS)
+    sha = registry.save_checkpoint(ckpt, str(tmp_path / "ml.pt"), StorageSettings())
     y, scores = write_multi_label_scored(tmp_path, sha)
     args = ["calibrate", str(tmp_path / "val"), "--model", str(tmp_path / "ml.pt")]
     args += ["--labels", str(tmp_path / "labels.csv"), "--out", str(tmp_path / "cal.pt")]
@@ -253,7 +253,7 @@ def test_calibrate_one_finding_of_a_multi_label_checkpoint(tmp_path, capsys):
     assert not (tmp_path / "cal.pt").exists()
     result = CliRunner().invoke(cli, [*args, "--finding", "nodule"])
     assert result.exit_code == 0, result.output
-    cal, _ = models.read_checkpoint(str(tmp_path / "cal.pt"), StorageSettings())
+    cal, _ = registry.read_checkpoint(str(tmp_path / "cal.pt"), StorageSettings())
     # Only the nodule's threshold and temperature move; the worklist cut is the lowest.
     assert cal.thresholds[:2] == (0.5, 0.5) and cal.thresholds[2] != 0.5
     assert cal.threshold == min(cal.thresholds)

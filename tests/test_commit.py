@@ -9,8 +9,9 @@ import uuid
 
 import pytest
 
-from meddx import MeddxError, commit
-from meddx.storage import filesystem, strip_scheme
+from meddx import MeddxError
+from meddx.inputs.storage import filesystem, strip_scheme
+from meddx.store import commit
 
 RUN = "2026-12-01-0123456789ab"
 DAY = "dt=2026-12-01"
@@ -107,7 +108,7 @@ def test_a_forged_commit_plan_is_refused_and_touches_nothing(
 ):
     fs, root, staging, staged = layout(out, settings)
     forged(fs, staging, **plans(root, staging, staged, victim)[forgery])
-    with caplog.at_level(logging.WARNING, logger="meddx.commit"):
+    with caplog.at_level(logging.WARNING, logger="meddx.store.commit"):
         done = commit.recover(out, settings)
     assert_refused(out, settings, done, caplog, victim)
     # Refused again by the next run: a forged plan never becomes trusted by waiting.
@@ -121,7 +122,7 @@ def test_a_forged_plan_is_refused_whole(out, settings, victim, caplog):
     put(fs, f"{partition}/earlier-0.parquet")
     moves = [[staged, f"{partition}/{RUN}-0.parquet"]]
     forged(fs, staging, moves, removes=[f"{partition}/earlier-0.parquet", victim])
-    with caplog.at_level(logging.WARNING, logger="meddx.commit"):
+    with caplog.at_level(logging.WARNING, logger="meddx.store.commit"):
         done = commit.recover(out, settings)
     assert "removal" in done[0] and "is outside" in done[0]
     fs.invalidate_cache()
@@ -150,7 +151,7 @@ def test_a_plan_that_is_not_json_is_refused(tmp_path, settings, caplog):
     out = str(tmp_path / "results")
     fs, _, staging, staged = layout(out, settings)
     put(fs, f"{staging}/{commit.COMMIT}", b"\xff not json")
-    with caplog.at_level(logging.WARNING, logger="meddx.commit"):
+    with caplog.at_level(logging.WARNING, logger="meddx.store.commit"):
         done = commit.recover(out, settings)
     assert done[0].startswith(f"refused the commit plan of {RUN}: it is not JSON;")
     assert os.path.exists(staged)
@@ -167,7 +168,7 @@ def test_a_plan_through_a_symlinked_partition_is_refused(tmp_path, settings, cap
     os.symlink(elsewhere, f"{root}/{DAY}")
     moves = [[staged, f"{root}/{DAY}/{RUN}-0.parquet"]]
     forged(fs, staging, moves, removes=[f"{root}/{DAY}/victim.parquet"])
-    with caplog.at_level(logging.WARNING, logger="meddx.commit"):
+    with caplog.at_level(logging.WARNING, logger="meddx.store.commit"):
         done = commit.recover(out, settings)
     assert "goes through a symlink" in done[0]
     assert sorted(p.name for p in elsewhere.iterdir()) == ["victim.parquet"]
@@ -183,7 +184,7 @@ def test_a_symlinked_staging_folder_is_not_recovered(tmp_path, settings, caplog)
     (elsewhere / "projects" / "thesis.tex").write_bytes(VICTIM)
     out.mkdir()
     os.symlink(elsewhere, out / "_staging")
-    with caplog.at_level(logging.WARNING, logger="meddx.commit"):
+    with caplog.at_level(logging.WARNING, logger="meddx.store.commit"):
         done = commit.recover(str(out), settings)
     assert done == [f"refused to recover {out}/_staging: it is a symlink; nothing moved or deleted"]
     assert (elsewhere / "projects" / "thesis.tex").read_bytes() == VICTIM

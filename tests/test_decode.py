@@ -3,9 +3,9 @@ import hashlib
 import numpy as np
 import pytest
 
-from meddx.decode import DecodeError, DecodeSettings, decode_image, decode_images, sniff
-from meddx.sources import read_objects
-from meddx.storage import StorageSettings
+from meddx.imaging.decode import DecodeError, DecodeSettings, decode_image, decode_images, sniff
+from meddx.inputs.sources import read_objects
+from meddx.inputs.storage import StorageSettings
 
 from .images import broken_inputs, jpeg, png
 

@@ -13,9 +13,9 @@ import pytest
 from PIL import Image
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
-from meddx import dicom
-from meddx.decode import DecodeError, DecodeSettings, decode_image, sniff
-from meddx.scoring import ScoreConfig, score
+from meddx.imaging import dicom
+from meddx.imaging.decode import DecodeError, DecodeSettings, decode_image, sniff
+from meddx.pipelines.scoring import ScoreConfig, score
 
 from .images import dicom_cr, gradient
 from .leaks import leaks_in_tree, ray_session_dir

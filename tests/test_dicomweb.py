@@ -17,10 +17,13 @@ import pyarrow as pa
 import pydicom
 import pytest
 
-from meddx import MeddxError, dicomweb, models, results
+from meddx import MeddxError
 from meddx.config import ScoreConfig, ScreenConfig
-from meddx.dicom import pseudonym
-from meddx.storage import StorageSettings
+from meddx.imaging.dicom import pseudonym
+from meddx.inputs import dicomweb
+from meddx.inputs.storage import StorageSettings
+from meddx.model import registry
+from meddx.pacs import stow
 
 from .dicomweb_server import Server, element, serving, uids
 from .helpers import MEDDX
@@ -142,7 +145,7 @@ def stored_reports(server: Server) -> list[pydicom.Dataset]:
 
 @pytest.fixture(scope="module")
 def ckpt():
-    return models.untrained_checkpoint("seednet", input_size=64)
+    return registry.untrained_checkpoint("seednet", input_size=64)
 
 
 def test_reports_are_filed_in_the_study_the_pacs_listed(ckpt):
@@ -163,8 +166,8 @@ def test_reports_are_filed_in_the_study_the_pacs_listed(ckpt):
             [(a, a_series, a1, pseudonym(b, KEY)), (a, a_series, a2, None),
              (b, b_series, b1, ""), (c, c_series, c1, None), (c, c_series, c2, None)],
         )  # fmt: skip
-        assert sorted(results.by_listed_study(rows, located)) == sorted([a, b, c])
-        sent = results.send(server.source, rows, located, ckpt, SHA, StorageSettings(), KEY)
+        assert sorted(stow.by_listed_study(rows, located)) == sorted([a, b, c])
+        sent = stow.send(server.source, rows, located, ckpt, SHA, StorageSettings(), KEY)
     assert (sent.studies, sent.instances) == (2, 3)
     assert sent.failed == (
         f"study {pseudonym(c, KEY)}: its instances differ in PatientID: no report",
@@ -181,7 +184,7 @@ def test_reports_are_filed_in_the_study_the_pacs_listed(ckpt):
         }
         assert referenced == expected
     # Named by the listed study's pseudonym, as the SR's series UID derives from it.
-    assert reports[a].SeriesInstanceUID == results.uid("series", pseudonym(a, KEY), SHA)
+    assert reports[a].SeriesInstanceUID == stow.uid("series", pseudonym(a, KEY), SHA)
 
 
 def test_no_patient_value_reaches_a_warning_a_log_or_the_failure_line(ckpt, caplog, capfd):
@@ -198,12 +201,12 @@ def test_no_patient_value_reaches_a_warning_a_log_or_the_failure_line(ckpt, capl
         rows, located = scored(server, [(a, a_series, a1, None), (b, b_series, b1, None)])
         with warnings.catch_warnings(record=True) as shown:
             warnings.simplefilter("always")
-            sent = results.send(server.source, rows, located, ckpt, SHA, StorageSettings(), KEY)
+            sent = stow.send(server.source, rows, located, ckpt, SHA, StorageSettings(), KEY)
     assert (sent.studies, sent.instances) == (1, 1)
     assert sent.failed == (
         f"study {pseudonym(a, KEY)}: ValueError building the report; invalid PatientBirthDate",
     )
-    line = results.describe(sent, server.source)  # what the alarm, summary and report hold
+    line = stow.describe(sent, server.source)  # what the alarm, summary and report hold
     out, err = capfd.readouterr()
     said = [line, *sent.failed, out, err, caplog.text, *(str(w.message) for w in shown)]
     for probe in (PROBE_NAME, PROBE_BIRTH, "ZQXPROBE", "PID-A", a, a1, b1):
@@ -225,7 +228,7 @@ def test_a_redirect_to_another_origin_is_refused_in_one_line(ckpt):
             study, series, sop = uids(0)
             pacs.metadata = {sop: metadata(study, series, sop, "PID-A")}
             rows, located = scored(pacs, [(study, series, sop, None)])
-            sent = results.send(pacs.source, rows, located, ckpt, SHA, StorageSettings(), KEY)
+            sent = stow.send(pacs.source, rows, located, ckpt, SHA, StorageSettings(), KEY)
             assert sent.failed == (
                 f"study {pseudonym(study, KEY)}: DICOMweb server {host(pacs)} {refused}",
             )
@@ -299,7 +302,7 @@ def test_credentials_go_over_plain_http_only_to_loopback_or_when_allowed(monkeyp
     # The results server is held to it as well, when called as a library.
     monkeypatch.setenv("MEDDX_DICOMWEB_TOKEN", TOKEN)
     with pytest.raises(MeddxError, match="over plain http"):
-        results.send(remote, pa.table({}), {}, None, SHA, StorageSettings(), KEY)
+        stow.send(remote, pa.table({}), {}, None, SHA, StorageSettings(), KEY)
 
 
 def test_the_cli_refuses_credentials_over_plain_http_unless_allowed(tmp_path):

@@ -6,10 +6,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from meddx import MeddxError
+from meddx.analysis.evaluation import evaluate_predictions
 from meddx.cli import cli
-from meddx.evaluation import evaluate_predictions
+from meddx.inputs.storage import StorageSettings
 from meddx.names import OUTPUT_SCHEMA
-from meddx.storage import StorageSettings
 
 POSITIVE_SCORES = [0.9, 0.8, 0.7, 0.4]
 NEGATIVE_SCORES = [0.1, 0.2, 0.3, 0.6]
@@ -96,7 +96,7 @@ def test_missing_predictions_is_clear(tmp_path):
 def test_youden_threshold_separates_the_classes():
     import numpy as np
 
-    from meddx.metrics import youden_threshold
+    from meddx.model.metrics import youden_threshold
 
     truth = np.array([0, 0, 0, 0, 1, 1, 1, 1])
     scores = np.array([0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4])  # all below 0.5

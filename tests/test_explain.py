@@ -6,11 +6,11 @@ import pytest
 import torch
 from PIL import Image
 
-from meddx import models
-from meddx.dicom import pseudonymous_id
-from meddx.explain import explain, grad_cam
-from meddx.scoring import ScoreConfig, score
-from meddx.storage import StorageSettings
+from meddx.analysis.explain import explain, grad_cam
+from meddx.imaging.dicom import pseudonymous_id
+from meddx.inputs.storage import StorageSettings
+from meddx.model import registry
+from meddx.pipelines.scoring import ScoreConfig, score
 
 from .images import gradient, png
 
@@ -18,7 +18,7 @@ from .images import gradient, png
 @pytest.mark.parametrize("name", ["seednet", "resnet18", "densenet121"])
 def test_grad_cam_shape_and_range(name):
     torch.manual_seed(0)
-    model = models.build_model(name, 2).eval()
+    model = registry.build_model(name, 2).eval()
     cam = grad_cam(model, torch.randn(1, 3, 96, 96), 1)
     assert cam.shape == (96, 96) and cam.min() >= 0 and cam.max() <= 1 and cam.max() > 0
 
@@ -51,9 +51,9 @@ def test_explain_top_k(ray_session, tmp_path, random_checkpoint):
 
 
 def test_multi_label_heatmap_follows_the_top_finding(tmp_path, monkeypatch):
-    from meddx import explain as explain_module
+    from meddx.analysis import explain as explain_module
 
-    ckpt = models.untrained_checkpoint(
+    ckpt = registry.untrained_checkpoint(
         "seednet", input_size=64, findings=["opacity", "effusion", "nodule"]
     )
     image = tmp_path / "x.png"

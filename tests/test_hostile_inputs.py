@@ -22,9 +22,9 @@ import pyarrow.dataset as pads
 import pydicom
 
 from meddx.cli import main
-from meddx.decode import DecodeSettings, decode_image, decode_images
-from meddx.sources import read_objects
-from meddx.storage import StorageSettings
+from meddx.imaging.decode import DecodeSettings, decode_image, decode_images
+from meddx.inputs.sources import read_objects
+from meddx.inputs.storage import StorageSettings
 
 from . import hostile
 from .images import dicom_cr, make_tar, png, png_bomb
@@ -36,9 +36,9 @@ import json, resource, sys
 cap = int(sys.argv[3]) * 2**20
 resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
 import numpy as np
-from meddx import sources
-from meddx.decode import DecodeSettings, decode_images
-from meddx.storage import StorageSettings
+from meddx.inputs import sources
+from meddx.imaging.decode import DecodeSettings, decode_images
+from meddx.inputs.storage import StorageSettings
 sources.MAX_SHARD_MEMBERS = int(sys.argv[2])
 rows = []
 batch = {"image_uri": np.array(json.loads(sys.argv[1]), dtype=object)}
@@ -200,7 +200,7 @@ def test_each_malformed_attribute_is_an_error_row_naming_it(caplog, capfd):
 
 
 def test_any_other_failure_is_its_exception_type_and_no_value(monkeypatch):
-    from meddx import decode, dicom
+    from meddx.imaging import decode, dicom
 
     def broken(*args, **kwargs):
         raise KeyError(f"({hostile.PROBE})")

@@ -11,7 +11,7 @@ import pyarrow.dataset as pads
 import pytest
 import requests
 
-from meddx.storage import arrow_filesystem, filesystem
+from meddx.inputs.storage import arrow_filesystem, filesystem
 
 from .helpers import BIN, REPO, current_cluster_restored, free_port, ray_env, ray_node
 from .images import broken_inputs, png

@@ -11,8 +11,9 @@ import time
 
 import pytest
 
-from meddx import MeddxBusy, MeddxError, commit, lease
-from meddx.storage import filesystem, strip_scheme
+from meddx import MeddxBusy, MeddxError
+from meddx.inputs.storage import filesystem, strip_scheme
+from meddx.store import commit, lease
 
 
 @pytest.fixture(params=["s3", "local"])

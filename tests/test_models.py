@@ -5,13 +5,14 @@ import pickle
 import pytest
 import torch
 
-from meddx import MeddxError, models
-from meddx.storage import StorageSettings
+from meddx import MeddxError
+from meddx.inputs.storage import StorageSettings
+from meddx.model import registry
 
 
-@pytest.mark.parametrize("name", sorted(models.MODELS))
+@pytest.mark.parametrize("name", sorted(registry.MODELS))
 def test_every_registered_model_runs_at_224(name):
-    net = models.build_model(name, 2).eval()
+    net = registry.build_model(name, 2).eval()
     with torch.inference_mode():
         out = net(torch.randn(2, 3, 224, 224))
     assert out.shape == (2, 2)
@@ -20,7 +21,7 @@ def test_every_registered_model_runs_at_224(name):
 @pytest.mark.parametrize("size", [64, 128, 224, 300])
 def test_seednet_is_size_agnostic(size):
     with torch.inference_mode():
-        assert models.build_model("seednet", 3).eval()(torch.randn(1, 3, size, size)).shape == (
+        assert registry.build_model("seednet", 3).eval()(torch.randn(1, 3, size, size)).shape == (
             1,
             3,
         )
@@ -28,12 +29,12 @@ def test_seednet_is_size_agnostic(size):
 
 def test_unknown_model_is_a_clear_error():
     with pytest.raises(MeddxError, match="unknown model 'vgg'"):
-        models.build_model("vgg", 2)
+        registry.build_model("vgg", 2)
 
 
 def make(net=None):
-    net = net or models.build_model("seednet", 2)
-    return models.make_checkpoint(
+    net = net or registry.build_model("seednet", 2)
+    return registry.make_checkpoint(
         net,
         model_name="seednet",
         class_names=["normal", "opacity"],
@@ -47,23 +48,23 @@ def make(net=None):
 
 def test_checkpoint_round_trip(tmp_path):
     torch.manual_seed(0)
-    net = models.build_model("seednet", 2).eval()
+    net = registry.build_model("seednet", 2).eval()
     path = tmp_path / "m.pt"
-    sha = models.save_checkpoint(make(net), str(path), StorageSettings())
+    sha = registry.save_checkpoint(make(net), str(path), StorageSettings())
     assert sha == hashlib.sha256(path.read_bytes()).hexdigest()
-    ckpt, sha2 = models.read_checkpoint(str(path), StorageSettings())
+    ckpt, sha2 = registry.read_checkpoint(str(path), StorageSettings())
     assert sha2 == sha
     assert ckpt.class_names == ("normal", "opacity") and ckpt.threshold == 0.3
     assert ckpt.input_size == 96 and ckpt.metrics == {"val_auroc": 0.9}
     x = torch.randn(1, 3, 96, 96)
     with torch.inference_mode():
-        torch.testing.assert_close(models.model_from_checkpoint(ckpt)(x), net(x))
+        torch.testing.assert_close(registry.model_from_checkpoint(ckpt)(x), net(x))
 
 
 def test_checkpoint_on_s3(bucket, settings):
     uri = f"{bucket}/models/m.pt"
-    sha = models.save_checkpoint(make(), uri, settings)
-    ckpt, sha2 = models.read_checkpoint(uri, settings)
+    sha = registry.save_checkpoint(make(), uri, settings)
+    ckpt, sha2 = registry.read_checkpoint(uri, settings)
     assert sha2 == sha and ckpt.model_name == "seednet"
 
 
@@ -78,25 +79,25 @@ def test_pickled_code_is_refused(tmp_path):
     torch.save({"format": 1, "payload": RunsCode()}, buf)
     evil.write_bytes(buf.getvalue())
     with pytest.raises(MeddxError, match="not a loadable meddx checkpoint"):
-        models.read_checkpoint(str(evil), StorageSettings())
+        registry.read_checkpoint(str(evil), StorageSettings())
 
 
 def test_non_checkpoint_files_are_refused(tmp_path):
     junk = tmp_path / "junk.pt"
     junk.write_bytes(pickle.dumps([1, 2, 3]))
     with pytest.raises(MeddxError, match="checkpoint"):
-        models.read_checkpoint(str(junk), StorageSettings())
+        registry.read_checkpoint(str(junk), StorageSettings())
     with pytest.raises(MeddxError, match="checkpoint not found"):
-        models.read_checkpoint(str(tmp_path / "missing.pt"), StorageSettings())
+        registry.read_checkpoint(str(tmp_path / "missing.pt"), StorageSettings())
 
 
 def test_pinned_sha256(tmp_path):
     path = tmp_path / "m.pt"
-    sha = models.save_checkpoint(make(), str(path), StorageSettings())
-    assert models.read_checkpoint(str(path), StorageSettings(), sha)[1] == sha
-    assert models.read_checkpoint(str(path), StorageSettings(), sha.upper())[1] == sha
+    sha = registry.save_checkpoint(make(), str(path), StorageSettings())
+    assert registry.read_checkpoint(str(path), StorageSettings(), sha)[1] == sha
+    assert registry.read_checkpoint(str(path), StorageSettings(), sha.upper())[1] == sha
     with pytest.raises(MeddxError, match="not the pinned"):
-        models.read_checkpoint(str(path), StorageSettings(), "0" * 64)
+        registry.read_checkpoint(str(path), StorageSettings(), "0" * 64)
 
 
 def dict_layout(net, **fields) -> dict:
@@ -121,7 +122,7 @@ def dict_layout(net, **fields) -> dict:
 
 def expected_probs(net, images, temperature, multi_label: bool):
     """What scoring must give, computed the plain way: eager model, logits / T."""
-    from meddx.transforms import to_model_input
+    from meddx.imaging.transforms import to_model_input
 
     x = to_model_input(
         torch.from_numpy(images),
@@ -157,15 +158,15 @@ LAYOUTS = {
 def test_checkpoints_in_the_dict_layout_load_and_score_the_same(tmp_path, layout):
     import numpy as np
 
-    from meddx.predict import Predictor
+    from meddx.model.inference import Predictor
 
     fields, temperature, multi_label = LAYOUTS[layout]
     torch.manual_seed(1)
-    net = models.build_model("seednet", 3 if multi_label else 2)
+    net = registry.build_model("seednet", 3 if multi_label else 2)
     path = tmp_path / "old.pt"
     torch.save(dict_layout(net, **fields), path)
 
-    ckpt, _ = models.read_checkpoint(str(path), StorageSettings())
+    ckpt, _ = registry.read_checkpoint(str(path), StorageSettings())
     n_out = 3 if multi_label else 1
     assert ckpt.multi_label is multi_label
     assert len(ckpt.thresholds) == len(ckpt.temperatures) == n_out
@@ -185,8 +186,8 @@ def test_checkpoints_in_the_dict_layout_load_and_score_the_same(tmp_path, layout
     )
     # Written again, the file holds the same layout and scores the same.
     again = tmp_path / "again.pt"
-    models.save_checkpoint(ckpt, str(again), StorageSettings())
-    ckpt2, _ = models.read_checkpoint(str(again), StorageSettings())
+    registry.save_checkpoint(ckpt, str(again), StorageSettings())
+    ckpt2, _ = registry.read_checkpoint(str(again), StorageSettings())
     assert ckpt2 == ckpt and ckpt2.extra["created_at"] == "2026-11-20T10:00:00+00:00"
     np.testing.assert_allclose(
         Predictor(str(again), StorageSettings(), "fp32", "r").predict_probs(images),
@@ -197,8 +198,8 @@ def test_checkpoints_in_the_dict_layout_load_and_score_the_same(tmp_path, layout
 
 def test_a_checkpoint_missing_what_scoring_needs_is_one_line(tmp_path):
     torch.manual_seed(1)
-    layout = dict_layout(models.build_model("seednet", 2))
+    layout = dict_layout(registry.build_model("seednet", 2))
     del layout["class_names"]
     torch.save(layout, tmp_path / "m.pt")
     with pytest.raises(MeddxError, match="not a meddx checkpoint: bad or missing 'class_names'"):
-        models.read_checkpoint(str(tmp_path / "m.pt"), StorageSettings())
+        registry.read_checkpoint(str(tmp_path / "m.pt"), StorageSettings())

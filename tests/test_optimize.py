@@ -9,10 +9,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from meddx import MeddxError, models, optimize
+from meddx import MeddxError
 from meddx.config import ScoreConfig
-from meddx.predict import Predictor, compare_probs
-from meddx.storage import StorageSettings
+from meddx.inputs.storage import StorageSettings
+from meddx.model import optimize, registry
+from meddx.model.inference import Predictor, compare_probs
 
 from .helpers import MEDDX, synthetic_films, trained_seednet
 
@@ -28,7 +29,7 @@ def labelled(tmp_path_factory):
     root = tmp_path_factory.mktemp("optimize")
     ckpt = trained_seednet(SIZE)
     path = root / "seednet.pt"
-    sha = models.save_checkpoint(ckpt, str(path), StorageSettings())
+    sha = registry.save_checkpoint(ckpt, str(path), StorageSettings())
     x, y = synthetic_films(200, seed=6, size=SIZE)
     for i, (pixels, label) in enumerate(zip(x, y, strict=True)):
         folder = root / "data" / ("opacity" if label else "normal")
@@ -58,7 +59,7 @@ def optimized(labelled, tmp_path_factory):
 def test_int8_artefact_passes_its_gate_and_lives_in_the_checkpoint(labelled, optimized):
     path, sha, _ = labelled
     out, printed = optimized
-    ckpt, new_sha = models.read_checkpoint(str(out), StorageSettings())
+    ckpt, new_sha = registry.read_checkpoint(str(out), StorageSettings())
     assert new_sha != sha and f"sha256={new_sha}" in printed
     entry = optimize.artefact(ckpt)
     assert entry["runtime"] == "openvino" and entry["precision"] == "int8"
@@ -74,7 +75,7 @@ def test_int8_artefact_passes_its_gate_and_lives_in_the_checkpoint(labelled, opt
     # The classifier head reads fp32 features with fp32 weights; the body is int8.
     assert head_inputs(entry) and "FakeQuantize" not in head_inputs(entry)
     # The weights are the same as the torch checkpoint's: only the artefact was added.
-    original, _ = models.read_checkpoint(str(path), StorageSettings())
+    original, _ = registry.read_checkpoint(str(path), StorageSettings())
     assert ckpt.state_dict.keys() == original.state_dict.keys()
 
 
@@ -98,10 +99,10 @@ def test_finetuning_moves_int8_logits_toward_fp32(labelled):
     """Quantization-aware fine-tuning starts from NNCF's post-training quantization (0
     epochs) and distils toward the fp32 model: its int8 logits end closer to fp32's."""
     path, _, data = labelled
-    ckpt, _ = models.read_checkpoint(str(path), StorageSettings())
+    ckpt, _ = registry.read_checkpoint(str(path), StorageSettings())
     images, _ = optimize.labelled_images(ckpt, str(data), StorageSettings(), 1000)
     x = optimize.model_inputs(ckpt, images[::2])
-    fp32 = optimize.to_openvino(models.features_model(ckpt), SIZE)
+    fp32 = optimize.to_openvino(registry.features_model(ckpt), SIZE)
 
     def logits(model) -> np.ndarray:
         import openvino as ov
@@ -112,7 +113,7 @@ def test_finetuning_moves_int8_logits_toward_fp32(labelled):
     reference = logits(fp32)
     errors = []
     for epochs in (0, 8):
-        student = optimize.finetuned(models.features_model(ckpt), x, epochs)
+        student = optimize.finetuned(registry.features_model(ckpt), x, epochs)
         quantized = optimize.to_openvino(student, SIZE)
         assert sum(op.get_type_name() == "FakeQuantize" for op in quantized.get_ops()) > 0
         errors.append(float(np.mean((logits(quantized) - reference) ** 2)))
@@ -133,7 +134,7 @@ def test_optimize_with_finetuning_keeps_an_int8_artefact_that_holds(labelled, tm
     )
     assert run.returncode == 0, run.stderr
     assert "CUDA" not in run.stderr, run.stderr  # torch's warning on a CPU node, silenced
-    entry = optimize.artefact(models.read_checkpoint(str(out), StorageSettings())[0])
+    entry = optimize.artefact(registry.read_checkpoint(str(out), StorageSettings())[0])
     assert entry["precision"] == "int8" and entry["check"]["finetune_epochs"] == 16
     assert entry["check"]["holds"] and entry["check"]["quantized_ops"] > 0
     assert 0 < entry["check"]["max_score_diff"] <= optimize.MAX_SCORE_DIFF
@@ -142,7 +143,7 @@ def test_optimize_with_finetuning_keeps_an_int8_artefact_that_holds(labelled, tm
 
 def test_scores_from_the_artefact_match_its_recorded_check(labelled, optimized):
     _, _, data = labelled
-    ckpt, _ = models.read_checkpoint(str(optimized[0]), StorageSettings())
+    ckpt, _ = registry.read_checkpoint(str(optimized[0]), StorageSettings())
     images, truth = optimize.labelled_images(ckpt, str(data), StorageSettings(), 1000)
     images, truth = images[1::2], truth[1::2]  # the images the check held out
     torch_p = Predictor(ckpt, StorageSettings(), "fp32", "t", runtime="torch").predict_probs(images)
@@ -182,8 +183,8 @@ def test_grey_level_noise_moves_pixels_by_at_most_one_level():
 
 
 def test_runtime_auto_uses_only_an_artefact_that_held(labelled, optimized, monkeypatch, capsys):
-    ckpt, _ = models.read_checkpoint(str(optimized[0]), StorageSettings())
-    plain, _ = models.read_checkpoint(str(labelled[0]), StorageSettings())
+    ckpt, _ = registry.read_checkpoint(str(optimized[0]), StorageSettings())
+    plain, _ = registry.read_checkpoint(str(labelled[0]), StorageSettings())
     assert optimize.resolve_runtime("auto", ckpt, gpus=0) == "openvino"
     assert optimize.resolve_runtime("auto", ckpt, gpus=1) == "torch"
     assert optimize.resolve_runtime("auto", plain, gpus=0) == "torch"
@@ -206,7 +207,7 @@ def test_runtime_auto_uses_only_an_artefact_that_held(labelled, optimized, monke
 def test_score_on_ray_with_the_int8_model_records_its_runtime(
     labelled, optimized, tmp_path, ray_session
 ):
-    from meddx.scoring import score
+    from meddx.pipelines.scoring import score
 
     _, _, data = labelled
     rows = {}
@@ -228,7 +229,7 @@ def test_score_on_ray_with_the_int8_model_records_its_runtime(
         )
         assert table.num_rows == 200 and set(table["status"].to_pylist()) == {"ok"}
         expected = ("openvino", "int8") if runtime == "auto" else ("torch", "fp32")
-        assert meta[b"meddx.runtime"].decode() == expected[0]
+        assert meta[b"meddx.pipelines.cluster"].decode() == expected[0]
         assert meta[b"meddx.precision"].decode() == expected[1]
     diff = max(abs(rows["auto"][u] - rows["torch"][u]) for u in rows["torch"])
     assert 0 < diff <= optimize.MAX_SCORE_DIFF
@@ -237,13 +238,13 @@ def test_score_on_ray_with_the_int8_model_records_its_runtime(
 def test_a_tampered_artefact_is_refused_by_the_pin(optimized, tmp_path):
     out, printed = optimized
     sha = printed.split("sha256=")[1].split()[0]
-    ckpt, _ = models.read_checkpoint(str(out), StorageSettings())
+    ckpt, _ = registry.read_checkpoint(str(out), StorageSettings())
     entry = dict(optimize.artefact(ckpt))
     weights = entry["bin"].clone()
     weights[-1] ^= 1
     entry["bin"] = weights
     tampered = tmp_path / "tampered.pt"
-    models.save_checkpoint(
+    registry.save_checkpoint(
         ckpt.replace(extra={**ckpt.extra, optimize.OPTIMIZED_KEY: entry}),
         str(tampered),
         StorageSettings(),

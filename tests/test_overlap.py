@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from meddx.commit import read_results
-from meddx.storage import StorageSettings, filesystem
+from meddx.inputs.storage import StorageSettings, filesystem
+from meddx.store.commit import read_results
 
 from .helpers import MEDDX
 from .images import png

@@ -22,11 +22,12 @@ import pydicom
 import pytest
 from dicomweb_client.api import DICOMwebClient
 
-from meddx import dicomweb, models
 from meddx.config import SynthConfig
-from meddx.dicom import pseudonym
-from meddx.storage import StorageSettings
-from meddx.synth import write_archive
+from meddx.imaging.dicom import pseudonym
+from meddx.inputs import dicomweb
+from meddx.inputs.storage import StorageSettings
+from meddx.model import registry
+from meddx.synthetic.chest import write_archive
 
 from . import pacs as pacs_mod
 from .helpers import processes_of_ray_session, trained_seednet
@@ -72,7 +73,7 @@ def films(tmp_path_factory) -> list[Path]:
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("model") / "seednet.pt"
-    models.save_checkpoint(trained_seednet(64), str(path), StorageSettings())
+    registry.save_checkpoint(trained_seednet(64), str(path), StorageSettings())
     return str(path)
 
 

@@ -4,10 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from meddx import MeddxError, models
+from meddx import MeddxError
 from meddx.config import ScoreConfig
-from meddx.predict import Predictor, checkpoint_precision, inference_model, precision_check
-from meddx.storage import StorageSettings
+from meddx.inputs.storage import StorageSettings
+from meddx.model import registry
+from meddx.model.inference import Predictor, checkpoint_precision, inference_model, precision_check
 
 from .helpers import synthetic_films, trained_seednet
 
@@ -62,8 +63,8 @@ def test_the_checkpoint_pins_a_precision_that_auto_respects(trained):
 
 @pytest.mark.parametrize("name", ["seednet", "resnet18", "densenet121"])
 def test_folded_inference_model_gives_the_same_scores(name):
-    ckpt = models.untrained_checkpoint(name, input_size=64, seed=3)
-    plain = models.model_from_checkpoint(ckpt).eval()
+    ckpt = registry.untrained_checkpoint(name, input_size=64, seed=3)
+    plain = registry.model_from_checkpoint(ckpt).eval()
     # Non-trivial running statistics, so folding them in changes the weights.
     gen = torch.Generator().manual_seed(0)
     for module in plain.modules():
@@ -88,7 +89,7 @@ def test_folded_inference_model_gives_the_same_scores(name):
 def test_compiled_predictor_scores_as_the_eager_one():
     """--compile: torch.compile (inductor, here on CPU) gives the same probabilities,
     also for a batch of another size (dynamic shapes: no recompile per last batch)."""
-    ckpt = models.untrained_checkpoint("seednet", input_size=64, seed=2)
+    ckpt = registry.untrained_checkpoint("seednet", input_size=64, seed=2)
     compiled = Predictor(ckpt, StorageSettings(), "fp32", "r", compile_model=True)
     eager = Predictor(ckpt, StorageSettings(), "fp32", "r")
     x = np.random.default_rng(0).integers(0, 255, (8, 64, 64), dtype=np.uint8)

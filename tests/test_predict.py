@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from meddx.decode import INFO_DEFAULTS
+from meddx.imaging.decode import INFO_DEFAULTS
+from meddx.inputs.storage import StorageSettings
+from meddx.model.inference import Predictor, cpu_has_native_bf16, resolve_precision
 from meddx.names import OUTPUT_SCHEMA
-from meddx.predict import Predictor, cpu_has_native_bf16, resolve_precision
-from meddx.storage import StorageSettings
 
 
 def batch(n_ok=3, n_err=2, size=64):
@@ -87,13 +87,13 @@ FINDINGS = ["opacity", "effusion", "nodule"]
 @pytest.fixture(scope="module")
 def multi_label_checkpoint(tmp_path_factory):
     """A random seednet with one sigmoid output per finding; per-finding thresholds."""
-    from meddx import models
+    from meddx.model import registry
 
-    ckpt = models.untrained_checkpoint(
+    ckpt = registry.untrained_checkpoint(
         "seednet", input_size=64, findings=FINDINGS, thresholds=[0.45, 0.5, 0.55]
     )
     path = tmp_path_factory.mktemp("ml") / "seednet-ml.pt"
-    models.save_checkpoint(ckpt, str(path), StorageSettings())
+    registry.save_checkpoint(ckpt, str(path), StorageSettings())
     return str(path)
 
 
@@ -118,11 +118,11 @@ def test_multi_label_rows(multi_label_checkpoint):
     [([0.0, 2.0, 2.0], "opacity"), ([2.0, 0.0, 0.0], "effusion;nodule"), ([2.0] * 3, "normal")],
 )
 def test_multi_label_label_follows_each_threshold(tmp_path, thresholds, label):
-    from meddx import models
+    from meddx.model import registry
 
-    ckpt = models.untrained_checkpoint(
+    ckpt = registry.untrained_checkpoint(
         "seednet", input_size=64, findings=FINDINGS, thresholds=thresholds
     )
-    models.save_checkpoint(ckpt, str(tmp_path / "m.pt"), StorageSettings())
+    registry.save_checkpoint(ckpt, str(tmp_path / "m.pt"), StorageSettings())
     rows = Predictor(str(tmp_path / "m.pt"), StorageSettings(), "fp32", "r")(batch(n_err=0))
     assert {r["label"] for r in rows.to_pylist()} == {label}

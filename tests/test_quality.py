@@ -12,20 +12,20 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from meddx import models, ood
-from meddx.calibration import calibrate
+from meddx.analysis.calibration import calibrate
+from meddx.analysis.evaluation import evaluate_predictions
 from meddx.cli import main
-from meddx.commit import read_results
 from meddx.config import ScoreConfig, ScreenConfig
-from meddx.decode import DecodeSettings, decode_image, qc_of, quality_check
-from meddx.evaluation import evaluate_predictions
+from meddx.imaging.decode import DecodeSettings, decode_image, qc_of, quality_check
+from meddx.inputs.storage import StorageSettings, filesystem
+from meddx.model import ood, registry
+from meddx.model.inference import features_of
 from meddx.names import QC_LOW_QUALITY, QC_OK, QC_OOD, QC_VALUES, QC_WRONG_VIEW
-from meddx.predict import features_of
-from meddx.qcset import write_quality_set
-from meddx.scoring import score
-from meddx.screening import screen
-from meddx.storage import StorageSettings, filesystem
-from meddx.synth import labels_for, render
+from meddx.pipelines.scoring import score
+from meddx.pipelines.screening import screen
+from meddx.store.commit import read_results
+from meddx.synthetic.chest import labels_for, render
+from meddx.synthetic.quality_set import write_quality_set
 
 SIZE = 64  # the checkpoints' input size
 
@@ -59,7 +59,7 @@ def test_cheap_checks_flag_blank_flat_saturated_and_other_views():
 def fitted(tmp_path_factory):
     """An untrained seednet with a density fitted to synthetic chest films' features (as
     training fits it), and one without a density."""
-    plain = models.untrained_checkpoint("seednet", input_size=SIZE, seed=4, threshold=0.0)
+    plain = registry.untrained_checkpoint("seednet", input_size=SIZE, seed=4, threshold=0.0)
     settings = DecodeSettings(size=SIZE)
 
     def films(seed, n):
@@ -78,8 +78,8 @@ def fitted(tmp_path_factory):
     ckpt = ood.with_density(plain, features, ood.groups_of(plain, truth), validation)
     folder = tmp_path_factory.mktemp("qc-models")
     paths = {"density": str(folder / "density.pt"), "plain": str(folder / "plain.pt")}
-    models.save_checkpoint(ckpt, paths["density"], StorageSettings())
-    models.save_checkpoint(plain, paths["plain"], StorageSettings())
+    registry.save_checkpoint(ckpt, paths["density"], StorageSettings())
+    registry.save_checkpoint(plain, paths["plain"], StorageSettings())
     return paths
 
 
@@ -102,7 +102,7 @@ def test_rows_carry_qc_and_ood_score_and_evaluate_reports_them(ray_session, tmp_
     rows = read_results(out, StorageSettings(), ["image_uri", "status", "qc", "ood_score"])
     rows = {r["image_uri"]: r for r in rows.to_pylist()}
     assert set(rows) == set(category)
-    ckpt, _ = models.read_checkpoint(fitted["density"], StorageSettings())
+    ckpt, _ = registry.read_checkpoint(fitted["density"], StorageSettings())
     threshold = ood.density_of(ckpt).threshold
     for uri, r in rows.items():
         if r["status"] != "ok":
@@ -147,7 +147,7 @@ def test_rows_carry_qc_and_ood_score_and_evaluate_reports_them(ray_session, tmp_
         ood_percentile=90,
     )
     assert again["ood_threshold"] == pytest.approx(np.percentile(chest_scores, 90))
-    moved, _ = models.read_checkpoint(str(tmp_path / "recalibrated.pt"), StorageSettings())
+    moved, _ = registry.read_checkpoint(str(tmp_path / "recalibrated.pt"), StorageSettings())
     assert ood.density_of(moved).threshold == pytest.approx(again["ood_threshold"])
     assert moved.extra["ood"]["threshold_source"] == out
 

@@ -9,9 +9,9 @@ import pyarrow.dataset as pads
 import pytest
 
 from meddx import MeddxError
+from meddx.inputs.storage import arrow_filesystem, filesystem
 from meddx.names import OUTPUT_SCHEMA
-from meddx.scoring import ScoreConfig, score
-from meddx.storage import arrow_filesystem, filesystem
+from meddx.pipelines.scoring import ScoreConfig, score
 
 from .images import broken_inputs, jpeg, png
 
@@ -206,7 +206,7 @@ def test_killed_predictor_still_one_row_per_input(ray_session, tmp_path, random_
 
 
 def test_predictor_pool_is_sized_from_the_cluster_and_the_job(ray_session):
-    from meddx.runtime import PREDICTOR_MEMORY, predictor_pool
+    from meddx.pipelines.cluster import PREDICTOR_MEMORY, predictor_pool
 
     # A short job on this 2-CPU node: one actor using the node's cores.
     pool, threads, resources = predictor_pool(None, inputs=500)
@@ -229,7 +229,7 @@ def test_an_import_that_fails_beside_ray_start_is_left_to_the_caller(ray_session
 
     import ray
 
-    from meddx.runtime import init_ray_importing
+    from meddx.pipelines.cluster import init_ray_importing
 
     # The importer thread swallows the error; the caller's own import raises it.
     init_ray_importing("meddx.no_such_module")
@@ -246,8 +246,8 @@ def test_a_killed_score_run_leaves_no_rows_visible(ray_session, tmp_path, random
     import subprocess
     import time
 
-    from meddx.commit import read_results
-    from meddx.storage import StorageSettings
+    from meddx.inputs.storage import StorageSettings
+    from meddx.store.commit import read_results
 
     from .helpers import MEDDX
 

@@ -16,12 +16,12 @@ import yaml
 from PIL import Image
 
 from meddx import MeddxAlarm, MeddxError
+from meddx.analysis.drift import psi
 from meddx.cli import main
-from meddx.commit import COMMIT, read_results, recover
 from meddx.config import ScreenConfig
-from meddx.drift import psi
-from meddx.screening import screen
-from meddx.storage import StorageSettings, filesystem
+from meddx.inputs.storage import StorageSettings, filesystem
+from meddx.pipelines.screening import screen
+from meddx.store.commit import COMMIT, read_results, recover
 
 from .helpers import MEDDX, REPO
 from .images import broken_inputs, png
@@ -168,7 +168,7 @@ def test_drift_reads_only_the_nights_it_needs(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from meddx.drift import recent_scores
+    from meddx.analysis.drift import recent_scores
     from meddx.names import OUTPUT_SCHEMA
 
     out = tmp_path / "results"
@@ -331,7 +331,7 @@ def test_deploy_manifests_parse():
 def test_worklist_cells_a_spreadsheet_would_run_are_quoted():
     import pyarrow as pa
 
-    from meddx.screening import spreadsheet_safe
+    from meddx.pipelines.screening import spreadsheet_safe
 
     cells = ['=HYPERLINK("http://x","PA")', "+1+cmd", "-2+3", "@SUM(A1)", "\tx", "PA", "a=b"]
     table = pa.table(

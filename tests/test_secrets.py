@@ -16,9 +16,12 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from meddx import MeddxError, dicomweb, runtime, secret
-from meddx.scoring import ScoreConfig, pseudonym_key, score
-from meddx.storage import arrow_filesystem, filesystem
+from meddx import MeddxError, secret
+from meddx.inputs import dicomweb
+from meddx.inputs.storage import arrow_filesystem, filesystem
+from meddx.pipelines import cluster
+from meddx.pipelines.scoring import ScoreConfig, score
+from meddx.secret import pseudonym_key
 
 from .helpers import DUMMY_AWS, MEDDX
 from .images import broken_inputs, dicom_cr, png
@@ -247,10 +250,10 @@ def test_secrets_in_the_jobs_runtime_env_are_named_in_a_warning(monkeypatch, cap
         assert secret.runtime_env_warning(fine) is None
     # The driver logs it once Ray is up, from the job's own runtime_env.
     context = type("Context", (), {"runtime_env": runtime_env})()
-    monkeypatch.setattr(runtime.ray, "get_runtime_context", lambda: context)
-    runtime.warn_secrets_in_runtime_env()
+    monkeypatch.setattr(cluster.ray, "get_runtime_context", lambda: context)
+    cluster.warn_secrets_in_runtime_env()
     (record,) = caplog.records
     assert record.levelno == logging.WARNING and record.getMessage() == f"meddx: {line}"
     context.runtime_env = {"env_vars": {"MEDDX_PSEUDONYM_KEY_FILE": "/k"}}
-    runtime.warn_secrets_in_runtime_env()
+    cluster.warn_secrets_in_runtime_env()
     assert len(caplog.records) == 1

@@ -8,10 +8,11 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from meddx import MeddxError, sources
-from meddx.scoring import ScoreConfig, score
-from meddx.sources import labelled_inputs, list_inputs, manifest_labels, read_objects
-from meddx.storage import StorageSettings, arrow_filesystem, filesystem
+from meddx import MeddxError
+from meddx.inputs import sources
+from meddx.inputs.sources import labelled_inputs, list_inputs, manifest_labels, read_objects
+from meddx.inputs.storage import StorageSettings, arrow_filesystem, filesystem
+from meddx.pipelines.scoring import ScoreConfig, score
 
 from .images import dicom_cr, make_tar, png
 
@@ -74,7 +75,7 @@ def test_read_shard_members_locally(tmp_path):
 def test_read_uris_streams_each_shard_once_with_the_limits(tmp_path, monkeypatch):
     """explain's read: the members asked for, in order, one pass over their shard, the
     same byte limit as scoring; a missing member or object is an error value."""
-    from meddx import sources
+    from meddx.inputs import sources
 
     shard, loose, cut = tmp_path / "s.tar", tmp_path / "a.png", tmp_path / "cut.tar"
     shard.write_bytes(good_shard())
@@ -237,7 +238,7 @@ def test_s3_reads_one_request_each_with_the_byte_limit(bucket, settings, monkeyp
     """Ranged GETs, several in flight: the limit, empty objects and order hold on S3.
     A first read of 64 bytes: objects up to it take one GET, longer ones are sized,
     then read on (up to the limit) or refused."""
-    from meddx import storage
+    from meddx.inputs import storage
 
     monkeypatch.setattr(storage, "FIRST_READ_BYTES", 64)
     fs = filesystem("s3://", settings)
@@ -283,7 +284,7 @@ def test_reads_are_bounded_by_bytes_not_only_by_count(tmp_path, monkeypatch):
 def test_reading_with_decode_matches_two_stages_and_drops_known(tmp_path):
     """One task reads, drops what was scored already and decodes: the same rows as the
     two stages apart, without any bytes column leaving it."""
-    from meddx.decode import DecodeSettings, decode_images
+    from meddx.imaging.decode import DecodeSettings, decode_images
 
     uris = []
     for i, data in enumerate([png("L", size=48), dicom_cr(), b"not an image", png("RGB")]):

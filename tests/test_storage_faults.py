@@ -16,8 +16,8 @@ import pyarrow.dataset as pads
 import pytest
 
 from meddx import MeddxError
-from meddx.sources import read_object
-from meddx.storage import StorageSettings, arrow_filesystem, filesystem, list_files
+from meddx.inputs.sources import read_object
+from meddx.inputs.storage import StorageSettings, arrow_filesystem, filesystem, list_files
 
 from .helpers import MEDDX
 from .images import make_tar, png

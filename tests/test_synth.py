@@ -8,7 +8,7 @@ from PIL import Image
 
 from meddx import MeddxError
 from meddx.config import SynthConfig
-from meddx.synth import (
+from meddx.synthetic.chest import (
     FINDINGS,
     finding_labels,
     labels_for,
@@ -100,7 +100,7 @@ def test_bad_config(tmp_path, kwargs, message):
 
 
 def test_write_to_s3(bucket, settings):
-    from meddx.storage import filesystem
+    from meddx.inputs.storage import filesystem
 
     rows = write_archive(SynthConfig(out=f"{bucket}/syn", n=5, size=64, storage=settings))
     fs = filesystem(bucket, settings)

@@ -11,11 +11,12 @@ import textwrap
 import pytest
 import torch
 
-from meddx import MeddxError, models
+from meddx import MeddxError
 from meddx.config import SynthConfig
-from meddx.storage import StorageSettings, filesystem
-from meddx.synth import write_archive
-from meddx.training import TrainConfig, split, train
+from meddx.inputs.storage import StorageSettings, filesystem
+from meddx.model import registry
+from meddx.pipelines.training import TrainConfig, split, train
+from meddx.synthetic.chest import write_archive
 
 from .helpers import MEDDX
 
@@ -44,7 +45,7 @@ def test_train_one_epoch_two_workers_from_s3(ray_session, bucket, settings, tmp_
     assert summary.optimized == (
         "not optimized: the validation split has 8 labelled images; optimizing needs 20 or more"
     )
-    ckpt, sha = models.read_checkpoint(out, settings)
+    ckpt, sha = registry.read_checkpoint(out, settings)
     assert sha == summary.sha256
     assert ckpt.model_name == "seednet" and ckpt.input_size == 64
     assert ckpt.class_names == ("normal", "opacity") and ckpt.positive_class == "opacity"
@@ -66,9 +67,9 @@ def test_train_one_epoch_two_workers_from_s3(ray_session, bucket, settings, tmp_
         io.BytesIO(filesystem(bucket, settings).cat_file(out.removeprefix("s3://"))),
         weights_only=True,
     )["state_dict"]
-    state = models.model_from_checkpoint(ckpt).state_dict()
+    state = registry.model_from_checkpoint(ckpt).state_dict()
     torch.manual_seed(TrainConfig(data="", out="").seed)  # how rank 0 (DDP's source) began
-    initial = models.build_model("seednet", 2).state_dict()
+    initial = registry.build_model("seednet", 2).state_dict()
     assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in initial.items()}
     assert saved["classifier.4.weight"].shape == (2, 256)  # one output per class
     assert state.keys() == saved.keys() and all(torch.equal(state[k], saved[k]) for k in saved)
@@ -97,7 +98,7 @@ BAD_CONFIGS = textwrap.dedent(
     import json, sys
     import ray
     from meddx import MeddxError
-    from meddx.training import TrainConfig, train
+    from meddx.pipelines.training import TrainConfig, train
 
     data = sys.argv[1]
     errors = []
@@ -141,9 +142,9 @@ def test_multi_label_train_score_evaluate(ray_session, tmp_path):
 
     import pyarrow.dataset as pads
 
-    from meddx import evaluation
-    from meddx.scoring import ScoreConfig, score
-    from meddx.storage import StorageSettings
+    from meddx.analysis import evaluation
+    from meddx.inputs.storage import StorageSettings
+    from meddx.pipelines.scoring import ScoreConfig, score
 
     data = tmp_path / "data"
     write_archive(
@@ -165,7 +166,7 @@ def test_multi_label_train_score_evaluate(ray_session, tmp_path):
             storage_path=str(tmp_path / "runs"),
         )
     )
-    ckpt, _ = models.read_checkpoint(out, StorageSettings())
+    ckpt, _ = registry.read_checkpoint(out, StorageSettings())
     assert ckpt.multi_label and ckpt.class_names == FINDINGS
     assert len(ckpt.thresholds) == 3 and ckpt.threshold == min(ckpt.thresholds)
     assert ckpt.positive_class == "abnormal"
@@ -198,8 +199,8 @@ def test_multi_label_train_score_evaluate(ray_session, tmp_path):
 
 
 def test_multi_label_split_keeps_every_finding_in_validation():
-    from meddx.synth import FINDINGS as PREVALENCE
-    from meddx.synth import finding_labels
+    from meddx.synthetic.chest import FINDINGS as PREVALENCE
+    from meddx.synthetic.chest import finding_labels
 
     truth = finding_labels(48, tuple(PREVALENCE.items()), seed=3)
     items = [(f"u{i}", tuple(int(v) for v in row)) for i, row in enumerate(truth)]
@@ -258,7 +259,7 @@ def test_train_command_on_its_own_ray_prints_no_state_api_noise(tmp_path):
     assert set(re.findall(r"\[meddx train\] epoch (\d)/3 train_loss=", output)) == {"1", "2", "3"}
     assert "State API may be temporarily unavailable" not in output
     assert "Use 'expr' instead of 'fn'" not in output  # Ray Data's warning on a fn filter
-    ckpt, _ = models.read_checkpoint(str(tmp_path / "m.pt"), StorageSettings())
+    ckpt, _ = registry.read_checkpoint(str(tmp_path / "m.pt"), StorageSettings())
     assert ckpt.model_name == "seednet"
 
 

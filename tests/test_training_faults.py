@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from meddx import models
 from meddx.config import SynthConfig
-from meddx.storage import StorageSettings
-from meddx.synth import write_archive
-from meddx.training import FailureLines, TrainConfig, train
+from meddx.inputs.storage import StorageSettings
+from meddx.model import registry
+from meddx.pipelines.training import FailureLines, TrainConfig, train
+from meddx.synthetic.chest import write_archive
 
 
 def checkpoints(folder: Path) -> list[Path]:
@@ -83,7 +83,7 @@ def test_killed_worker_restarts_from_last_checkpoint(ray_session, tmp_path):
     # The run finished all epochs, and the worker group that finished had resumed.
     assert summary.last["epoch"] == 3
     assert summary.last["resumed_from_epoch"] >= 1
-    models.read_checkpoint(str(tmp_path / "m.pt"), StorageSettings())
+    registry.read_checkpoint(str(tmp_path / "m.pt"), StorageSettings())
     # The console was told which worker failed, and why, before the group restarted.
     assert len(failure_lines(ray_session)) > before
 

@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from meddx import MeddxError, models, optimize
+from meddx import MeddxError
 from meddx.config import SynthConfig, TrainConfig
-from meddx.predict import Predictor
-from meddx.storage import StorageSettings
-from meddx.synth import write_archive
-from meddx.training import train
+from meddx.inputs.storage import StorageSettings
+from meddx.model import optimize, registry
+from meddx.model.inference import Predictor
+from meddx.pipelines.training import train
+from meddx.synthetic.chest import write_archive
 
 from .helpers import MEDDX, synthetic_films, trained_seednet
 
@@ -55,7 +56,7 @@ def test_import_weights_wraps_a_state_dict_that_scores_as_it_did(trained, tmp_pa
         "0.25,0.25,0.25",
     )
     assert run.returncode == 0, run.stderr
-    ckpt, sha = models.read_checkpoint(str(out), StorageSettings())
+    ckpt, sha = registry.read_checkpoint(str(out), StorageSettings())
     assert f"sha256={sha}" in run.stdout
     assert ckpt.model_name == "seednet" and ckpt.input_size == SIZE
     assert ckpt.class_names == ("normal", "opacity") and ckpt.positive_class == "opacity"
@@ -78,14 +79,14 @@ def test_import_weights_wraps_a_state_dict_that_scores_as_it_did(trained, tmp_pa
 def test_import_weights_multi_label_takes_a_threshold_per_finding(tmp_path):
     torch.manual_seed(0)
     weights = tmp_path / "three.pth"
-    torch.save(models.build_model("seednet", 3).state_dict(), weights)
+    torch.save(registry.build_model("seednet", 3).state_dict(), weights)
     out = tmp_path / "ml.pt"
     run = meddx(
         "import-weights", str(weights), "--model", "seednet", "--out", str(out),
         "--findings", "opacity,effusion,nodule", "--threshold", "0.2,0.3,0.4",
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
-    ckpt, _ = models.read_checkpoint(str(out), StorageSettings())
+    ckpt, _ = registry.read_checkpoint(str(out), StorageSettings())
     assert ckpt.multi_label and ckpt.class_names == ("opacity", "effusion", "nodule")
     assert ckpt.thresholds == (0.2, 0.3, 0.4) and ckpt.positive_class == "abnormal"
 
@@ -110,9 +111,9 @@ def test_import_weights_refuses_what_does_not_fit_in_one_line(tmp_path, case, ar
     weights = tmp_path / f"{case}.pt"
     torch.manual_seed(0)
     if case == "resnet18":
-        torch.save(models.build_model("resnet18", 2).state_dict(), weights)
+        torch.save(registry.build_model("resnet18", 2).state_dict(), weights)
     elif case == "seednet5":
-        torch.save(models.build_model("seednet", 5).state_dict(), weights)
+        torch.save(registry.build_model("seednet", 5).state_dict(), weights)
     elif case == "code":
         torch.save({"x": Payload()}, weights)
     elif case == "text":
@@ -142,7 +143,7 @@ def test_import_weights_refuses_what_does_not_fit_in_one_line(tmp_path, case, ar
 )
 def test_import_weights_flag_errors_are_one_line(tmp_path, args, message):
     weights = tmp_path / "w.pt"
-    torch.save(models.build_model("seednet", 2).state_dict(), weights)
+    torch.save(registry.build_model("seednet", 2).state_dict(), weights)
     if "--model" not in args:
         args = [*args, "--model", "seednet"]
     run = meddx("import-weights", str(weights), "--out", str(tmp_path / "o.pt"), *args)
@@ -154,14 +155,14 @@ def test_densenet_files_with_torchvisions_old_key_names_fit():
     """torchvision's own DenseNet-121 file says ``norm.1`` where the module says
     ``norm1``; its classifier has ImageNet's 1,000 outputs and is replaced."""
     torch.manual_seed(1)
-    imagenet = models.build_model("densenet121", 1000).state_dict()
+    imagenet = registry.build_model("densenet121", 1000).state_dict()
     old = {
         re.sub(r"(denselayer\d+\.(?:norm|conv))([12])\.", r"\1.\2.", k): v
         for k, v in imagenet.items()
     }
     assert "features.denseblock1.denselayer1.norm.1.weight" in old  # the old spelling
     torch.manual_seed(2)
-    model = models.fit_state_dict(old, "densenet121", 3, "densenet121.pth", keep_head=False)
+    model = registry.fit_state_dict(old, "densenet121", 3, "densenet121.pth", keep_head=False)
     fitted = model.state_dict()
     assert fitted["classifier.weight"].shape == (3, 1024)
     body = [k for k in imagenet if not k.startswith("classifier.")]
@@ -170,7 +171,7 @@ def test_densenet_files_with_torchvisions_old_key_names_fit():
         MeddxError,
         match=r"1000 outputs: weights 4 missing \(first features.denseblock1.denselayer3.conv2",
     ):
-        models.fit_state_dict(
+        registry.fit_state_dict(
             {k: v for k, v in old.items() if "denselayer3.conv.2" not in k},
             "densenet121",
             1000,
@@ -182,7 +183,7 @@ def test_densenet_files_with_torchvisions_old_key_names_fit():
 def test_train_refuses_init_weights_of_another_architecture_before_ray(tmp_path):
     write_archive(SynthConfig(out=str(tmp_path / "data"), n=20, size=SIZE, seed=3))
     weights = tmp_path / "r18.pth"
-    torch.save(models.build_model("resnet18", 1000).state_dict(), weights)
+    torch.save(registry.build_model("resnet18", 1000).state_dict(), weights)
     run = meddx(
         "train", str(tmp_path / "data"), "--out", str(tmp_path / "m.pt"),
         "--model", "seednet", "--init-weights", str(weights),
@@ -202,7 +203,7 @@ def test_train_from_init_weights_then_optimize_on_the_validation_split(
     pytest.importorskip("openvino")
     write_archive(SynthConfig(out=str(tmp_path / "data"), n=120, size=SIZE, seed=4))
     # "Pretrained" weights with another head, as ImageNet's 1,000 outputs would be.
-    pretrained = models.build_model("seednet", 5).state_dict()
+    pretrained = registry.build_model("seednet", 5).state_dict()
     pretrained.update({k: v for k, v in trained.state_dict.items() if "classifier.4" not in k})
     weights = tmp_path / "pretrained.pth"
     torch.save(pretrained, weights)
@@ -222,7 +223,7 @@ def test_train_from_init_weights_then_optimize_on_the_validation_split(
             storage_path=str(tmp_path / "runs"),
         )
     )
-    ckpt, _ = models.read_checkpoint(str(out), StorageSettings())
+    ckpt, _ = registry.read_checkpoint(str(out), StorageSettings())
     assert (
         ckpt.train_config["init_weights_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
     )

@@ -1,0 +1,202 @@
+"""The nightly run report: one self-contained HTML page (plots embedded as PNG).
+
+It names studies only by pseudonym (the DICOM study pseudonym when a key is set, else a
+short hash of the input URI): a report gets forwarded and printed, file names can hold
+patient names.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import platform
+from importlib import metadata
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a window
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+
+from meddx import __version__  # noqa: E402
+from meddx.imaging.dicom import pseudonymous_id  # noqa: E402
+from meddx.names import HUMAN_READ  # noqa: E402
+
+HISTORY_RUNS = 7
+TOP_WORKLIST = 20
+
+
+def versions() -> dict[str, str]:
+    found = {"meddx": __version__, "python": platform.python_version()}
+    for name in ("torch", "torchvision", "ray", "pyarrow", "pydicom", "numpy"):
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def histogram_plot(history: dict[str, np.ndarray], run_date: str, threshold: float) -> str:
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    bins = np.linspace(0, 1, 26)
+    for date, scores in history.items():
+        if len(scores) == 0:
+            continue
+        current = date == run_date
+        ax.hist(
+            scores,
+            bins=bins,
+            density=True,
+            histtype="stepfilled" if current else "step",
+            alpha=0.45 if current else 0.8,
+            linewidth=2 if current else 1,
+            label=f"{date} (n={len(scores)})" + (" this run" if current else ""),
+        )
+    ax.axvline(threshold, color="black", linestyle="--", linewidth=1, label="threshold")
+    ax.set_xlabel("score (probability of the positive class)")
+    ax.set_ylabel("density")
+    ax.set_title("Scores of this run against the recent runs")
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def throughput_plot(rows: pa.Table) -> str:
+    fig, ax = plt.subplots(figsize=(7, 2.6))
+    times = (
+        np.array([t.timestamp() for t in rows["scored_at"].to_pylist()])
+        if rows.num_rows
+        else np.array([])
+    )
+    if len(times):
+        rel = times - times.min()
+        width = max(1.0, float(np.ceil((rel.max() + 1e-9) / 30)))  # about 30 bars
+        edges = np.arange(0, rel.max() + width + 1e-9, width)
+        counts, _ = np.histogram(rel, edges)
+        ax.bar(edges[:-1], counts / width, width=width, align="edge", color="#4477aa")
+    ax.set_xlabel("seconds since the first scored batch")
+    ax.set_ylabel("images/s")
+    ax.set_title("Throughput over the run")
+    return _png(fig)
+
+
+def render(summary, rows: pa.Table, triage: pa.Table, history: dict, heatmaps=()) -> str:
+    esc = html.escape
+    plots = [
+        ("Score distribution", histogram_plot(history, summary.run_date, summary.threshold)),
+        ("Throughput", throughput_plot(rows)),
+    ]
+    plots += [
+        (f"Grad-CAM, worklist #{rank}", base64.b64encode(png).decode())
+        for rank, (_, png) in enumerate(heatmaps, start=1)
+    ]
+    counts = [
+        ("inputs seen", summary.inputs_seen),
+        ("new or changed", summary.new_inputs),
+        ("rows written", summary.rows),
+        ("scored ok", summary.ok),
+        ("errors", summary.errors),
+        ("error rate", f"{summary.error_rate:.1%}"),
+        ("positives (worklist)", summary.positives),
+        ("needs a human read (qc not ok)", summary.qc_flagged),
+        ("quality-control rate", f"{summary.qc_rate:.1%}"),
+        ("seconds", summary.seconds),
+        ("images/s", summary.images_per_s),
+    ]
+    if summary.drift:
+        counts.append(("drift (PSI)", round(summary.drift.psi, 4)))
+    reasons = (
+        "".join(
+            f"<tr><td>{esc(r)}</td><td>{n}</td></tr>" for r, n in summary.errors_by_reason.items()
+        )
+        or "<tr><td colspan=2>none</td></tr>"
+    )
+
+    def section(name: str) -> list[dict]:
+        return [r for r in triage.to_pylist() if r["section"] == name][:TOP_WORKLIST]
+
+    work = (
+        "".join(
+            f"<tr><td>{r['rank']}</td><td><code>{esc(pseudonymous_id(r))}</code></td>"
+            f"<td>{r['score']:.3f}</td><td>{esc(r['label'] or '')}</td>"
+            f"<td>{esc(r['modality'] or '')}</td></tr>"
+            for r in section("positive")
+        )
+        or "<tr><td colspan=5>no positives above the threshold</td></tr>"
+    )
+    human = (
+        "".join(
+            f"<tr><td>{r['rank']}</td><td><code>{esc(pseudonymous_id(r))}</code></td>"
+            f"<td>{esc(r['qc'])}</td><td>{r['score']:.3f}</td>"
+            f"<td>{'' if r['ood_score'] is None else format(r['ood_score'], '.2f')}</td>"
+            f"<td>{esc(r['view_position'] or '')}</td></tr>"
+            for r in section(HUMAN_READ)
+        )
+        or "<tr><td colspan=6>none: every scored image passed quality control</td></tr>"
+    )
+    qc_reasons = "".join(
+        f"<tr><td>{esc(r)}</td><td>{n}</td></tr>" for r, n in summary.qc_by_reason.items()
+    )
+    alarms = "".join(f"<li>{esc(a)}</li>" for a in summary.alarms)
+    version_rows = "".join(
+        f"<tr><td>{esc(k)}</td><td>{esc(v)}</td></tr>" for k, v in summary.versions.items()
+    )
+    images = "".join(
+        f'<figure><img alt="{esc(title)}" src="data:image/png;base64,{data}">'
+        f"<figcaption>{esc(title)}</figcaption></figure>"
+        for title, data in plots
+    )
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<title>meddx screening {esc(summary.run_date)}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em; max-width: 60em; color: #222; }}
+table {{ border-collapse: collapse; margin: 0.5em 0 1.5em; }}
+td, th {{ border: 1px solid #ccc; padding: 0.25em 0.7em; text-align: left; }}
+.alarm {{ background: #fde2e1; border: 1px solid #d33; padding: 0.5em 1em; }}
+figure {{ margin: 1em 0; }} img {{ max-width: 100%; }}
+</style></head>
+<body data-images="pending">
+<h1>meddx screening, {esc(summary.run_date)}</h1>
+<p>Run <code>{esc(summary.run_id)}</code> &middot; model {esc(summary.model_name)}
+<code>{esc(summary.model_sha256[:16])}</code> &middot; threshold {summary.threshold:.3f}</p>
+{f'<div class="alarm"><strong>Alarms</strong><ul>{alarms}</ul></div>' if alarms else ""}
+<h2>Counts</h2>
+<table>{"".join(f"<tr><th>{esc(k)}</th><td>{esc(str(v))}</td></tr>" for k, v in counts)}</table>
+<h2>Errors by reason</h2>
+<table><tr><th>reason</th><th>rows</th></tr>{reasons}</table>
+<h2>Worklist (top {TOP_WORKLIST})</h2>
+<p>Studies above the threshold, highest score first; pseudonymised ids only. Triage
+orders the reading: every study stays in the results.</p>
+<table><tr><th>rank</th><th>study</th><th>score</th><th>label</th><th>modality</th></tr>
+{work}</table>
+<h2>Needs a human read ({summary.qc_flagged})</h2>
+<p>Images the model should not judge alone: out of its training distribution, of low
+quality, or a view it was not trained on. They are never silent negatives, whatever
+their score; read them first-hand.</p>
+{f"<table><tr><th>reason</th><th>rows</th></tr>{qc_reasons}</table>" if qc_reasons else ""}
+<table><tr><th>rank</th><th>study</th><th>qc</th><th>score</th><th>ood score</th>
+<th>view</th></tr>
+{human}</table>
+<h2>Plots</h2>
+{images}
+<h2>Versions</h2>
+<table>{version_rows}
+<tr><td>model sha256</td><td><code>{esc(summary.model_sha256)}</code></td></tr></table>
+<script>
+window.addEventListener("load", function () {{
+  var imgs = Array.prototype.slice.call(document.images);
+  var ok = imgs.filter(function (i) {{ return i.complete && i.naturalWidth > 0; }}).length;
+  document.body.setAttribute("data-images", ok + "/" + imgs.length);
+}});
+</script>
+</body></html>
+"""

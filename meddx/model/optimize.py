@@ -1,0 +1,488 @@
+"""A checkpoint's model for CPU nodes: OpenVINO IR in fp32, or int8 after NNCF's
+post-training quantization, gated on accuracy against torch fp32.
+
+The artefact (the IR's xml and its weights) lives inside the one-file checkpoint as two
+uint8 tensors, with the check that admitted it: ``weights_only`` loads it, OpenVINO
+reads it from those bytes, nothing is unpickled or fetched, and the checkpoint's sha256
+(and a ``--model-sha256`` pin) covers it. A predictor uses it only when its check held.
+
+OpenVINO and NNCF are an optional extra (``pip install meddx[openvino]``, which ``make
+install`` does). Without them meddx runs the torch model and says so once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import sys
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+from meddx import MeddxError
+from meddx.model.inference import (  # noqa: F401  (the artefact's format, read there)
+    OPTIMIZED_KEY,
+    CompiledModel,
+    _as_array,
+    _as_bytes,
+    artefact,
+)
+from meddx.model.registry import Checkpoint
+from meddx.names import DEFAULT_CHECK_IMAGES
+
+# NNCF imports torch's C++ extension builder, which warns on a CPU node that it found no
+# CUDA runtime: nothing meddx's user can act on.
+logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+
+# The gate: no score moves more than this from torch fp32's, and AUROC (per finding for
+# a multi-label model) not more than that, on the labelled images of DATA.
+MAX_SCORE_DIFF = 0.02
+MAX_AUROC_DIFF = 0.003
+CALIBRATION_IMAGES = 300  # NNCF's default subset size
+# Quantization keeps scores this close on the images it is tuned on, so that the gate,
+# checked on other images, has room. On a trained resnet18 (205 films of the mix, scores
+# spread over the whole range), tuning to 0.015 gave 0.021 on the held-out half and
+# 0.0125 gave 0.017 with 19 int8 operations kept (about 2.5x torch); on the tests'
+# seednet 0.010 returned every layer to fp32, and 0.0125 keeps int8.
+CONTROL_SCORE_DIFF = 0.625 * MAX_SCORE_DIFF
+# The classifier head stays fp32: the logits are its output, so its rounding moves the
+# scores most (trained resnet18, largest change on held-out films: 0.085 with the head
+# in int8, 0.022 without), and it is a thousandth of the model's work.
+HEAD_SCOPE = r"__module\.head/.*"
+CHECK_BATCH = 32
+# Quantization-aware fine-tuning (``--finetune-epochs``): distillation toward torch fp32's
+# logits with the quantizers in the graph, at a rate small enough not to undo the
+# trained model (densenet121: 2e-5 diverged in the first epoch, 1e-5 did not).
+FINETUNE_LR = 1e-5
+FINETUNE_BATCH = 8
+# The quantizers' ranges learn faster than the weights, and fine-tuning starts from
+# SmoothQuant (alpha 0.5 on convolutions: per input channel, range moves from the
+# activations into the weights). densenet121 trained on 960 films, held-out change:
+# 0.0310 from SmoothQuant with ranges at 1e-5, 0.0187 with ranges at 1e-2.
+FINETUNE_RANGE_LR = 1e-2
+FINETUNE_SMOOTH_QUANT = 0.5
+
+
+def available() -> bool:
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def usable(ckpt: Checkpoint) -> bool:
+    """Whether the checkpoint holds an artefact that passed its accuracy check."""
+    entry = artefact(ckpt)
+    return bool(entry and entry.get("check", {}).get("holds"))
+
+
+_said_missing = False
+
+
+def resolve_runtime(runtime: str, ckpt: Checkpoint, gpus: int) -> str:
+    """``torch`` or ``openvino`` for a run asking for ``runtime`` (auto|torch|openvino).
+
+    ``auto``: the checkpoint's artefact on CPU-only clusters when it passed its check and
+    OpenVINO is installed, else torch (on GPUs always torch)."""
+    global _said_missing
+    if runtime == "torch":
+        return "torch"
+    if runtime == "openvino":
+        if not available():
+            raise MeddxError("--runtime openvino: OpenVINO is not installed (pip install openvino)")
+        if not usable(ckpt):
+            raise MeddxError(
+                "--runtime openvino: the checkpoint holds no OpenVINO model that passed its "
+                "accuracy check (run meddx optimize)"
+            )
+        return "openvino"
+    if gpus or not usable(ckpt):
+        return "torch"
+    if not available():
+        if not _said_missing:
+            print(
+                "meddx: the checkpoint holds an OpenVINO model but OpenVINO is not "
+                "installed: scoring with torch",
+                file=sys.stderr,
+            )
+            _said_missing = True
+        return "torch"
+    return "openvino"
+
+
+def runtime_precision(runtime: str, ckpt: Checkpoint, torch_precision: str) -> str:
+    """What the rows' metadata records as the precision of a run."""
+    entry = artefact(ckpt)
+    return entry["precision"] if runtime == "openvino" and entry else torch_precision
+
+
+# ---- making the artefact ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OptimizeResult:
+    runtime: str
+    precision: str
+    check: dict
+    sha256: str | None  # of CKPT2; None when the check failed and nothing was written
+
+
+def export(
+    ckpt: Checkpoint,
+    precision: str,
+    calibration: np.ndarray | None,
+    control: tuple[np.ndarray, np.ndarray] | None = None,
+    finetune_epochs: int = 0,
+) -> tuple[bytes, bytes]:
+    """The model as OpenVINO IR (xml bytes, weights bytes). int8 quantizes it on the
+    float inputs ``calibration`` (N, 3, S, S); with ``control`` (inputs and torch fp32's
+    probabilities on them) NNCF's accuracy control then returns to fp32 the fewest
+    layers that keep every score there within CONTROL_SCORE_DIFF of torch's. With
+    ``finetune_epochs``, int8 is quantization-aware fine-tuning instead (``finetuned``)."""
+    import openvino as ov
+
+    from meddx.model.registry import features_model
+
+    # Logits first, then the penultimate features the out-of-distribution score needs.
+    model = features_model(ckpt)
+    if precision == "int8" and finetune_epochs:
+        model = finetuned(model, calibration, finetune_epochs)
+    ov_model = to_openvino(model, ckpt.input_size)
+    if precision == "int8" and not finetune_epochs:
+        import nncf
+
+        calibrate = nncf.Dataset([calibration[i : i + 1] for i in range(len(calibration))])
+        # Full bias correction: on a trained seednet the largest score change fell from
+        # 0.56 (NNCF's fast correction) to 0.055.
+        options = {
+            "subset_size": min(CALIBRATION_IMAGES, len(calibration)),
+            "fast_bias_correction": False,
+            "ignored_scope": nncf.IgnoredScope(patterns=[HEAD_SCOPE]),
+        }
+        if control is None:
+            ov_model = nncf.quantize(ov_model, calibrate, **options)
+        else:
+            inputs, reference = control
+            check = nncf.Dataset([(inputs[i : i + 1], reference[i]) for i in range(len(inputs))])
+
+            def closeness(compiled, data) -> tuple[float, list[float]]:
+                out = compiled.output(0)
+                diffs = [
+                    float(np.abs(probs_from_logits(ckpt, compiled(x)[out])[0] - ref).max())
+                    for x, ref in data
+                ]
+                return 1 - max(diffs), [1 - d for d in diffs]
+
+            ov_model = nncf.quantize_with_accuracy_control(
+                ov_model,
+                calibrate,
+                check,
+                validation_fn=closeness,
+                max_drop=CONTROL_SCORE_DIFF,
+                drop_type=nncf.DropType.ABSOLUTE,
+                **options,
+            )
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        xml = os.path.join(tmp, "model.xml")
+        ov.save_model(ov_model, xml, compress_to_fp16=False)
+        with open(xml, "rb") as fh:
+            xml_bytes = fh.read()
+        with open(os.path.join(tmp, "model.bin"), "rb") as fh:
+            bin_bytes = fh.read()
+    return xml_bytes, bin_bytes
+
+
+def to_openvino(model, size: int):
+    """A torch module (plain, or with NNCF's quantizers) as an OpenVINO model taking any
+    batch of (3, size, size)."""
+    import openvino as ov
+    import torch
+
+    # OpenVINO converts through TorchScript tracing, which torch 2.14 calls deprecated on
+    # every call, and which finds NNCF's quantizers data-dependent: warnings for their
+    # authors, not for whoever runs meddx.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`torch.jit.trace", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        return ov.convert_model(
+            model,
+            example_input=torch.zeros(1, 3, size, size),
+            input=[ov.PartialShape([-1, 3, size, size])],
+        )
+
+
+def finetuned(
+    model,
+    inputs: np.ndarray,
+    epochs: int,
+    range_lr: float = FINETUNE_RANGE_LR,
+    smooth_quant: float = FINETUNE_SMOOTH_QUANT,
+):
+    """Quantization-aware fine-tuning of ``model`` (logits first) on the float ``inputs``:
+    NNCF's post-training quantization in torch with the head in fp32 (after SmoothQuant
+    at alpha ``smooth_quant`` on convolutions; 0: none), then ``epochs`` passes of
+    distillation toward the fp32 model's logits on the same inputs, in eval mode; the
+    quantizers' ranges learn at ``range_lr``, the weights at FINETUNE_LR. Returns the
+    module with its quantizers, for ``to_openvino``."""
+    import copy
+
+    import nncf
+    import torch
+
+    torch.manual_seed(0)
+    x = torch.from_numpy(np.ascontiguousarray(inputs))
+    teacher = copy.deepcopy(model).eval()  # nncf.quantize may change the module it takes
+    with torch.no_grad():
+        target = torch.cat(
+            [teacher(x[i : i + CHECK_BATCH])[0] for i in range(0, len(x), CHECK_BATCH)]
+        )
+    student = nncf.quantize(
+        model.eval(),
+        nncf.Dataset([x[i : i + 1] for i in range(len(x))]),
+        subset_size=min(CALIBRATION_IMAGES, len(x)),
+        fast_bias_correction=True,  # the only one NNCF's torch backend has
+        ignored_scope=nncf.IgnoredScope(patterns=[r".*head.*"]),
+        **smoothing(smooth_quant),
+    )
+    # Eval mode throughout: BatchNorm keeps the fp32 model's statistics and dropout stays
+    # off (seednet's made the logits 13x further from fp32's), so that only weights and
+    # quantization ranges move, toward the fp32 model's logits.
+    student.eval()
+    params = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
+    ranges = [p for n, p in params if n.endswith("_param_storage")]
+    weights = [p for n, p in params if not n.endswith("_param_storage")]
+    opt = torch.optim.Adam(
+        [{"params": weights}, {"params": ranges, "lr": range_lr}], lr=FINETUNE_LR
+    )
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
+    for _ in range(epochs):
+        for batch in torch.randperm(len(x)).split(FINETUNE_BATCH):
+            loss = torch.nn.functional.mse_loss(student(x[batch])[0], target[batch])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        schedule.step()
+    return student.eval()
+
+
+def smoothing(alpha: float) -> dict:
+    """nncf.quantize's options for SmoothQuant on convolutions at ``alpha`` (NNCF runs
+    it only for its TRANSFORMER model type); none for 0."""
+    if not alpha:
+        return {}
+    import nncf
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters as AQP
+    from nncf.quantization.advanced_parameters import AdvancedSmoothQuantParameters as SQP
+
+    return {
+        "model_type": nncf.ModelType.TRANSFORMER,
+        "advanced_parameters": AQP(smooth_quant_alphas=SQP(convolution=alpha, matmul=-1)),
+    }
+
+
+def accuracy_check(
+    ckpt: Checkpoint, reference: np.ndarray, candidate: np.ndarray, truth: np.ndarray
+) -> dict:
+    """The gate's figures: probabilities of torch fp32 against the artefact's on the same
+    labelled images; per finding for multi-label models."""
+    from meddx.model.inference import compare_probs
+
+    return compare_probs(ckpt, reference, candidate, truth, MAX_SCORE_DIFF, MAX_AUROC_DIFF)
+
+
+def optimize(
+    checkpoint: str,
+    data: str,
+    out: str,
+    settings,
+    runtime: str = "openvino",
+    precision: str = "int8",
+    max_images: int = DEFAULT_CHECK_IMAGES,
+    finetune_epochs: int = 0,
+) -> OptimizeResult:
+    """Export CHECKPOINT's model to ``runtime``, quantize it on DATA's images, check it
+    against torch fp32 on DATA's labelled images and write CKPT2 with the artefact when
+    the check holds. A failed check writes nothing and raises with the figures."""
+    if runtime != "openvino":
+        raise MeddxError(f"--runtime must be openvino, got {runtime!r}")
+    if not available():
+        raise MeddxError("meddx optimize needs OpenVINO and NNCF: pip install 'meddx[openvino]'")
+    from meddx.model import registry
+
+    ckpt, _ = registry.read_checkpoint(checkpoint, settings)
+    images, truth = labelled_images(ckpt, data, settings, max_images)
+    ckpt, result = with_artefact(ckpt, images, truth, runtime, precision, data, finetune_epochs)
+    return dataclasses.replace(result, sha256=registry.save_checkpoint(ckpt, out, settings))
+
+
+def with_artefact(
+    ckpt: Checkpoint,
+    images: np.ndarray,
+    truth: np.ndarray,
+    runtime: str = "openvino",
+    precision: str = "int8",
+    source: str = "the labelled images",
+    finetune_epochs: int = 0,
+) -> tuple[Checkpoint, OptimizeResult]:
+    """The checkpoint with its model for ``runtime`` inside, tuned on every other of the
+    uint8 ``images`` and checked on the rest against torch fp32. Raises, with the
+    figures, when the check fails. ``finetune_epochs``: quantization-aware fine-tuning
+    on the tuning half instead of post-training quantization with accuracy control."""
+    if len(images) < 20:
+        raise MeddxError(f"{source} has {len(images)} labelled images; optimizing needs 20 or more")
+    reference = torch_probs(ckpt, images)
+    inputs = model_inputs(ckpt, images)
+    # Tuned on every other image, checked on the rest: the gate is not the images the
+    # quantization was fitted to.
+    tune, held = slice(0, None, 2), slice(1, None, 2)
+    xml, weights = export(
+        ckpt, precision, inputs[tune], (inputs[tune], reference[tune]), finetune_epochs
+    )
+    entry = {"runtime": runtime, "precision": precision, "xml": xml, "bin": weights}
+    compiled = CompiledModel(ckpt.replace(extra={**ckpt.extra, OPTIMIZED_KEY: entry}))
+    held_inputs = inputs[held]
+    logits = np.concatenate(
+        [
+            compiled(held_inputs[i : i + CHECK_BATCH])
+            for i in range(0, len(held_inputs), CHECK_BATCH)
+        ]
+    )
+    check = accuracy_check(ckpt, reference[held], probs_from_logits(ckpt, logits), truth[held])
+    # For scale: how far torch fp32's own scores move when each pixel moves by at most
+    # one grey level, a change below any decoder's or resize's.
+    noisy = torch_probs(ckpt, grey_level_noise(images[held]))
+    check["noise_score_diff"] = accuracy_check(ckpt, reference[held], noisy, truth[held])[
+        "max_score_diff"
+    ]
+    check["quantized_ops"] = xml.count(b'type="FakeQuantize"')
+    check["finetune_epochs"] = finetune_epochs if precision == "int8" else 0
+    if precision == "int8" and not check["quantized_ops"]:
+        precision = "fp32"  # accuracy control returned every layer to fp32: say so
+    if not check["holds"]:
+        raise GateRefused(OptimizeResult(runtime, precision, check, None))
+    import torch
+
+    stored = {
+        "runtime": runtime,
+        "precision": precision,
+        "xml": torch.frombuffer(bytearray(xml), dtype=torch.uint8),
+        "bin": torch.frombuffer(bytearray(weights), dtype=torch.uint8),
+        "check": check,
+    }
+    result = OptimizeResult(runtime, precision, check, None)
+    return ckpt.replace(extra={**ckpt.extra, OPTIMIZED_KEY: stored}), result
+
+
+class GateRefused(MeddxError):
+    """The candidate failed its accuracy check: nothing was written. ``result`` holds the
+    check's figures; the message is ``refusal(result)``."""
+
+    def __init__(self, result: OptimizeResult):
+        super().__init__(refusal(result))
+        self.result = result
+
+
+def refusal(result: OptimizeResult) -> str:
+    """One line: why the candidate was refused, with the check's figures."""
+    c = result.check
+    hint = ""
+    if result.precision == "int8" and not c.get("finetune_epochs"):
+        hint = "; fine-tuning may hold it: meddx optimize --finetune-epochs 5"
+    return (
+        f"{result.runtime} {result.precision} fails the accuracy check, no artefact written: "
+        f"max score diff {c['max_score_diff']:.4f} (limit {MAX_SCORE_DIFF}), "
+        f"AUROC {c['auroc_reference']:.4f} -> {c['auroc_candidate']:.4f} "
+        f"(limit {MAX_AUROC_DIFF}) on {c['images']} images; one grey level of noise "
+        f"moves torch fp32's own scores by up to {c['noise_score_diff']:.4f}{hint}"
+    )
+
+
+def describe(result: OptimizeResult) -> str:
+    """One line of the check's figures."""
+    c = result.check
+    return (
+        f"{result.runtime} {result.precision}: max_score_diff={c['max_score_diff']:.4f} "
+        f"auroc_torch={c['auroc_reference']:.4f} "
+        f"auroc_{result.precision}={c['auroc_candidate']:.4f} images={c['images']} "
+        f"noise_score_diff={c['noise_score_diff']:.4f}"
+    )
+
+
+def grey_level_noise(images: np.ndarray, seed: int = 0) -> np.ndarray:
+    """The uint8 ``images`` with each pixel moved by at most one grey level, about half
+    of them by one (seeded): how far a model's scores move under it says how stable they
+    are before any runtime changes them."""
+    rng = np.random.default_rng(seed)
+    step = np.rint(rng.uniform(-1, 1, images.shape)).astype(np.int16)
+    return np.clip(images.astype(np.int16) + step, 0, 255).astype(np.uint8)
+
+
+def labelled_images(ckpt: Checkpoint, data: str, settings, max_images: int):
+    """DATA's labelled images decoded as scoring decodes them, and their truth: 0/1 for
+    the positive class, or per finding (multi-label)."""
+    from meddx.imaging.decode import DecodeSettings, decode_images
+    from meddx.inputs import sources
+
+    if ckpt.multi_label:
+        items = sources.labelled_findings(data, settings, list(ckpt.class_names))
+    else:
+        items = sources.labelled_inputs(data, settings)
+    items = items[:max_images]
+    if not items:
+        raise MeddxError(f"no labelled images under {data}")
+    read = sources.read_uris([u for u, _ in items], settings)
+    batch = {
+        "image_uri": np.array([u for u, _ in items], dtype=object),
+        "bytes": np.array([b for b, _ in read], dtype=object),
+        "read_error": np.array([e for _, e in read], dtype=object),
+    }
+    decoded = decode_images(batch, DecodeSettings(size=ckpt.input_size, modalities=None))
+    ok = decoded["status"] == "ok"
+    if not ok.any():
+        raise MeddxError(f"none of the images under {data} could be decoded")
+    if ckpt.multi_label:
+        truth = np.array([t for (_, t), k in zip(items, ok, strict=True) if k], dtype=np.float32)
+    else:
+        truth = np.array(
+            [float(lbl == ckpt.positive_class) for (_, lbl), k in zip(items, ok, strict=True) if k]
+        )
+    return decoded["image"][ok], truth
+
+
+def model_inputs(ckpt: Checkpoint, images: np.ndarray) -> np.ndarray:
+    """uint8 (N, S, S) -> the normalised float (N, 3, S, S) the model takes."""
+    import torch
+
+    from meddx.imaging.transforms import to_model_input
+
+    mean, std = torch.tensor(ckpt.mean), torch.tensor(ckpt.std)
+    x = to_model_input(torch.from_numpy(images), mean, std)
+    return x.contiguous().numpy()
+
+
+def torch_probs(ckpt: Checkpoint, images: np.ndarray) -> np.ndarray:
+    from meddx.inputs.storage import StorageSettings
+    from meddx.model.inference import Predictor
+
+    predictor = Predictor(ckpt, StorageSettings(), "fp32", "optimize-check", runtime="torch")
+    return np.concatenate(
+        [
+            predictor.predict_probs(images[i : i + CHECK_BATCH])
+            for i in range(0, len(images), CHECK_BATCH)
+        ]
+    )
+
+
+def probs_from_logits(ckpt: Checkpoint, logits: np.ndarray) -> np.ndarray:
+    """What the predictor makes of logits: temperature, then sigmoid or softmax."""
+    z = logits.astype(np.float64) / np.asarray(ckpt.temperatures, dtype=np.float64)
+    if ckpt.multi_label:
+        return 1 / (1 + np.exp(-z))
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
