@@ -24,7 +24,7 @@ import ray
 from meddx.config import ScoreConfig, SynthConfig
 from meddx.inputs.storage import StorageSettings, filesystem
 from meddx.model import registry
-from meddx.pipelines.demo import start_s3_server
+from meddx.pipelines.local_s3 import s3_server
 from meddx.pipelines.scoring import score
 from meddx.synthetic.chest import write_archive
 
@@ -49,60 +49,62 @@ def main() -> None:
     args = parser.parse_args()
 
     files = local_archive(args.n, args.size, args.cache)
-    server, endpoint = start_s3_server()
-    settings = StorageSettings(s3_endpoint=endpoint)
-    fs = filesystem("s3://", settings)
-    fs.mkdir(BUCKET)
-    try:
-        loose = {f"{BUCKET}/loose/{p.parent.name}/{p.name}": p.read_bytes() for p in files}
-        fs.pipe(loose)
-        for start in range(0, len(files), args.shard_size):
-            buf = io.BytesIO()
-            with tarfile.open(fileobj=buf, mode="w") as tar:
-                for p in files[start : start + args.shard_size]:
-                    data = p.read_bytes()
-                    info = tarfile.TarInfo(f"{p.parent.name}-{p.stem}.png")
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
-            fs.pipe_file(
-                f"{BUCKET}/shards/shard-{start // args.shard_size:05d}.tar", buf.getvalue()
-            )
-        manifest = "uri\n" + "".join(f"s3://{key}\n" for key in loose)
-        fs.pipe_file(f"{BUCKET}/manifests/all.csv", manifest.encode())
-
-        ckpt = registry.untrained_checkpoint(args.model, input_size=224)
-        model_uri = f"s3://{BUCKET}/models/{args.model}.pt"
-        registry.save_checkpoint(ckpt, model_uri, settings)
-
-        ray.init()
-        results = {}
-        layouts = {
-            "loose": f"s3://{BUCKET}/loose",
-            "tar": f"s3://{BUCKET}/shards",
-            "manifest": f"s3://{BUCKET}/manifests/all.csv",
-        }
-        for name, source in layouts.items():
-            start = time.perf_counter()
-            summary = score(
-                ScoreConfig(
-                    input=source, model=model_uri, out=f"s3://{BUCKET}/out-{name}", storage=settings
+    with s3_server() as endpoint:
+        settings = StorageSettings(s3_endpoint=endpoint)
+        fs = filesystem("s3://", settings)
+        fs.mkdir(BUCKET)
+        try:
+            loose = {f"{BUCKET}/loose/{p.parent.name}/{p.name}": p.read_bytes() for p in files}
+            fs.pipe(loose)
+            for start in range(0, len(files), args.shard_size):
+                buf = io.BytesIO()
+                with tarfile.open(fileobj=buf, mode="w") as tar:
+                    for p in files[start : start + args.shard_size]:
+                        data = p.read_bytes()
+                        info = tarfile.TarInfo(f"{p.parent.name}-{p.stem}.png")
+                        info.size = len(data)
+                        tar.addfile(info, io.BytesIO(data))
+                fs.pipe_file(
+                    f"{BUCKET}/shards/shard-{start // args.shard_size:05d}.tar", buf.getvalue()
                 )
-            )
-            seconds = time.perf_counter() - start
-            assert summary.rows_written == len(files) and summary.ok == len(files), summary
-            results[name] = {
-                "images": summary.rows_written,
-                "seconds": round(seconds, 2),
-                "images_per_s": round(summary.rows_written / seconds, 1),
+            manifest = "uri\n" + "".join(f"s3://{key}\n" for key in loose)
+            fs.pipe_file(f"{BUCKET}/manifests/all.csv", manifest.encode())
+
+            ckpt = registry.untrained_checkpoint(args.model, input_size=224)
+            model_uri = f"s3://{BUCKET}/models/{args.model}.pt"
+            registry.save_checkpoint(ckpt, model_uri, settings)
+
+            ray.init()
+            results = {}
+            layouts = {
+                "loose": f"s3://{BUCKET}/loose",
+                "tar": f"s3://{BUCKET}/shards",
+                "manifest": f"s3://{BUCKET}/manifests/all.csv",
             }
-            print(
-                f"{name:9s} {summary.rows_written} images in {seconds:6.1f}s: "
-                f"{summary.rows_written / seconds:6.1f} images/s",
-                flush=True,
-            )
-    finally:
-        ray.shutdown()
-        server.stop()
+            for name, source in layouts.items():
+                start = time.perf_counter()
+                summary = score(
+                    ScoreConfig(
+                        input=source,
+                        model=model_uri,
+                        out=f"s3://{BUCKET}/out-{name}",
+                        storage=settings,
+                    )
+                )
+                seconds = time.perf_counter() - start
+                assert summary.rows_written == len(files) and summary.ok == len(files), summary
+                results[name] = {
+                    "images": summary.rows_written,
+                    "seconds": round(seconds, 2),
+                    "images_per_s": round(summary.rows_written / seconds, 1),
+                }
+                print(
+                    f"{name:9s} {summary.rows_written} images in {seconds:6.1f}s: "
+                    f"{summary.rows_written / seconds:6.1f} images/s",
+                    flush=True,
+                )
+        finally:
+            ray.shutdown()
     report = {
         "model": args.model,
         "n": len(files),

@@ -23,9 +23,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench  # noqa: E402
 import nncf
 import openvino as ov
+from ceilings import trained
+from fake_quantize import keeping_only, quantized_convs, reverting, within
+from film_archive import first_films_manifest
 from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters as AQP
 from nncf.quantization.advanced_parameters import AdvancedSmoothQuantParameters as SQP
 from nncf.quantization.range_estimator import RangeEstimatorParametersSet as RE
@@ -33,6 +35,7 @@ from sklearn.metrics import roc_auc_score
 
 from meddx.inputs.storage import StorageSettings
 from meddx.model import optimize, registry
+from meddx.model.forward import inference_model, probabilities, probs_from_logits
 
 torch.set_num_threads(2)
 model_name = sys.argv[1] if len(sys.argv) > 1 else "resnet18"
@@ -59,7 +62,7 @@ def augment(x: torch.Tensor) -> torch.Tensor:
 ck_path = cache / f"gate-{model_name}-{size}-trained{aug}.pt"
 img_path = cache / f"gate-{model_name}-{size}-images.npz"
 folder = cache / "mix-240-2400x2800"
-manifest = bench.first_films_manifest(folder, 240, cache)
+manifest = first_films_manifest(folder, 240, cache)
 t = time.time()
 if ck_path.exists():
     ck, _ = registry.read_checkpoint(str(ck_path), StorageSettings())
@@ -68,7 +71,7 @@ if ck_path.exists():
 else:
     ck0 = registry.untrained_checkpoint(model_name, input_size=size)
     # LR: densenet121 at 1e-3 collapsed to one score on a Xeon with AMX (AUROC 0.5).
-    ck, images = bench.trained(
+    ck, images = trained(
         ck0,
         Path(train_on, "_manifest.csv") if train_on else manifest,
         int(os.environ.get("EPOCHS", "4")),
@@ -79,7 +82,7 @@ else:
     registry.save_checkpoint(ck, str(ck_path), StorageSettings())
     np.savez(img_path, images=images, truth=truth)
 print("trained/loaded", round(time.time() - t), "s", len(images), flush=True)
-ref = optimize.torch_probs(ck, images)
+ref = probabilities(ck, images)
 print(
     "auroc",
     roc_auc_score(truth, ref[:, list(ck.class_names).index(ck.positive_class)]),
@@ -90,7 +93,7 @@ print(
 X = optimize.model_inputs(ck, images)
 tune, held = slice(0, None, 2), slice(1, None, 2)
 # For scale: torch fp32's own scores when each pixel moves by at most one grey level.
-noise = np.abs(optimize.torch_probs(ck, optimize.grey_level_noise(images)) - ref).max(axis=1)
+noise = np.abs(probabilities(ck, optimize.grey_level_noise(images)) - ref).max(axis=1)
 print(
     f"one grey level of noise: held max {noise[held].max():.4f}"
     f" p99 {np.quantile(noise[held], 0.99):.4f} mean {noise[held].mean():.4f}",
@@ -104,12 +107,14 @@ base = ov.convert_model(
 core = ov.Core()
 
 
+def probs(logits: np.ndarray) -> np.ndarray:
+    return probs_from_logits(logits, ck.multi_label, ck.temperatures)
+
+
 def evaluate(m, precision="f32"):
     c = core.compile_model(m, "CPU", {"INFERENCE_PRECISION_HINT": precision})
     o = c.output(0)
-    p = np.concatenate(
-        [optimize.probs_from_logits(ck, c(X[i : i + 32])[o]) for i in range(0, len(X), 32)]
-    )
+    p = np.concatenate([probs(c(X[i : i + 32])[o]) for i in range(0, len(X), 32)])
     d = np.abs(p - ref).max(axis=1)
     dh, dt = d[held], d[tune]
     top = np.argsort(-dh)[:3]
@@ -125,21 +130,6 @@ convs = [
     n.get_friendly_name() for n in base.get_ops() if n.get_type_name() in ("Convolution", "MatMul")
 ]
 print("convs/matmuls", len(convs), convs[0], convs[-1], flush=True)
-
-
-def within(parts) -> list[str]:
-    """The convolutions of the model's ``parts`` (module names such as denseblock4). OpenVINO
-    renames a convolution it folds a following BatchNorm into; such a one is known by the
-    ReLU it reads."""
-    found = []
-    for op in base.get_ops():
-        if op.get_type_name() != "Convolution":
-            continue
-        names = [op.get_friendly_name()]
-        names += [i.get_node().get_friendly_name() for i in op.input_values()]
-        if any(f".{p}." in n or f".{p}/" in n for n in names for p in parts):
-            found.append(op.get_friendly_name())
-    return found
 
 
 def q(cal, **kw):
@@ -204,7 +194,7 @@ variants = {
     **{
         f"fp32_{'_'.join(parts)}_fc": (
             lambda parts=parts: q(
-                X[tune], ignored_scope=nncf.IgnoredScope(names=[convs[-1], *within(parts)])
+                X[tune], ignored_scope=nncf.IgnoredScope(names=[convs[-1], *within(base, parts)])
             )
         )
         for parts in (
@@ -308,8 +298,6 @@ def speed(m, seconds=8, precision="f32"):
 
 
 def torch_speed(seconds=8):
-    from meddx.model.inference import inference_model
-
     m = inference_model(ck, torch.device("cpu")).eval()
     x = torch.from_numpy(np.ascontiguousarray(X[:32])).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
@@ -334,10 +322,7 @@ def ac(cal_idx, ignored, **kw):
 
     def closeness(compiled, data):
         out = compiled.output(0)
-        diffs = [
-            float(np.abs(optimize.probs_from_logits(ck, compiled(x)[out])[0] - r).max())
-            for x, r in data
-        ]
+        diffs = [float(np.abs(probs(compiled(x)[out])[0] - r).max()) for x, r in data]
         return 1 - max(diffs), [1 - d for d in diffs]
 
     return nncf.quantize_with_accuracy_control(
@@ -384,48 +369,13 @@ if "ac" in os.environ.get("AC", ""):
         print("speed int8 img/s", speed(m), "torch fp32", torch_speed(), flush=True)
 
 
-def reverting(m, convs_to_revert):
-    """A copy of the OpenVINO model ``m`` (with FakeQuantize nodes) in which the given
-    convolutions run in fp32: the FakeQuantize nodes that feed them, on activations and on
-    weights, are taken out."""
-    m = m.clone()
-    by_name = {n.get_friendly_name(): n for n in m.get_ops()}
-    for name in convs_to_revert:
-        for fq in feeding_fqs(by_name[name]):
-            fq.output(0).replace(fq.input_value(0))
-    m.validate_nodes_and_infer_types()
-    return m
-
-
-def feeding_fqs(op):
-    """The FakeQuantize nodes on ``op``'s inputs, looking through shape-only ops."""
-    found = []
-    for v in op.input_values():
-        node = v.get_node()
-        while node.get_type_name() in ("Convert", "Reshape", "Transpose", "Unsqueeze"):
-            node = node.input_value(0).get_node()
-        if node.get_type_name() == "FakeQuantize":
-            found.append(node)
-    return found
-
-
-def quantized_convs(m) -> list[str]:
-    return [
-        op.get_friendly_name()
-        for op in m.get_ops()
-        if op.get_type_name() in ("Convolution", "MatMul") and feeding_fqs(op)
-    ]
-
-
 def tune_error(m) -> float:
     """The mean of the five largest score changes on the tuning half: what reverting a
     layer is ranked by (the held-out half is only ever reported)."""
     c = core.compile_model(m, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     o = c.output(0)
     Xt = X[tune]
-    p = np.concatenate(
-        [optimize.probs_from_logits(ck, c(Xt[i : i + 32])[o]) for i in range(0, len(Xt), 32)]
-    )
+    p = np.concatenate([probs(c(Xt[i : i + 32])[o]) for i in range(0, len(Xt), 32)])
     d = np.abs(p - ref[tune]).max(axis=1)
     return float(np.sort(d)[-5:].mean())
 
@@ -457,36 +407,14 @@ if os.environ.get("KEEP"):
         print(f"fp32 top {k:3d}:", evaluate(m), "img/s", speed(m, 5), flush=True)
 
 
-def on_weights(fq) -> bool:
-    """Whether the FakeQuantize ``fq`` quantizes a constant (weights), looking through
-    shape-only ops and conversions."""
-    node = fq.input_value(0).get_node()
-    while node.get_type_name() in ("Convert", "Reshape", "Transpose", "Unsqueeze", "Multiply"):
-        node = node.input_value(0).get_node()
-    return node.get_type_name() == "Constant"
-
-
-def only(m, weights: bool):
-    """A copy of ``m`` with only its weights' (or only its activations') FakeQuantize
-    nodes left: which of the two the score changes come from."""
-    m = m.clone()
-    fqs = [n for n in m.get_ops() if n.get_type_name() == "FakeQuantize"]
-    dropped = [fq for fq in fqs if on_weights(fq) != weights]
-    for fq in dropped:
-        fq.output(0).replace(fq.input_value(0))
-    m.validate_nodes_and_infer_types()
-    print(f"  {len(fqs) - len(dropped)} of {len(fqs)} FakeQuantize nodes kept", flush=True)
-    return m
-
-
 if os.environ.get("SPLIT"):
     # SPLIT=ignore_fc,...: each variant with only its weights quantized, then only its
     # activations, each against torch fp32.
     for name in os.environ["SPLIT"].split(","):
         m = quantized.get(name) or variants[name]()
         print(f"{name:24s}", evaluate(m), flush=True)
-        print("  weights only          ", evaluate(only(m, weights=True)), flush=True)
-        print("  activations only      ", evaluate(only(m, weights=False)), flush=True)
+        print("  weights only          ", evaluate(keeping_only(m, weights=True)), flush=True)
+        print("  activations only      ", evaluate(keeping_only(m, weights=False)), flush=True)
 
 
 if os.environ.get("BF16"):
@@ -515,7 +443,7 @@ def torch_changes(label: str, m, x: np.ndarray = X) -> None:
     with torch.inference_mode():
         t = torch.from_numpy(np.ascontiguousarray(x))
         logits = np.concatenate([m(t[i : i + 32])[0].numpy() for i in range(0, len(t), 32)])
-    d = np.abs(optimize.probs_from_logits(ck, logits) - ref).max(axis=1)[held]
+    d = np.abs(probs(logits) - ref).max(axis=1)[held]
     print(
         f"{label:40s} held max {d.max():.4f} p99 {np.quantile(d, 0.99):.4f} mean {d.mean():.4f}",
         flush=True,

@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 MEDDX = [sys.executable, "-m", "meddx"]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from bench import machine  # noqa: E402
+from record import machine  # noqa: E402
 
 
 def run(args: list[str], env: dict) -> str:

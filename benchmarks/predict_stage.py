@@ -2,7 +2,7 @@
 
     python benchmarks/predict_stage.py --model resnet50 --batch-size 256 --precision auto
 
-Feeds ready uint8 batches to ``meddx.model.inference.Predictor`` exactly as the actor pool does
+Feeds ready uint8 batches to ``meddx.model.predictor.Predictor`` exactly as the actor pool does
 and prints images/s for fp32 and for the precision meddx picks, side by side, plus the
 largest score difference between the two.
 """
@@ -21,7 +21,7 @@ import torch
 from meddx.imaging.decode import INFO_DEFAULTS
 from meddx.inputs.storage import StorageSettings
 from meddx.model import registry
-from meddx.model.inference import Predictor
+from meddx.model.predictor import Predictor
 
 
 def measure(predictor: Predictor, batch: dict, seconds: float) -> float:

@@ -8,7 +8,7 @@ __version__ = "0.1.0"
 # openvino-telemetry package unless a consent file under ~/intel says no, and create
 # that folder and a client id on first use; neither has a switch of its own. Both fall
 # back to a silent stub when the package cannot be imported: block its import for every
-# process that imports meddx (Ray's usage stats are off in runtime.init_ray).
+# process that imports meddx (Ray's usage stats are off in pipelines/cluster.py).
 sys.modules.setdefault("openvino_telemetry", None)  # type: ignore[arg-type]
 
 # An error column holds one line: room for a path and its reason, short enough that a

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from meddx import MeddxError
 from meddx.inputs.storage import StorageSettings
 from meddx.names import (
+    DEFAULT_CHECK_IMAGES,
     DEFAULT_LOCK_TIMEOUT,
     DEFAULT_MAX_OBJECT_BYTES,
     DEFAULT_MAX_PIXELS,
@@ -20,13 +21,17 @@ from meddx.names import (
     DEFAULT_MODEL,
     DEFAULT_VIEWS,
     DICOMWEB_SCHEMES,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     MODEL_NAMES,
+    OPTIMIZED_PRECISIONS,
     PRECISIONS,
     RUNTIMES,
     SYNTH_FORMATS,
     parse_finding_names,
     parse_modalities,
     parse_views,
+    positive_class_of,
 )
 
 # Synthetic films: 64 px is the smallest that still draws ribs and a visible opacity;
@@ -35,6 +40,27 @@ SYNTH_SIZES = (64, 4300)
 # Image sides training accepts: below 32 px the networks' strides leave nothing; above
 # 1,024 a batch of 32 no longer fits a worker's memory.
 IMAGE_SIZES = (32, 1024)
+# The input side torchvision's classifiers were designed for, and meddx trains at.
+DEFAULT_IMAGE_SIZE = 224
+# A progress line this often when not on a terminal: a cron log stays readable, and a
+# stalled run shows within a minute.
+PROGRESS_SECONDS = 30.0
+
+
+def at_least(low: float, config, *names: str) -> None:
+    """Refuse a config whose field NAME (an option --NAME) is below ``low``; None (the
+    default chosen later) passes."""
+    for name in names:
+        value = getattr(config, name)
+        if value is not None and not value >= low:
+            raise MeddxError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
+
+
+def one_of(choices: tuple[str, ...], config, name: str) -> None:
+    """Refuse a config whose field NAME (an option --NAME) is not one of ``choices``."""
+    value = getattr(config, name)
+    if value not in choices:
+        raise MeddxError(f"--{name} must be one of {', '.join(choices)}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -61,10 +87,10 @@ class ScoreConfig:
     # silent one lasts before it is taken over.
     wait_for_lock: float = 0.0
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT
-    progress_seconds: float = 30.0  # a progress line this often when not on a terminal
+    progress_seconds: float = PROGRESS_SECONDS  # when not on a terminal
     resume: bool = False  # continue the last uncommitted run of this OUT and run date
     quiet: bool = False  # no progress at all
-    # A DICOMweb server to STOW-RS each scored study's Structured Report to (results.py).
+    # A DICOMweb server to STOW-RS each scored study's Structured Report to (pacs/stow.py).
     results_to: str | None = None
     results_heatmaps: bool = False  # ... and the top finding's Grad-CAM as a Secondary Capture
     # DICOMweb credentials may go over plain http to a host other than loopback.
@@ -105,24 +131,14 @@ class ScoreConfig:
                 from meddx.inputs.dicomweb import check_transport  # pydicom: DICOMweb runs only
 
                 check_transport(url, self.allow_insecure_http)
-        for name in ("batch_size", "actors", "max_pixels", "max_object_bytes"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise MeddxError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-        if not self.wait_for_lock >= 0:
-            raise MeddxError(f"--wait-for-lock must be at least 0, got {self.wait_for_lock}")
+        at_least(1, self, "batch_size", "actors", "max_pixels", "max_object_bytes")
+        at_least(0, self, "wait_for_lock")
         if not self.progress_seconds > 0:
             raise MeddxError(f"--progress-seconds must be above 0, got {self.progress_seconds}")
         if not self.lock_timeout > 0:
             raise MeddxError(f"--lock-timeout must be above 0, got {self.lock_timeout}")
-        if self.runtime not in RUNTIMES:
-            raise MeddxError(
-                f"--runtime must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}"
-            )
-        if self.precision not in PRECISIONS:
-            raise MeddxError(
-                f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"
-            )
+        one_of(RUNTIMES, self, "runtime")
+        one_of(PRECISIONS, self, "precision")
 
 
 @dataclass(frozen=True)
@@ -166,7 +182,7 @@ class TrainConfig:
     batch_size: int = 32
     lr: float = 1e-3
     val_fraction: float = 0.2
-    image_size: int = 224
+    image_size: int = DEFAULT_IMAGE_SIZE
     seed: int = 0
     # DICOM Modality values trained on (and so accepted when scoring); (): any.
     modalities: tuple[str, ...] = DEFAULT_MODALITIES
@@ -183,7 +199,7 @@ class TrainConfig:
     init_weights: str | None = None
     # Also make the int8 OpenVINO model (meddx optimize), gated on the validation split.
     optimize: bool = False
-    progress_seconds: float = 30.0  # rank 0's line within an epoch this often
+    progress_seconds: float = PROGRESS_SECONDS  # rank 0's line within an epoch this often
     quiet: bool = False  # no progress lines (within and after each epoch)
     storage: StorageSettings = field(default_factory=StorageSettings)
 
@@ -192,11 +208,8 @@ class TrainConfig:
         alike), before anything is read or Ray starts."""
         if self.model not in MODEL_NAMES:
             raise MeddxError(f"unknown model {self.model!r}; choose from {', '.join(MODEL_NAMES)}")
-        for name, low in (("epochs", 1), ("workers", 1), ("batch_size", 1), ("seed", 0)):
-            if getattr(self, name) < low:
-                raise MeddxError(f"--{name.replace('_', '-')} must be at least {low}")
-        if self.max_failures < 0:
-            raise MeddxError("--max-failures must be at least 0")
+        at_least(1, self, "epochs", "workers", "batch_size")
+        at_least(0, self, "seed", "max_failures")
         if not self.progress_seconds > 0:
             raise MeddxError(f"--progress-seconds must be above 0, got {self.progress_seconds}")
         if isinstance(self.modalities, str):  # "CR,DX" or "any", as on the command line
@@ -231,11 +244,13 @@ class SynthConfig:
     seed: int = 0
     # Multi-label: (finding, prevalence) pairs; empty: the single-label normal/opacity set.
     findings: tuple[tuple[str, float], ...] = ()
+    # The quality-control set instead: N held-out chest films and images that are not.
+    quality_set: bool = False
     storage: StorageSettings = StorageSettings()
 
     def __post_init__(self):
-        if self.n < 1:
-            raise MeddxError("--n must be at least 1")
+        at_least(1, self, "n")
+        at_least(0, self, "seed")
         low, high = SYNTH_SIZES
         for side in (self.size, self.height or self.size):
             if not low <= side <= high:
@@ -248,5 +263,180 @@ class SynthConfig:
             raise MeddxError("--positive-rate must lie in [0, 1]")
         if any(not 0.0 <= rate <= 1.0 for _, rate in self.findings):
             raise MeddxError("--findings prevalences must lie in [0, 1]")
-        if self.seed < 0:
-            raise MeddxError("--seed must be at least 0")
+        if self.quality_set and (self.height not in (None, self.size) or self.mix or self.findings):
+            raise MeddxError("--quality-set takes a square --size and no --mix/--findings")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """What ``meddx evaluate`` reads and writes: scored PREDICTIONS against their labels."""
+
+    predictions: str  # a results tree, a dt= partition or one Parquet file
+    labels: str | None = None  # a manifest (uri, label, finding columns); None: class folders
+    json_path: str | None = None  # also write the figures as JSON here
+    plots: str | None = None  # ROC, precision-recall, reliability and histogram PNGs here
+    by: str | None = None  # also per value of this predictions or manifest column
+    storage: StorageSettings = StorageSettings()
+
+
+# An out-of-distribution threshold below the median of in-distribution scores would
+# flag half of the films the model was trained for.
+OOD_PERCENTILES = (50, 100)
+
+
+@dataclass(frozen=True)
+class CalibrateConfig:
+    """What ``meddx calibrate`` sets on MODEL from its scored validation PREDICTIONS: the
+    operating point for a target (and a temperature) and/or the OOD threshold."""
+
+    predictions: str
+    model: str
+    out: str  # the calibrated checkpoint to write
+    labels: str | None = None  # None: the class folder in image_uri
+    target_sensitivity: float | None = None
+    target_specificity: float | None = None
+    temperature: bool = False  # also fit temperature scaling
+    ood_percentile: float | None = None  # the OOD threshold at this percentile of ood_score
+    finding: str | None = None  # multi-label: the finding whose threshold is set
+    storage: StorageSettings = StorageSettings()
+
+    def __post_init__(self):
+        targets = (self.target_sensitivity, self.target_specificity)
+        if None not in targets:
+            raise MeddxError("give one of --target-sensitivity, --target-specificity")
+        if targets == (None, None) and self.ood_percentile is None:
+            raise MeddxError(
+                "give --target-sensitivity or --target-specificity, and/or --ood-percentile"
+            )
+        for name, value in zip(("sensitivity", "specificity"), targets, strict=True):
+            if value is not None and not 0 < value <= 1:
+                raise MeddxError(f"--target-{name} must lie in (0, 1], got {value}")
+        low, high = OOD_PERCENTILES
+        if self.ood_percentile is not None and not low <= self.ood_percentile <= high:
+            raise MeddxError(
+                f"--ood-percentile must lie in [{low:g}, {high:g}], got {self.ood_percentile}"
+            )
+
+
+# The runtimes ``meddx optimize`` exports to.
+OPTIMIZED_RUNTIMES = ("openvino",)
+
+
+@dataclass(frozen=True)
+class OptimizeConfig:
+    """What ``meddx optimize`` makes: CHECKPOINT's model for CPU nodes, tuned and checked
+    on the labelled images of CALIBRATION, written with the artefact inside to OUT."""
+
+    checkpoint: str
+    calibration: str
+    out: str
+    runtime: str = OPTIMIZED_RUNTIMES[0]
+    precision: str = OPTIMIZED_PRECISIONS[0]
+    max_images: int = DEFAULT_CHECK_IMAGES  # labelled images to tune and check on
+    # Epochs of quantization-aware fine-tuning; 0: post-training quantization only.
+    finetune_epochs: int = 0
+    storage: StorageSettings = StorageSettings()
+
+    def __post_init__(self):
+        one_of(OPTIMIZED_RUNTIMES, self, "runtime")
+        one_of(OPTIMIZED_PRECISIONS, self, "precision")
+        at_least(1, self, "max_images")
+        at_least(0, self, "finetune_epochs")
+
+
+@dataclass(frozen=True)
+class ImportWeightsConfig:
+    """What ``meddx import-weights`` wraps: a state dict trained elsewhere, with what the
+    training knew (classes or findings, input size, normalisation, thresholds)."""
+
+    weights: str
+    out: str
+    model_name: str
+    classes: tuple[str, ...] | None = None  # single-label: the outputs in order
+    findings: tuple[str, ...] | None = None  # multi-label: one sigmoid output each
+    positive_class: str | None = None  # None: the class that is not 'normal'
+    threshold: tuple[float, ...] = (0.5,)  # one, or (multi-label) one per finding
+    input_size: int = DEFAULT_IMAGE_SIZE
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    modalities: tuple[str, ...] = DEFAULT_MODALITIES
+    storage: StorageSettings = StorageSettings()
+
+    def __post_init__(self):
+        if self.model_name not in MODEL_NAMES:
+            raise MeddxError(
+                f"unknown model {self.model_name!r}; choose from {', '.join(MODEL_NAMES)}"
+            )
+        if (self.classes is None) == (self.findings is None):
+            raise MeddxError("give either --classes (single-label) or --findings (multi-label)")
+        if self.classes is not None and (
+            len(self.classes) < 2 or len(set(self.classes)) != len(self.classes)
+        ):
+            raise MeddxError("--classes needs two or more distinct names")
+        if self.findings and len(self.threshold) not in (1, len(self.findings)):
+            raise MeddxError(f"--threshold needs 1 or {len(self.findings)} values")
+        if not self.findings and len(self.threshold) != 1:
+            raise MeddxError("--threshold takes one value for a single-label model")
+        if self.positive_class is not None and (
+            self.findings or self.positive_class not in self.class_names
+        ):
+            raise MeddxError(
+                f"--positive-class must be one of --classes {','.join(self.class_names)}"
+            )
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise MeddxError("--mean and --std need three values each, --std's above 0")
+        if not all(0 < t < 1 for t in self.threshold):
+            raise MeddxError("--threshold values must lie strictly between 0 and 1")
+        low, high = IMAGE_SIZES
+        if not low <= self.input_size <= high:
+            raise MeddxError(f"--input-size must lie in [{low}, {high}], got {self.input_size}")
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """The model's outputs in order: the findings, or the classes."""
+        return tuple(self.findings or self.classes)
+
+    @property
+    def positive(self) -> str:
+        """The class whose probability is the score (single-label)."""
+        return self.positive_class or positive_class_of(self.class_names)
+
+    @property
+    def thresholds(self) -> tuple[float, ...]:
+        """One threshold per output (multi-label) or the one (single-label)."""
+        if self.findings and len(self.threshold) == 1:
+            return self.threshold * len(self.findings)
+        return self.threshold
+
+
+@dataclass(frozen=True)
+class ExplainConfig:
+    """What ``meddx explain`` draws: Grad-CAM overlays of the TOP highest-scoring rows of
+    PREDICTIONS, scored by MODEL, as PNGs under OUT."""
+
+    predictions: str
+    model: str
+    out: str
+    top: int = 10
+    max_object_bytes: int = DEFAULT_MAX_OBJECT_BYTES
+    storage: StorageSettings = StorageSettings()
+
+    def __post_init__(self):
+        at_least(1, self, "top", "max_object_bytes")
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """What ``meddx demo`` runs on this machine: synth -> DDP train -> score -> evaluate."""
+
+    workdir: str = "demo-output"
+    # Enough films to train to the demo's held-out AUROC in a few CPU minutes; fewer
+    # than the lower limits leave too few of each class to train or to measure on.
+    n_train: int = 480
+    n_holdout: int = 240
+    epochs: int = 6
+
+    def __post_init__(self):
+        at_least(20, self, "n_train")
+        at_least(10, self, "n_holdout")
+        at_least(1, self, "epochs")

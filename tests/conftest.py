@@ -13,7 +13,9 @@ import uuid
 
 import pytest
 
-from .helpers import DUMMY_AWS, moto_server
+from meddx.pipelines.local_s3 import s3_server
+
+from .helpers import DUMMY_AWS
 
 
 def pytest_collection_modifyitems(config, items):
@@ -44,7 +46,7 @@ def aws_credentials():
 @pytest.fixture(scope="session")
 def s3_endpoint(aws_credentials):
     """moto's S3 server as a child process on a free port; its URL."""
-    with moto_server() as url:
+    with s3_server() as url:
         yield url
 
 

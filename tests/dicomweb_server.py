@@ -9,6 +9,7 @@ kept in ``stored``.
 
 from __future__ import annotations
 
+import io
 import json
 import threading
 from collections.abc import Iterator
@@ -50,6 +51,17 @@ class Server:
     @property
     def source(self) -> str:
         return f"dicomweb+{self.url}{ROOT}"
+
+    def stored_datasets(self) -> list:
+        """The DICOM instances of every STOW-RS body received, in order."""
+        import pydicom
+
+        found = []
+        for content_type, body in self.stored:
+            boundary = content_type.split("boundary=")[1].strip('"').encode()
+            for part in body.split(b"--" + boundary)[1:-1]:
+                found.append(pydicom.dcmread(io.BytesIO(part.split(b"\r\n\r\n", 1)[1][:-2])))
+        return found
 
     def requests_to(self, suffix: str) -> int:
         return sum(1 for _, path in self.seen if urlsplit(path).path.endswith(suffix))

@@ -1,11 +1,11 @@
-"""What several test modules share: the venv's executables, free ports, a moto S3 server
-and Ray nodes started with `ray start`, each a child process stopped by its own pid."""
+"""What several test modules share: the venv's executables, free ports (meddx's own, as
+for its local S3 endpoint), and Ray nodes started with `ray start`, each a child process
+stopped by its own pid."""
 
 from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,10 +13,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import requests
+from meddx.pipelines.local_s3 import free_port, terminate
 
 REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent  # the venv's executables: meddx, ray, moto_server
+BIN = Path(sys.executable).parent  # the venv's executables: meddx, ray
 MEDDX = str(BIN / "meddx")
 DUMMY_AWS = {
     "AWS_ACCESS_KEY_ID": "meddx-test-key",
@@ -34,50 +34,6 @@ NODE_PORTS = (
     "dashboard-agent-listen-port",
     "dashboard-agent-grpc-port",
 )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextmanager
-def moto_server(timeout: float = 30) -> Iterator[str]:
-    """moto's S3 server as a child process on a free loopback port; yields its URL."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if requests.get(url, timeout=1).ok:
-                break
-        except requests.ConnectionError:
-            pass
-        if time.monotonic() > deadline or proc.poll() is not None:
-            proc.kill()
-            proc.wait()
-            raise RuntimeError("moto server did not start")
-        time.sleep(0.1)
-    try:
-        yield url
-    finally:
-        terminate(proc, timeout=10)
-
-
-def terminate(proc: subprocess.Popen, timeout: float) -> None:
-    """Stop a server started by a fixture, by its own pid: SIGTERM, then SIGKILL."""
-    proc.terminate()
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def descendants(pid: int) -> list[int]:
@@ -104,6 +60,34 @@ def command_of(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
     except OSError:
         return ""
+
+
+def session_env(ray, quiet_workers: bool = True) -> dict[str, str]:
+    """The environment of a `meddx` command run on the session's Ray (``ray``): its
+    address and token auth; with ``quiet_workers`` the workers' lines stay out of the
+    command's output, as in the session's own runs, else they reach it as users see them."""
+    env = {
+        **os.environ,
+        "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
+        "RAY_AUTH_MODE": "token",
+        "MEDDX_QUIET_WORKERS": "1",
+    }
+    if not quiet_workers:
+        env.pop("MEDDX_QUIET_WORKERS")
+    return env
+
+
+def refused_score(input: str, out: str, model: str, settings, match: str):
+    """score() on INPUT into OUT, which must refuse with a MeddxError matching ``match``;
+    the pytest.ExceptionInfo."""
+    import pytest
+
+    from meddx import MeddxError
+    from meddx.pipelines.scoring import ScoreConfig, score
+
+    with pytest.raises(MeddxError, match=match) as refused:
+        score(ScoreConfig(input=input, model=model, out=out, storage=settings))
+    return refused
 
 
 def ray_env() -> dict[str, str]:
@@ -133,12 +117,7 @@ def stop_ray_node(node: subprocess.Popen, timeout: float = 60) -> None:
     if node.poll() is not None:
         return
     tree = descendants(node.pid)
-    node.terminate()
-    try:
-        node.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        node.kill()
-        node.wait()
+    terminate(node, timeout)
     for pid in tree:
         if "ray" in command_of(pid):
             try:

@@ -107,31 +107,17 @@ def dicom_jpeg_frame_bomb() -> bytes:
     return _save(ds)
 
 
-def deflated_dicom_bomb(mib: int = 1024) -> bytes:
-    """A Deflated Explicit VR Little Endian file whose dataset inflates to ``mib`` MiB."""
+def deflated_dicom_bomb(mib: int = 1024, padding: int = 0) -> bytes:
+    """A Deflated Explicit VR Little Endian file whose dataset inflates to ``mib`` MiB.
+    With ``padding``, its file meta's first element is padded so the transfer syntax UID
+    sits past the first ``padding`` bytes (a search of a prefix misses it)."""
     from pydicom.dataset import FileMetaDataset
     from pydicom.filewriter import write_file_meta_info
     from pydicom.uid import DeflatedExplicitVRLittleEndian, generate_uid
 
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
-    buf = io.BytesIO()
-    buf.write(b"\0" * 128 + b"DICM")
-    write_file_meta_info(buf, meta, enforce_standard=True)
-    return buf.getvalue() + _zero_chunk() * mib + b"\x03\x00"  # then a final empty block
-
-
-def padded_deflated_dicom_bomb(mib: int = 1024, padding: int = 8192) -> bytes:
-    """deflated_dicom_bomb, its file meta's first element padded so the transfer syntax
-    UID sits past the first ``padding`` bytes (a search of a prefix misses it)."""
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.filewriter import write_file_meta_info
-    from pydicom.uid import DeflatedExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.FileMetaInformationVersion = b"\x00\x01" + bytes(padding)
+    if padding:
+        meta.FileMetaInformationVersion = b"\x00\x01" + bytes(padding)
     meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
     meta.MediaStorageSOPInstanceUID = generate_uid()
     meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
@@ -140,7 +126,7 @@ def padded_deflated_dicom_bomb(mib: int = 1024, padding: int = 8192) -> bytes:
     write_file_meta_info(buf, meta, enforce_standard=True)
     head = buf.getvalue()
     assert head.find(DeflatedExplicitVRLittleEndian.encode()) > padding
-    return head + _zero_chunk() * mib + b"\x03\x00"
+    return head + _zero_chunk() * mib + b"\x03\x00"  # then a final empty block
 
 
 def sparse_pax_header_bomb(mib: int = 1024) -> bytes:
@@ -204,10 +190,8 @@ PROBE = "Probe^Leak^7731"
 
 
 def _cr_with(change) -> bytes:
-    from pydicom.dataelem import DataElement
-
     ds = pydicom.dcmread(io.BytesIO(dicom_cr(patient_name=PROBE)))
-    change(ds, DataElement)
+    change(ds)
     return _save(ds)
 
 
@@ -224,96 +208,75 @@ def _lut_item(descriptor, data=True):
 
 def malformed_dicoms() -> dict[str, tuple[bytes, str]]:
     """name -> (DICOM bytes, the reason its row must give)."""
+    from pydicom.dataelem import DataElement
     from pydicom.sequence import Sequence
 
-    def tag(keyword):
-        return pydicom.datadict.tag_for_keyword(keyword)
+    def setting(keyword, value):
+        return lambda ds: setattr(ds, keyword, value)
+
+    def typed(keyword, vr, value):  # with a VR of its own: text in Rows, say
+        tag = pydicom.datadict.tag_for_keyword(keyword)
+        return lambda ds: ds.__setitem__(tag, DataElement(tag, vr, value))
+
+    def lut(descriptor, data=True):
+        return Sequence([_lut_item(descriptor, data)])
 
     cases = {
-        "rows-two-values": (
-            lambda ds, E: setattr(ds, "Rows", [64, 64]),
-            "Rows holds 2 values where one is expected",
-        ),
-        "rows-text": (
-            lambda ds, E: ds.__setitem__(tag("Rows"), E(tag("Rows"), "LO", PROBE)),
-            "Rows is not an integer",
-        ),
-        "columns-negative": (
-            lambda ds, E: ds.__setitem__(tag("Columns"), E(tag("Columns"), "SS", -64)),
-            "Columns is out of range (0 to 65535)",
-        ),
-        "bits-stored-absurd": (
-            lambda ds, E: setattr(ds, "BitsStored", 40),
-            "BitsStored is out of range (1 to 16)",
-        ),
+        "rows-two-values": (setting("Rows", [64, 64]), "Rows holds 2 values where one is expected"),
+        "rows-text": (typed("Rows", "LO", PROBE), "Rows is not an integer"),
+        "columns-negative": (typed("Columns", "SS", -64), "Columns is out of range (0 to 65535)"),
+        "bits-stored-absurd": (setting("BitsStored", 40), "BitsStored is out of range (1 to 16)"),
         "bits-allocated-missing": (
-            lambda ds, E: delattr(ds, "BitsAllocated"),
+            lambda ds: delattr(ds, "BitsAllocated"),
             "BitsAllocated is missing",
         ),
         "samples-absurd": (
-            lambda ds, E: setattr(ds, "SamplesPerPixel", 7),
+            setting("SamplesPerPixel", 7),
             "SamplesPerPixel is out of range (1 to 3)",
         ),
-        "frames-negative": (
-            lambda ds, E: setattr(ds, "NumberOfFrames", "-3"),
-            "NumberOfFrames is out of range",
-        ),
+        "frames-negative": (setting("NumberOfFrames", "-3"), "NumberOfFrames is out of range"),
         "photometric-unknown": (
-            lambda ds, E: setattr(ds, "PhotometricInterpretation", "GREEN"),
+            setting("PhotometricInterpretation", "GREEN"),
             "PhotometricInterpretation is not one meddx reads",
         ),
         "photometric-name": (
-            lambda ds, E: setattr(ds, "PhotometricInterpretation", PROBE),
+            setting("PhotometricInterpretation", PROBE),
             "PhotometricInterpretation is not a DICOM code string",
         ),
         "modality-two-values": (
-            lambda ds, E: setattr(ds, "Modality", ["CR", "DX"]),
+            setting("Modality", ["CR", "DX"]),
             "Modality holds 2 values where one is expected",
         ),
         "view-formula": (
-            lambda ds, E: setattr(ds, "ViewPosition", '=HYPERLINK("http://x","PA")'),
+            setting("ViewPosition", '=HYPERLINK("http://x","PA")'),
             "ViewPosition is not a DICOM code string",
         ),
         "body-part-name": (
-            lambda ds, E: setattr(ds, "BodyPartExamined", PROBE),
+            setting("BodyPartExamined", PROBE),
             "BodyPartExamined is not a DICOM code string",
         ),
-        "window-width-zero": (
-            lambda ds, E: setattr(ds, "WindowWidth", 0),
-            "WindowWidth is not positive",
-        ),
-        "window-center-text": (
-            lambda ds, E: ds.__setitem__(tag("WindowCenter"), E(tag("WindowCenter"), "LO", PROBE)),
-            "WindowCenter is not a number",
-        ),
+        "window-width-zero": (setting("WindowWidth", 0), "WindowWidth is not positive"),
+        "window-center-text": (typed("WindowCenter", "LO", PROBE), "WindowCenter is not a number"),
         "window-center-infinite": (
-            lambda ds, E: setattr(ds, "WindowCenter", "1e999"),
+            setting("WindowCenter", "1e999"),
             "WindowCenter is not a finite number",
         ),
         "rescale-two-slopes": (
-            lambda ds, E: setattr(ds, "RescaleSlope", [1, 2]),
+            setting("RescaleSlope", [1, 2]),
             "RescaleSlope holds several values where one is expected",
         ),
-        "voi-lut-empty": (
-            lambda ds, E: setattr(ds, "VOILUTSequence", Sequence([])),
-            "VOILUTSequence holds no item",
-        ),
+        "voi-lut-empty": (setting("VOILUTSequence", Sequence([])), "VOILUTSequence holds no item"),
         "voi-lut-bits-absurd": (
-            lambda ds, E: setattr(ds, "VOILUTSequence", Sequence([_lut_item([16, 0, 60])])),
+            setting("VOILUTSequence", lut([16, 0, 60])),
             "VOILUTSequence's LUTDescriptor is out of range",
         ),
         "modality-lut-without-data": (
-            lambda ds, E: setattr(
-                ds, "ModalityLUTSequence", Sequence([_lut_item([16, 0, 12], data=False)])
-            ),
+            setting("ModalityLUTSequence", lut([16, 0, 12], data=False)),
             "ModalityLUTSequence has no LUTData",
         ),
-        "study-uid-name": (
-            lambda ds, E: setattr(ds, "StudyInstanceUID", PROBE),
-            "StudyInstanceUID is not a UID",
-        ),
+        "study-uid-name": (setting("StudyInstanceUID", PROBE), "StudyInstanceUID is not a UID"),
         "series-uid-two-values": (
-            lambda ds, E: setattr(ds, "SeriesInstanceUID", ["1.2.3", "1.2.4"]),
+            setting("SeriesInstanceUID", ["1.2.3", "1.2.4"]),
             "SeriesInstanceUID holds 2 values where one is expected",
         ),
     }

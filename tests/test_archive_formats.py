@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from meddx.config import SynthConfig
-from meddx.imaging import decode, dicom
+from meddx.imaging import decode, dicom, pixel_data
 from meddx.names import SYNTH_FORMATS
 from meddx.synthetic.chest import MIX, encode_png16, film_format, render_film, write_archive
 from meddx.synthetic.dicom_film import encode_film
@@ -95,24 +95,24 @@ def test_mix_and_rectangular_detector_sizes(tmp_path):
 
 def test_box_reduce_means_blocks_and_keeps_the_short_side():
     arr = np.arange(7 * 9, dtype=np.uint16).reshape(7, 9)
-    out = dicom.box_reduce(arr, 3)  # k = 7 // 3 = 2: 4 x 5 blocks, the last ones ragged
+    out = pixel_data.box_reduce(arr, 3)  # k = 7 // 3 = 2: 4 x 5 blocks, the last ones ragged
     assert out.shape == (4, 5) and out.dtype == np.float32
     for i in range(4):
         for j in range(5):
             assert out[i, j] == pytest.approx(arr[2 * i : 2 * i + 2, 2 * j : 2 * j + 2].mean())
-    assert dicom.box_reduce(arr, 7) is arr  # nothing to gain: the same array
+    assert pixel_data.box_reduce(arr, 7) is arr  # nothing to gain: the same array
     rgb = np.stack([arr, arr + 1, arr + 2], axis=-1)
-    np.testing.assert_allclose(dicom.box_reduce(rgb, 3)[..., 2], out + 2)
+    np.testing.assert_allclose(pixel_data.box_reduce(rgb, 3)[..., 2], out + 2)
 
 
 def test_jpeg2000_sides_that_pillow_and_openjpeg_reduce_differently_still_decode(film):
     # 2,500 px at 16x: Pillow sizes the image 156 (rounded), OpenJPEG decodes 157
     # (ceiling) and Pillow's load failed. 260 at 16x is the same case, smaller.
     ds = pydicom.dcmread(io.BytesIO(encode_film(film[:260, :256], "dicom-j2k", index=1, seed=3)))
-    frame = dicom._first_fragment(ds)
-    reduced = dicom.reduced_j2k(frame, 16)
+    frame = pixel_data._first_fragment(ds)
+    reduced = pixel_data.reduced_j2k(frame, 16)
     # 16x would keep 16 >= 16 but is refused; 8x gives 33 x 32, then box-reduced.
-    box = dicom.box_reduce(ds.pixel_array, 16)
+    box = pixel_data.box_reduce(ds.pixel_array, 16)
     assert reduced.shape == box.shape == (17, 16)
     assert np.abs(reduced.astype(float) - box).mean() < 0.05 * 2**ds.BitsStored
 
@@ -120,13 +120,13 @@ def test_jpeg2000_sides_that_pillow_and_openjpeg_reduce_differently_still_decode
 @pytest.mark.parametrize("fmt", ["dicom-j2k", "dicom-htj2k", "dicom-j2k-lossy"])
 def test_jpeg2000_drops_wavelet_levels_but_keeps_the_model_size(film, fmt):
     ds = pydicom.dcmread(io.BytesIO(encode_film(film, fmt, index=1, seed=3)))
-    frame = dicom._first_fragment(ds)
-    header = dicom.j2k_header(frame)
+    frame = pixel_data._first_fragment(ds)
+    header = pixel_data.j2k_header(frame)
     assert (header.width, header.height, header.components) == (600, 700, 1)
-    reduced = dicom.reduced_j2k(frame, 64)
+    reduced = pixel_data.reduced_j2k(frame, 64)
     # 600 -> 300 -> 150 -> 75 still >= 64; one more level would give 38.
     assert reduced.shape == (88, 75)
-    box = dicom.box_reduce(ds.pixel_array, 75)  # the same 8 x 8 reduction on full pixels
+    box = pixel_data.box_reduce(ds.pixel_array, 75)  # the same 8 x 8 reduction on full pixels
     assert box.shape == reduced.shape
     # A wavelet low-pass is not a box filter: close, not equal (2% of the range here).
     assert np.abs(reduced.astype(float) - box).mean() < 0.03 * 2**ds.BitsStored
@@ -137,7 +137,7 @@ def test_first_frame_only_of_a_multiframe_j2k():
     one = pydicom.dcmread(io.BytesIO(encode_film(film, "dicom-htj2k", index=2, seed=1)))
     # Append a second frame that cannot decode: only the first frame's fragments are read.
     ds = pydicom.dcmread(io.BytesIO(encode_film(film, "dicom-htj2k", index=2, seed=1)))
-    first = dicom._first_fragment(ds)
+    first = pixel_data._first_fragment(ds)
     ds.PixelData = pydicom.encaps.encapsulate([first, b"\xff\x4f\xff\x51broken"])
     ds.NumberOfFrames = 2
     reduced = dicom.to_unit_gray(ds, max_pixels=10**8, modalities=None, target=64)
@@ -244,7 +244,7 @@ def test_reduced_decoding_against_full_resolution(mix_model):
     from sklearn.metrics import roc_auc_score
 
     from meddx.inputs.storage import StorageSettings
-    from meddx.model.inference import Predictor
+    from meddx.model.predictor import Predictor
 
     ckpt, items, decoded, formats = mix_model
     labels = np.array([t for _, t in items])

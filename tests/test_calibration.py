@@ -7,12 +7,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
+from scipy.special import expit as sigmoid
+from scipy.special import logit
 
-from meddx.analysis.calibration import fit_temperature, logit, sigmoid
+from meddx.analysis.calibration import fit_temperature
 from meddx.cli import cli, main
 from meddx.inputs.storage import StorageSettings
 from meddx.model import metrics, registry
-from meddx.model.inference import Predictor
+from meddx.model.predictor import Predictor
 from meddx.names import OUTPUT_SCHEMA
 
 from .test_predict import batch
@@ -89,16 +91,8 @@ def test_evaluate_json_plots_and_subgroups(tmp_path):
     out = tmp_path / "m.json"
     result = CliRunner().invoke(
         cli,
-        [
-            "evaluate",
-            str(tmp_path / "pred"),
-            "--json",
-            str(out),
-            "--plots",
-            str(tmp_path / "plots"),
-            "--by",
-            "modality",
-        ],
+        ["evaluate", str(tmp_path / "pred"), "--json", str(out)]
+        + ["--plots", str(tmp_path / "plots"), "--by", "modality"],
     )
     assert result.exit_code == 0, result.output
     m = json.loads(out.read_text())
@@ -131,17 +125,8 @@ def test_calibrate_writes_a_new_checkpoint_that_scoring_applies(tmp_path, random
     out = tmp_path / "calibrated.pt"
     result = CliRunner().invoke(
         cli,
-        [
-            "calibrate",
-            str(tmp_path / "val"),
-            "--model",
-            ckpt_path,
-            "--out",
-            str(out),
-            "--target-sensitivity",
-            "0.9",
-            "--temperature",
-        ],
+        ["calibrate", str(tmp_path / "val"), "--model", ckpt_path, "--out", str(out)]
+        + ["--target-sensitivity", "0.9", "--temperature"],
     )
     assert result.exit_code == 0, result.output
     ckpt, new_sha = registry.read_checkpoint(str(out), StorageSettings())

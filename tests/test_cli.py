@@ -1,10 +1,12 @@
+import logging
 import subprocess
 import sys
 
+import click
 import pytest
 from click.testing import CliRunner
 
-from meddx.cli import cli
+from meddx.cli import cli, main
 
 from .helpers import MEDDX
 
@@ -130,6 +132,7 @@ def test_bad_findings_are_one_line_errors(args, expected, tmp_path):
     assert result.returncode == 2 and result.stdout == ""  # a usage error, as click's own
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("meddx: error:") and expected in lines[0]
+    assert not any(tmp_path.iterdir())
     assert not any(tmp_path.iterdir())  # refused before anything was written
 
 
@@ -163,3 +166,63 @@ def test_cli_imports_neither_torch_nor_ray():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+@click.command("log-probe")
+def log_probe():
+    """Logs as a library module does, at three levels."""
+    log = logging.getLogger("meddx.store.lease")
+    log.debug("meddx: a debug line")
+    log.info("meddx: an info line")
+    log.warning("meddx: a warning line")
+
+
+@pytest.mark.parametrize(
+    "options, expected",
+    [
+        ([], ["meddx: an info line", "meddx: a warning line"]),
+        (["--quiet"], ["meddx: a warning line"]),
+        (["--verbose"], ["meddx: a debug line", "meddx: an info line", "meddx: a warning line"]),
+    ],
+)
+def test_library_log_lines_reach_stderr_once_at_the_chosen_level(
+    options, expected, monkeypatch, capsys
+):
+    monkeypatch.setitem(cli.commands, "log-probe", log_probe)
+    beside = logging.Handler()  # as a library's logging.basicConfig() would add to root
+    beside.emit = lambda record: pytest.fail(f"also through the root logger: {record.msg}")
+    logging.getLogger().addHandler(beside)
+    try:
+        main([*options, "log-probe"])
+    finally:
+        logging.getLogger().removeHandler(beside)
+    printed = capsys.readouterr()
+    assert printed.out == "" and printed.err.splitlines() == expected
+    # Afterwards the library logs as it did before the command (tests' caplog sees it).
+    assert logging.getLogger("meddx").propagate and not logging.getLogger("meddx").handlers
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--quiet", "--verbose", "synth", "out"], "give --quiet or --verbose, not both"),
+        (
+            ["calibrate", "p", "--model", "m", "--out", "o"]
+            + ["--target-sensitivity", "0.9", "--target-specificity", "0.9"],
+            "give one of --target-sensitivity, --target-specificity",
+        ),
+        (["calibrate", "p", "--model", "m", "--out", "o"], "and/or --ood-percentile"),
+        (["synth", "out", "--quality-set", "--mix"], "--quality-set takes a square --size"),
+        (["explain", "p", "--model", "m", "--out", "o", "--top", "0"], "--top"),
+        (["demo", "--n-train", "5"], "--n-train must be at least 20"),
+    ],
+)
+def test_command_configs_refuse_in_one_line(args, expected, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # nothing may be written, here or anywhere
+    with pytest.raises(SystemExit) as exited:
+        main(args)
+    printed = capsys.readouterr()
+    assert exited.value.code == 2 and printed.out == ""
+    lines = printed.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("meddx: error:") and expected in lines[0]
+    assert not any(tmp_path.iterdir())

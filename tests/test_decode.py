@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from meddx.imaging.decode import DecodeError, DecodeSettings, decode_image, decode_images, sniff
-from meddx.inputs.sources import read_objects
+from meddx.inputs.reading import read_objects
 from meddx.inputs.storage import StorageSettings
 
 from .images import broken_inputs, jpeg, png

@@ -6,7 +6,6 @@ no Ray); tests/test_pacs.py runs the same paths against a real PACS.
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import subprocess
@@ -14,7 +13,6 @@ import warnings
 
 import highdicom as hd
 import pyarrow as pa
-import pydicom
 import pytest
 
 from meddx import MeddxError
@@ -134,15 +132,6 @@ def scored(server: Server, instances: list[tuple[str, str, str, str | None]]):
     return pa.Table.from_pylist(rows), located
 
 
-def stored_reports(server: Server) -> list[pydicom.Dataset]:
-    found = []
-    for content_type, body in server.stored:
-        boundary = content_type.split("boundary=")[1].strip('"').encode()
-        for part in body.split(b"--" + boundary)[1:-1]:
-            found.append(pydicom.dcmread(io.BytesIO(part.split(b"\r\n\r\n", 1)[1][:-2])))
-    return found
-
-
 @pytest.fixture(scope="module")
 def ckpt():
     return registry.untrained_checkpoint("seednet", input_size=64)
@@ -172,7 +161,7 @@ def test_reports_are_filed_in_the_study_the_pacs_listed(ckpt):
     assert sent.failed == (
         f"study {pseudonym(c, KEY)}: its instances differ in PatientID: no report",
     )
-    reports = {ds.StudyInstanceUID: ds for ds in stored_reports(server)}
+    reports = {ds.StudyInstanceUID: ds for ds in server.stored_datasets()}
     assert set(reports) == {a, b}
     assert reports[a].PatientID == "PID-A" and reports[b].PatientID == "PID-B"
     for study, expected in ((a, {a1, a2}), (b, {b1})):

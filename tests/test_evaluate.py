@@ -6,9 +6,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from meddx import MeddxError
-from meddx.analysis.evaluation import evaluate_predictions
+from meddx.analysis.evaluation import evaluate
 from meddx.cli import cli
-from meddx.inputs.storage import StorageSettings
+from meddx.config import EvaluateConfig
 from meddx.names import OUTPUT_SCHEMA
 
 POSITIVE_SCORES = [0.9, 0.8, 0.7, 0.4]
@@ -67,7 +67,7 @@ def check(result):
 
 def test_labels_from_class_folders(tmp_path):
     write_predictions(tmp_path)
-    check(evaluate_predictions(str(tmp_path), None, StorageSettings()))
+    check(evaluate(EvaluateConfig(str(tmp_path))).as_dict())
 
 
 def test_labels_from_manifest_and_json(tmp_path):
@@ -90,7 +90,7 @@ def test_labels_from_manifest_and_json(tmp_path):
 
 def test_missing_predictions_is_clear(tmp_path):
     with pytest.raises(MeddxError, match="predictions"):
-        evaluate_predictions(str(tmp_path / "none"), None, StorageSettings())
+        evaluate(EvaluateConfig(str(tmp_path / "none")))
 
 
 def test_youden_threshold_separates_the_classes():
@@ -201,8 +201,8 @@ def test_multi_label_per_class_and_any_finding(tmp_path):
 def test_multi_label_needs_finding_columns(tmp_path):
     write_multi_label(tmp_path)
     with pytest.raises(MeddxError, match="--labels MANIFEST with a 0/1 column per finding"):
-        evaluate_predictions(str(tmp_path / "pred"), None, StorageSettings())
+        evaluate(EvaluateConfig(str(tmp_path / "pred")))
     single = tmp_path / "single.csv"
     single.write_text("uri,label\n/data/0.png,normal\n")
     with pytest.raises(MeddxError, match="no column for finding"):
-        evaluate_predictions(str(tmp_path / "pred"), str(single), StorageSettings())
+        evaluate(EvaluateConfig(str(tmp_path / "pred"), str(single)))

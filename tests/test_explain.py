@@ -5,6 +5,7 @@ import pyarrow.dataset as pads
 import pytest
 import torch
 from PIL import Image
+from torch import nn
 
 from meddx.analysis.explain import explain, grad_cam
 from meddx.imaging.dicom import pseudonymous_id
@@ -21,6 +22,53 @@ def test_grad_cam_shape_and_range(name):
     model = registry.build_model(name, 2).eval()
     cam = grad_cam(model, torch.randn(1, 3, 96, 96), 1)
     assert cam.shape == (96, 96) and cam.min() >= 0 and cam.max() <= 1 and cam.max() > 0
+
+
+class TwoCues(nn.Module):
+    """A model whose evidence is known: class 0's logit is the mean brightness of the red
+    channel, class 1's the green's, seen through 4 x 4 pooled feature maps (the layer
+    Grad-CAM weighs, as seednet's ``features``)."""
+
+    def __init__(self):
+        super().__init__()
+        colour = nn.Conv2d(3, 2, kernel_size=1, bias=False)
+        colour.weight.data = torch.eye(3)[:2].reshape(2, 3, 1, 1)  # red -> 0, green -> 1
+        self.features = nn.Sequential(colour, nn.ReLU(), nn.AvgPool2d(4))
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+PATCH = 12  # pixels a side of each cue
+
+
+def cue_image(red: tuple[int, int], green: tuple[int, int], size: int = 64) -> torch.Tensor:
+    """Faint noise everywhere; a red patch at ``red`` and a green one at ``green``
+    (top-left corners, PATCH pixels a side)."""
+    x = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(3)) * 0.2
+    for channel, (row, col) in ((0, red), (1, green)):
+        x[0, channel, row : row + PATCH, col : col + PATCH] = 1.0
+    return x
+
+
+@pytest.mark.parametrize(
+    "red, green", [((4, 40), (44, 8)), ((44, 8), (4, 40))], ids=["red-top", "red-bottom"]
+)
+def test_grad_cam_lights_the_patch_that_made_the_class(red, green):
+    # Each class's CAM must sit on its own cue, not on the other class's (equally bright)
+    # one: the gradient weighting, the upsampling and the orientation all matter.
+    model = TwoCues().eval()
+    x = cue_image(red, green)
+    for class_index, (row, col), (other_row, other_col) in ((0, red, green), (1, green, red)):
+        cam = grad_cam(model, x, class_index)
+        inside = np.zeros(cam.shape, dtype=bool)
+        inside[row : row + PATCH, col : col + PATCH] = True
+        peak = np.unravel_index(np.argmax(cam), cam.shape)
+        assert inside[peak], (class_index, peak)
+        assert cam[inside].mean() > 5 * cam[~inside].mean()
+        other = cam[other_row : other_row + PATCH, other_col : other_col + PATCH]
+        assert other.max() < 0.3
 
 
 @pytest.mark.slow
@@ -67,7 +115,8 @@ def test_multi_label_heatmap_follows_the_top_finding(tmp_path, monkeypatch):
     monkeypatch.setattr(
         explain_module, "grad_cam", lambda m, x, c: targets.append(c) or real(m, x, c)
     )
-    out = explain_module.heatmaps(rows, ckpt, StorageSettings())
+    found = explain_module.cams(rows, ckpt, StorageSettings())
+    out = explain_module.titled_overlays(rows, found, ckpt)
     # The finding behind the score, else the model's highest output.
     assert targets == [1, None]
-    assert len(out) == 2 and all(p[:4] == b"\x89PNG" for _, p in out)
+    assert len(out) == 2 and all(p[:4] == b"\x89PNG" for p in out)

@@ -23,7 +23,7 @@ import pydicom
 
 from meddx.cli import main
 from meddx.imaging.decode import DecodeSettings, decode_image, decode_images
-from meddx.inputs.sources import read_objects
+from meddx.inputs.reading import read_objects
 from meddx.inputs.storage import StorageSettings
 
 from . import hostile
@@ -36,13 +36,13 @@ import json, resource, sys
 cap = int(sys.argv[3]) * 2**20
 resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
 import numpy as np
-from meddx.inputs import sources
+from meddx.inputs import reading, shards
 from meddx.imaging.decode import DecodeSettings, decode_images
 from meddx.inputs.storage import StorageSettings
-sources.MAX_SHARD_MEMBERS = int(sys.argv[2])
+shards.MAX_SHARD_MEMBERS = int(sys.argv[2])
 rows = []
 batch = {"image_uri": np.array(json.loads(sys.argv[1]), dtype=object)}
-for chunk in sources.read_objects(batch, StorageSettings()):
+for chunk in reading.read_objects(batch, StorageSettings()):
     out = decode_images(chunk, DecodeSettings(size=32))
     rows += zip(out["image_uri"].tolist(), out["status"].tolist(), out["error"].tolist())
 # This process's own high-water mark (ru_maxrss would count the parent's, from before exec).
@@ -78,7 +78,7 @@ def test_bombs_are_error_rows_in_bounded_memory(tmp_path):
         "jpeg-frame.dcm": hostile.dicom_jpeg_frame_bomb(),
         "deflated.dcm": hostile.deflated_dicom_bomb(),  # 1 MB, inflates to 1 GiB
         # ... its transfer syntax UID pushed past the first 8 KB by a padded element
-        "deflated-padded.dcm": hostile.padded_deflated_dicom_bomb(),
+        "deflated-padded.dcm": hostile.deflated_dicom_bomb(padding=8192),
         # a JP2-boxed frame, its codestream past the first 8 KB, declaring 65,000 squared
         "boxed-jp2.dcm": hostile.boxed_jp2_dicom_bomb(),
         "bomb.tar.gz": hostile.gzip_tar_bomb(),  # 2 MB, one member of 2 GiB
@@ -240,20 +240,8 @@ def test_limits_flow_from_the_cli_to_the_workers(
     (inputs / "png-bomb.png").write_bytes(png_bomb())
     out = tmp_path / "out"
 
-    main(
-        [
-            "score",
-            str(inputs),
-            "--model",
-            random_checkpoint[0],
-            "--out",
-            str(out),
-            "--run-date",
-            "2026-05-06",
-            "--max-object-bytes",
-            "2000000",
-        ]
-    )
+    limits = ["--run-date", "2026-05-06", "--max-object-bytes", "2000000"]
+    main(["score", str(inputs), "--model", random_checkpoint[0], "--out", str(out), *limits])
     printed = capsys.readouterr()
     assert "inputs=27 ok=5 errors=30 rows_written=35" in printed.out
     table = pads.dataset(str(out), format="parquet", partitioning="hive").to_table()

@@ -77,7 +77,7 @@ def test_the_holder_renews_its_heartbeat(out, settings):
         held.release()
 
 
-def test_a_dead_holders_lease_is_taken_over_once_stale(out, settings, capsys):
+def test_a_dead_holders_lease_is_taken_over_once_stale(out, settings, caplog):
     dead = lease.acquire(out, settings, "killed", "screen", timeout=1.0)
     dead._stop.set()  # as if its process were killed: no more heartbeats, no release
     dead._thread.join()
@@ -87,7 +87,7 @@ def test_a_dead_holders_lease_is_taken_over_once_stale(out, settings, capsys):
     taker = lease.acquire(out, settings, "next", "screen", wait=5, timeout=1.0)
     try:
         assert store_of(out, settings).read()[0].run_id == "next"
-        assert "took over the lease on" in capsys.readouterr().err
+        assert "took over the lease on" in caplog.text
     finally:
         taker.release()
 
@@ -290,7 +290,7 @@ def test_a_dead_pid_of_another_pid_namespace_is_not_taken_for_gone(out, settings
     assert store.read()[0].run_id == "2026-12-01-elsewhere"  # not taken over
 
 
-def test_a_dead_pid_of_our_own_pid_namespace_is_taken_over_at_once(out, settings, capsys):
+def test_a_dead_pid_of_our_own_pid_namespace_is_taken_over_at_once(out, settings, caplog):
     now = lease._now().isoformat()
     pid = a_dead_pid()
     dead = lease.Holder(
@@ -300,7 +300,6 @@ def test_a_dead_pid_of_our_own_pid_namespace_is_taken_over_at_once(out, settings
     run = lease.acquire(out, settings, RUN, "score", timeout=60)
     try:
         assert store_of(out, settings).read()[0].run_id == RUN
-        err = capsys.readouterr().err
-        assert f"from 2026-12-01-killed, its pid {pid} on this host is gone" in err
+        assert f"from 2026-12-01-killed, its pid {pid} on this host is gone" in caplog.text
     finally:
         run.release()

@@ -158,7 +158,7 @@ LAYOUTS = {
 def test_checkpoints_in_the_dict_layout_load_and_score_the_same(tmp_path, layout):
     import numpy as np
 
-    from meddx.model.inference import Predictor
+    from meddx.model.predictor import Predictor
 
     fields, temperature, multi_label = LAYOUTS[layout]
     torch.manual_seed(1)

@@ -1,8 +1,10 @@
 """`meddx optimize`: an int8 OpenVINO model gated on accuracy against torch fp32, kept in
 the checkpoint, and scoring with it on Ray."""
 
+import logging
 import os
 import subprocess
+import sys
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -12,8 +14,9 @@ from PIL import Image
 from meddx import MeddxError
 from meddx.config import ScoreConfig
 from meddx.inputs.storage import StorageSettings
-from meddx.model import optimize, registry
-from meddx.model.inference import Predictor, compare_probs
+from meddx.model import engine, optimize, registry
+from meddx.model.precision import INT8_MAX_SCORE_DIFF, compare_probs
+from meddx.model.predictor import Predictor
 
 from .helpers import MEDDX, synthetic_films, trained_seednet
 
@@ -61,17 +64,17 @@ def test_int8_artefact_passes_its_gate_and_lives_in_the_checkpoint(labelled, opt
     out, printed = optimized
     ckpt, new_sha = registry.read_checkpoint(str(out), StorageSettings())
     assert new_sha != sha and f"sha256={new_sha}" in printed
-    entry = optimize.artefact(ckpt)
+    entry = engine.artefact(ckpt)
     assert entry["runtime"] == "openvino" and entry["precision"] == "int8"
     check = entry["check"]
     assert check["holds"] and check["images"] == 100  # held out: every other image
     assert check["quantized_ops"] > 0  # int8 for real, not every layer returned to fp32
     assert check["auroc_reference"] > 0.9  # a model worth comparing
-    assert 0 < check["max_score_diff"] <= optimize.MAX_SCORE_DIFF  # int8 ran, and held
+    assert 0 < check["max_score_diff"] <= INT8_MAX_SCORE_DIFF  # int8 ran, and held
     # Beside it, for scale: torch fp32's own scores under one grey level of noise.
     assert 0 < check["noise_score_diff"] < 1
     assert f"noise_score_diff={check['noise_score_diff']:.4f}" in printed
-    assert b"<net" in optimize._as_bytes(entry["xml"])  # OpenVINO IR, as bytes
+    assert b"<net" in engine.as_bytes(entry["xml"])  # OpenVINO IR, as bytes
     # The classifier head reads fp32 features with fp32 weights; the body is int8.
     assert head_inputs(entry) and "FakeQuantize" not in head_inputs(entry)
     # The weights are the same as the torch checkpoint's: only the artefact was added.
@@ -84,8 +87,8 @@ def head_inputs(entry) -> set[str]:
     import openvino as ov
 
     model = ov.Core().read_model(
-        model=optimize._as_bytes(entry["xml"]),
-        weights=ov.Tensor(optimize._as_array(entry["bin"])),
+        model=engine.as_bytes(entry["xml"]),
+        weights=ov.Tensor(engine.as_array(entry["bin"])),
     )
     return {
         port.get_source_output().get_node().get_type_name()
@@ -134,10 +137,10 @@ def test_optimize_with_finetuning_keeps_an_int8_artefact_that_holds(labelled, tm
     )
     assert run.returncode == 0, run.stderr
     assert "CUDA" not in run.stderr, run.stderr  # torch's warning on a CPU node, silenced
-    entry = optimize.artefact(registry.read_checkpoint(str(out), StorageSettings())[0])
+    entry = engine.artefact(registry.read_checkpoint(str(out), StorageSettings())[0])
     assert entry["precision"] == "int8" and entry["check"]["finetune_epochs"] == 16
     assert entry["check"]["holds"] and entry["check"]["quantized_ops"] > 0
-    assert 0 < entry["check"]["max_score_diff"] <= optimize.MAX_SCORE_DIFF
+    assert 0 < entry["check"]["max_score_diff"] <= INT8_MAX_SCORE_DIFF
     assert head_inputs(entry) and "FakeQuantize" not in head_inputs(entry)
 
 
@@ -150,8 +153,8 @@ def test_scores_from_the_artefact_match_its_recorded_check(labelled, optimized):
     ov = Predictor(ckpt, StorageSettings(), "auto", "o", runtime="openvino")
     assert ov.model is None and ov.compiled is not None
     ov_p = np.concatenate([ov.predict_probs(images[i : i + 32]) for i in range(0, 100, 32)])
-    again = compare_probs(ckpt, torch_p, ov_p, truth, optimize.MAX_SCORE_DIFF, 0.003)
-    recorded = optimize.artefact(ckpt)["check"]
+    again = compare_probs(ckpt, torch_p, ov_p, truth, INT8_MAX_SCORE_DIFF, 0.003)
+    recorded = engine.artefact(ckpt)["check"]
     assert again["max_score_diff"] == pytest.approx(recorded["max_score_diff"], abs=1e-5)
     assert again["auroc_candidate"] == pytest.approx(recorded["auroc_candidate"], abs=1e-9)
 
@@ -159,7 +162,7 @@ def test_scores_from_the_artefact_match_its_recorded_check(labelled, optimized):
 def test_an_artefact_that_fails_the_gate_is_not_written(labelled, tmp_path, monkeypatch):
     path, _, data = labelled
     # int8 always moves some score: with no tolerance the same model fails the gate.
-    monkeypatch.setattr(optimize, "MAX_SCORE_DIFF", 0.0)
+    monkeypatch.setattr(optimize, "INT8_MAX_SCORE_DIFF", 0.0)
     out = tmp_path / "never.pt"
     with pytest.raises(optimize.GateRefused) as e:
         optimize.optimize(str(path), str(data), str(out), StorageSettings())
@@ -182,26 +185,51 @@ def test_grey_level_noise_moves_pixels_by_at_most_one_level():
     assert (optimize.grey_level_noise(images) == noisy).all()  # seeded: the same each time
 
 
-def test_runtime_auto_uses_only_an_artefact_that_held(labelled, optimized, monkeypatch, capsys):
+def test_runtime_auto_uses_only_an_artefact_that_held(labelled, optimized, monkeypatch, caplog):
     ckpt, _ = registry.read_checkpoint(str(optimized[0]), StorageSettings())
     plain, _ = registry.read_checkpoint(str(labelled[0]), StorageSettings())
-    assert optimize.resolve_runtime("auto", ckpt, gpus=0) == "openvino"
-    assert optimize.resolve_runtime("auto", ckpt, gpus=1) == "torch"
-    assert optimize.resolve_runtime("auto", plain, gpus=0) == "torch"
-    assert optimize.resolve_runtime("torch", ckpt, gpus=0) == "torch"
-    failed = dict(optimize.artefact(ckpt), check={**optimize.artefact(ckpt)["check"], "holds": 0})
-    failing = ckpt.replace(extra={**ckpt.extra, optimize.OPTIMIZED_KEY: failed})
-    assert optimize.resolve_runtime("auto", failing, gpus=0) == "torch"
+    assert engine.resolve_runtime("auto", ckpt, gpus=0) == "openvino"
+    assert engine.resolve_runtime("auto", ckpt, gpus=1) == "torch"
+    assert engine.resolve_runtime("auto", plain, gpus=0) == "torch"
+    assert engine.resolve_runtime("torch", ckpt, gpus=0) == "torch"
+    failed = dict(engine.artefact(ckpt), check={**engine.artefact(ckpt)["check"], "holds": 0})
+    failing = ckpt.replace(extra={**ckpt.extra, engine.OPTIMIZED_KEY: failed})
+    assert engine.resolve_runtime("auto", failing, gpus=0) == "torch"
     with pytest.raises(MeddxError, match="no OpenVINO model that passed its accuracy check"):
-        optimize.resolve_runtime("openvino", failing, gpus=0)
-    # Without OpenVINO installed: torch, said once.
-    monkeypatch.setattr(optimize, "available", lambda: False)
-    monkeypatch.setattr(optimize, "_said_missing", False)
-    assert optimize.resolve_runtime("auto", ckpt, gpus=0) == "torch"
-    assert optimize.resolve_runtime("auto", ckpt, gpus=0) == "torch"
-    assert capsys.readouterr().err.count("OpenVINO is not installed") == 1
+        engine.resolve_runtime("openvino", failing, gpus=0)
+    # Without OpenVINO installed: torch, said once (a warning, whatever the CLI's handler).
+    monkeypatch.setattr(logging.getLogger("meddx"), "propagate", True)
+    monkeypatch.setattr(engine, "available", lambda: False)
+    monkeypatch.setattr(engine, "_said_missing", False)
+    assert engine.resolve_runtime("auto", ckpt, gpus=0) == "torch"
+    assert engine.resolve_runtime("auto", ckpt, gpus=0) == "torch"
+    said = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == engine.__name__]
+    assert len(said) == 1 and said[0][0] == logging.WARNING
+    assert "OpenVINO is not installed" in said[0][1]
     with pytest.raises(MeddxError, match="OpenVINO is not installed"):
-        optimize.resolve_runtime("openvino", ckpt, gpus=0)
+        engine.resolve_runtime("openvino", ckpt, gpus=0)
+
+
+def test_scoring_runs_the_artefact_without_importing_nncf(optimized):
+    """Scoring reads the artefact, picks its runtime and runs it; NNCF, and the optimizer
+    that imports it, are for making artefacts and stay out of a scoring process."""
+    code = f"""
+import sys
+import numpy as np
+import meddx.pipelines.scoring
+from meddx.inputs.storage import StorageSettings
+from meddx.model import engine, registry
+from meddx.model.predictor import Predictor
+ckpt, _ = registry.read_checkpoint({str(optimized[0])!r}, StorageSettings())
+runtime = engine.resolve_runtime("auto", ckpt, gpus=0)
+probs = Predictor(ckpt, StorageSettings(), "auto", "r", runtime=runtime).predict_probs(
+    np.zeros((2, {SIZE}, {SIZE}), np.uint8)
+)
+print(runtime, len(probs), [m for m in ("nncf", "meddx.model.optimize") if m in sys.modules])
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split("\n")[-2] == "openvino 2 []"
 
 
 def test_score_on_ray_with_the_int8_model_records_its_runtime(
@@ -229,23 +257,23 @@ def test_score_on_ray_with_the_int8_model_records_its_runtime(
         )
         assert table.num_rows == 200 and set(table["status"].to_pylist()) == {"ok"}
         expected = ("openvino", "int8") if runtime == "auto" else ("torch", "fp32")
-        assert meta[b"meddx.pipelines.cluster"].decode() == expected[0]
+        assert meta[b"meddx.runtime"].decode() == expected[0]
         assert meta[b"meddx.precision"].decode() == expected[1]
     diff = max(abs(rows["auto"][u] - rows["torch"][u]) for u in rows["torch"])
-    assert 0 < diff <= optimize.MAX_SCORE_DIFF
+    assert 0 < diff <= INT8_MAX_SCORE_DIFF
 
 
 def test_a_tampered_artefact_is_refused_by_the_pin(optimized, tmp_path):
     out, printed = optimized
     sha = printed.split("sha256=")[1].split()[0]
     ckpt, _ = registry.read_checkpoint(str(out), StorageSettings())
-    entry = dict(optimize.artefact(ckpt))
+    entry = dict(engine.artefact(ckpt))
     weights = entry["bin"].clone()
     weights[-1] ^= 1
     entry["bin"] = weights
     tampered = tmp_path / "tampered.pt"
     registry.save_checkpoint(
-        ckpt.replace(extra={**ckpt.extra, optimize.OPTIMIZED_KEY: entry}),
+        ckpt.replace(extra={**ckpt.extra, engine.OPTIMIZED_KEY: entry}),
         str(tampered),
         StorageSettings(),
     )

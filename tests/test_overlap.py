@@ -14,7 +14,7 @@ import pytest
 from meddx.inputs.storage import StorageSettings, filesystem
 from meddx.store.commit import read_results
 
-from .helpers import MEDDX
+from .helpers import MEDDX, session_env
 from .images import png
 
 N = 120
@@ -37,20 +37,19 @@ def tree(request, tmp_path, settings):
             with open(f"{root}/in/{i:04d}.png", "wb") as fh:
                 fh.write(png("L", size=48))
         env_extra, use = {}, StorageSettings()
-    ray = request.getfixturevalue("ray_session")
-    env = {
-        **os.environ,
-        **env_extra,
-        "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
-        "RAY_AUTH_MODE": "token",
-        "MEDDX_QUIET_WORKERS": "1",
-    }
+    env = {**session_env(request.getfixturevalue("ray_session")), **env_extra}
     return f"{root}/in", f"{root}/results", use, env
 
 
 def command(kind, inputs, out, model, day, *extra):
     args = [MEDDX, kind, inputs, "--model", model, "--out", out, "--run-date", day]
     return [*args, "--batch-size", "4", *extra]
+
+
+def start(env, *args, **popen) -> subprocess.Popen:
+    """``command(*args)`` in the background, its output dropped unless ``popen`` asks."""
+    popen = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, **popen}
+    return subprocess.Popen(command(*args), env=env, **popen)
 
 
 def lock_of(out, settings):
@@ -137,13 +136,9 @@ def test_wait_for_lock_runs_once_the_first_run_ends(tree, random_checkpoint):
 def test_a_sigkilled_holders_lease_is_taken_over(tree, random_checkpoint):
     inputs, out, settings, env = tree
     fs = filesystem(out, settings)
-    first = subprocess.Popen(
-        command("screen", inputs, out, random_checkpoint[0], "2026-12-01", "--batch-size", "2"),
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    model = random_checkpoint[0]
+    first = start(env, "screen", inputs, out, model, "2026-12-01", "--batch-size", "2",
+                  start_new_session=True)  # fmt: skip
     holder = wait_for_lock(out, settings, first)
     staged, deadline = [], time.monotonic() + 240
     while not staged and time.monotonic() < deadline and first.poll() is None:
@@ -184,13 +179,9 @@ def test_the_lease_is_released_on_an_error_and_on_sigterm(tree, random_checkpoin
     )
     assert failed.returncode == 1 and "checkpoint not found" in failed.stderr
     assert lock_of(out, settings) is None
-    running = subprocess.Popen(
-        command("score", inputs, out, random_checkpoint[0], "2026-12-01", "--batch-size", "1"),
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    model = random_checkpoint[0]
+    running = start(env, "score", inputs, out, model, "2026-12-01", "--batch-size", "1",
+                    stderr=subprocess.PIPE, text=True)  # fmt: skip
     wait_for_lock(out, settings, running)
     running.send_signal(signal.SIGTERM)  # a scheduler's timeout
     _, err = running.communicate(timeout=120)

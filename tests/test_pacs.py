@@ -123,6 +123,17 @@ def needles(films) -> dict[str, bytes]:
     return found
 
 
+def assert_nothing_leaked(secret: dict[str, bytes], out: Path, ray_dir: Path, runs) -> None:
+    """None of ``secret`` in OUT, in the Ray session's files (its logs among them) or in
+    what the ``runs`` printed."""
+    assert leaks_in_tree(out, secret) == []
+    assert len(files_under(ray_dir / "logs")) > 10
+    assert leaks_in_tree(ray_dir, secret) == []
+    for r in runs:
+        assert leaks("stdout", r.stdout.encode(), secret) == []
+        assert leaks("stderr", r.stderr.encode(), secret) == []
+
+
 def test_scoring_a_pacs_gives_a_row_per_instance_and_a_report_in_each_study(
     pacs, films, checkpoint, tmp_path
 ):
@@ -132,7 +143,7 @@ def test_scoring_a_pacs_gives_a_row_per_instance_and_a_report_in_each_study(
     assert run.returncode == 0, run.stderr[-3000:]
     ray_dir = Path("/tmp/ray/session_latest").resolve()  # the run's own Ray: its logs
     assert "inputs=6 ok=6 errors=0 rows_written=6" in run.stdout
-    # The command stopped the Ray it started (runtime.stop_ray) before it exited.
+    # The command stopped the Ray it started (cluster.stop_ray) before it exited.
     assert processes_of_ray_session(ray_dir.name) == []
     assert "results: 5 reports on 6 instances stored on 127.0.0.1:" in run.stdout
     rows = {r["image_uri"]: r for r in rows_of(out)}
@@ -150,8 +161,7 @@ def test_scoring_a_pacs_gives_a_row_per_instance_and_a_report_in_each_study(
     # One SR per study, in its study, found by QIDO-RS; its content is the Parquet's.
 
     studies = {pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID for p in films}
-    reports = sr_instances(pacs)
-    assert len(reports) == len(studies) == 5
+    assert len(sr_instances(pacs)) == len(studies) == 5
     session = pacs.session()
     client = DICOMwebClient(pacs.dicomweb, session=pacs.session())
     seen = set()
@@ -184,18 +194,12 @@ def test_scoring_a_pacs_gives_a_row_per_instance_and_a_report_in_each_study(
             assert names.get("111001") == "seednet", names
             assert names.get("111003") == f"sha256:{row['model_sha256']}", names
     assert seen == set(by_sop)
-    # Again: the same reports, so no second copy in the PACS.
+    # Again: the same SRs, so no second copy in the PACS.
     again = meddx(*args, "--results-to", pacs.source)
     assert again.returncode == 0, again.stderr[-3000:]
     assert len(sr_instances(pacs)) == 5
     # No UID, patient identifier or credential in OUT or what the runs printed.
-    secret = needles(films)
-    assert leaks_in_tree(out, secret) == []
-    assert len(files_under(ray_dir / "logs")) > 10
-    assert leaks_in_tree(ray_dir, secret) == []
-    for r in (run, again):
-        assert leaks("stdout", r.stdout.encode(), secret) == []
-        assert leaks("stderr", r.stderr.encode(), secret) == []
+    assert_nothing_leaked(needles(films), out, ray_dir, (run, again))
 
 
 def probe_film(like: Path, target: Path) -> Path:
@@ -213,8 +217,8 @@ def probe_film(like: Path, target: Path) -> Path:
 
 
 def test_screening_a_pacs_scores_the_recent_studies_once(pacs, films, checkpoint, tmp_path):
-    # One more study of today, with the probe patient: its report cannot be built (the
-    # birth date), and the night's alarm, report, summary and logs say so without a value.
+    # One more study of today, with the probe patient: its SR cannot be built (the birth
+    # date), and the night's alarm, page, summary and logs say so without a value.
     probe = probe_film(films[3], tmp_path / "probe.dcm")
     pacs_mod.store(pacs, [probe])
     out = tmp_path / "night"
@@ -247,22 +251,17 @@ def test_screening_a_pacs_scores_the_recent_studies_once(pacs, films, checkpoint
     sc = client.retrieve_instance(*uids)
     assert sc.pixel_array.shape == (64, 64, 3) and sc.PatientName == "Synthetic^Film"
     assert sc.SeriesDescription == dicomweb.RESULTS_SERIES
-    (report,) = client.search_for_instances(
+    (sr,) = client.search_for_instances(
         uids[0], uids[1], search_filters={"SOPClassUID": COMPREHENSIVE_SR}
     )
-    assert report
+    assert sr
     assert len(rows_of(out)) == RECENT + 1
     secret = needles([*films, probe])
     secret.update(probe_name=PROBE_NAME.encode(), probe_birth_date=PROBE_BIRTH.encode())
     secret.update(probe_name_part=b"KWYNAME", probe_birth_date_digits=b"19310719")
     written = {p.name for p in files_under(out / "_runs")}
     assert {"report.html", "summary.json"} <= written
-    assert leaks_in_tree(out, secret) == []
-    assert len(files_under(ray_dir / "logs")) > 10
-    assert leaks_in_tree(ray_dir, secret) == []
-    for r in (first, second):
-        assert leaks("stdout", r.stdout.encode(), secret) == []
-        assert leaks("stderr", r.stderr.encode(), secret) == []
+    assert_nothing_leaked(secret, out, ray_dir, (first, second))
 
 
 def test_a_wrong_password_is_one_line(pacs, checkpoint, tmp_path):

@@ -8,7 +8,9 @@ from meddx import MeddxError
 from meddx.config import ScoreConfig
 from meddx.inputs.storage import StorageSettings
 from meddx.model import registry
-from meddx.model.inference import Predictor, checkpoint_precision, inference_model, precision_check
+from meddx.model.forward import inference_model
+from meddx.model.precision import checkpoint_precision, precision_check
+from meddx.model.predictor import Predictor
 
 from .helpers import synthetic_films, trained_seednet
 

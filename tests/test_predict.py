@@ -6,7 +6,8 @@ import torch
 
 from meddx.imaging.decode import INFO_DEFAULTS
 from meddx.inputs.storage import StorageSettings
-from meddx.model.inference import Predictor, cpu_has_native_bf16, resolve_precision
+from meddx.model.precision import cpu_has_native_bf16, resolve_precision
+from meddx.model.predictor import Predictor
 from meddx.names import OUTPUT_SCHEMA
 
 

@@ -13,7 +13,7 @@ import pyarrow.dataset as pads
 import pytest
 
 from meddx.cli import main
-from meddx.inputs.sources import PATH_PSEUDONYM, path_pseudonym
+from meddx.inputs.path_pseudonyms import PATH_PSEUDONYM, path_pseudonym
 
 from .images import png
 from .leaks import leaks_in_tree

@@ -13,13 +13,13 @@ import pytest
 from PIL import Image
 
 from meddx.analysis.calibration import calibrate
-from meddx.analysis.evaluation import evaluate_predictions
+from meddx.analysis.evaluation import evaluate
 from meddx.cli import main
-from meddx.config import ScoreConfig, ScreenConfig
+from meddx.config import CalibrateConfig, EvaluateConfig, ScoreConfig, ScreenConfig
 from meddx.imaging.decode import DecodeSettings, decode_image, qc_of, quality_check
 from meddx.inputs.storage import StorageSettings, filesystem
 from meddx.model import ood, registry
-from meddx.model.inference import features_of
+from meddx.model.ood import features_of
 from meddx.names import QC_LOW_QUALITY, QC_OK, QC_OOD, QC_VALUES, QC_WRONG_VIEW
 from meddx.pipelines.scoring import score
 from meddx.pipelines.screening import screen
@@ -126,7 +126,7 @@ def test_rows_carry_qc_and_ood_score_and_evaluate_reports_them(ray_session, tmp_
     assert float(meta[b"meddx.ood_threshold"]) == pytest.approx(threshold)
     assert json.loads(meta[b"meddx.qc_values"]) == list(QC_VALUES)
 
-    result = evaluate_predictions(out, str(inputs / "_manifest.csv"), StorageSettings())
+    result = evaluate(EvaluateConfig(out, str(inputs / "_manifest.csv"))).as_dict()
     figures = result["ood"]
     assert figures["by_category"]["chest"]["n"] == 24
     assert figures["by_category"]["blank"]["caught_rate"] == 1.0
@@ -136,19 +136,13 @@ def test_rows_carry_qc_and_ood_score_and_evaluate_reports_them(ray_session, tmp_
     # calibrate --ood-percentile: the threshold re-set on scored images' ood_score
     chest_scores = [r["ood_score"] for r in rows.values() if r["ood_score"] is not None]
     again = calibrate(
-        out,
-        fitted["density"],
-        str(tmp_path / "recalibrated.pt"),
-        labels=None,
-        sensitivity=None,
-        specificity=None,
-        temperature=False,
-        settings=StorageSettings(),
-        ood_percentile=90,
+        CalibrateConfig(
+            out, fitted["density"], str(tmp_path / "recalibrated.pt"), ood_percentile=90
+        )
     )
-    assert again["ood_threshold"] == pytest.approx(np.percentile(chest_scores, 90))
+    assert again.ood_threshold == pytest.approx(np.percentile(chest_scores, 90))
     moved, _ = registry.read_checkpoint(str(tmp_path / "recalibrated.pt"), StorageSettings())
-    assert ood.density_of(moved).threshold == pytest.approx(again["ood_threshold"])
+    assert ood.density_of(moved).threshold == pytest.approx(again.ood_threshold)
     assert moved.extra["ood"]["threshold_source"] == out
 
 

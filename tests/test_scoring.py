@@ -8,11 +8,11 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pytest
 
-from meddx import MeddxError
 from meddx.inputs.storage import arrow_filesystem, filesystem
 from meddx.names import OUTPUT_SCHEMA
 from meddx.pipelines.scoring import ScoreConfig, score
 
+from .helpers import MEDDX, refused_score, session_env
 from .images import broken_inputs, jpeg, png
 
 GOOD = {
@@ -128,30 +128,17 @@ def test_local_folder_and_rerun_replaces_the_partition(ray_session, tmp_path, ra
 
 def test_empty_prefix_is_a_clear_error(ray_session, bucket, settings, random_checkpoint):
     upload(filesystem(bucket, settings), bucket, {"only/_manifest.csv": b"uri\n"})
-    with pytest.raises(MeddxError, match="no inputs under"):
-        score(
-            ScoreConfig(
-                input=f"{bucket}/only",
-                model=random_checkpoint[0],
-                out=f"{bucket}/o",
-                storage=settings,
-            )
-        )
+    refused_score(
+        f"{bucket}/only", f"{bucket}/o", random_checkpoint[0], settings, "no inputs under"
+    )
 
 
 def test_missing_output_bucket_is_refused_not_created(bucket, settings, random_checkpoint):
     fs = filesystem(bucket, settings)
     upload(fs, bucket, {"in/a.png": png("L")})
     missing = f"{bucket}-typo"
-    with pytest.raises(MeddxError, match=rf"^bucket {missing} does not exist"):
-        score(
-            ScoreConfig(
-                input=f"{bucket}/in",
-                model=random_checkpoint[0],
-                out=f"{missing}/results",
-                storage=settings,
-            )
-        )
+    match = rf"^bucket {missing} does not exist"
+    refused_score(f"{bucket}/in", f"{missing}/results", random_checkpoint[0], settings, match)
     assert not fs.exists(missing.removeprefix("s3://"))
 
 
@@ -205,25 +192,6 @@ def test_killed_predictor_still_one_row_per_input(ray_session, tmp_path, random_
     assert set(table["status"].to_pylist()) == {"ok"}
 
 
-def test_predictor_pool_is_sized_from_the_cluster_and_the_job(ray_session):
-    from meddx.pipelines.cluster import PREDICTOR_MEMORY, predictor_pool
-
-    # A short job on this 2-CPU node: one actor using the node's cores.
-    pool, threads, resources = predictor_pool(None, inputs=500)
-    assert (pool.min_size, pool.max_size, threads) == (1, 1, None)
-    # Half a CPU reserved: an actor restarted here after a lost node still leaves a CPU
-    # for decoding.
-    assert resources == {"num_cpus": 0.5, "memory": PREDICTOR_MEMORY}
-    # A long one: one single-thread actor per core, one CPU left for decoding.
-    pool, threads, resources = predictor_pool(None, inputs=2000)
-    assert (pool.min_size, pool.max_size, threads) == (2, 2, 1)
-    assert resources["num_cpus"] == 0.5
-    # Asked for: as many as asked, the cores split between them, decoding not starved.
-    pool, threads, resources = predictor_pool(3, inputs=10)
-    assert (pool.min_size, pool.max_size, threads) == (3, 3, 1)
-    assert resources["num_cpus"] * 3 <= 1.0
-
-
 def test_an_import_that_fails_beside_ray_start_is_left_to_the_caller(ray_session):
     import importlib
 
@@ -249,8 +217,6 @@ def test_a_killed_score_run_leaves_no_rows_visible(ray_session, tmp_path, random
     from meddx.inputs.storage import StorageSettings
     from meddx.store.commit import read_results
 
-    from .helpers import MEDDX
-
     first, many = tmp_path / "first", tmp_path / "many"
     for folder, n in ((first, 3), (many, 300)):
         folder.mkdir()
@@ -259,12 +225,7 @@ def test_a_killed_score_run_leaves_no_rows_visible(ray_session, tmp_path, random
     out = tmp_path / "results"
     settings = StorageSettings()
     args = ["--model", random_checkpoint[0], "--out", str(out), "--run-date", "2026-11-05"]
-    env = {
-        **os.environ,
-        "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address,
-        "RAY_AUTH_MODE": "token",
-        "MEDDX_QUIET_WORKERS": "1",
-    }
+    env = session_env(ray_session)
     done = subprocess.run([MEDDX, "score", str(first), *args], env=env, capture_output=True)
     assert done.returncode == 0, done.stderr.decode()[-2000:]
     assert read_results(str(out), settings, ["image_uri"]).num_rows == 3
@@ -314,16 +275,10 @@ def test_the_console_shows_meddx_lines_not_ray_datas(ray_session, tmp_path, rand
     with the workers' output brought to it as users run it."""
     import subprocess
 
-    from .helpers import MEDDX
-
     for i in range(3):
         (tmp_path / f"{i}.png").write_bytes(png("L", size=64))
-    env = {
-        **os.environ,
-        "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address,
-        "RAY_AUTH_MODE": "token",
-    }
-    env.pop("MEDDX_QUIET_WORKERS", None)  # the session's own runs keep workers' lines out
+    # The session's own runs keep the workers' lines out; this one brings them.
+    env = session_env(ray_session, quiet_workers=False)
     done = subprocess.run(
         [MEDDX, "score", str(tmp_path), "--model", random_checkpoint[0]]
         + ["--out", str(tmp_path / "out"), "--progress-seconds", "0.2"],

@@ -23,7 +23,7 @@ from meddx.inputs.storage import StorageSettings, filesystem
 from meddx.pipelines.screening import screen
 from meddx.store.commit import COMMIT, read_results, recover
 
-from .helpers import MEDDX, REPO
+from .helpers import MEDDX, REPO, session_env
 from .images import broken_inputs, png
 from .leaks import leaks_in_s3
 
@@ -42,6 +42,12 @@ def config(bucket, settings, model, day, **kw):
         storage=settings,
         **kw,
     )
+
+
+def screen_args(bucket, settings, model):
+    """`meddx screen`'s arguments for the night of ``config``, on the test's S3 server."""
+    return ["screen", f"{bucket}/incoming", "--model", model, "--out", f"{bucket}/results",
+            "--s3-endpoint", settings.s3_endpoint]  # fmt: skip
 
 
 def files_of(fs, bucket, day):
@@ -99,28 +105,11 @@ def test_sigkill_half_way_then_recovery(ray_session, bucket, settings, triage_ch
     fs = filesystem(bucket, settings)
     root = bucket.removeprefix("s3://")
     upload(fs, f"{root}/incoming", 0, 200, size=96)
-    env = {
-        **os.environ,
-        "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address,
-        "RAY_AUTH_MODE": "token",
-        "MEDDX_QUIET_WORKERS": "1",
-    }
-    cmd = [
-        MEDDX,
-        "screen",
-        f"{bucket}/incoming",
-        "--model",
-        triage_checkpoint,
-        "--out",
-        f"{bucket}/results",
-        "--run-date",
-        "2026-11-05",
-        "--batch-size",
-        "4",
-        "--s3-endpoint",
-        settings.s3_endpoint,
-    ]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cmd = [MEDDX, *screen_args(bucket, settings, triage_checkpoint)]
+    cmd += ["--run-date", "2026-11-05", "--batch-size", "4"]
+    proc = subprocess.Popen(
+        cmd, env=session_env(ray_session), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     staged = []
     deadline = time.monotonic() + 240
     while not staged and time.monotonic() < deadline and proc.poll() is None:
@@ -209,17 +198,8 @@ def test_alarms_exit_non_zero_with_one_line(
     upload(fs, f"{root}/incoming", 0, 8)
     for name, data in list(broken_inputs().items())[:2]:
         fs.pipe_file(f"{root}/incoming/{name}", data)
-    args = [
-        "screen",
-        f"{bucket}/incoming",
-        "--model",
-        triage_checkpoint,
-        "--out",
-        f"{bucket}/results",
-        "--s3-endpoint",
-        settings.s3_endpoint,
-        "--quiet",  # no progress lines: the alarm is all there is on stderr
-    ]
+    # --quiet: no progress lines, the alarm is all there is on stderr
+    args = [*screen_args(bucket, settings, triage_checkpoint), "--quiet"]
     with pytest.raises(SystemExit) as exit_info:
         main([*args, "--run-date", "2026-11-10"])
     assert exit_info.value.code == 3

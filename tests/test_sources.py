@@ -9,8 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from meddx import MeddxError
-from meddx.inputs import sources
-from meddx.inputs.sources import labelled_inputs, list_inputs, manifest_labels, read_objects
+from meddx.inputs import listing, reading, shards
+from meddx.inputs.listing import labelled_inputs, list_inputs, manifest_labels
+from meddx.inputs.reading import read_objects
 from meddx.inputs.storage import StorageSettings, arrow_filesystem, filesystem
 from meddx.pipelines.scoring import ScoreConfig, score
 
@@ -75,15 +76,13 @@ def test_read_shard_members_locally(tmp_path):
 def test_read_uris_streams_each_shard_once_with_the_limits(tmp_path, monkeypatch):
     """explain's read: the members asked for, in order, one pass over their shard, the
     same byte limit as scoring; a missing member or object is an error value."""
-    from meddx.inputs import sources
-
     shard, loose, cut = tmp_path / "s.tar", tmp_path / "a.png", tmp_path / "cut.tar"
     shard.write_bytes(good_shard())
     loose.write_bytes(png("L", size=300))
     cut.write_bytes(truncated_shard())
     opened = []
-    real = sources.read_shard
-    monkeypatch.setattr(sources, "read_shard", lambda uri, *a: opened.append(uri) or real(uri, *a))
+    real = shards.read_shard
+    monkeypatch.setattr(reading, "read_shard", lambda uri, *a: opened.append(uri) or real(uri, *a))
     asked = [
         f"{shard}#sample003.png",
         str(loose),
@@ -92,7 +91,7 @@ def test_read_uris_streams_each_shard_once_with_the_limits(tmp_path, monkeypatch
         f"{cut}#t3.png",
         str(tmp_path / "gone.png"),
     ]
-    got = sources.read_uris(asked, StorageSettings(), max_bytes=len(png("L", size=300)) - 1)
+    got = reading.read_uris(asked, StorageSettings(), max_bytes=len(png("L", size=300)) - 1)
     assert opened == [str(shard), str(cut)]  # once each, whatever the number of members
     assert got[0] == (png("L", size=43), "") and got[2] == (png("L", size=40), "")
     assert got[1][0] == b"" and "--max-object-bytes" in got[1][1]
@@ -226,12 +225,12 @@ def test_a_manifest_over_the_object_limit_is_refused_unread(tmp_path, bucket, se
         (f"{bucket}/big.csv", settings),
     ):
         with pytest.raises(MeddxError) as e:
-            sources.list_located(uri, where, max_bytes=1000)
+            listing.list_located(uri, where, max_bytes=1000)
         assert str(e.value) == (
             f"manifest {uri}: object of {len(body):,} bytes is over the limit of 1,000 "
             "(--max-object-bytes)"
         )
-        assert len(sources.list_inputs(uri, where, max_bytes=len(body))) == 1000
+        assert len(listing.list_inputs(uri, where, max_bytes=len(body))) == 1000
 
 
 def test_s3_reads_one_request_each_with_the_byte_limit(bucket, settings, monkeypatch):
@@ -263,19 +262,19 @@ def test_s3_reads_one_request_each_with_the_byte_limit(bucket, settings, monkeyp
 def test_reads_are_bounded_by_bytes_not_only_by_count(tmp_path, monkeypatch):
     """Detector films of tens of MB: the objects in flight and the rows of a read batch
     stay under their byte budgets, and still one row per object, in order."""
-    assert sources.reads_in_flight(0, 0) == 1  # nothing read yet: sizes unknown
-    assert sources.reads_in_flight(8 * 500_000, 8) == sources.READ_CONCURRENCY  # PNGs
-    assert sources.reads_in_flight(4 * 30 * 2**20, 4) == 4  # 30 MiB DICOMs: 128 MiB
-    assert sources.reads_in_flight(2 * 400 * 2**20, 2) == 1  # never none
+    assert reading.reads_in_flight(0, 0) == 1  # nothing read yet: sizes unknown
+    assert reading.reads_in_flight(8 * 500_000, 8) == reading.READ_CONCURRENCY  # PNGs
+    assert reading.reads_in_flight(4 * 30 * 2**20, 4) == 4  # 30 MiB DICOMs: 128 MiB
+    assert reading.reads_in_flight(2 * 400 * 2**20, 2) == 1  # never none
 
-    monkeypatch.setattr(sources, "READ_CHUNK_BYTES", 3 * 2**20)
+    monkeypatch.setattr(reading, "READ_CHUNK_BYTES", 3 * 2**20)
     uris = []
     for i in range(7):
         path = tmp_path / f"film-{i}.dcm"
         path.write_bytes(bytes([i]) * 2**20)  # 1 MiB each
         uris.append(str(path))
     batch = {"image_uri": np.array(uris, dtype=object)}
-    chunks = list(sources.read_objects(batch, StorageSettings()))
+    chunks = list(reading.read_objects(batch, StorageSettings()))
     assert [len(c["image_uri"]) for c in chunks] == [3, 3, 1]
     assert [u for c in chunks for u in c["image_uri"]] == uris
     assert all(sum(len(b) for b in c["bytes"]) <= 3 * 2**20 for c in chunks)

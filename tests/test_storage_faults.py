@@ -16,7 +16,7 @@ import pyarrow.dataset as pads
 import pytest
 
 from meddx import MeddxError
-from meddx.inputs.sources import read_object
+from meddx.inputs.reading import read_object
 from meddx.inputs.storage import StorageSettings, arrow_filesystem, filesystem, list_files
 
 from .helpers import MEDDX
@@ -91,22 +91,10 @@ def test_flaky_store_still_one_row_per_object(
     # Every other request path (listing, checkpoint, Parquet writes) gets one 503 first.
     faulty_s3.rules = FaultRules(transient=TRANSIENT, denied=("forbidden",), default=["503"])
 
+    where = [f"{bucket}/in", "--model", f"{bucket}/models/m.pt", "--out", f"{bucket}/out"]
+    options = ["--run-date", "2026-04-01", "--batch-size", "4", "--s3-endpoint", faulty_s3.url]
     result = subprocess.run(
-        [
-            MEDDX,
-            "score",
-            f"{bucket}/in",
-            "--model",
-            f"{bucket}/models/m.pt",
-            "--out",
-            f"{bucket}/out",
-            "--run-date",
-            "2026-04-01",
-            "--batch-size",
-            "4",
-            "--s3-endpoint",
-            faulty_s3.url,
-        ],
+        [MEDDX, "score", *where, *options],
         env={
             **os.environ,
             "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address,

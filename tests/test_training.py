@@ -20,6 +20,9 @@ from meddx.synthetic.chest import write_archive
 
 from .helpers import MEDDX
 
+# One epoch of seednet on 64 px films, 8 a batch: seconds on a CPU.
+ONE_EPOCH = {"model": "seednet", "epochs": 1, "batch_size": 8, "image_size": 64}
+
 
 @pytest.mark.slow
 def test_train_one_epoch_two_workers_from_s3(ray_session, bucket, settings, tmp_path):
@@ -29,13 +32,10 @@ def test_train_one_epoch_two_workers_from_s3(ray_session, bucket, settings, tmp_
         TrainConfig(
             data=f"{bucket}/data",
             out=out,
-            model="seednet",
-            epochs=1,
             workers=2,
-            batch_size=8,
-            image_size=64,
             storage_path=str(tmp_path / "runs"),
             optimize=True,
+            **ONE_EPOCH,
             storage=settings,
         )
     )
@@ -143,6 +143,7 @@ def test_multi_label_train_score_evaluate(ray_session, tmp_path):
     import pyarrow.dataset as pads
 
     from meddx.analysis import evaluation
+    from meddx.config import EvaluateConfig
     from meddx.inputs.storage import StorageSettings
     from meddx.pipelines.scoring import ScoreConfig, score
 
@@ -157,13 +158,10 @@ def test_multi_label_train_score_evaluate(ray_session, tmp_path):
         TrainConfig(
             data=str(data),
             out=out,
-            model="seednet",
-            epochs=1,
             workers=1,
-            batch_size=8,
-            image_size=64,
             findings=FINDINGS,
             storage_path=str(tmp_path / "runs"),
+            **ONE_EPOCH,
         )
     )
     ckpt, _ = registry.read_checkpoint(out, StorageSettings())
@@ -188,9 +186,9 @@ def test_multi_label_train_score_evaluate(ray_session, tmp_path):
     meta = pads.dataset(str(tmp_path / "res" / "dt=2026-01-01")).schema.metadata
     assert json.loads(meta[b"meddx.thresholds"]) == list(ckpt.thresholds)
 
-    result = evaluation.evaluate_predictions(
-        str(tmp_path / "res"), str(data / "_manifest.csv"), StorageSettings()
-    )
+    result = evaluation.evaluate(
+        EvaluateConfig(str(tmp_path / "res"), str(data / "_manifest.csv"))
+    ).as_dict()
     assert list(result["per_class"]) == list(FINDINGS)
     for name in FINDINGS:
         assert result["per_class"][name]["n"] == 40
@@ -231,18 +229,15 @@ def test_multi_label_config_errors(tmp_path):
         train(TrainConfig(data=str(tmp_path / "rare"), out="m.pt", findings=("nodule",)))
 
 
-@pytest.mark.slow
-def test_train_command_on_its_own_ray_prints_no_state_api_noise(tmp_path):
-    """`meddx train` starts its own Ray with the dashboard: Ray Train watches its
-    workers through the state API, which otherwise fails and logs about once a second."""
-    write_archive(SynthConfig(out=str(tmp_path / "data"), n=40, size=64, seed=3))
-    env = {**os.environ, "RAY_ADDRESS": "local"}  # a Ray of its own, not the session's
-    env.pop("MEDDX_QUIET_WORKERS", None)  # the workers' lines reach the driver, as for users
+def train_command(tmp_path, env, epochs: int, *extra: str):
+    """`meddx train` of seednet on tmp_path/data with two workers and a progress line as
+    often as it can; its result and all it printed, once it succeeded."""
     result = subprocess.run(
         [MEDDX, "train", str(tmp_path / "data")]
         + ["--out", str(tmp_path / "m.pt"), "--model", "seednet", "--workers", "2"]
-        + ["--epochs", "3", "--image-size", "64", "--storage-path", str(tmp_path / "runs")]
-        + ["--batch-size", "4", "--progress-seconds", "0.01"],
+        + ["--epochs", str(epochs), "--image-size", "64"]
+        + ["--storage-path", str(tmp_path / "runs")]
+        + ["--batch-size", "4", "--progress-seconds", "0.01", *extra],
         env=env,
         capture_output=True,
         text=True,
@@ -250,6 +245,17 @@ def test_train_command_on_its_own_ray_prints_no_state_api_noise(tmp_path):
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
+    return result, output
+
+
+@pytest.mark.slow
+def test_train_command_on_its_own_ray_prints_no_state_api_noise(tmp_path):
+    """`meddx train` starts its own Ray with the dashboard: Ray Train watches its
+    workers through the state API, which otherwise fails and logs about once a second."""
+    write_archive(SynthConfig(out=str(tmp_path / "data"), n=40, size=64, seed=3))
+    env = {**os.environ, "RAY_ADDRESS": "local"}  # a Ray of its own, not the session's
+    env.pop("MEDDX_QUIET_WORKERS", None)  # the workers' lines reach the driver, as for users
+    result, output = train_command(tmp_path, env, 3)
     assert "trained seednet on 32 images (validation 8)" in result.stdout
     # Progress within each epoch (rank 0), then each epoch's line.
     line = r"\[meddx train\] epoch (\d)/3: ([\d,]+)/32 images, [\d.]+ images/s"
@@ -270,19 +276,7 @@ def test_train_quiet_prints_no_progress(ray_session, tmp_path, quiet):
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     env.pop("MEDDX_QUIET_WORKERS", None)  # the workers' lines would reach the driver
     env.pop("RAY_TRAIN_ENABLE_PRINT_PATCH", None)
-    result = subprocess.run(
-        [MEDDX, "train", str(tmp_path / "data")]
-        + ["--out", str(tmp_path / "m.pt"), "--model", "seednet", "--workers", "2"]
-        + ["--epochs", "2", "--image-size", "64", "--storage-path", str(tmp_path / "runs")]
-        + ["--batch-size", "4", "--progress-seconds", "0.01"]
-        + (["--quiet"] if quiet else []),
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-3000:]
+    result, output = train_command(tmp_path, env, 2, *(["--quiet"] if quiet else []))
     # Ray Train's and Ray Data's own INFO lines stay off the console.
     for ray_line in (
         "Reporting training result",  # Ray Train's worker, through its root logger

@@ -12,7 +12,8 @@ import pytest
 from meddx.config import SynthConfig
 from meddx.inputs.storage import StorageSettings
 from meddx.model import registry
-from meddx.pipelines.training import FailureLines, TrainConfig, train
+from meddx.pipelines.train_worker import FailureLines
+from meddx.pipelines.training import TrainConfig, train
 from meddx.synthetic.chest import write_archive
 
 
@@ -35,7 +36,6 @@ def kill_a_worker_after_first_checkpoint(runs: Path, killed: list, deadline_s=30
         killed.append(int(pids[-1]))
 
 
-@pytest.mark.slow
 def failure_lines(ray_session) -> list[str]:
     """The "[meddx train] worker N failed" lines Ray Train's controller printed in this
     session (its workers' output stays in the session's log files here)."""
@@ -56,6 +56,7 @@ def test_failure_lines_name_each_failed_rank_on_one_line(capsys):
     ]
 
 
+@pytest.mark.slow
 def test_killed_worker_restarts_from_last_checkpoint(ray_session, tmp_path):
     before = len(failure_lines(ray_session))
     data = tmp_path / "data"

@@ -13,8 +13,8 @@ import torch
 from meddx import MeddxError
 from meddx.config import SynthConfig, TrainConfig
 from meddx.inputs.storage import StorageSettings
-from meddx.model import optimize, registry
-from meddx.model.inference import Predictor
+from meddx.model import engine, optimize, precision, registry
+from meddx.model.predictor import Predictor
 from meddx.pipelines.training import train
 from meddx.synthetic.chest import write_archive
 
@@ -240,7 +240,7 @@ def test_train_from_init_weights_then_optimize_on_the_validation_split(
     # near the threshold can move by 0.1 under int8): int8 held; accuracy control
     # returned every layer to fp32; or the held-out half refused it and the checkpoint
     # has no artefact. `meddx optimize`'s tests cover int8 holding on a fixed model.
-    entry = optimize.artefact(ckpt)
+    entry = engine.artefact(ckpt)
     result = summary.optimize_result
     if entry is None:
         # The line is the refusal's own text, from the check it reports.
@@ -250,14 +250,15 @@ def test_train_from_init_weights_then_optimize_on_the_validation_split(
         assert check["images"] == summary.n_val // 2
         assert not check["holds"]
         assert (
-            check["max_score_diff"] > optimize.MAX_SCORE_DIFF
-            or abs(check["auroc_reference"] - check["auroc_candidate"]) > optimize.MAX_AUROC_DIFF
+            check["max_score_diff"] > precision.INT8_MAX_SCORE_DIFF
+            or abs(check["auroc_reference"] - check["auroc_candidate"])
+            > precision.INT8_MAX_AUROC_DIFF
         )
-        assert not optimize.usable(ckpt)
+        assert not engine.usable(ckpt)
         return
     check = entry["check"]
-    assert optimize.usable(ckpt) and check["images"] == summary.n_val // 2
-    assert check["max_score_diff"] <= optimize.MAX_SCORE_DIFF
+    assert engine.usable(ckpt) and check["images"] == summary.n_val // 2
+    assert check["max_score_diff"] <= precision.INT8_MAX_SCORE_DIFF
     assert (entry["precision"] == "int8") == (check["quantized_ops"] > 0), entry["precision"]
     assert result.check == check
     assert summary.optimized == f"optimized: {optimize.describe(result)}"

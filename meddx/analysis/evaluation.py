@@ -1,26 +1,168 @@
-"""Join scored rows with ground truth and compute screening metrics.
+"""`meddx evaluate`: join scored rows with ground truth and compute screening figures.
 
-Single-label: the metrics of ``score`` (the positive class's probability) at the stored
-threshold. Multi-label: the top-level figures are the screening task, any finding
-(``abnormal``) against none, scored by ``score`` (the highest finding probability) at
-the stored threshold (the lowest finding threshold); ``per_class`` has the same metrics
-for each finding (its probability in ``probs`` against its 0/1 manifest column, at its
-own threshold) and ``macro`` their means over the findings.
+Single-label: the figures of ``score`` (the positive class's probability) at the stored
+threshold. Multi-label: ``overall`` is the screening task, any finding (``abnormal``)
+against none, scored by ``score`` (the highest finding probability) at the stored
+threshold (the lowest finding threshold); ``per_class`` has the same figures for each
+finding (its probability in ``probs`` against its 0/1 manifest column, at its own
+threshold) and ``macro`` their means over the findings.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow.dataset as pads
 
 from meddx import MeddxError
-from meddx.inputs import sources, storage
+from meddx.config import EvaluateConfig
+from meddx.inputs import listing, storage
 from meddx.inputs.storage import StorageSettings
 from meddx.model import metrics
 from meddx.names import QC_OK
+
+
+@dataclass(frozen=True)
+class Figures:
+    """The screening figures of one score against one 0/1 truth at one threshold
+    (``metrics.clinical_metrics``). AUROC and the figures built on it are NaN when only
+    one class is present."""
+
+    n: int
+    positives: int
+    threshold: float
+    accuracy: float
+    precision: float
+    recall: float
+    f1: float
+    sensitivity: float
+    specificity: float
+    ppv: float
+    npv: float
+    auroc: float
+    confusion_matrix: dict[str, int]  # tn, fp, fn, tp
+    auroc_ci95: list[float]  # stratified bootstrap
+    average_precision: float
+    ece: float  # expected calibration error
+    calibration_slope: float
+    calibration_intercept: float
+    # {"0.90": sensitivity at specificity >= 0.90, ...}; empty with one class only.
+    sensitivity_at_specificity: dict[str, float] = field(default_factory=dict)
+    specificity_at_sensitivity: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, y_true: np.ndarray, scores: np.ndarray, threshold: float) -> Figures:
+        return cls(**metrics.clinical_metrics(y_true, scores, threshold))
+
+    def describe(self) -> str:
+        """The figures as a person reads them: a few lines and the confusion matrix."""
+        cm = self.confusion_matrix
+        lo, hi = self.auroc_ci95
+        lines = [
+            f"n={self.n}  positives={self.positives}  threshold={self.threshold:.3f}",
+            f"accuracy={self.accuracy:.4f}  precision={self.precision:.4f}  "
+            f"recall={self.recall:.4f}  f1={self.f1:.4f}",
+            f"sensitivity={self.sensitivity:.4f}  specificity={self.specificity:.4f}"
+            f"  ppv={self.ppv:.4f}  npv={self.npv:.4f}  auroc={self.auroc:.4f}",
+            f"auroc 95% CI [{lo:.4f}, {hi:.4f}]  average_precision={self.average_precision:.4f}"
+            f"  ece={self.ece:.4f}  calibration slope={self.calibration_slope:.3f}"
+            f" intercept={self.calibration_intercept:.3f}",
+        ]
+        for point, value in self.sensitivity_at_specificity.items():
+            lines.append(f"sensitivity at specificity {point}: {value:.4f}")
+        for point, value in self.specificity_at_sensitivity.items():
+            lines.append(f"specificity at sensitivity {point}: {value:.4f}")
+        lines += [
+            "confusion matrix (rows: truth, columns: predicted)",
+            "              pred_neg  pred_pos",
+            f"  truth_neg   {cm['tn']:8d}  {cm['fp']:8d}",
+            f"  truth_pos   {cm['fn']:8d}  {cm['tp']:8d}",
+        ]
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class MacroMeans:
+    """Multi-label: each figure's mean over the findings where it is defined."""
+
+    auroc: float
+    average_precision: float
+    sensitivity: float
+    specificity: float
+    ppv: float
+    npv: float
+    f1: float
+    ece: float
+
+
+@dataclass(frozen=True)
+class CategoryFigures:
+    """Quality control on one group of inputs (chest films, laterals, noise, ...)."""
+
+    in_distribution: bool  # chest films like the training data
+    n: int
+    flagged: int  # ok rows whose qc is not ok
+    errors: int  # error rows: refused, also never a silent negative
+    caught_rate: float  # (flagged + errors) / n
+
+
+@dataclass(frozen=True)
+class QualityControlFigures:
+    """How well quality control tells chest films from the rest, when the manifest says
+    which is which."""
+
+    auroc: float  # of ood_score; NaN unless both kinds were scored
+    in_distribution_flag_rate: float
+    out_of_distribution_caught_rate: float
+    by_category: dict[str, CategoryFigures]
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """What ``meddx evaluate`` found; ``as_dict`` is the JSON it writes."""
+
+    overall: Figures  # the screening score at the stored threshold
+    per_class: dict[str, Figures]  # per finding; single-label: the positive class
+    rows: int
+    errors: int
+    unlabelled: int  # ok rows without a label
+    positive_class: str
+    multi_label: bool
+    model_name: str | None = None
+    model_sha256: str | None = None
+    macro: MacroMeans | None = None  # multi-label only
+    ood: QualityControlFigures | None = None  # when the manifest marks in_distribution
+    by_column: str | None = None
+    by: dict[str, Figures] = field(default_factory=dict)  # per value of by_column
+    plots: tuple[str, ...] = ()  # the PNGs written
+
+    def as_dict(self) -> dict:
+        """The overall figures at the top level, then the rest by name."""
+        out = {**dataclasses.asdict(self.overall)}
+        out["per_class"] = {k: dataclasses.asdict(v) for k, v in self.per_class.items()}
+        if self.macro is not None:
+            out["macro"] = dataclasses.asdict(self.macro)
+        out.update(
+            rows=self.rows,
+            errors=self.errors,
+            unlabelled=self.unlabelled,
+            positive_class=self.positive_class,
+            multi_label=self.multi_label,
+            model_name=self.model_name,
+            model_sha256=self.model_sha256,
+        )
+        if self.ood is not None:
+            out["ood"] = dataclasses.asdict(self.ood)
+        if self.by_column is not None:
+            by = {k: dataclasses.asdict(v) for k, v in self.by.items()}
+            out["by"] = {self.by_column: by}
+        if self.plots:
+            out["plots"] = list(self.plots)
+        return out
 
 
 def read_predictions(uri: str, settings: StorageSettings):
@@ -52,7 +194,7 @@ def labelled_scores(table, truth, positive):
         if truth is not None:
             label = truth.get(r["image_uri"])
         else:
-            label = sources.label_from_path(r["image_uri"])
+            label = listing.label_from_path(r["image_uri"])
         if not label:
             unlabelled += 1
             continue
@@ -68,7 +210,7 @@ def finding_truth(table, labels: str | None, findings: list[str], settings: Stor
             "multi-label predictions need --labels MANIFEST with a 0/1 column per finding "
             f"({', '.join(findings)})"
         )
-    truth = sources.manifest_findings(labels, settings, findings)
+    truth = listing.manifest_findings(labels, settings, findings)
     kept, y_true, unlabelled = [], [], 0
     for r in table.to_pylist():
         if r["status"] != "ok":
@@ -82,54 +224,36 @@ def finding_truth(table, labels: str | None, findings: list[str], settings: Stor
     return kept, np.array(y_true, dtype=int).reshape(-1, len(findings)), unlabelled
 
 
-# The per-finding figures that ``macro`` averages (over findings where they are defined).
-MACRO_KEYS = (
-    "auroc",
-    "average_precision",
-    "sensitivity",
-    "specificity",
-    "ppv",
-    "npv",
-    "f1",
-    "ece",
-)
-
-
-def per_finding(rows, truth, findings, thresholds) -> tuple[dict, dict]:
-    """clinical_metrics of each finding's probability at its own threshold, and means."""
+def per_finding(rows, truth, findings, thresholds) -> tuple[dict[str, Figures], MacroMeans]:
+    """The figures of each finding's probability at its own threshold, and their means."""
     probs = np.array([r["probs"] for r in rows], dtype=float).reshape(-1, len(findings))
     per_class = {
-        name: metrics.clinical_metrics(truth[:, k], probs[:, k], thresholds[k])
-        for k, name in enumerate(findings)
+        name: Figures.of(truth[:, k], probs[:, k], thresholds[k]) for k, name in enumerate(findings)
     }
-    macro = {}
-    for key in MACRO_KEYS:
-        values = [m[key] for m in per_class.values() if not math.isnan(m[key])]
-        macro[key] = float(np.mean(values)) if values else math.nan
-    return per_class, macro
+    means = {}
+    for f in dataclasses.fields(MacroMeans):
+        values = [v for v in (getattr(m, f.name) for m in per_class.values()) if not math.isnan(v)]
+        means[f.name] = float(np.mean(values)) if values else math.nan
+    return per_class, MacroMeans(**means)
 
 
-def evaluate_predictions(
-    predictions: str,
-    labels: str | None,
-    settings: StorageSettings,
-    by: str | None = None,
-    plots: str | None = None,
-) -> dict:
-    table, meta = read_predictions(predictions, settings)
+def evaluate(cfg: EvaluateConfig) -> Evaluation:
+    """The figures of cfg.predictions against their labels (plots and JSON when asked)."""
+    settings = cfg.storage
+    table, meta = read_predictions(cfg.predictions, settings)
     positive = meta.get("meddx.positive_class")
     if positive is None:
-        raise MeddxError(f"{predictions} has no meddx metadata (meddx.positive_class)")
-    multi_label = json.loads(meta.get("meddx.multi_label", "false"))
+        raise MeddxError(f"{cfg.predictions} has no meddx metadata (meddx.positive_class)")
+    multi_label = bool(json.loads(meta.get("meddx.multi_label", "false")))
     if multi_label:
         findings = json.loads(meta["meddx.class_names"])
         shas = set(table["model_sha256"].to_pylist())
         if len(shas) > 1:  # per-finding thresholds come from one model's metadata
             raise MeddxError(f"predictions mix {len(shas)} checkpoints: evaluate one model")
-        rows, truth, unlabelled = finding_truth(table, labels, findings, settings)
+        rows, truth, unlabelled = finding_truth(table, cfg.labels, findings, settings)
         y_true = truth.max(axis=1, initial=0)  # abnormal: any finding present
     else:
-        truth = sources.manifest_labels(labels, settings) if labels else None
+        truth = listing.manifest_labels(cfg.labels, settings) if cfg.labels else None
         rows, y_true, unlabelled = labelled_scores(table, truth, positive)
     if not rows:
         raise MeddxError("no scored row has a label: pass --labels MANIFEST")
@@ -138,47 +262,48 @@ def evaluate_predictions(
         raise MeddxError(f"predictions mix thresholds {sorted(thresholds)}: evaluate one model")
     threshold = thresholds.pop()
     scores = np.array([r["score"] for r in rows], dtype=float)
-    result = metrics.clinical_metrics(y_true, scores, threshold)
+    overall = Figures.of(y_true, scores, threshold)
+    per_class, macro = {positive: overall}, None
     if multi_label:
         finding_thresholds = json.loads(meta["meddx.thresholds"])
-        result["per_class"], result["macro"] = per_finding(
-            rows, truth, findings, finding_thresholds
-        )
-    else:
-        result["per_class"] = {
-            positive: {k: result[k] for k in ("auroc", "auroc_ci95", "sensitivity", "specificity")}
-        }
+        per_class, macro = per_finding(rows, truth, findings, finding_thresholds)
+    by = {}
+    if cfg.by:
+        by = subgroups(rows, y_true, scores, threshold, cfg.by, cfg.labels, settings)
+    plots = []
+    if cfg.plots:
+        from meddx.analysis import plots as plotting
+
+        plots = plotting.write_evaluation_plots(y_true, scores, threshold, cfg.plots, settings)
+        if multi_label:  # the same four plots for each finding, in plots/FINDING/
+            for k, name in enumerate(findings):
+                plots += plotting.write_evaluation_plots(
+                    truth[:, k],
+                    np.array([r["probs"][k] for r in rows], dtype=float),
+                    finding_thresholds[k],
+                    storage.join(cfg.plots, name),
+                    settings,
+                )
     statuses = table["status"].to_pylist()
-    result.update(
+    result = Evaluation(
+        overall=overall,
+        per_class=per_class,
         rows=len(statuses),
         errors=sum(s != "ok" for s in statuses),
         unlabelled=unlabelled,
         positive_class=positive,
-        multi_label=bool(multi_label),
+        multi_label=multi_label,
         model_name=meta.get("meddx.model_name"),
         model_sha256=meta.get("meddx.model_sha256"),
+        macro=macro,
+        ood=ood_figures(table, listing.read_manifest(cfg.labels, settings)) if cfg.labels else None,
+        by_column=cfg.by or None,
+        by=by,
+        plots=tuple(plots),
     )
-    if labels:
-        figures = ood_figures(table, sources.read_manifest(labels, settings))
-        if figures:
-            result["ood"] = figures
-    if by:
-        result["by"] = {by: subgroups(rows, y_true, scores, threshold, by, labels, settings)}
-    if plots:
-        from meddx.analysis import plots as plotting
-
-        result["plots"] = plotting.write_evaluation_plots(
-            y_true, scores, threshold, plots, settings
-        )
-        if multi_label:  # the same four plots for each finding, in plots/FINDING/
-            for k, name in enumerate(findings):
-                result["plots"] += plotting.write_evaluation_plots(
-                    truth[:, k],
-                    np.array([r["probs"][k] for r in rows], dtype=float),
-                    finding_thresholds[k],
-                    storage.join(plots, name),
-                    settings,
-                )
+    if cfg.json_path:
+        text = json.dumps(result.as_dict(), indent=2, allow_nan=True) + "\n"
+        storage.write_bytes(cfg.json_path, text.encode(), settings)
     return result
 
 
@@ -188,7 +313,7 @@ IN_DISTRIBUTION = "in_distribution"
 CATEGORY = "category"
 
 
-def ood_figures(table, manifest) -> dict | None:
+def ood_figures(table, manifest) -> QualityControlFigures | None:
     """How well quality control tells chest films from the rest, when the manifest says
     which is which: the AUROC of ood_score, and per group the share of rows flagged
     (qc not ok) or refused (an error row: also never a silent negative)."""
@@ -222,33 +347,35 @@ def ood_figures(table, manifest) -> dict | None:
             ood_scores.append(r["ood_score"])
     if not groups:
         return None
-    for g in groups.values():
-        g["caught_rate"] = (g["flagged"] + g["errors"]) / g["n"]
+    by_category = {
+        name: CategoryFigures(**g, caught_rate=(g["flagged"] + g["errors"]) / g["n"])
+        for name, g in groups.items()
+    }
 
     def rate(inside: bool) -> float:
-        chosen = [g for g in groups.values() if g["in_distribution"] == inside]
-        n = sum(g["n"] for g in chosen)
-        return sum(g["flagged"] + g["errors"] for g in chosen) / n if n else math.nan
+        chosen = [g for g in by_category.values() if g.in_distribution == inside]
+        n = sum(g.n for g in chosen)
+        return sum(g.flagged + g.errors for g in chosen) / n if n else math.nan
 
     auroc = math.nan
     if len(set(y)) == 2:
         from sklearn.metrics import roc_auc_score
 
         auroc = float(roc_auc_score(y, ood_scores))
-    return {
-        "auroc": auroc,
-        "in_distribution_flag_rate": rate(True),
-        "out_of_distribution_caught_rate": rate(False),
-        "by_category": groups,
-    }
+    return QualityControlFigures(
+        auroc=auroc,
+        in_distribution_flag_rate=rate(True),
+        out_of_distribution_caught_rate=rate(False),
+        by_category=by_category,
+    )
 
 
-def subgroups(rows, y_true, scores, threshold, column, labels, settings) -> dict:
-    """The same metrics per value of a predictions column or a manifest column."""
+def subgroups(rows, y_true, scores, threshold, column, labels, settings) -> dict[str, Figures]:
+    """The same figures per value of a predictions column or a manifest column."""
     if column in rows[0]:
         values = [r[column] for r in rows]
     elif labels:
-        table = sources.read_manifest(labels, settings)
+        table = listing.read_manifest(labels, settings)
         if column not in table.column_names:
             raise MeddxError(f"--by {column}: neither the predictions nor {labels} have it")
         lookup = dict(zip(table["uri"].to_pylist(), table[column].to_pylist(), strict=True))
@@ -258,10 +385,5 @@ def subgroups(rows, y_true, scores, threshold, column, labels, settings) -> dict
     out = {}
     for value in sorted({str(v) for v in values}):
         mask = np.array([str(v) == value for v in values])
-        out[value] = metrics.clinical_metrics(y_true[mask], scores[mask], threshold)
+        out[value] = Figures.of(y_true[mask], scores[mask], threshold)
     return out
-
-
-def write_json(result: dict, uri: str, settings: StorageSettings) -> None:
-    text = json.dumps(result, indent=2, allow_nan=True) + "\n"
-    storage.write_bytes(uri, text.encode(), settings)

@@ -27,7 +27,7 @@ from meddx import MeddxError  # noqa: E402
 from meddx.imaging import decode
 from meddx.imaging.dicom import pseudonymous_id  # noqa: E402
 from meddx.imaging.transforms import to_model_input  # noqa: E402
-from meddx.inputs import sources, storage
+from meddx.inputs import reading, storage
 from meddx.inputs.storage import StorageSettings  # noqa: E402
 from meddx.model import registry
 from meddx.model.registry import Checkpoint  # noqa: E402
@@ -47,12 +47,12 @@ def grad_cam(model: nn.Module, x: torch.Tensor, class_index: int | None) -> np.n
     """(H, W) heatmap in [0, 1] for one image tensor (1, 3, H, W); ``None``: the class
     with the highest output."""
     layer = last_conv_block(model)
-    store = {}
-    handle = layer.register_forward_hook(lambda m, i, o: store.update(act=o))
+    captured = {}
+    handle = layer.register_forward_hook(lambda m, i, o: captured.update(act=o))
     try:
         model.zero_grad(set_to_none=True)
         logits = model(x)
-        act = store["act"]
+        act = captured["act"]
         if class_index is None:
             class_index = int(logits[0].argmax())
         grads = torch.autograd.grad(logits[0, class_index], act)[0]
@@ -97,14 +97,14 @@ def cams(
     members; a DICOMweb instance by its locator)."""
     model = registry.model_from_checkpoint(ckpt)
     mean, std = torch.tensor(ckpt.mean), torch.tensor(ckpt.std)
-    settings_decode = decode.DecodeSettings(size=ckpt.input_size, modalities=None)
-    blobs = sources.read_uris([row["image_uri"] for row in rows], settings, max_bytes, locators)
+    decode_settings = decode.DecodeSettings(size=ckpt.input_size, modalities=None)
+    blobs = reading.read_uris([row["image_uri"] for row in rows], settings, max_bytes, locators)
     out = []
     for row, (data, error) in zip(rows, blobs, strict=True):
         if error:
             raise MeddxError(f"cannot read {row['image_uri']}: {error}")
         try:
-            pixels, _ = decode.decode_image(data, settings_decode)
+            pixels, _ = decode.decode_image(data, decode_settings)
         except decode.DecodeError as exc:
             raise MeddxError(f"cannot decode {row['image_uri']}: {exc}") from None
         x = to_model_input(torch.tensor(pixels).unsqueeze(0), mean, std).requires_grad_(False)
@@ -115,21 +115,17 @@ def cams(
     return out
 
 
-def heatmaps(
-    rows: list[dict],
-    ckpt: Checkpoint,
-    settings: StorageSettings,
-    max_bytes: int = DEFAULT_MAX_OBJECT_BYTES,
-    locators: dict[str, str] | None = None,
-) -> list[tuple[dict, bytes]]:
-    """(row, overlay PNG titled with rank, pseudonym and score) for each row, in order."""
+def titled_overlays(
+    rows: list[dict], found: list[tuple[np.ndarray, np.ndarray]], ckpt: Checkpoint
+) -> list[bytes]:
+    """The overlay PNG of each row's (pixels, Grad-CAM) from ``cams``, titled with its
+    rank, pseudonym and score (and finding, for a multi-label model), in order."""
     out = []
-    found = cams(rows, ckpt, settings, max_bytes, locators)
     for rank, (row, (pixels, cam)) in enumerate(zip(rows, found, strict=True), start=1):
         title = f"#{rank} {pseudonymous_id(row)} score {row['score']:.3f}"
         if ckpt.multi_label and row.get("label"):
             title += f" {row['label']}"
-        out.append((row, overlay_png(pixels, cam, title)))
+        out.append(overlay_png(pixels, cam, title))
     return out
 
 
@@ -150,8 +146,9 @@ def explain(
         raise MeddxError(f"{predictions} was not scored by {model} (sha256 differs)")
     table = table.filter(pc.equal(table["status"], "ok")).sort_by([("score", "descending")])
     rows = table.slice(0, top).to_pylist()
+    pngs = titled_overlays(rows, cams(rows, ckpt, settings, max_bytes), ckpt)
     written = []
-    for rank, (row, png) in enumerate(heatmaps(rows, ckpt, settings, max_bytes), start=1):
+    for rank, (row, png) in enumerate(zip(rows, pngs, strict=True), start=1):
         uri = storage.join(out, f"{rank:03d}-{pseudonymous_id(row)}.png")
         storage.write_bytes(uri, png, settings)
         written.append(uri)

@@ -1,4 +1,4 @@
-"""The nightly run report: one self-contained HTML page (plots embedded as PNG).
+"""The report of a screening night: one self-contained HTML page (plots embedded as PNG).
 
 It names studies only by pseudonym (the DICOM study pseudonym when a key is set, else a
 short hash of the input URI): a report gets forwarded and printed, file names can hold
@@ -29,6 +29,7 @@ TOP_WORKLIST = 20
 
 
 def versions() -> dict[str, str]:
+    """The versions the page states: meddx, Python and the libraries scores depend on."""
     found = {"meddx": __version__, "python": platform.python_version()}
     for name in ("torch", "torchvision", "ray", "pyarrow", "pydicom", "numpy"):
         try:
@@ -38,14 +39,15 @@ def versions() -> dict[str, str]:
     return found
 
 
-def _png(fig) -> str:
+def _png_base64(fig) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def histogram_plot(history: dict[str, np.ndarray], run_date: str, threshold: float) -> str:
+def score_history_plot(history: dict[str, np.ndarray], run_date: str, threshold: float) -> str:
+    """This night's score histogram over the recent nights' (``history``: date -> scores)."""
     fig, ax = plt.subplots(figsize=(7, 3.2))
     bins = np.linspace(0, 1, 26)
     for date, scores in history.items():
@@ -66,10 +68,11 @@ def histogram_plot(history: dict[str, np.ndarray], run_date: str, threshold: flo
     ax.set_ylabel("density")
     ax.set_title("Scores of this run against the recent runs")
     ax.legend(fontsize=7)
-    return _png(fig)
+    return _png_base64(fig)
 
 
 def throughput_plot(rows: pa.Table) -> str:
+    """Images scored per second over the run, from the rows' ``scored_at``."""
     fig, ax = plt.subplots(figsize=(7, 2.6))
     times = (
         np.array([t.timestamp() for t in rows["scored_at"].to_pylist()])
@@ -85,13 +88,16 @@ def throughput_plot(rows: pa.Table) -> str:
     ax.set_xlabel("seconds since the first scored batch")
     ax.set_ylabel("images/s")
     ax.set_title("Throughput over the run")
-    return _png(fig)
+    return _png_base64(fig)
 
 
 def render(summary, rows: pa.Table, triage: pa.Table, history: dict, heatmaps=()) -> str:
+    """The page of one night: ``summary`` its NightSummary, ``rows`` its rows, ``triage``
+    its worklist, ``history`` date -> ok scores, ``heatmaps`` (row, PNG) for the top of
+    the worklist."""
     esc = html.escape
     plots = [
-        ("Score distribution", histogram_plot(history, summary.run_date, summary.threshold)),
+        ("Score distribution", score_history_plot(history, summary.run_date, summary.threshold)),
         ("Throughput", throughput_plot(rows)),
     ]
     plots += [

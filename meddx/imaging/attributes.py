@@ -3,7 +3,8 @@
 Any attribute of any file may be missing, multi-valued, of the wrong type (a broken or
 hostile writer may give Rows the VR LO), empty, negative or absurd. Each reader gives a
 clean value or raises DicomError naming the attribute, never its value: the file
-decides nothing but its own row. Imports pydicom only (dicom.py builds on this).
+decides nothing but its own row. Imports pydicom only (dicom.py and pixel_data.py build
+on this).
 """
 
 from __future__ import annotations

@@ -18,6 +18,8 @@ from PIL import Image
 
 from meddx import one_line
 from meddx.imaging import dicom
+from meddx.imaging.attributes import DicomError
+from meddx.imaging.pixel_data import box_reduce
 from meddx.names import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_MODALITIES,
@@ -104,7 +106,7 @@ def _unit_gray(pixels: np.ndarray, target: int | None) -> np.ndarray:
     no VOI is given: taken before reduction, so reduced and full decodes share one."""
     lo, hi = float(pixels.min()), float(pixels.max())
     if target:
-        pixels = dicom.box_reduce(pixels, target)
+        pixels = box_reduce(pixels, target)
     pixels = pixels.astype(np.float32, copy=False)
     return (pixels - lo) / (hi - lo) if hi > lo else np.zeros_like(pixels)
 
@@ -165,7 +167,7 @@ def _decode_dicom(data: bytes, settings: DecodeSettings) -> tuple[np.ndarray, di
     try:
         with dicom.silenced():
             return _dicom_pixels(data, settings)
-    except dicom.DicomError as exc:
+    except DicomError as exc:
         raise DecodeError(str(exc)) from None
     except Exception as exc:  # whatever else a broken file provokes: its type, no values
         raise DecodeError(f"cannot decode DICOM ({type(exc).__name__})") from None
@@ -188,7 +190,7 @@ def resize(gray: np.ndarray | Image.Image, size: int) -> np.ndarray:
     of less than 2x. A film already reduced by its decoder skips the first step, so a
     reduced decode and a full one meet the same filter."""
     if isinstance(gray, np.ndarray):
-        img = Image.fromarray(dicom.box_reduce(gray, size).astype(np.float32), mode="F")
+        img = Image.fromarray(box_reduce(gray, size).astype(np.float32), mode="F")
         out = np.asarray(img.resize((size, size), Image.BILINEAR))
         return (np.clip(out, 0, 1) * 255 + 0.5).astype(np.uint8)
     factor = min(gray.size) // size

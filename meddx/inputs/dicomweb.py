@@ -439,7 +439,7 @@ def single_part(content_type: str, body: bytes) -> bytes:
 
 
 def read(locator: str, settings: StorageSettings, max_bytes: int) -> tuple[bytes, str]:
-    """(bytes, "") or (b"", one-line reason), as sources.read_object gives."""
+    """(bytes, "") or (b"", one-line reason), as reading.read_object gives."""
     host = urlsplit(locator.split(" ", 1)[0]).netloc
     try:
         return retrieve(locator, settings, max_bytes), ""

@@ -186,6 +186,15 @@ def is_hidden(path: str) -> bool:
     )
 
 
+def modified_time(info: dict) -> float | None:
+    """When an fsspec listing entry (``fs.info``, ``fs.find(detail=True)``) was last
+    modified, in seconds since the epoch; None when the filesystem does not say."""
+    value = info.get("LastModified") or info.get("mtime") or info.get("created")
+    if value is None:
+        return None
+    return value.timestamp() if hasattr(value, "timestamp") else float(value)
+
+
 def missing_locally(uri: str) -> bool:
     """A local path (no scheme) that does not exist: what a run refuses before it starts
     Ray, which takes seconds."""

@@ -133,35 +133,3 @@ def youden_threshold(y_true: np.ndarray, scores: np.ndarray) -> float:
     fpr, tpr, thresholds = skm.roc_curve(y_true, scores)
     best = int(np.argmax(tpr - fpr))
     return float(np.clip(thresholds[best], 0.0, 1.0))
-
-
-def format_metrics(m: dict) -> str:
-    cm = m["confusion_matrix"]
-    lines = [
-        f"n={m['n']}  positives={m['positives']}  threshold={m['threshold']:.3f}",
-        f"accuracy={m['accuracy']:.4f}  precision={m['precision']:.4f}  recall={m['recall']:.4f}"
-        f"  f1={m['f1']:.4f}",
-        f"sensitivity={m['sensitivity']:.4f}  specificity={m['specificity']:.4f}"
-        f"  ppv={m.get('ppv', math.nan):.4f}  npv={m.get('npv', math.nan):.4f}"
-        f"  auroc={m['auroc']:.4f}",
-    ]
-    if "auroc_ci95" in m:
-        lo, hi = m["auroc_ci95"]
-        lines.append(
-            f"auroc 95% CI [{lo:.4f}, {hi:.4f}]  average_precision={m['average_precision']:.4f}"
-            f"  ece={m['ece']:.4f}  calibration slope={m['calibration_slope']:.3f}"
-            f" intercept={m['calibration_intercept']:.3f}"
-        )
-    for key, other in (
-        ("sensitivity_at_specificity", "specificity"),
-        ("specificity_at_sensitivity", "sensitivity"),
-    ):
-        for point, value in m.get(key, {}).items():
-            lines.append(f"{key.split('_at_')[0]} at {other} {point}: {value:.4f}")
-    lines += [
-        "confusion matrix (rows: truth, columns: predicted)",
-        "              pred_neg  pred_pos",
-        f"  truth_neg   {cm['tn']:8d}  {cm['fp']:8d}",
-        f"  truth_pos   {cm['fn']:8d}  {cm['tp']:8d}",
-    ]
-    return "\n".join(lines)

@@ -6,7 +6,7 @@ simple unified framework for detecting out-of-distribution samples and adversari
 attacks"). A row's ``ood_score`` is its Mahalanobis distance to the nearest class mean,
 divided by the square root of the feature dimension, so that films like the training
 data score about 1 whatever the architecture. The predictor computes it from the same
-forward pass that gives the probabilities (models.WithFeatures): no second model.
+forward pass that gives the probabilities (registry.WithFeatures): no second model.
 
 The covariance is shrunk (Ledoit-Wolf): a training split may hold fewer films than the
 model has features (512 for resnet18, 1,024 for densenet121), and an unshrunk estimate
@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from meddx import MeddxError, one_line
+from meddx.model.forward import LoadedModel
 from meddx.model.registry import Checkpoint
 
 KEY = "ood"  # the checkpoint's entry for the density
@@ -35,6 +36,8 @@ DEFAULT_PERCENTILE = 99.0
 # A 1,024-feature covariance is well estimated from ten times as many films; more only
 # lengthens the end of training.
 MAX_FIT_IMAGES = 10_000
+# Images per forward pass while features are gathered on the driver (``features_of``).
+FEATURE_BATCH = 64
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,18 @@ def density_of(ckpt: Checkpoint) -> Density | None:
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise MeddxError(f"the checkpoint's density is unreadable: {one_line(exc)}") from None
+
+
+def features_of(ckpt: Checkpoint, batches) -> np.ndarray:
+    """Penultimate features (fp32, torch) of the uint8 image batches ``batches``: what
+    the density is fitted to."""
+    model = LoadedModel(ckpt)
+    out = [
+        model.infer(images[i : i + FEATURE_BATCH])[1]
+        for images in batches
+        for i in range(0, len(images), FEATURE_BATCH)
+    ]
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
 def groups_of(ckpt: Checkpoint, truth: np.ndarray) -> np.ndarray:

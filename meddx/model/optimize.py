@@ -4,7 +4,8 @@ post-training quantization, gated on accuracy against torch fp32.
 The artefact (the IR's xml and its weights) lives inside the one-file checkpoint as two
 uint8 tensors, with the check that admitted it: ``weights_only`` loads it, OpenVINO
 reads it from those bytes, nothing is unpickled or fetched, and the checkpoint's sha256
-(and a ``--model-sha256`` pin) covers it. A predictor uses it only when its check held.
+(and a ``--model-sha256`` pin) covers it. A predictor uses it only when its check held;
+reading and choosing it is engine.py's, which scoring imports instead of this module.
 
 OpenVINO and NNCF are an optional extra (``pip install meddx[openvino]``, which ``make
 install`` does). Without them meddx runs the torch model and says so once.
@@ -15,20 +16,16 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import sys
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
 
 from meddx import MeddxError
-from meddx.model.inference import (  # noqa: F401  (the artefact's format, read there)
-    OPTIMIZED_KEY,
-    CompiledModel,
-    _as_array,
-    _as_bytes,
-    artefact,
-)
+from meddx.model import engine
+from meddx.model.engine import OPTIMIZED_KEY
+from meddx.model.forward import probabilities, probs_from_logits
+from meddx.model.precision import INT8_MAX_AUROC_DIFF, INT8_MAX_SCORE_DIFF, compare_probs
 from meddx.model.registry import Checkpoint
 from meddx.names import DEFAULT_CHECK_IMAGES
 
@@ -36,22 +33,20 @@ from meddx.names import DEFAULT_CHECK_IMAGES
 # CUDA runtime: nothing meddx's user can act on.
 logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
-# The gate: no score moves more than this from torch fp32's, and AUROC (per finding for
-# a multi-label model) not more than that, on the labelled images of DATA.
-MAX_SCORE_DIFF = 0.02
-MAX_AUROC_DIFF = 0.003
+# The gate (INT8_MAX_SCORE_DIFF, INT8_MAX_AUROC_DIFF: precision.py) is checked against
+# torch fp32 on the labelled images of DATA.
 CALIBRATION_IMAGES = 300  # NNCF's default subset size
 # Quantization keeps scores this close on the images it is tuned on, so that the gate,
 # checked on other images, has room. On a trained resnet18 (205 films of the mix, scores
 # spread over the whole range), tuning to 0.015 gave 0.021 on the held-out half and
 # 0.0125 gave 0.017 with 19 int8 operations kept (about 2.5x torch); on the tests'
 # seednet 0.010 returned every layer to fp32, and 0.0125 keeps int8.
-CONTROL_SCORE_DIFF = 0.625 * MAX_SCORE_DIFF
+CONTROL_SCORE_DIFF = 0.625 * INT8_MAX_SCORE_DIFF
 # The classifier head stays fp32: the logits are its output, so its rounding moves the
 # scores most (trained resnet18, largest change on held-out films: 0.085 with the head
 # in int8, 0.022 without), and it is a thousandth of the model's work.
 HEAD_SCOPE = r"__module\.head/.*"
-CHECK_BATCH = 32
+TEACHER_BATCH = 32  # images per fp32 forward pass for the fine-tuning targets
 # Quantization-aware fine-tuning (``--finetune-epochs``): distillation toward torch fp32's
 # logits with the quantizers in the graph, at a rate small enough not to undo the
 # trained model (densenet121: 2e-5 diverged in the first epoch, 1e-5 did not).
@@ -63,60 +58,6 @@ FINETUNE_BATCH = 8
 # 0.0310 from SmoothQuant with ranges at 1e-5, 0.0187 with ranges at 1e-2.
 FINETUNE_RANGE_LR = 1e-2
 FINETUNE_SMOOTH_QUANT = 0.5
-
-
-def available() -> bool:
-    try:
-        import openvino  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def usable(ckpt: Checkpoint) -> bool:
-    """Whether the checkpoint holds an artefact that passed its accuracy check."""
-    entry = artefact(ckpt)
-    return bool(entry and entry.get("check", {}).get("holds"))
-
-
-_said_missing = False
-
-
-def resolve_runtime(runtime: str, ckpt: Checkpoint, gpus: int) -> str:
-    """``torch`` or ``openvino`` for a run asking for ``runtime`` (auto|torch|openvino).
-
-    ``auto``: the checkpoint's artefact on CPU-only clusters when it passed its check and
-    OpenVINO is installed, else torch (on GPUs always torch)."""
-    global _said_missing
-    if runtime == "torch":
-        return "torch"
-    if runtime == "openvino":
-        if not available():
-            raise MeddxError("--runtime openvino: OpenVINO is not installed (pip install openvino)")
-        if not usable(ckpt):
-            raise MeddxError(
-                "--runtime openvino: the checkpoint holds no OpenVINO model that passed its "
-                "accuracy check (run meddx optimize)"
-            )
-        return "openvino"
-    if gpus or not usable(ckpt):
-        return "torch"
-    if not available():
-        if not _said_missing:
-            print(
-                "meddx: the checkpoint holds an OpenVINO model but OpenVINO is not "
-                "installed: scoring with torch",
-                file=sys.stderr,
-            )
-            _said_missing = True
-        return "torch"
-    return "openvino"
-
-
-def runtime_precision(runtime: str, ckpt: Checkpoint, torch_precision: str) -> str:
-    """What the rows' metadata records as the precision of a run."""
-    entry = artefact(ckpt)
-    return entry["precision"] if runtime == "openvino" and entry else torch_precision
 
 
 # ---- making the artefact ---------------------------------------------------------------
@@ -168,12 +109,12 @@ def export(
             inputs, reference = control
             check = nncf.Dataset([(inputs[i : i + 1], reference[i]) for i in range(len(inputs))])
 
+            def probs(logits: np.ndarray) -> np.ndarray:
+                return probs_from_logits(logits, ckpt.multi_label, ckpt.temperatures)
+
             def closeness(compiled, data) -> tuple[float, list[float]]:
                 out = compiled.output(0)
-                diffs = [
-                    float(np.abs(probs_from_logits(ckpt, compiled(x)[out])[0] - ref).max())
-                    for x, ref in data
-                ]
+                diffs = [float(np.abs(probs(compiled(x)[out])[0] - ref).max()) for x, ref in data]
                 return 1 - max(diffs), [1 - d for d in diffs]
 
             ov_model = nncf.quantize_with_accuracy_control(
@@ -239,7 +180,7 @@ def finetuned(
     teacher = copy.deepcopy(model).eval()  # nncf.quantize may change the module it takes
     with torch.no_grad():
         target = torch.cat(
-            [teacher(x[i : i + CHECK_BATCH])[0] for i in range(0, len(x), CHECK_BATCH)]
+            [teacher(x[i : i + TEACHER_BATCH])[0] for i in range(0, len(x), TEACHER_BATCH)]
         )
     student = nncf.quantize(
         model.eval(),
@@ -290,9 +231,9 @@ def accuracy_check(
 ) -> dict:
     """The gate's figures: probabilities of torch fp32 against the artefact's on the same
     labelled images; per finding for multi-label models."""
-    from meddx.model.inference import compare_probs
-
-    return compare_probs(ckpt, reference, candidate, truth, MAX_SCORE_DIFF, MAX_AUROC_DIFF)
+    return compare_probs(
+        ckpt, reference, candidate, truth, INT8_MAX_SCORE_DIFF, INT8_MAX_AUROC_DIFF
+    )
 
 
 def optimize(
@@ -310,7 +251,7 @@ def optimize(
     the check holds. A failed check writes nothing and raises with the figures."""
     if runtime != "openvino":
         raise MeddxError(f"--runtime must be openvino, got {runtime!r}")
-    if not available():
+    if not engine.available():
         raise MeddxError("meddx optimize needs OpenVINO and NNCF: pip install 'meddx[openvino]'")
     from meddx.model import registry
 
@@ -335,7 +276,7 @@ def with_artefact(
     on the tuning half instead of post-training quantization with accuracy control."""
     if len(images) < 20:
         raise MeddxError(f"{source} has {len(images)} labelled images; optimizing needs 20 or more")
-    reference = torch_probs(ckpt, images)
+    reference = probabilities(ckpt, images)
     inputs = model_inputs(ckpt, images)
     # Tuned on every other image, checked on the rest: the gate is not the images the
     # quantization was fitted to.
@@ -344,18 +285,12 @@ def with_artefact(
         ckpt, precision, inputs[tune], (inputs[tune], reference[tune]), finetune_epochs
     )
     entry = {"runtime": runtime, "precision": precision, "xml": xml, "bin": weights}
-    compiled = CompiledModel(ckpt.replace(extra={**ckpt.extra, OPTIMIZED_KEY: entry}))
-    held_inputs = inputs[held]
-    logits = np.concatenate(
-        [
-            compiled(held_inputs[i : i + CHECK_BATCH])
-            for i in range(0, len(held_inputs), CHECK_BATCH)
-        ]
-    )
-    check = accuracy_check(ckpt, reference[held], probs_from_logits(ckpt, logits), truth[held])
+    candidate = ckpt.replace(extra={**ckpt.extra, OPTIMIZED_KEY: entry})
+    scores = probabilities(candidate, images[held], runtime="openvino")
+    check = accuracy_check(ckpt, reference[held], scores, truth[held])
     # For scale: how far torch fp32's own scores move when each pixel moves by at most
     # one grey level, a change below any decoder's or resize's.
-    noisy = torch_probs(ckpt, grey_level_noise(images[held]))
+    noisy = probabilities(ckpt, grey_level_noise(images[held]))
     check["noise_score_diff"] = accuracy_check(ckpt, reference[held], noisy, truth[held])[
         "max_score_diff"
     ]
@@ -395,9 +330,9 @@ def refusal(result: OptimizeResult) -> str:
         hint = "; fine-tuning may hold it: meddx optimize --finetune-epochs 5"
     return (
         f"{result.runtime} {result.precision} fails the accuracy check, no artefact written: "
-        f"max score diff {c['max_score_diff']:.4f} (limit {MAX_SCORE_DIFF}), "
+        f"max score diff {c['max_score_diff']:.4f} (limit {INT8_MAX_SCORE_DIFF}), "
         f"AUROC {c['auroc_reference']:.4f} -> {c['auroc_candidate']:.4f} "
-        f"(limit {MAX_AUROC_DIFF}) on {c['images']} images; one grey level of noise "
+        f"(limit {INT8_MAX_AUROC_DIFF}) on {c['images']} images; one grey level of noise "
         f"moves torch fp32's own scores by up to {c['noise_score_diff']:.4f}{hint}"
     )
 
@@ -426,16 +361,16 @@ def labelled_images(ckpt: Checkpoint, data: str, settings, max_images: int):
     """DATA's labelled images decoded as scoring decodes them, and their truth: 0/1 for
     the positive class, or per finding (multi-label)."""
     from meddx.imaging.decode import DecodeSettings, decode_images
-    from meddx.inputs import sources
+    from meddx.inputs import listing, reading
 
     if ckpt.multi_label:
-        items = sources.labelled_findings(data, settings, list(ckpt.class_names))
+        items = listing.labelled_findings(data, settings, list(ckpt.class_names))
     else:
-        items = sources.labelled_inputs(data, settings)
+        items = listing.labelled_inputs(data, settings)
     items = items[:max_images]
     if not items:
         raise MeddxError(f"no labelled images under {data}")
-    read = sources.read_uris([u for u, _ in items], settings)
+    read = reading.read_uris([u for u, _ in items], settings)
     batch = {
         "image_uri": np.array([u for u, _ in items], dtype=object),
         "bytes": np.array([b for b, _ in read], dtype=object),
@@ -463,26 +398,3 @@ def model_inputs(ckpt: Checkpoint, images: np.ndarray) -> np.ndarray:
     mean, std = torch.tensor(ckpt.mean), torch.tensor(ckpt.std)
     x = to_model_input(torch.from_numpy(images), mean, std)
     return x.contiguous().numpy()
-
-
-def torch_probs(ckpt: Checkpoint, images: np.ndarray) -> np.ndarray:
-    from meddx.inputs.storage import StorageSettings
-    from meddx.model.inference import Predictor
-
-    predictor = Predictor(ckpt, StorageSettings(), "fp32", "optimize-check", runtime="torch")
-    return np.concatenate(
-        [
-            predictor.predict_probs(images[i : i + CHECK_BATCH])
-            for i in range(0, len(images), CHECK_BATCH)
-        ]
-    )
-
-
-def probs_from_logits(ckpt: Checkpoint, logits: np.ndarray) -> np.ndarray:
-    """What the predictor makes of logits: temperature, then sigmoid or softmax."""
-    z = logits.astype(np.float64) / np.asarray(ckpt.temperatures, dtype=np.float64)
-    if ckpt.multi_label:
-        return 1 / (1 + np.exp(-z))
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)

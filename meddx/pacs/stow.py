@@ -20,7 +20,7 @@ instances it reports on, so sending the same results again stores no second copy
 
 The libraries on this path (pydicom, highdicom, dicomweb-client) warn and log with the
 values they complain about (``Invalid value for VR DA: '1980-01-01'``, a patient's
-name): they are silenced here, and a report that cannot be built is recorded by the
+name): they are silenced here, and an SR that cannot be built is recorded by the
 exception's type and the attributes' names, never by its text.
 """
 
@@ -57,16 +57,17 @@ TYPE2_COPIED = (
     "StudyID",
     "AccessionNumber",
 )
-COLUMNS = ["image_uri", "status", "probs", "score", "label"]
+# The columns of a run's rows that the SRs are built from.
+ROW_COLUMNS = ["image_uri", "status", "probs", "score", "label"]
 # Libraries whose warnings and log records on this path can quote a patient's values.
 QUIETED = ("pydicom", "highdicom", "dicomweb_client")
 
 
 @dataclass(frozen=True)
 class Sent:
-    studies: int  # reports stored
+    studies: int  # SRs stored, one per study
     instances: int  # scored instances they report on
-    failed: tuple[str, ...] = ()  # one line per study whose report could not be stored
+    failed: tuple[str, ...] = ()  # one line per study whose SR could not be stored
 
 
 def uid(*parts: str) -> str:
@@ -113,7 +114,7 @@ def source_metadata(locator: str, settings: StorageSettings):
 
 
 def findings(ckpt: Checkpoint) -> list[tuple[int, str, float]]:
-    """(index into probs, name, threshold) of each finding the report states."""
+    """(index into probs, name, threshold) of each finding the SR states."""
     if ckpt.multi_label:
         return [
             (i, n, t)
@@ -122,7 +123,7 @@ def findings(ckpt: Checkpoint) -> list[tuple[int, str, float]]:
     return [(ckpt.positive_index, ckpt.positive_class, ckpt.threshold)]
 
 
-def report(sources: list, probs: list[list[float]], ckpt: Checkpoint, sha: str, study: str):
+def sr_document(sources: list, probs: list[list[float]], ckpt: Checkpoint, sha: str, study: str):
     """The SR of one study: ``sources`` its scored instances' metadata, ``probs`` theirs."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
@@ -186,7 +187,9 @@ def report(sources: list, probs: list[list[float]], ckpt: Checkpoint, sha: str, 
     )
 
 
-def heatmap(source, row: dict, located: dict[str, str], ckpt, sha: str, study: str, settings):
+def heatmap_capture(
+    source, row: dict, located: dict[str, str], ckpt, sha: str, study: str, settings
+):
     """The Grad-CAM overlay of ``row``'s top finding on the image the model saw, as a
     Secondary Capture in the study's results series."""
     import highdicom as hd
@@ -220,7 +223,7 @@ def by_listed_study(rows: pa.Table, located: dict[str, str]) -> dict[str, list[d
     """The scored (status ok) rows among ``rows`` that have a locator, by the Study
     Instance UID QIDO-RS listed each under: the study the PACS files it in."""
     grouped: dict[str, list[dict]] = {}
-    for row in rows.select(COLUMNS).to_pylist():
+    for row in rows.select(ROW_COLUMNS).to_pylist():
         locator = located.get(row["image_uri"])
         if row["status"] != "ok" or locator is None:
             continue
@@ -259,7 +262,7 @@ def invalid_attributes(sources: list) -> list[str]:
 
 
 def why_not_built(exc: Exception, sources: list) -> str:
-    """One line for a report that could not be built: the exception's type and the
+    """One line for an SR that could not be built: the exception's type and the
     attributes at fault, never its text, which quotes values (``Unable to convert
     '1980-01-01' to 'DA' object``)."""
     from pydicom.datadict import tag_for_keyword
@@ -305,11 +308,13 @@ def send(
                 for r in scored:
                     sources.append(source_metadata(located[r["image_uri"]], settings))
                 one_patient(sources)
-                made = [report(sources, [r["probs"] for r in scored], ckpt, sha, study)]
+                made = [sr_document(sources, [r["probs"] for r in scored], ckpt, sha, study)]
                 if heatmaps:
                     top = max(range(len(scored)), key=lambda i: max(scored[i]["probs"]))
                     made.append(
-                        heatmap(sources[top], scored[top], located, ckpt, sha, study, settings)
+                        heatmap_capture(
+                            sources[top], scored[top], located, ckpt, sha, study, settings
+                        )
                     )
                 dicomweb.retried(lambda made=made: c.store_instances(made))
         except MeddxError as exc:
@@ -318,7 +323,7 @@ def send(
         except requests.RequestException as exc:
             failed.append(f"study {study}: {dicomweb.reason(exc, where.host)}")
             continue
-        except Exception as exc:  # a report highdicom will not build: say why, go on
+        except Exception as exc:  # an SR highdicom will not build: say why, go on
             failed.append(f"study {study}: {why_not_built(exc, sources)}")
             continue
         stored += 1
@@ -327,10 +332,10 @@ def send(
 
 
 def send_run(cfg, run_id: str, located: dict[str, str], ckpt: Checkpoint, sha: str) -> Sent:
-    """``--results-to``: the reports of the rows run ``run_id`` committed under cfg.out."""
+    """``--results-to``: the SRs of the rows run ``run_id`` committed under cfg.out."""
 
     rows = commit.read_results(
-        cfg.out, cfg.storage, COLUMNS, where=pc.field("run_id") == run_id, dates=[cfg.run_date]
+        cfg.out, cfg.storage, ROW_COLUMNS, where=pc.field("run_id") == run_id, dates=[cfg.run_date]
     )
     key = secret.pseudonym_key()
     if key is None:  # the listing needed it: only a key removed since can miss here

@@ -13,12 +13,13 @@ import os
 import threading
 import uuid
 import warnings
+from collections.abc import Mapping
 
 import psutil
 import ray
 
 from meddx import secret
-from meddx.model.inference import node_cpus
+from meddx.model.forward import node_cpus
 
 log = logging.getLogger(__name__)
 # A CPU predictor holds the model (resnet50: 100 MB), torch's runtime and a batch's
@@ -88,8 +89,8 @@ def quiet_worker_logs() -> None:
     """Run in each of a meddx job's Ray workers as it starts: libraries' INFO lines (Ray
     Train's "Reporting training result", Ray Data's plan and "execution finished", its
     "progress bars disabled") are dropped there, so log_to_driver brings none of them to
-    the console; the driver's copies of Ray Data's stay in its log file. meddx's own
-    lines are printed, not logged, and warnings and errors still show."""
+    the console; the driver's copies of Ray Data's stay in its log file. Warnings and
+    errors still show, and so do meddx's training lines (train_worker.console_lines)."""
     logging.getLogger().setLevel(logging.WARNING)
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     logging.getLogger("ray.data._internal.execution.streaming_executor").setLevel(logging.WARNING)
@@ -172,16 +173,20 @@ def read_blocks(inputs: int, shards: int = 0) -> int:
     return max(1, min(inputs, max(shards, -(-inputs // OBJECTS_PER_BLOCK))))
 
 
+def cpu_nodes() -> int:
+    """The cluster's live nodes that have CPUs (at least one)."""
+    return max(1, sum(1 for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU")))
+
+
 def predictor_pool(
-    actors: int | None, inputs: int
+    actors: int | None, inputs: int, total: Mapping[str, float], nodes: int = 1
 ) -> tuple[ray.data.ActorPoolStrategy, int | None, dict[str, float]]:
-    """The predictor pool, torch threads for each actor (None: the node's CPUs), and
-    what each actor asks of Ray."""
-    total = ray.cluster_resources()
+    """The predictor pool for ``inputs`` on a cluster of ``total`` resources
+    (ray.cluster_resources()) and ``nodes`` CPU nodes, torch threads for each actor
+    (None: the node's CPUs), and what each actor asks of Ray."""
     gpus = int(total.get("GPU", 0))
     if gpus:
         return ray.data.ActorPoolStrategy(size=actors or gpus), None, {"num_gpus": 1}
-    nodes = max(1, sum(1 for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU")))
     cpus = int(total.get("CPU", 1))
     # On CPU, by default one actor per node uses the node's cores through torch's
     # threads. A long job instead runs up to one single-thread actor per core: separate
@@ -207,22 +212,23 @@ def predictor_pool(
     )
 
 
-def training_worker_resources(workers: int, use_gpu: bool) -> dict[str, float]:
-    """What each DDP worker asks of Ray (its torch threads are sized on its own node)."""
+def training_worker_resources(workers: int, use_gpu: bool, cpus: float) -> dict[str, float]:
+    """What each DDP worker asks of Ray on a cluster of ``cpus`` CPUs (its torch threads
+    are sized on its own node)."""
     if use_gpu:
         return {"CPU": 1, "GPU": 1}
-    return {"CPU": cpu_share(ray.cluster_resources().get("CPU", 1), workers)}
+    return {"CPU": cpu_share(cpus, workers)}
 
 
-def decode_task_cpus(resources: dict[str, float], actors: int) -> float:
+def decode_task_cpus(resources: Mapping[str, float], actors: int, cpus: float) -> float:
     """What each read + decode task asks of Ray: on CPU-only clusters just enough less
     than a CPU that decode tasks can fill every core, the predictor actors' reserved
     share included (on 2 CPUs beside an actor holding half of one: 0.75, two at a time;
     with 1 CPU each, one ran at a time and a core idled half the time). The predictor's
     threads and the decode tasks then share the cores through the OS scheduler. Where
-    the model runs on GPUs, one CPU each."""
+    the model runs on GPUs, one CPU each. ``resources``: what each of the ``actors``
+    asks (predictor_pool); ``cpus``: the cluster's."""
     if "num_gpus" in resources:
         return 1.0
-    cpus = ray.cluster_resources().get("CPU", 1)
     held = actors * resources.get("num_cpus", 0)
     return max(0.25, (cpus - held) / cpus) if cpus > held else 1.0

@@ -2,20 +2,23 @@
 
     meddx screen SOURCE --model CKPT --out OUT --run-date 2026-11-26
 
+The run is the skeleton of ``meddx.pipelines.run``, which ``meddx score`` runs too:
+
 1. Recover: a run killed earlier left its files under ``OUT/_staging/RUN_ID/``. If it
    had committed (a ``_COMMIT`` list is there) its moves are finished; if not, its
    files are deleted and its inputs are simply scored again now.
-2. Select: an input is new when OUT holds no row for it from this model, or when the
-   object was modified after it was last scored (listing time). Modified objects are
-   read and hashed; rows whose (image_uri, content_sha256) were already scored are
-   dropped before decoding, so a touched-but-unchanged object is not scored twice.
+2. Select (this module's policy): an input is new when OUT holds no row for it from this
+   model, or when the object was modified after it was last scored (listing time).
+   Modified objects are read and hashed; rows whose (image_uri, content_sha256) were
+   already scored are dropped before decoding, so a touched-but-unchanged object is not
+   scored twice.
 3. Score with the same Ray Data pipeline as ``meddx score``, into the staging folder.
 4. Commit: write ``_COMMIT`` (the file list), move the files into ``OUT/dt=RUN_DATE/``,
    remove the staging folder. Readers of ``OUT/dt=*/`` never see uncommitted rows.
-   (``commit.py`` holds this protocol; ``meddx score`` commits the same way.)
+   (``meddx.store.commit`` holds this protocol.)
 5. Triage and report under ``OUT/_runs/dt=RUN_DATE/``: worklist (CSV and Parquet) with
    its "positive" section and a "needs a human read" section for every row whose ``qc``
-   is not ok, ``summary.json`` and a self-contained ``page.html``.
+   is not ok, ``summary.json`` and a self-contained ``report.html``.
 6. Alarms: error rate over ``--max-error-rate``, quality-control rate over
    ``--max-qc-rate`` or score drift (population stability index against the recent
    runs) over ``--max-psi`` -> one line and a non-zero exit.
@@ -26,12 +29,11 @@ Re-running a date scores nothing that is already there: exactly one row per inpu
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import json
-import sys
-import time
+import logging
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -39,23 +41,18 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from meddx import MeddxAlarm, MeddxError, secret
+from meddx import MeddxAlarm, MeddxError
 from meddx.analysis import drift, page
 from meddx.config import ScreenConfig
-from meddx.inputs import sources, storage
-from meddx.model import registry
+from meddx.inputs import listing, path_pseudonyms, storage
 from meddx.model.registry import Checkpoint
 from meddx.names import HUMAN_READ, OUTPUT_SCHEMA, QC_OK
 from meddx.pacs import stow
-from meddx.pipelines import cluster
-from meddx.pipelines.scoring import (
-    as_indexed,
-    build_dataset,
-    file_metadata,
-    path_key,
-    write_path_map,
-)
-from meddx.store import commit, lease, progress
+from meddx.pipelines import run
+from meddx.pipelines.path_names import as_indexed, path_key
+from meddx.store import commit, lease
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -98,13 +95,19 @@ class NightSummary:
         return json.dumps(dataclasses.asdict(self), indent=2, default=str) + "\n"
 
 
+def screen(cfg: ScreenConfig) -> NightSummary:
+    """One night, holding the lease on OUT from before recovery to after the report."""
+    return run.execute(cfg, Screening(cfg))
+
+
 # ---- what is new ------------------------------------------------------------------------
 
 
-def select_new(cfg: ScreenConfig, listing: list[tuple[str, float | None]], sha: str):
-    """(inputs to read, {uri: [known content hashes]}) for this model. OUT's rows name
-    inputs as ``as_indexed`` does (pseudonyms under --pseudonymize-paths), and so do the
-    hashes' keys, as the read stage compares them."""
+def select_new(cfg: ScreenConfig, listed: list[tuple[str, float | None]], sha: str):
+    """(inputs to read, {uri: [known content hashes]}) for this model, of ``listed``
+    (input, modification time) pairs. OUT's rows name inputs as ``as_indexed`` does
+    (pseudonyms under --pseudonymize-paths), and so do the hashes' keys, as the read
+    stage compares them."""
     done = commit.read_results(
         cfg.out, cfg.storage, ["image_uri", "content_sha256", "model_sha256", "scored_at"]
     )
@@ -126,108 +129,99 @@ def select_new(cfg: ScreenConfig, listing: list[tuple[str, float | None]], sha: 
         strict=True,
     ):
         known.setdefault(uri, []).append(content)
-        base = uri.split("#", 1)[0]  # a tar member counts for its shard
+        base = storage.shard_of(uri)  # a tar member counts for its shard
         last_scored[base] = max(last_scored.get(base, 0.0), when.timestamp())
-    todo, recheck = [], {}
+    todo, recheck = [], set()
     key = path_key(cfg)
-    for uri, modified in listing:
-        name = sources.path_pseudonym(uri, key) if key else uri
+    for uri, modified in listed:
+        name = path_pseudonyms.path_pseudonym(uri, key) if key else uri
         if name not in last_scored:
             todo.append(uri)
         elif modified is not None and modified > last_scored[name]:
             todo.append(uri)
-            recheck[name] = True
-    known_for_todo = {u: shas for u, shas in known.items() if u.split("#", 1)[0] in recheck}
+            recheck.add(name)
+    known_for_todo = {u: shas for u, shas in known.items() if storage.shard_of(u) in recheck}
     return todo, known_for_todo
 
 
-def listing_with_times(
-    cfg: ScreenConfig,
-) -> tuple[list[tuple[str, float | None]], dict[str, str] | None]:
-    """Inputs with their modification time (None from a manifest or a PACS: nothing is
-    listed with a time, and a DICOM instance never changes), and a DICOMweb source's
-    locators (sources.list_located)."""
-    uris, located = sources.list_located(
-        cfg.input, cfg.storage, secret.pseudonym_key(), cfg.since_days, cfg.max_object_bytes
-    )
-    if located is not None or sources.is_manifest(cfg.input):
-        return [(u, None) for u in uris], located
+def with_times(
+    cfg: ScreenConfig, uris: list[str], located: dict[str, str] | None
+) -> list[tuple[str, float | None]]:
+    """The inputs with their modification time (None from a manifest or a PACS: nothing
+    is listed with a time, and a DICOM instance never changes)."""
+    if located is not None or listing.is_manifest(cfg.input):
+        return [(u, None) for u in uris]
     fs = storage.filesystem(cfg.input, cfg.storage)
-    return [(u, _mtime(fs.info(storage.strip_scheme(u)))) for u in uris], None
-
-
-def _mtime(info: dict) -> float | None:
-    value = info.get("LastModified") or info.get("mtime") or info.get("created")
-    if isinstance(value, dt.datetime):
-        return value.timestamp()
-    return float(value) if value is not None else None
+    return [(u, storage.modified_time(fs.info(storage.strip_scheme(u)))) for u in uris]
 
 
 # ---- the run --------------------------------------------------------------------------------
 
 
-def screen(cfg: ScreenConfig) -> NightSummary:
-    """One night, holding the lease on OUT from before recovery to after the report."""
-    start = time.perf_counter()
-    path_key(cfg)  # --pseudonymize-paths without a key: refused before OUT is touched
-    storage.require_bucket(cfg.out, cfg.storage)
-    run_id = cluster.new_run_id(cfg.run_date)
-    with lease.held(
-        cfg.out, cfg.storage, run_id, "screen", cfg.wait_for_lock, cfg.lock_timeout
-    ) as held:
-        return _screen(cfg, run_id, held, start)
+@dataclass
+class Screening:
+    """Screening's policy: what is new since the last night; rows another run committed
+    meanwhile are dropped before the commit, which adds to the partition; then the
+    worklist, report, summary and alarms."""
 
+    cfg: ScreenConfig
+    command: ClassVar[str] = "screen"
+    verb: ClassVar[str] = "screened"
+    replace: ClassVar[bool] = False
+    columns: ClassVar[list[str]] = [f.name for f in OUTPUT_SCHEMA]
+    # The selected inputs with their modification times, which check selects by again.
+    selected: list[tuple[str, float | None]] = field(default_factory=list)
 
-def _screen(cfg: ScreenConfig, run_id: str, held: lease.Lease, start: float) -> NightSummary:
-    recovered = commit.recover(cfg.out, cfg.storage)
-    ckpt, sha = registry.read_checkpoint(cfg.model, cfg.storage, cfg.model_sha256)
-    listing, located = listing_with_times(cfg)
-    todo, known = select_new(cfg, listing, sha)
-    if todo:
-        cluster.init_ray()
-        schema = OUTPUT_SCHEMA.with_metadata(file_metadata(ckpt, sha, run_id, cfg))
-        ds = build_dataset(cfg, todo, ckpt, run_id, known=known, sha=sha, located=located)
-        with progress.shown(
-            cfg.out, cfg.storage, run_id, len(todo), "screened", cfg.progress_seconds, cfg.quiet
-        ):
-            commit.write_staged(ds, cfg.out, cfg.storage, run_id, schema)
+    @property
+    def since_days(self) -> int:
+        return self.cfg.since_days
+
+    def resumable(self) -> None:
+        return None  # a night's inputs are selected anew: nothing of a killed one is kept
+
+    def select(self, listed, located, sha: str, resumed: None) -> run.Selection:
+        timed = with_times(self.cfg, listed, located)
+        todo, known = select_new(self.cfg, timed, sha)
+        chosen = set(todo)
+        self.selected = [(u, m) for u, m in timed if u in chosen]
+        return run.Selection(todo=todo, inputs=todo, known=known)
+
+    def check(self, run_id: str, sha: str, selection: run.Selection, held: lease.Lease):
+        cfg = self.cfg
         held.check()
         # Defence in depth, for a store that ignores conditional writes: inputs another
         # run committed since they were selected are not committed again.
-        selected = [(u, m) for u, m in listing if u in set(todo)]
-        still_new = set(select_new(cfg, selected, sha)[0])
-        gone = {u for u, _ in selected if u not in still_new}
+        still_new = set(select_new(cfg, self.selected, sha)[0])
+        gone = [u for u, _ in self.selected if u not in still_new]
         if gone:
             dropped = commit.drop_staged(cfg.out, cfg.storage, run_id, set(as_indexed(cfg, gone)))
-            print(
-                f"meddx: {len(gone)} inputs were committed by another run meanwhile: "
-                f"dropped their {dropped} rows",
-                file=sys.stderr,
+            log.warning(
+                "meddx: %d inputs were committed by another run meanwhile: dropped their %d rows",
+                len(gone),
+                dropped,
             )
-        commit.commit(cfg.out, cfg.storage, run_id, cfg.run_date, fence=held.check)
-        write_path_map(cfg, run_id, todo)
-    seconds = time.perf_counter() - start
-    rows = commit.read_results(
-        cfg.out, cfg.storage, [f.name for f in OUTPUT_SCHEMA], where=pc.field("run_id") == run_id
-    )
-    summary = summarise(cfg, rows, listing, todo, ckpt, sha, run_id, seconds, recovered)
-    reference, history = drift.recent_scores(
-        cfg.out, cfg.storage, sha, cfg.run_date, cfg.drift_window, page.HISTORY_RUNS
-    )
-    scored = drift.measure(reference, ok_scores(rows))
-    if cfg.results_to and located and todo:
-        sent = stow.send_run(cfg, run_id, located, ckpt, sha)
-        summary = dataclasses.replace(
-            summary,
-            reports_stored=sent.studies,
-            reports_failed=len(sent.failed),
-            results=stow.describe(sent, cfg.results_to),
+
+    def finish(self, outcome: run.Outcome) -> NightSummary:
+        cfg, rows = self.cfg, outcome.rows
+        summary = summarise(cfg, outcome)
+        reference, history = drift.recent_scores(
+            cfg.out, cfg.storage, outcome.sha, cfg.run_date, cfg.drift_window, page.HISTORY_RUNS
         )
-    summary = dataclasses.replace(summary, drift=scored, alarms=check_alarms(cfg, summary, scored))
-    write_artefacts(cfg, summary, rows, ckpt, history, located, as_indexed(cfg, todo))
-    if summary.alarms:
-        raise MeddxAlarm("; ".join(summary.alarms))
-    return summary
+        scored = drift.measure(reference, ok_scores(rows))
+        if outcome.sent:
+            summary = dataclasses.replace(
+                summary,
+                reports_stored=outcome.sent.studies,
+                reports_failed=len(outcome.sent.failed),
+                results=stow.describe(outcome.sent, cfg.results_to),
+            )
+        alarms = check_alarms(cfg, summary, scored)
+        summary = dataclasses.replace(summary, drift=scored, alarms=alarms)
+        paths = as_indexed(cfg, outcome.selection.todo)
+        write_artefacts(cfg, summary, rows, outcome.ckpt, history, outcome.located, paths)
+        if summary.alarms:
+            raise MeddxAlarm("; ".join(summary.alarms))
+        return summary
 
 
 def ok_scores(rows: pa.Table) -> np.ndarray:
@@ -235,7 +229,8 @@ def ok_scores(rows: pa.Table) -> np.ndarray:
     return np.asarray(ok["score"].to_pylist(), dtype=float)
 
 
-def summarise(cfg, rows, listing, todo, ckpt: Checkpoint, sha, run_id, seconds, recovered):
+def summarise(cfg: ScreenConfig, outcome: run.Outcome) -> NightSummary:
+    rows, ckpt, seconds = outcome.rows, outcome.ckpt, outcome.seconds
     status = rows["status"].to_pylist()
     errors = Counter(
         e.split(":", 1)[0]
@@ -247,11 +242,11 @@ def summarise(cfg, rows, listing, todo, ckpt: Checkpoint, sha, run_id, seconds, 
         q for q, st in zip(rows["qc"].to_pylist(), status, strict=True) if st == "ok" and q != QC_OK
     )
     return NightSummary(
-        run_id=run_id,
+        run_id=outcome.run_id,
         run_date=cfg.run_date,
         source=cfg.input,
-        inputs_seen=len(listing),
-        new_inputs=len(todo),
+        inputs_seen=len(outcome.listed),
+        new_inputs=len(outcome.selection.todo),
         rows=len(status),
         ok=ok,
         errors=len(status) - ok,
@@ -260,10 +255,10 @@ def summarise(cfg, rows, listing, todo, ckpt: Checkpoint, sha, run_id, seconds, 
         positives=positives(rows, ckpt.threshold).num_rows,
         threshold=ckpt.threshold,
         model_name=ckpt.model_name,
-        model_sha256=sha,
+        model_sha256=outcome.sha,
         seconds=round(seconds, 2),
         images_per_s=round(len(status) / seconds, 2) if seconds > 0 else 0.0,
-        recovered=recovered,
+        recovered=list(outcome.recovered),
         versions=page.versions(),
         qc_flagged=sum(flagged.values()),
         qc_by_reason=dict(flagged.most_common()),
@@ -377,7 +372,7 @@ def worklist_heatmaps(
     """Overlays of the top positives; ``paths``: the input behind each image_uri (a
     pseudonym's path, read here and never written). A tar member's pseudonym has none:
     it gets no overlay."""
-    from meddx.analysis.explain import heatmaps
+    from meddx.analysis.explain import cams, titled_overlays
 
     try:
         found = triage.filter(pc.equal(triage["section"], "positive"))
@@ -386,13 +381,13 @@ def worklist_heatmaps(
         rows = [
             r
             for r in rows
-            if not sources.is_path_pseudonym(r["image_uri"]) or r["image_uri"] in paths
+            if not path_pseudonyms.is_path_pseudonym(r["image_uri"]) or r["image_uri"] in paths
         ]
         readable = [{**r, "image_uri": paths.get(r["image_uri"], r["image_uri"])} for r in rows]
-        made = heatmaps(readable, ckpt, cfg.storage, cfg.max_object_bytes, located)
-        return [(row, png) for row, (_, png) in zip(rows, made, strict=True)]
+        maps = cams(readable, ckpt, cfg.storage, cfg.max_object_bytes, located)
+        return list(zip(rows, titled_overlays(rows, maps, ckpt), strict=True))
     except Exception as exc:  # a heatmap is a courtesy: never fail a night for it
-        print(f"meddx: no heatmaps in the report: {type(exc).__name__}")
+        log.warning("meddx: no heatmaps in the report: %s", type(exc).__name__)
         return []
 
 
@@ -413,7 +408,7 @@ def write_artefacts(
     )
     overlays = worklist_heatmaps(cfg, triage, ckpt, located, paths)
     html = page.render(summary, rows, triage, history, overlays)
-    storage.write_bytes(storage.join(folder, "page.html"), html.encode(), cfg.storage)
+    storage.write_bytes(storage.join(folder, "report.html"), html.encode(), cfg.storage)
     storage.write_bytes(
         storage.join(folder, "summary.json"), summary.to_json().encode(), cfg.storage
     )

@@ -49,6 +49,12 @@ def _path(out: str, *parts: str) -> str:
     return posixpath.join(storage.strip_scheme(out), *parts)
 
 
+def parquet_files(fs, folder: str) -> list[str]:
+    """The Parquet files below ``folder`` (a path of ``fs``), sorted; none when it is
+    absent."""
+    return sorted(p for p in fs.find(folder) if p.endswith(".parquet"))
+
+
 def partition_uri(out: str, run_date: str) -> str:
     return storage.join(out, f"dt={run_date}")
 
@@ -70,9 +76,7 @@ def read_staged(out: str, settings: StorageSettings, run_id: str, columns: list[
     fs = storage.filesystem(out, settings)
     staging = staging_path(out, run_id)
     fs.invalidate_cache()
-    files = (
-        sorted(p for p in fs.find(staging) if p.endswith(".parquet")) if fs.exists(staging) else []
-    )
+    files = parquet_files(fs, staging) if fs.exists(staging) else []
     if not files:
         return OUTPUT_SCHEMA.empty_table().select(columns)
     return pads.dataset(
@@ -202,12 +206,12 @@ def commit(
     fs = storage.filesystem(out, settings)
     fs.invalidate_cache()
     staging = staging_path(out, run_id)
-    files = sorted(p for p in fs.find(staging) if p.endswith(".parquet"))
+    files = parquet_files(fs, staging)
     partition = _path(out, f"dt={run_date}")
     moves = [(f, posixpath.join(partition, f"{run_id}-{posixpath.basename(f)}")) for f in files]
     removes = []
     if replace and fs.exists(partition):
-        removes = sorted(p for p in fs.find(partition) if p.endswith(".parquet"))
+        removes = parquet_files(fs, partition)
     plan = {"run_id": run_id, "run_date": run_date, "moves": moves, "removes": removes}
     try:
         check_plan(out, run_id, plan)
@@ -230,10 +234,10 @@ def drop_staged(out: str, settings: StorageSettings, run_id: str, uris: set[str]
     fs = storage.filesystem(out, settings)
     fs.invalidate_cache()
     removed = 0
-    for path in sorted(p for p in fs.find(staging_path(out, run_id)) if p.endswith(".parquet")):
+    for path in parquet_files(fs, staging_path(out, run_id)):
         with fs.open(path, "rb") as fh:
             table = pq.read_table(fh)
-        base = pc.list_element(pc.split_pattern(table["image_uri"], "#", max_splits=1), 0)
+        base = storage.shards_of(table["image_uri"])
         keep = pc.invert(pc.is_in(base, pa.array(sorted(uris), pa.string())))
         kept = table.filter(keep)
         if kept.num_rows == table.num_rows:
@@ -318,15 +322,10 @@ def last_uncommitted(out: str, settings: StorageSettings, run_date: str) -> str 
         if not run_id.startswith(f"{run_date}-") or fs.exists(posixpath.join(folder, COMMIT)):
             continue
         files = fs.find(folder, detail=True).values()
-        changed = max((_modified(f) for f in files), default=0.0)
+        changed = max((storage.modified_time(f) or 0.0 for f in files), default=0.0)
         if changed > when:
             latest, when = run_id, changed
     return latest
-
-
-def _modified(info: dict) -> float:
-    value = info.get("LastModified") or info.get("mtime") or 0.0
-    return value.timestamp() if hasattr(value, "timestamp") else float(value)
 
 
 def readable_staged(out: str, settings: StorageSettings, run_id: str) -> int:
@@ -336,7 +335,7 @@ def readable_staged(out: str, settings: StorageSettings, run_id: str) -> int:
     fs = storage.filesystem(out, settings)
     fs.invalidate_cache()
     removed = 0
-    for path in [p for p in fs.find(staging_path(out, run_id)) if p.endswith(".parquet")]:
+    for path in parquet_files(fs, staging_path(out, run_id)):
         try:
             with fs.open(path, "rb") as fh:
                 pq.read_metadata(fh)
@@ -377,7 +376,7 @@ def read_results(
     source, base = root, {}
     if dates is not None:  # only these partitions' files, listed folder by folder
         folders = [p for p in (_path(out, f"dt={d}") for d in dates) if fs.exists(p)]
-        source = sorted(f for d in folders for f in fs.find(d) if f.endswith(".parquet"))
+        source = sorted(f for d in folders for f in parquet_files(fs, d))
         base = {"partition_base_dir": root}
         if not source:
             return empty

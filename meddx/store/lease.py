@@ -44,7 +44,6 @@ import os
 import posixpath
 import signal
 import socket
-import sys
 import threading
 import time
 import uuid
@@ -426,10 +425,11 @@ def acquire(
             if store.take_stale(tag):
                 who = holder.run_id if holder else "an unreadable lock"
                 why = f"its pid {holder.pid} on this host is gone" if gone else ""
-                print(
-                    f"meddx: took over the lease on {out} from {who}, "
-                    + (why or f"silent for {age:.0f} s"),
-                    file=sys.stderr,
+                log.warning(
+                    "meddx: took over the lease on %s from %s, %s",
+                    out,
+                    who,
+                    why or f"silent for {age:.0f} s",
                 )
             continue
         if time.monotonic() >= deadline:

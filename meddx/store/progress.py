@@ -10,7 +10,6 @@ run's summary.
 
 from __future__ import annotations
 
-import contextlib
 import sys
 import threading
 import time
@@ -35,7 +34,8 @@ def _duration(seconds: float) -> str:
 
 
 class Progress:
-    """Counts of one run's written rows, and their display."""
+    """Counts of one run's written rows, and their display around the writing (none with
+    ``quiet``)."""
 
     def __init__(
         self,
@@ -45,10 +45,11 @@ class Progress:
         total: int,
         label: str,
         every: float,
+        quiet: bool = False,
         stream=None,
     ):
         self.out, self.settings, self.run_id = out, settings, run_id
-        self.total, self.label = total, label
+        self.total, self.label, self.quiet = total, label, quiet
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
         self.every = TTY_REFRESH if self.tty else every
@@ -64,7 +65,7 @@ class Progress:
         staging = commit.staging_path(self.out, self.run_id)
         fs.invalidate_cache(staging)
         try:
-            files = [p for p in fs.find(staging) if p.endswith(".parquet")]
+            files = commit.parquet_files(fs, staging)
         except OSError:
             files = []
         for path in files:
@@ -104,27 +105,15 @@ class Progress:
             self._show(self.line(*self.counts()))
 
     def __enter__(self) -> Progress:
-        self._thread.start()
+        if not self.quiet:
+            self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
+        if self.quiet:
+            return
         self._stop.set()
         self._thread.join()
         rows, errors = self.counts()
         elapsed = _duration(time.monotonic() - self.start)
         self._show(f"{self.line(rows, errors, final=True)}; done in {elapsed}", final=True)
-
-
-def shown(
-    out: str,
-    settings: StorageSettings,
-    run_id: str,
-    total: int,
-    label: str,
-    every: float,
-    quiet: bool,
-):
-    """Progress around the writing of a run's rows, or nothing with ``quiet``."""
-    if quiet:
-        return contextlib.nullcontext()
-    return Progress(out, settings, run_id, total, label, every)

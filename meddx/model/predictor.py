@@ -1,0 +1,124 @@
+"""The predict stage: one model per Ray actor, loaded once, run under inference mode.
+
+Kept apart from the Ray pipeline so it can be tested and benchmarked on its own. The
+actor receives decoded uint8 batches; error rows pass through untouched (the model
+never sees them) and every row comes out in the output schema.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from meddx.imaging.decode import INFO_DEFAULTS
+from meddx.inputs.storage import StorageSettings
+from meddx.model import ood, registry
+from meddx.model.forward import LoadedModel, default_device
+from meddx.model.precision import checkpoint_precision, resolve_precision
+from meddx.model.registry import Checkpoint
+from meddx.names import LABEL_SEPARATOR, NO_FINDING, OUTPUT_SCHEMA, QC_OK, QC_OOD
+
+
+class Predictor(LoadedModel):
+    """Loads the model once per actor and turns batches into output rows: scores,
+    labels and the out-of-distribution score, under the run's id."""
+
+    def __init__(
+        self,
+        checkpoint: str | Checkpoint,
+        settings: StorageSettings,
+        precision: str,
+        run_id: str,
+        expected_sha256: str | None = None,
+        *,
+        threads: int | None = None,
+        compile_model: bool = False,
+        runtime: str = "torch",
+    ):
+        if isinstance(checkpoint, Checkpoint):  # already in memory (training's own checks)
+            ckpt = checkpoint
+            self.model_sha256 = hashlib.sha256(registry.checkpoint_bytes(ckpt)).hexdigest()
+        else:
+            # The driver passes the hash it read: a file swapped mid-run is refused.
+            ckpt, self.model_sha256 = registry.read_checkpoint(
+                checkpoint, settings, expected_sha256
+            )
+        self.precision = checkpoint_precision(precision, ckpt)
+        super().__init__(
+            ckpt,
+            resolve_precision(self.precision, default_device()),
+            threads=threads,
+            compile_model=compile_model,
+            runtime=runtime,
+        )
+        self.run_id = run_id
+        # The out-of-distribution density (ood.py), scored from the same forward pass.
+        density = ood.density_of(ckpt)
+        self.density = density.to(self.device) if density is not None else None
+
+    @torch.inference_mode()
+    def ood_scores(self, features: np.ndarray | None) -> np.ndarray | None:
+        if self.density is None or features is None:
+            return None
+        return self.density.score(torch.from_numpy(features).to(self.device)).cpu().numpy()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        ok = batch["status"] == "ok"
+        n = len(ok)
+        probs, scores, labels, ood_scores = [None] * n, [None] * n, [None] * n, [None] * n
+        # The checks before the model (decode.qc_of) stand; a film that passed them is
+        # out of distribution when its features are far from the training data.
+        qc = [q or None for q in batch["qc"].tolist()]
+        if ok.any():
+            p, features = self.infer(batch["image"][ok])
+            distances = self.ood_scores(features)
+            for j, (i, row) in enumerate(zip(np.flatnonzero(ok), p, strict=True)):
+                probs[i] = row.tolist()
+                scores[i] = self.score_for(row)
+                labels[i] = self.label_for(row)
+                if distances is not None:
+                    ood_scores[i] = float(distances[j])
+                    if qc[i] == QC_OK and distances[j] > self.density.threshold:
+                        qc[i] = QC_OOD
+        columns = {
+            "image_uri": batch["image_uri"].tolist(),
+            "status": batch["status"].tolist(),
+            "error": [e or None for e in batch["error"].tolist()],
+            "label": labels,
+            "score": scores,
+            "probs": probs,
+            "threshold": [self.ckpt.threshold] * n,
+            "model_name": [self.ckpt.model_name] * n,
+            "model_sha256": [self.model_sha256] * n,
+            "content_sha256": [h or None for h in batch["content_sha256"].tolist()],
+            # "" and 0 mean unknown between stages; null in the output.
+            **{name: [v or None for v in batch[name].tolist()] for name in INFO_DEFAULTS},
+            "qc": qc,
+            "ood_score": ood_scores,
+            "run_id": [self.run_id] * n,
+            "scored_at": [dt.datetime.now(dt.UTC)] * n,
+        }
+        return pa.Table.from_pydict(columns, schema=OUTPUT_SCHEMA)
+
+    def score_for(self, probs: np.ndarray) -> float:
+        """The worklist score: the positive class's probability, or for multi-label the
+        highest finding probability."""
+        if self.ckpt.multi_label:
+            return float(probs.max())
+        return float(probs[self.ckpt.positive_index])
+
+    def label_for(self, probs: np.ndarray) -> str:
+        names = self.ckpt.class_names
+        if self.ckpt.multi_label:
+            found = [
+                n for n, p, t in zip(names, probs, self.ckpt.thresholds, strict=True) if p >= t
+            ]
+            return LABEL_SEPARATOR.join(found) or NO_FINDING
+        if len(names) == 2:
+            positive = self.ckpt.positive_index
+            return names[positive if probs[positive] >= self.ckpt.threshold else 1 - positive]
+        return names[int(np.argmax(probs))]

@@ -1,0 +1,146 @@
+"""The Ray Dataset a run scores, top-down as the data flow:
+
+    inputs -> read bytes + [drop already-scored bytes] + decode (CPU tasks)
+        -> predict (actor pool, one model per actor, GPU if present) -> rows
+
+and the provenance every Parquet file of the run carries in its key-value metadata.
+Every input gives at least one row: a read or decode failure is caught per image and
+becomes a row with ``status="error"``; the model never sees a bad tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import ray
+
+from meddx import __version__, secret
+from meddx.config import ScoreConfig
+from meddx.imaging.decode import DecodeSettings
+from meddx.inputs import reading, shards
+from meddx.model import engine, ood
+from meddx.model.precision import checkpoint_precision
+from meddx.model.predictor import Predictor
+from meddx.model.registry import Checkpoint
+from meddx.names import CPU_BATCH, GPU_BATCH, QC_VALUES
+from meddx.pipelines import cluster
+from meddx.pipelines.path_names import path_key
+
+# Restarts of a predictor actor whose process died before the run fails (see below).
+PREDICTOR_RESTARTS = 3
+
+
+def resolve_runtime(cfg: ScoreConfig, ckpt: Checkpoint) -> str:
+    """torch, or the checkpoint's OpenVINO artefact (on a CPU-only cluster, with --runtime
+    auto, when it passed its check): decided once, in the driver, once Ray is up."""
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    return engine.resolve_runtime(cfg.runtime, ckpt, gpus)
+
+
+def file_metadata(ckpt: Checkpoint, sha: str, run_id: str, cfg: ScoreConfig) -> dict[str, str]:
+    """Provenance in every Parquet file's key-value metadata (no credentials, no PHI)."""
+    model_runtime = resolve_runtime(cfg, ckpt)
+    density = ood.density_of(ckpt)
+    return {
+        "meddx.version": __version__,
+        "meddx.run_id": run_id,
+        "meddx.run_date": cfg.run_date,
+        "meddx.model_name": ckpt.model_name,
+        "meddx.model_sha256": sha,
+        "meddx.class_names": json.dumps(list(ckpt.class_names)),
+        "meddx.positive_class": ckpt.positive_class,
+        "meddx.threshold": repr(ckpt.threshold),
+        # Multi-label: the findings are class_names; label uses one threshold each.
+        "meddx.multi_label": json.dumps(ckpt.multi_label),
+        "meddx.thresholds": json.dumps(list(ckpt.thresholds)),
+        "meddx.input_size": str(ckpt.input_size),
+        "meddx.precision": engine.runtime_precision(
+            model_runtime, ckpt, checkpoint_precision(cfg.precision, ckpt)
+        ),
+        "meddx.runtime": model_runtime,
+        # Quality control: the qc column's values, the views accepted, and the
+        # ood_score above which a row is out_of_distribution ("" without a density).
+        "meddx.qc_values": json.dumps(list(QC_VALUES)),
+        "meddx.views": json.dumps(list(ckpt.views if cfg.views is None else cfg.views)),
+        "meddx.ood_threshold": repr(density.threshold) if density else "",
+        "meddx.ood_method": "mahalanobis" if density else "",
+    }
+
+
+def build_dataset(
+    cfg: ScoreConfig,
+    uris: list[str],
+    ckpt: Checkpoint,
+    run_id: str,
+    sha: str,
+    known: dict[str, list[str]] | None = None,
+    located: dict[str, str] | None = None,
+) -> ray.data.Dataset:
+    """inputs -> read + [drop already-scored bytes] + decode -> predict, as a Ray Dataset
+    (reading and decoding are one task: the bytes never leave it). ``known``: content
+    hashes already scored per input, whose bytes are dropped unread by the model;
+    ``located``: each DICOMweb input's locator, which the read task fetches it by."""
+    modalities = ckpt.modalities if cfg.modalities is None else cfg.modalities
+    views = ckpt.views if cfg.views is None else cfg.views
+    decode_settings = DecodeSettings(
+        size=ckpt.input_size,
+        max_pixels=cfg.max_pixels,
+        modalities=modalities or None,
+        views=views or None,
+        pseudonym_key=secret.pseudonym_key(),
+    )
+    total = ray.cluster_resources()
+    pool, threads, resources = cluster.predictor_pool(
+        cfg.actors, len(uris), total, cluster.cpu_nodes()
+    )
+    model_runtime = resolve_runtime(cfg, ckpt)
+    blocks = cluster.read_blocks(len(uris), sum(shards.is_shard(u) for u in uris))
+    # Ray Data's default keeps part of the CPUs for each stage of the plan; on a small
+    # node that let one decode task run at a time while a core idled (2 CPUs, 960 films:
+    # cores 53% and 91% busy, 16.7 images/s with an int8 model; without it 93% and 92%,
+    # 25.1 images/s). Backpressure on the object store still bounds what is in flight.
+    ray.data.DataContext.get_current().op_resource_reservation_enabled = False
+    rows = (
+        [{"image_uri": u, "locator": located[u]} for u in uris]
+        if located
+        else [{"image_uri": u} for u in uris]
+    )
+    ds = ray.data.from_items(rows, override_num_blocks=blocks)
+    ds = ds.map_batches(
+        reading.read_objects,
+        fn_kwargs={
+            "settings": cfg.storage,
+            "max_bytes": cfg.max_object_bytes,
+            "decode": decode_settings,
+            "known": known,
+            "path_key": path_key(cfg),
+        },
+        batch_size=None,
+        num_cpus=cluster.decode_task_cpus(resources, pool.max_size, total.get("CPU", 1)),
+    )
+    with warnings.catch_warnings():
+        # max_restarts and max_task_retries have no named parameter yet: Ray 2.60 warns
+        # that passing them as remote args is deprecated.
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        return ds.map_batches(
+            Predictor,
+            fn_constructor_args=(cfg.model, cfg.storage, cfg.precision, run_id, sha),
+            fn_constructor_kwargs={
+                "threads": threads,
+                "compile_model": cfg.compile_model,
+                "runtime": model_runtime,
+            },
+            batch_size=cfg.batch_size or (GPU_BATCH if "num_gpus" in resources else CPU_BATCH),
+            compute=pool,
+            # A predictor whose process dies (OOM kill, lost node, preempted GPU) is
+            # restarted and its unfinished batches re-run: the model is pure, so a re-run
+            # batch gives the same rows, and Ray Data writes each block once. The restarts
+            # are bounded, so a batch that kills its actor every time fails the run instead
+            # of looping. Its batches retry until then: while Ray has not yet declared a lost
+            # node dead (seconds of health checks), each try fails at once as "actor
+            # unavailable", and a fixed number of tries ran out before the restart came.
+            max_restarts=PREDICTOR_RESTARTS,
+            max_task_retries=-1,
+            **resources,
+        )

@@ -1,0 +1,169 @@
+"""The one run skeleton that ``meddx score`` and ``meddx screen`` share:
+
+    take the lease on OUT -> recover -> read the checkpoint -> list -> select
+        -> build -> stage -> check -> commit into OUT/dt=RUN_DATE/ -> results back (SR)
+        -> the command's own ending, still under the lease
+
+Rows reach ``dt=RUN_DATE`` only through the staging and commit protocol
+(``meddx.store.commit``): a run killed at any moment leaves nothing visible there, and
+the next run's recovery finishes or discards what it staged. What differs between the
+commands is their :class:`Policy`: which inputs to score, what to check before the
+commit, whether it replaces the partition, and what to write and return after.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import ClassVar, Protocol, TypeVar
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from meddx import secret
+from meddx.config import ScoreConfig
+from meddx.inputs import listing, storage
+from meddx.model import registry
+from meddx.model.registry import Checkpoint
+from meddx.names import OUTPUT_SCHEMA
+from meddx.pacs import stow
+from meddx.pipelines import cluster
+from meddx.pipelines.dataset import build_dataset, file_metadata
+from meddx.pipelines.path_names import path_key, write_path_map
+from meddx.store import commit, lease, progress
+
+T = TypeVar("T", covariant=True)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What a policy chose to score in this run."""
+
+    todo: list[str]  # inputs read and scored now
+    inputs: list[str]  # every input the committed rows stand for (todo, a resumed run's)
+    # Content hashes already scored, per input as OUT's rows name it: those bytes are
+    # dropped after reading, before decoding.
+    known: dict[str, list[str]] | None = None
+    resumed: str | None = None  # the killed run this one continues, under its run id
+    kept_rows: int = 0  # ... and the rows it had staged, which are kept
+    notes: tuple[str, ...] = ()  # said beside what recovery did
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What the skeleton did, for the policy's ending."""
+
+    run_id: str
+    ckpt: Checkpoint
+    sha: str
+    listed: list[str]  # every input the source listed
+    located: dict[str, str] | None  # a DICOMweb source's locators
+    selection: Selection
+    recovered: tuple[str, ...]  # what was left of earlier runs, and what became of it
+    rows: pa.Table  # this run's committed rows, in the policy's columns
+    sent: stow.Sent | None  # --results-to: what reached the PACS
+    started: float  # the perf_counter() the run's clock started from
+    startup_seconds: float  # listing, the checkpoint's check and Ray's start
+    seconds: float  # from the start to the commit
+
+
+class Policy(Protocol[T]):
+    """What a command decides about its run; :func:`execute` does the rest."""
+
+    command: ClassVar[str]  # the lease holder's name ("score", "screen")
+    verb: ClassVar[str]  # the progress line's ("scored", "screened")
+    replace: ClassVar[bool]  # the commit replaces the run date's partition, or adds to it
+    columns: ClassVar[list[str]]  # of this run's rows, which the ending reads
+
+    @property
+    def since_days(self) -> int | None:
+        """A DICOMweb source is asked for the studies of the last this many days."""
+
+    def resumable(self) -> str | None:
+        """An uncommitted run of the run date whose staged rows recovery must keep."""
+
+    def select(
+        self, listed: list[str], located: dict[str, str] | None, sha: str, resumed: str | None
+    ) -> Selection:
+        """The inputs to score now, of those listed, for the checkpoint ``sha``."""
+
+    def check(self, run_id: str, sha: str, selection: Selection, held: lease.Lease) -> None:
+        """After staging, before the commit: raise to commit nothing, or drop rows."""
+
+    def finish(self, outcome: Outcome) -> T:
+        """After the commit and the results, still under the lease: what the command
+        writes after and returns."""
+
+
+def execute(cfg: ScoreConfig, policy: Policy[T], started: float | None = None) -> T:
+    """One run of ``policy`` over ``cfg.out``, holding the lease on OUT from before
+    recovery to the end of the policy's ending. ``started``: the perf_counter() the
+    run's clock starts from, where the caller started Ray before calling."""
+    start = time.perf_counter() if started is None else started
+    path_key(cfg)  # --pseudonymize-paths without a key: refused before OUT is touched
+    storage.require_bucket(cfg.out, cfg.storage)
+    run_id = cluster.new_run_id(cfg.run_date)
+    with lease.held(
+        cfg.out, cfg.storage, run_id, policy.command, cfg.wait_for_lock, cfg.lock_timeout
+    ) as held:
+        resumed = policy.resumable()
+        recovered = commit.recover(cfg.out, cfg.storage, keep=resumed)
+        # Fail fast, in the driver, before the dataset is built; the actors then insist on
+        # the very same file.
+        ckpt, sha = registry.read_checkpoint(cfg.model, cfg.storage, cfg.model_sha256)
+        listed, located = listing.list_located(
+            cfg.input, cfg.storage, secret.pseudonym_key(), policy.since_days, cfg.max_object_bytes
+        )
+        chosen = policy.select(listed, located, sha, resumed)
+        run_id = chosen.resumed or run_id
+        startup = time.perf_counter() - start
+        if chosen.todo:
+            cluster.init_ray()
+            ds = build_dataset(cfg, chosen.todo, ckpt, run_id, sha, chosen.known, located)
+            startup = time.perf_counter() - start
+            schema = OUTPUT_SCHEMA.with_metadata(file_metadata(ckpt, sha, run_id, cfg))
+            with progress.Progress(
+                cfg.out,
+                cfg.storage,
+                run_id,
+                len(chosen.todo),
+                policy.verb,
+                cfg.progress_seconds,
+                cfg.quiet,
+            ):
+                commit.write_staged(ds, cfg.out, cfg.storage, run_id, schema)
+        committed = bool(chosen.todo or chosen.kept_rows)
+        if committed:
+            policy.check(run_id, sha, chosen, held)
+            # The lease is renewed, or the commit refused, just before the plan is written.
+            commit.commit(
+                cfg.out, cfg.storage, run_id, cfg.run_date, fence=held.check, replace=policy.replace
+            )
+            write_path_map(cfg, run_id, chosen.inputs)
+        seconds = time.perf_counter() - start
+        sent = None
+        if cfg.results_to and located and committed:
+            sent = stow.send_run(cfg, run_id, located, ckpt, sha)
+        rows = commit.read_results(
+            cfg.out,
+            cfg.storage,
+            policy.columns,
+            where=pc.field("run_id") == run_id,
+            dates=[cfg.run_date],
+        )
+        return policy.finish(
+            Outcome(
+                run_id=run_id,
+                ckpt=ckpt,
+                sha=sha,
+                listed=listed,
+                located=located,
+                selection=chosen,
+                recovered=(*recovered, *chosen.notes),
+                rows=rows,
+                sent=sent,
+                started=start,
+                startup_seconds=startup,
+                seconds=seconds,
+            )
+        )
