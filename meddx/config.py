@@ -83,7 +83,7 @@ class ScoreConfig:
     model_sha256: str | None = None  # pin: refuse any other checkpoint file
     compile_model: bool = False  # torch.compile in each predictor (GPU runs)
     runtime: str = "auto"  # names.RUNTIMES
-    # The lease on OUT (lease.py): how long to wait for another run's, and how long a
+    # The lease on OUT (store/lease.py): how long to wait for another run's, and how long a
     # silent one lasts before it is taken over.
     wait_for_lock: float = 0.0
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT

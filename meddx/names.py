@@ -38,7 +38,7 @@ LABEL_SEPARATOR = ";"
 MANIFEST_COLUMNS = ("uri", "label", "study_id")
 # The labelled archive's manifest (``meddx synth`` writes it, ``meddx train`` reads it).
 MANIFEST_NAME = "_manifest.csv"
-# A DICOMweb server as INPUT or --results-to (dicomweb.py).
+# A DICOMweb server as INPUT or --results-to (inputs/dicomweb.py).
 DICOMWEB_SCHEMES = ("dicomweb+http://", "dicomweb+https://")
 
 # Formats ``meddx synth`` writes: what chest archives hold. ``png`` and ``jpeg`` are 8-bit
