@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # torch/torchvision come from pip exactly as pinned in pyproject.toml.
 PIP_INSTALL := $(BIN)/pip install --disable-pip-version-check
 
-.PHONY: install pacs-deps demo test test-fast lint nightly bench bench-qc bench-png512 bench-scale bench-scale-dicom bench-inputs bench-decode bench-runtimes train-ddp score submit-score submit-train clean
+.PHONY: install pacs-deps demo test test-fast lint nightly bench bench-qc bench-png512 bench-scale bench-scale-dicom bench-inputs bench-archive bench-decode bench-runtimes train-ddp score submit-score submit-train clean
 
 install: $(STAMP)
 
@@ -80,6 +80,15 @@ bench-scale: install
 # The same on detector-size films in the realistic mix (local disk, bytes-bounded reads).
 bench-scale-dicom: install
 	$(BIN)/python benchmarks/bench.py --scale 1000,5000 --preset mix --unique 240 --model resnet18
+
+# The control plane at archive scale: one `meddx screen` night of NEW_FILMS new films in
+# a Parquet manifest of ARCHIVE URIs whose history holds the rest, against the same films
+# alone; listing, selection and commit times and the driver's peak RSS. 10^7 takes long:
+# make bench-archive ARCHIVE=1e7 NEW_FILMS=20000 (docs/benchmarks.md).
+ARCHIVE ?= 1e5,1e6
+NEW_FILMS ?= 2000
+bench-archive: install
+	$(BIN)/python benchmarks/archive_scale.py --archive $(ARCHIVE) --night $(NEW_FILMS) $(ARGS)
 
 # Decode ms per film and format (detector-size films, one core): meddx against the loop
 # users write (pydicom + LUTs or PIL, torchvision Resize) and the bare fastest decoder.

@@ -16,8 +16,9 @@ import pyarrow.dataset as pads
 import pytest
 
 from meddx import MeddxError
+from meddx.inputs.listing import list_table
 from meddx.inputs.reading import read_object
-from meddx.inputs.storage import StorageSettings, arrow_filesystem, filesystem, list_files
+from meddx.inputs.storage import StorageSettings, arrow_filesystem, filesystem
 
 from .helpers import MEDDX
 from .images import make_tar, png
@@ -50,7 +51,7 @@ def test_listing_and_reads_survive_transient_faults(bucket, settings, faulty_s3)
     faulty_s3.rules = FaultRules(transient={"cut": ["truncate"]}, default=["503", "reset"])
     via_proxy = StorageSettings(s3_endpoint=faulty_s3.url)
 
-    uris = list_files(f"{bucket}/in", via_proxy)
+    uris = list_table(f"{bucket}/in", via_proxy)["image_uri"].to_pylist()
     assert uris == [f"{bucket}/in/a/{i}.png" for i in range(3)] + [f"{bucket}/in/b/cut.png"]
     assert [read_object(u, via_proxy) for u in uris] == [
         (png("L", size=40 + i), "") for i in range(3)
@@ -64,7 +65,7 @@ def test_denied_listing_is_one_clear_line(bucket, settings, faulty_s3):
     filesystem(bucket, settings).pipe_file(f"{bucket.removeprefix('s3://')}/secret/x.png", b"x")
     faulty_s3.rules = FaultRules(denied=("secret",))
     with pytest.raises(MeddxError, match=r"^cannot list .*/secret: access denied$"):
-        list_files(f"{bucket}/secret", StorageSettings(s3_endpoint=faulty_s3.url))
+        list_table(f"{bucket}/secret", StorageSettings(s3_endpoint=faulty_s3.url))
 
 
 @pytest.mark.slow

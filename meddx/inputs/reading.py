@@ -73,7 +73,8 @@ def read_objects(
     column does not survive Ray's Arrow conversion as None.
 
     With ``decode``, each batch is decoded (``decode_images``) before it leaves the
-    task, after dropping the rows ``known`` lists as scored already (``drop_known``): a
+    task, after dropping the rows scored already (``drop_known``: the batch's ``known``
+    column, or the ``known`` dict): a
     film's bytes (13-50 MB at detector size) then never pass through Ray's Arrow blocks,
     only its pixels at model size do. Two stages would copy the bytes into Arrow and
     back, 10 ms of a core per detector film.
@@ -84,8 +85,7 @@ def read_objects(
     for chunk in _read_chunks(batch, settings, max_bytes):
         if path_key:
             chunk = pseudonymize_paths(chunk, path_key)
-        if known:
-            chunk = drop_known(chunk, known)
+        chunk = drop_known(chunk, known)
         yield decode_images(chunk, decode) if decode is not None else chunk
 
 
@@ -109,7 +109,7 @@ def _read_chunks(
             ),
         }
         for j, key in enumerate(extra):
-            out[key] = np.array([r[3 + j] for r in rows], dtype=batch[key].dtype)
+            out[key] = _column([r[3 + j] for r in rows], batch[key].dtype)
         rows.clear()
         return out
 
@@ -134,6 +134,17 @@ def _read_chunks(
             yield flush()
     if rows:
         yield flush()
+
+
+def _column(values: list, dtype: np.dtype) -> np.ndarray:
+    """A carried column, one element per row even where each is itself an array (a
+    ``known`` list): numpy would make equal-length arrays a 2-D block."""
+    if dtype.kind != "O":
+        return np.array(values, dtype=dtype)
+    out = np.empty(len(values), dtype=object)
+    for i, value in enumerate(values):
+        out[i] = value
+    return out
 
 
 def fetch_all(
@@ -208,14 +219,37 @@ def read_uris(
     return [found[uri] for uri in uris]
 
 
-def drop_known(batch: dict[str, np.ndarray], known: dict[str, list[str]]) -> dict[str, np.ndarray]:
+# Between an input's name and a content hash in a ``known`` column's strings.
+KNOWN_SEPARATOR = "\0"
+
+
+def drop_known(
+    batch: dict[str, np.ndarray], known: dict[str, list[str]] | None = None
+) -> dict[str, np.ndarray]:
     """Drop rows whose (image_uri, content_sha256) was already scored: an object that was
-    touched but not changed. Unreadable rows are kept (they become error rows)."""
-    keep = np.array(
-        [
-            not (sha and sha in known.get(uri, ()))
-            for uri, sha in zip(batch["image_uri"], batch["content_sha256"], strict=True)
-        ],
-        dtype=bool,
-    )
-    return {k: v[keep] for k, v in batch.items()}
+    touched but not changed. Unreadable rows are kept (they become error rows).
+
+    What was scored comes with the rows, in a ``known`` column (each input's
+    ``NAME KNOWN_SEPARATOR SHA`` strings, null for a new one; a shard's rows all carry
+    its list), which is then dropped; or, from older callers, as a ``known`` dict."""
+    carried = batch.get("known")
+    if carried is None and not known:
+        return batch
+    if carried is not None:
+        uris, shas = batch["image_uri"], batch["content_sha256"]
+        keep = np.array(
+            [
+                not (sha and listed is not None and f"{uri}{KNOWN_SEPARATOR}{sha}" in listed)
+                for uri, sha, listed in zip(uris, shas, carried, strict=True)
+            ],
+            dtype=bool,
+        )
+    else:
+        keep = np.array(
+            [
+                not (sha and sha in known.get(uri, ()))
+                for uri, sha in zip(batch["image_uri"], batch["content_sha256"], strict=True)
+            ],
+            dtype=bool,
+        )
+    return {k: v[keep] for k, v in batch.items() if k != "known"}

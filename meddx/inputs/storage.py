@@ -54,11 +54,6 @@ def strip_scheme(uri: str) -> str:
     return os.path.abspath(os.path.expanduser(uri))
 
 
-def to_uri(uri_like: str, path: str) -> str:
-    """Inverse of :func:`strip_scheme` for a path listed from the same filesystem."""
-    return f"s3://{path}" if is_s3(uri_like) else path
-
-
 def join(base: str, *parts: str) -> str:
     if is_s3(base):
         return posixpath.join(base.rstrip("/"), *parts)
@@ -199,21 +194,3 @@ def missing_locally(uri: str) -> bool:
     """A local path (no scheme) that does not exist: what a run refuses before it starts
     Ray, which takes seconds."""
     return "://" not in uri and not os.path.exists(uri)
-
-
-def list_files(prefix: str, settings: StorageSettings) -> list[str]:
-    """Every object under ``prefix`` (recursively), as URIs, sorted, without metadata names."""
-    fs = filesystem(prefix, settings)
-    root = strip_scheme(prefix).rstrip("/")
-    try:
-        if fs.isfile(root):
-            return [to_uri(prefix, root)]
-        found = fs.find(root)
-    except FileNotFoundError:
-        found = []
-    except PermissionError as exc:
-        raise MeddxError(f"cannot list {prefix}: access denied") from exc
-    if not found and not fs.exists(root):
-        raise MeddxError(f"input not found: {prefix}")
-    files = [p for p in found if not is_hidden(p[len(root) :])]
-    return sorted(to_uri(prefix, p) for p in files)

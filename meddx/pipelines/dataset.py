@@ -10,15 +10,18 @@ becomes a row with ``status="error"``; the model never sees a bad tensor.
 
 from __future__ import annotations
 
+import functools
 import json
 import warnings
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 
 from meddx import __version__, secret
 from meddx.config import ScoreConfig
 from meddx.imaging.decode import DecodeSettings
-from meddx.inputs import reading, shards
+from meddx.inputs import reading, shards, storage
 from meddx.model import engine, ood
 from meddx.model.precision import checkpoint_precision
 from meddx.model.predictor import Predictor
@@ -70,17 +73,17 @@ def file_metadata(ckpt: Checkpoint, sha: str, run_id: str, cfg: ScoreConfig) -> 
 
 def build_dataset(
     cfg: ScoreConfig,
-    uris: list[str],
+    todo: pa.Table,
     ckpt: Checkpoint,
     run_id: str,
     sha: str,
-    known: dict[str, list[str]] | None = None,
     located: dict[str, str] | None = None,
 ) -> ray.data.Dataset:
     """inputs -> read + [drop already-scored bytes] + decode -> predict, as a Ray Dataset
-    (reading and decoding are one task: the bytes never leave it). ``known``: content
-    hashes already scored per input, whose bytes are dropped unread by the model;
-    ``located``: each DICOMweb input's locator, which the read task fetches it by."""
+    (reading and decoding are one task: the bytes never leave it). ``todo``: the inputs
+    as a listing table, with a ``known`` column where some were scored already (their
+    content hashes, whose bytes are dropped unread by the model); ``located``: each
+    DICOMweb input's locator, which the read task fetches it by."""
     modalities = ckpt.modalities if cfg.modalities is None else cfg.modalities
     views = ckpt.views if cfg.views is None else cfg.views
     decode_settings = DecodeSettings(
@@ -91,29 +94,24 @@ def build_dataset(
         pseudonym_key=secret.pseudonym_key(),
     )
     total = ray.cluster_resources()
+    uris = todo["image_uri"]
     pool, threads, resources = cluster.predictor_pool(
         cfg.actors, len(uris), total, cluster.cpu_nodes()
     )
     model_runtime = resolve_runtime(cfg, ckpt)
-    blocks = cluster.read_blocks(len(uris), sum(shards.is_shard(u) for u in uris))
+    blocks = cluster.read_blocks(len(uris), shard_count(uris))
     # Ray Data's default keeps part of the CPUs for each stage of the plan; on a small
     # node that let one decode task run at a time while a core idled (2 CPUs, 960 films:
     # cores 53% and 91% busy, 16.7 images/s with an int8 model; without it 93% and 92%,
     # 25.1 images/s). Backpressure on the object store still bounds what is in flight.
     ray.data.DataContext.get_current().op_resource_reservation_enabled = False
-    rows = (
-        [{"image_uri": u, "locator": located[u]} for u in uris]
-        if located
-        else [{"image_uri": u} for u in uris]
-    )
-    ds = ray.data.from_items(rows, override_num_blocks=blocks)
+    ds = ray.data.from_arrow(scored_inputs(todo, located), override_num_blocks=blocks)
     ds = ds.map_batches(
         reading.read_objects,
         fn_kwargs={
             "settings": cfg.storage,
             "max_bytes": cfg.max_object_bytes,
             "decode": decode_settings,
-            "known": known,
             "path_key": path_key(cfg),
         },
         batch_size=None,
@@ -144,3 +142,20 @@ def build_dataset(
             max_task_retries=-1,
             **resources,
         )
+
+
+def shard_count(uris: pa.ChunkedArray) -> int:
+    """How many of the inputs are tar shards (``shards.is_shard``), counted by Arrow."""
+    lower = pc.utf8_lower(storage.shards_of(uris))
+    found = [pc.ends_with(lower, suffix) for suffix in shards.SHARD_SUFFIXES]
+    return pc.sum(functools.reduce(pc.or_, found)).as_py() or 0
+
+
+def scored_inputs(todo: pa.Table, located: dict[str, str] | None) -> pa.Table:
+    """The table the read stage gets: image_uri, a DICOMweb input's locator, and the
+    ``known`` hashes where the selection gave them (size and mtime stay behind)."""
+    table = todo.select([c for c in ("image_uri", "known") if c in todo.column_names])
+    if located:  # the night's instances only
+        locators = [located[u] for u in todo["image_uri"].to_pylist()]
+        table = table.append_column("locator", pa.array(locators, pa.string()))
+    return table

@@ -33,6 +33,16 @@ def as_indexed(cfg: ScoreConfig, uris) -> dict[str, str]:
     return {path_pseudonyms.path_pseudonym(u, key) if key else u: u for u in uris}
 
 
+def indexed_names(cfg: ScoreConfig, listed: pa.Table) -> pa.ChunkedArray:
+    """Each listed input as OUT's rows name it: itself, or its keyed pseudonym under
+    --pseudonymize-paths (an HMAC per input: the one per-input step Arrow cannot do)."""
+    key = path_key(cfg)
+    if not key:
+        return listed["image_uri"]
+    names = [path_pseudonyms.path_pseudonym(u, key) for u in listed["image_uri"].to_pylist()]
+    return pa.chunked_array([pa.array(names, pa.string())], pa.string())
+
+
 def write_path_map(cfg: ScoreConfig, run_id: str, uris: list[str]) -> None:
     """``--path-map``: this run's pseudonym -> path table, as PATH_MAP/RUN_ID.parquet
     (a tar member's pseudonym is its shard's, then the keyed hash of its name)."""

@@ -39,11 +39,11 @@ T = TypeVar("T", covariant=True)
 class Selection:
     """What a policy chose to score in this run."""
 
-    todo: list[str]  # inputs read and scored now
-    inputs: list[str]  # every input the committed rows stand for (todo, a resumed run's)
-    # Content hashes already scored, per input as OUT's rows name it: those bytes are
-    # dropped after reading, before decoding.
-    known: dict[str, list[str]] | None = None
+    # The inputs read and scored now: listing rows (image_uri, size, mtime), with a
+    # ``known`` column where some were scored already (their content hashes, per input
+    # as OUT's rows name it: those bytes are dropped after reading, before decoding).
+    todo: pa.Table
+    inputs: pa.Table  # every input the committed rows stand for (todo, a resumed run's)
     resumed: str | None = None  # the killed run this one continues, under its run id
     kept_rows: int = 0  # ... and the rows it had staged, which are kept
     notes: tuple[str, ...] = ()  # said beside what recovery did
@@ -56,7 +56,7 @@ class Outcome:
     run_id: str
     ckpt: Checkpoint
     sha: str
-    listed: list[str]  # every input the source listed
+    listed: pa.Table  # every input the source listed (listing.LISTING_SCHEMA)
     located: dict[str, str] | None  # a DICOMweb source's locators
     selection: Selection
     recovered: tuple[str, ...]  # what was left of earlier runs, and what became of it
@@ -83,7 +83,7 @@ class Policy(Protocol[T]):
         """An uncommitted run of the run date whose staged rows recovery must keep."""
 
     def select(
-        self, listed: list[str], located: dict[str, str] | None, sha: str, resumed: str | None
+        self, listed: pa.Table, located: dict[str, str] | None, sha: str, resumed: str | None
     ) -> Selection:
         """The inputs to score now, of those listed, for the checkpoint ``sha``."""
 
@@ -117,29 +117,29 @@ def execute(cfg: ScoreConfig, policy: Policy[T], started: float | None = None) -
         chosen = policy.select(listed, located, sha, resumed)
         run_id = chosen.resumed or run_id
         startup = time.perf_counter() - start
-        if chosen.todo:
+        if chosen.todo.num_rows:
             cluster.init_ray()
-            ds = build_dataset(cfg, chosen.todo, ckpt, run_id, sha, chosen.known, located)
+            ds = build_dataset(cfg, chosen.todo, ckpt, run_id, sha, located)
             startup = time.perf_counter() - start
             schema = OUTPUT_SCHEMA.with_metadata(file_metadata(ckpt, sha, run_id, cfg))
             with progress.Progress(
                 cfg.out,
                 cfg.storage,
                 run_id,
-                len(chosen.todo),
+                chosen.todo.num_rows,
                 policy.verb,
                 cfg.progress_seconds,
                 cfg.quiet,
             ):
                 commit.write_staged(ds, cfg.out, cfg.storage, run_id, schema)
-        committed = bool(chosen.todo or chosen.kept_rows)
+        committed = bool(chosen.todo.num_rows or chosen.kept_rows)
         if committed:
             policy.check(run_id, sha, chosen, held)
             # The lease is renewed, or the commit refused, just before the plan is written.
             commit.commit(
                 cfg.out, cfg.storage, run_id, cfg.run_date, fence=held.check, replace=policy.replace
             )
-            write_path_map(cfg, run_id, chosen.inputs)
+            write_path_map(cfg, run_id, chosen.inputs["image_uri"].to_pylist())
         seconds = time.perf_counter() - start
         sent = None
         if cfg.results_to and located and committed:

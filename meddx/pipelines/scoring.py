@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import ClassVar
 
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from meddx import MeddxError
@@ -23,7 +24,7 @@ from meddx.config import ScoreConfig
 from meddx.inputs import dicomweb, storage
 from meddx.pacs import stow
 from meddx.pipelines import run
-from meddx.pipelines.path_names import as_indexed
+from meddx.pipelines.path_names import indexed_names
 from meddx.store import commit, lease
 
 
@@ -78,7 +79,7 @@ class Scoring:
         return commit.last_uncommitted(self.cfg.out, self.cfg.storage, self.cfg.run_date)
 
     def select(self, listed, located, sha: str, resumed: str | None) -> run.Selection:
-        if not listed:  # a folder or manifest without inputs is refused as it is listed
+        if not listed.num_rows:  # a folder or manifest without inputs is refused as listed
             host = dicomweb.endpoint(self.cfg.input).host
             raise MeddxError(f"no instances match the query on {host}")
         if resumed:
@@ -91,10 +92,10 @@ class Scoring:
     def check(self, run_id: str, sha: str, selection: run.Selection, held: lease.Lease) -> None:
         cfg = self.cfg
         staged = commit.read_staged(cfg.out, cfg.storage, run_id, ["status"]).num_rows
-        if staged < len(selection.inputs):  # at least one row an input (a shard, many)
+        if staged < selection.inputs.num_rows:  # at least one row an input (a shard, many)
             commit.discard(cfg.out, cfg.storage, run_id)
             raise MeddxError(
-                f"staged {staged} rows for {len(selection.inputs)} inputs: not committed"
+                f"staged {staged} rows for {selection.inputs.num_rows} inputs: not committed"
             )
 
     def finish(self, outcome: run.Outcome) -> ScoreSummary:
@@ -102,7 +103,7 @@ class Scoring:
         ok = pc.sum(pc.equal(outcome.rows["status"], "ok")).as_py() or 0
         sent = outcome.sent
         return ScoreSummary(
-            inputs=len(outcome.listed),
+            inputs=outcome.listed.num_rows,
             ok=ok,
             errors=rows - ok,
             rows_written=rows,
@@ -112,29 +113,31 @@ class Scoring:
             startup_seconds=outcome.startup_seconds,
             recovered=outcome.recovered,
             resumed_rows=outcome.selection.kept_rows,
-            scored_now=len(outcome.selection.todo),
+            scored_now=outcome.selection.todo.num_rows,
             results=stow.describe(sent, self.cfg.results_to) if sent else "",
             results_failed=len(sent.failed) if sent else 0,
         )
 
 
-def resume(cfg: ScoreConfig, run_id: str, uris: list[str], sha: str) -> run.Selection:
+def resume(cfg: ScoreConfig, run_id: str, listed: pa.Table, sha: str) -> run.Selection:
     """``--resume``: continue the killed run ``run_id`` under its id, keeping the rows it
-    staged and scoring the inputs it has none for. Its half-written files are dropped
-    (their inputs are scored again)."""
+    staged and scoring the inputs it has none for (an anti-join of the listing against
+    the staged rows, by the name OUT's rows give each input). Its half-written files are
+    dropped (their inputs are scored again)."""
     commit.readable_staged(cfg.out, cfg.storage, run_id)
     staged = commit.read_staged(cfg.out, cfg.storage, run_id, ["image_uri", "model_sha256"])
-    models_used = set(staged["model_sha256"].to_pylist()) - {sha}
+    models_used = set(pc.unique(staged["model_sha256"]).to_pylist()) - {sha}
     if models_used:
         raise MeddxError(
             f"run {run_id} was scoring with another checkpoint ({sorted(models_used)[0][:12]}"
             "...): run without --resume to start over"
         )
-    done = set(storage.shards_of(staged["image_uri"]).to_pylist())  # a member: its shard
-    indexed = as_indexed(cfg, uris)  # how the staged rows name the inputs
-    if done - set(indexed):
+    # A member counts for its shard; the staged rows name inputs as indexed_names does.
+    done = pc.unique(storage.shards_of(staged["image_uri"]).combine_chunks())
+    names = indexed_names(cfg, listed).combine_chunks()
+    if pc.any(pc.invert(pc.is_in(done, value_set=names))).as_py():
         raise MeddxError(
             f"run {run_id} scored inputs that INPUT no longer lists: run without --resume"
         )
-    todo = [u for p, u in indexed.items() if p not in done]
-    return run.Selection(todo=todo, inputs=uris, resumed=run_id, kept_rows=staged.num_rows)
+    todo = listed.filter(pc.invert(pc.is_in(names, value_set=done)))
+    return run.Selection(todo=todo, inputs=listed, resumed=run_id, kept_rows=staged.num_rows)

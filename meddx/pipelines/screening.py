@@ -8,7 +8,9 @@ The run is the skeleton of ``meddx.pipelines.run``, which ``meddx score`` runs t
    had committed (a ``_COMMIT`` list is there) its moves are finished; if not, its
    files are deleted and its inputs are simply scored again now.
 2. Select (this module's policy): an input is new when OUT holds no row for it from this
-   model, or when the object was modified after it was last scored (listing time).
+   model, or when the object was modified after it was last scored (the listing's own
+   mtime: one listing, no per-object request), as an Arrow join of the listing against
+   the committed rows.
    Modified objects are read and hashed; rows whose (image_uri, content_sha256) were
    already scored are dropped before decoding, so a touched-but-unchanged object is not
    scored twice.
@@ -44,12 +46,12 @@ import pyarrow.parquet as pq
 from meddx import MeddxAlarm, MeddxError
 from meddx.analysis import drift, page
 from meddx.config import ScreenConfig
-from meddx.inputs import listing, path_pseudonyms, storage
+from meddx.inputs import listing, path_pseudonyms, reading, storage
 from meddx.model.registry import Checkpoint
 from meddx.names import HUMAN_READ, OUTPUT_SCHEMA, QC_OK
 from meddx.pacs import stow
 from meddx.pipelines import run
-from meddx.pipelines.path_names import as_indexed, path_key
+from meddx.pipelines.path_names import as_indexed, indexed_names
 from meddx.store import commit, lease
 
 log = logging.getLogger(__name__)
@@ -103,11 +105,16 @@ def screen(cfg: ScreenConfig) -> NightSummary:
 # ---- what is new ------------------------------------------------------------------------
 
 
-def select_new(cfg: ScreenConfig, listed: list[tuple[str, float | None]], sha: str):
-    """(inputs to read, {uri: [known content hashes]}) for this model, of ``listed``
-    (input, modification time) pairs. OUT's rows name inputs as ``as_indexed`` does
-    (pseudonyms under --pseudonymize-paths), and so do the hashes' keys, as the read
-    stage compares them."""
+def select_new(cfg: ScreenConfig, listed: pa.Table, sha: str) -> pa.Table:
+    """The rows of ``listed`` (a listing table: image_uri, size, mtime) to read for this
+    model, in the listing's order: those OUT holds no row for, and those modified after
+    they were last scored (by the listing's mtime; a tar member counts for its shard).
+
+    A re-checked input carries ``known``: the ``NAME\0CONTENT_SHA256`` of each row OUT
+    holds for it (NAME as ``as_indexed`` names it, a pseudonym under
+    --pseudonymize-paths), which the read stage drops unscored when the bytes are the
+    same; null for a new input. Everything here is Arrow: the cost grows with the
+    committed rows and the listing, never their product."""
     done = commit.read_results(
         cfg.out, cfg.storage, ["image_uri", "content_sha256", "model_sha256", "scored_at"]
     )
@@ -120,39 +127,40 @@ def select_new(cfg: ScreenConfig, listed: list[tuple[str, float | None]], sha: s
     done = done.filter(
         pc.and_(pc.equal(done["model_sha256"], sha), pc.is_valid(done["content_sha256"]))
     )
-    known: dict[str, list[str]] = {}
-    last_scored: dict[str, float] = {}
-    for uri, content, when in zip(
-        done["image_uri"].to_pylist(),
-        done["content_sha256"].to_pylist(),
-        done["scored_at"].to_pylist(),
-        strict=True,
-    ):
-        known.setdefault(uri, []).append(content)
-        base = storage.shard_of(uri)  # a tar member counts for its shard
-        last_scored[base] = max(last_scored.get(base, 0.0), when.timestamp())
-    todo, recheck = [], set()
-    key = path_key(cfg)
-    for uri, modified in listed:
-        name = path_pseudonyms.path_pseudonym(uri, key) if key else uri
-        if name not in last_scored:
-            todo.append(uri)
-        elif modified is not None and modified > last_scored[name]:
-            todo.append(uri)
-            recheck.add(name)
-    known_for_todo = {u: shas for u, shas in known.items() if storage.shard_of(u) in recheck}
-    return todo, known_for_todo
-
-
-def with_times(
-    cfg: ScreenConfig, uris: list[str], located: dict[str, str] | None
-) -> list[tuple[str, float | None]]:
-    """The inputs with their modification time (None from a manifest or a PACS: nothing
-    is listed with a time, and a DICOM instance never changes)."""
-    if located is not None or listing.is_manifest(cfg.input):
-        return [(u, None) for u in uris]
-    fs = storage.filesystem(cfg.input, cfg.storage)
-    return [(u, storage.modified_time(fs.info(storage.strip_scheme(u)))) for u in uris]
+    shards = storage.shards_of(done["image_uri"])
+    last = (
+        pa.table({"name": shards, "scored_at": done["scored_at"]})
+        .group_by("name")
+        .aggregate([("scored_at", "max")])
+    )
+    order = pa.array(np.arange(listed.num_rows, dtype=np.int64))
+    keyed = listed.select(["image_uri", "mtime"]).append_column("name", indexed_names(cfg, listed))
+    joined = (
+        keyed.append_column("order", order)
+        .join(last, "name", join_type="left outer")
+        .sort_by("order")
+    )
+    never = pc.is_null(joined["scored_at_max"])
+    newer = pc.fill_null(pc.greater(joined["mtime"], joined["scored_at_max"]), False)
+    picked = joined.filter(pc.or_(never, newer))
+    rechecked = picked.filter(pc.is_valid(picked["scored_at_max"]))["name"]
+    todo = listed.take(picked["order"])
+    if not len(rechecked):
+        return todo
+    # The known hashes of the few re-checked inputs, as a list per input.
+    again = done.filter(pc.is_in(shards, value_set=rechecked.combine_chunks()))
+    pairs = pa.table(
+        {
+            "name": storage.shards_of(again["image_uri"]),
+            "known": pc.binary_join_element_wise(
+                again["image_uri"], again["content_sha256"], reading.KNOWN_SEPARATOR
+            ),
+        }
+    )
+    lists = pairs.group_by("name").aggregate([("known", "list")])
+    # Each picked input's list (null for a new one), by position: a take, not a join.
+    where = pc.index_in(picked["name"], value_set=lists["name"].combine_chunks())
+    return todo.append_column("known", lists["known_list"].take(where))
 
 
 # ---- the run --------------------------------------------------------------------------------
@@ -169,8 +177,8 @@ class Screening:
     verb: ClassVar[str] = "screened"
     replace: ClassVar[bool] = False
     columns: ClassVar[list[str]] = [f.name for f in OUTPUT_SCHEMA]
-    # The selected inputs with their modification times, which check selects by again.
-    selected: list[tuple[str, float | None]] = field(default_factory=list)
+    # The selected inputs (listing rows), which check selects by again.
+    selected: pa.Table = field(default_factory=lambda: listing.uris_table([]))
 
     @property
     def since_days(self) -> int:
@@ -179,22 +187,22 @@ class Screening:
     def resumable(self) -> None:
         return None  # a night's inputs are selected anew: nothing of a killed one is kept
 
-    def select(self, listed, located, sha: str, resumed: None) -> run.Selection:
-        timed = with_times(self.cfg, listed, located)
-        todo, known = select_new(self.cfg, timed, sha)
-        chosen = set(todo)
-        self.selected = [(u, m) for u, m in timed if u in chosen]
-        return run.Selection(todo=todo, inputs=todo, known=known)
+    def select(self, listed: pa.Table, located, sha: str, resumed: None) -> run.Selection:
+        todo = select_new(self.cfg, listed, sha)
+        self.selected = todo.select(listing.LISTING_SCHEMA.names)
+        return run.Selection(todo=todo, inputs=self.selected)
 
     def check(self, run_id: str, sha: str, selection: run.Selection, held: lease.Lease):
         cfg = self.cfg
         held.check()
         # Defence in depth, for a store that ignores conditional writes: inputs another
         # run committed since they were selected are not committed again.
-        still_new = set(select_new(cfg, self.selected, sha)[0])
-        gone = [u for u, _ in self.selected if u not in still_new]
-        if gone:
-            dropped = commit.drop_staged(cfg.out, cfg.storage, run_id, set(as_indexed(cfg, gone)))
+        still_new = select_new(cfg, self.selected, sha)["image_uri"]
+        uris = self.selected["image_uri"]
+        gone = uris.filter(pc.invert(pc.is_in(uris, value_set=still_new.combine_chunks())))
+        if len(gone):
+            names = set(as_indexed(cfg, gone.to_pylist()))
+            dropped = commit.drop_staged(cfg.out, cfg.storage, run_id, names)
             log.warning(
                 "meddx: %d inputs were committed by another run meanwhile: dropped their %d rows",
                 len(gone),
@@ -217,7 +225,7 @@ class Screening:
             )
         alarms = check_alarms(cfg, summary, scored)
         summary = dataclasses.replace(summary, drift=scored, alarms=alarms)
-        paths = as_indexed(cfg, outcome.selection.todo)
+        paths = as_indexed(cfg, outcome.selection.todo["image_uri"].to_pylist())
         write_artefacts(cfg, summary, rows, outcome.ckpt, history, outcome.located, paths)
         if summary.alarms:
             raise MeddxAlarm("; ".join(summary.alarms))
@@ -245,8 +253,8 @@ def summarise(cfg: ScreenConfig, outcome: run.Outcome) -> NightSummary:
         run_id=outcome.run_id,
         run_date=cfg.run_date,
         source=cfg.input,
-        inputs_seen=len(outcome.listed),
-        new_inputs=len(outcome.selection.todo),
+        inputs_seen=outcome.listed.num_rows,
+        new_inputs=outcome.selection.todo.num_rows,
         rows=len(status),
         ok=ok,
         errors=len(status) - ok,

@@ -1,0 +1,210 @@
+"""The control plane's per-input work as Arrow data: the listing keeps what one listing
+returned (no per-object request), and selecting the night's inputs runs no Python per
+listed input or committed row."""
+
+import datetime as dt
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from meddx import MeddxError
+from meddx.config import ScreenConfig
+from meddx.inputs import listing, reading
+from meddx.inputs.storage import StorageSettings, filesystem
+from meddx.names import OUTPUT_SCHEMA
+from meddx.pipelines.screening import select_new
+
+from .images import png
+
+SHA = "a" * 64
+SCORED_AT = dt.datetime(2026, 11, 1, tzinfo=dt.UTC)
+
+
+def test_listing_table_of_a_folder(tmp_path):
+    for name in ("b/2.png", "a/1.png", "_staging/x.png", ".hidden.png", "a/.DS_Store"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x" * len(name))
+    table = listing.list_table(str(tmp_path), StorageSettings())
+    assert table.schema == listing.LISTING_SCHEMA
+    assert table["image_uri"].to_pylist() == [str(tmp_path / "a/1.png"), str(tmp_path / "b/2.png")]
+    assert table["size"].to_pylist() == [len("a/1.png"), len("b/2.png")]
+    stat = (tmp_path / "a/1.png").stat()
+    assert table["mtime"][0].as_py().timestamp() == pytest.approx(stat.st_mtime, abs=1e-5)
+    # One object named as INPUT is its own listing; a folder without inputs is refused.
+    one = listing.list_table(str(tmp_path / "a/1.png"), StorageSettings())
+    assert one["image_uri"].to_pylist() == [str(tmp_path / "a/1.png")]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(MeddxError, match="no inputs under"):
+        listing.list_table(str(tmp_path / "empty"), StorageSettings())
+    with pytest.raises(MeddxError, match="input not found"):
+        listing.list_table(str(tmp_path / "absent"), StorageSettings())
+
+
+def test_manifest_listing_drops_repeats_in_first_seen_order(tmp_path):
+    manifest = tmp_path / "night.csv"
+    manifest.write_text("uri\n/c.png\n/a.png\n/c.png\n/b.png\n/a.png\n")
+    table = listing.list_table(str(manifest), StorageSettings())
+    assert table.schema == listing.LISTING_SCHEMA
+    assert table["image_uri"].to_pylist() == ["/c.png", "/a.png", "/b.png"]
+    assert table["size"].null_count == table["mtime"].null_count == 3
+
+
+def test_s3_listing_asks_nothing_per_object(bucket, settings, monkeypatch):
+    fs = filesystem(bucket, settings)
+    root = bucket.removeprefix("s3://")
+    for i in range(12):
+        fs.pipe_file(f"{root}/in/d{i % 3}/img-{i:02d}.png", png("L", size=32 + i))
+    fs.pipe_file(f"{root}/in/_manifest.csv", b"uri\n")
+    asked = []
+
+    def counted(name):
+        real = getattr(fs, name)
+
+        def call(*args, **kwargs):
+            asked.append(name)
+            return real(*args, **kwargs)
+
+        return call
+
+    for name in ("info", "_info", "size", "_size"):
+        monkeypatch.setattr(fs, name, counted(name))
+    fs.invalidate_cache()
+    table = listing.list_table(f"{bucket}/in", settings)
+    assert asked == []  # no HEAD or info() per object: the listing's own fields
+    assert table.num_rows == 12
+    assert table["image_uri"].to_pylist() == sorted(table["image_uri"].to_pylist())
+    assert all(u.startswith(f"{bucket}/in/d") for u in table["image_uri"].to_pylist())
+    monkeypatch.undo()
+    first = table["image_uri"][0].as_py().removeprefix("s3://")
+    assert table["size"][0].as_py() == fs.info(first)["size"]
+    assert table["mtime"].null_count == 0
+
+
+# ---- selection ------------------------------------------------------------------------
+
+
+def write_history(out, uris: list[str], when=SCORED_AT, sha=SHA):
+    """Committed rows as meddx writes them: OUTPUT_SCHEMA, under dt=."""
+    n = len(uris)
+    columns = {f.name: pa.nulls(n, f.type) for f in OUTPUT_SCHEMA}
+    columns["image_uri"] = pa.array(uris, pa.string())
+    columns["status"] = pa.array(["ok"] * n, pa.string())
+    columns["model_sha256"] = pa.array([sha] * n, pa.string())
+    columns["content_sha256"] = pa.array([f"c{i}" for i in range(n)], pa.string())
+    columns["scored_at"] = pa.array([when] * n, pa.timestamp("us", tz="UTC"))
+    table = pa.table([columns[f.name] for f in OUTPUT_SCHEMA], schema=OUTPUT_SCHEMA)
+    folder = out / "dt=2026-11-01"
+    folder.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, folder / "part-0.parquet")
+
+
+def listed_table(uris, mtimes) -> pa.Table:
+    return pa.table(
+        {
+            "image_uri": pa.array(uris, pa.string()),
+            "size": pa.array([100] * len(uris), pa.int64()),
+            "mtime": pa.array(mtimes, pa.timestamp("us", tz="UTC")),
+        },
+        schema=listing.LISTING_SCHEMA,
+    )
+
+
+def screen_cfg(tmp_path, out) -> ScreenConfig:
+    model = tmp_path / "model.pt"
+    model.write_bytes(b"")
+    return ScreenConfig(
+        input=str(tmp_path / "in"),
+        model=str(model),
+        out=str(out),
+        run_date="2026-11-02",
+        storage=StorageSettings(),
+    )
+
+
+def test_select_new_picks_new_and_changed_with_their_known_hashes(tmp_path):
+    out = tmp_path / "out"
+    history = ["/in/a.png", "/in/b.png", "/in/c.png", "/in/s.tar#x.png", "/in/s.tar#y.png"]
+    write_history(out, history)
+    before, after = SCORED_AT - dt.timedelta(days=1), SCORED_AT + dt.timedelta(hours=1)
+    uris = ["/in/a.png", "/in/b.png", "/in/c.png", "/in/new.png", "/in/s.tar", "/in/t.tar"]
+    listed = listed_table(uris, [before, after, None, before, after, before])
+    todo = select_new(screen_cfg(tmp_path, out), listed, SHA)
+    # b changed, new and t.tar never scored, s.tar changed (its members' rows count for it);
+    # a is older than its row, c has no time (a manifest's): neither is read again.
+    assert todo["image_uri"].to_pylist() == ["/in/b.png", "/in/new.png", "/in/s.tar", "/in/t.tar"]
+    known = dict(zip(todo["image_uri"].to_pylist(), todo["known"].to_pylist(), strict=True))
+    sep = reading.KNOWN_SEPARATOR
+    assert known["/in/b.png"] == [f"/in/b.png{sep}c1"]
+    assert sorted(known["/in/s.tar"]) == [f"/in/s.tar#x.png{sep}c3", f"/in/s.tar#y.png{sep}c4"]
+    assert known["/in/new.png"] is None and known["/in/t.tar"] is None
+    # Nothing changed: nothing selected, and no known column to carry.
+    quiet = listed_table(uris[:3], [before, before, None])
+    assert select_new(screen_cfg(tmp_path, out), quiet, SHA).num_rows == 0
+
+
+def lines_run(fn, *args) -> tuple[object, int]:
+    """fn(*args), and how many Python lines ran meanwhile, in any frame."""
+    count = 0
+
+    def local(frame, event, arg):
+        nonlocal count
+        if event == "line":
+            count += 1
+        return local
+
+    def start(frame, event, arg):
+        return local
+
+    sys.settrace(start)
+    try:
+        result = fn(*args)
+    finally:
+        sys.settrace(None)
+    return result, count
+
+
+@pytest.mark.parametrize("changed", [0, 3])
+def test_selection_runs_no_python_per_input(tmp_path, changed):
+    """The Python that select_new runs is the same for 2,000 committed rows and a listing
+    of 2,100 as for 20,000 and 20,100: its work on rows is Arrow's, whose cost grows
+    linearly (a join), never with the archive times the night."""
+    runs = {}
+    for n in (2_000, 20_000):
+        out = tmp_path / f"out-{n}"
+        history = [f"/in/{i:06d}.png" for i in range(n)]
+        write_history(out, history)
+        uris = history + [f"/in/new-{i:04d}.png" for i in range(100)]
+        mtimes = np.full(len(uris), SCORED_AT - dt.timedelta(days=1))
+        mtimes[:changed] = SCORED_AT + dt.timedelta(days=1)
+        listed = listed_table(uris, list(mtimes))
+        todo, lines = lines_run(select_new, screen_cfg(tmp_path, out), listed, SHA)
+        assert todo.num_rows == 100 + changed
+        if changed:  # only the changed inputs carry hashes
+            assert pc.sum(pc.is_valid(todo["known"])).as_py() == changed
+        else:
+            assert "known" not in todo.column_names
+        runs[n] = lines
+    assert runs[20_000] <= runs[2_000] + 20, runs  # not 18,000 more
+
+
+def test_read_stage_drops_known_bytes_from_the_column(tmp_path):
+    films = [tmp_path / f"{i}.png" for i in range(3)]
+    for i, f in enumerate(films):
+        f.write_bytes(png("L", size=32 + i))
+    uris = [str(f) for f in films]
+    (first,) = reading.read_objects({"image_uri": np.array(uris, dtype=object)}, StorageSettings())
+    sha0 = first["content_sha256"][0]
+    known = np.empty(3, dtype=object)
+    # Equal-length lists: the carried column must stay one list per row.
+    known[0] = np.array([f"{uris[0]}{reading.KNOWN_SEPARATOR}{sha0}", "x"], dtype=object)
+    known[1] = np.array([f"{uris[1]}{reading.KNOWN_SEPARATOR}{sha0}", "y"], dtype=object)
+    known[2] = None
+    batch = {"image_uri": np.array(uris, dtype=object), "known": known}
+    (kept,) = reading.read_objects(batch, StorageSettings())
+    # Only the first film's own (uri, hash) was scored already; the column stays behind.
+    assert list(kept["image_uri"]) == uris[1:]
+    assert "known" not in kept
