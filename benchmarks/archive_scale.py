@@ -55,7 +55,7 @@ from meddx.inputs.storage import StorageSettings
 from meddx.model import registry
 from meddx.names import OUTPUT_SCHEMA
 from meddx.pipelines import dataset, screening
-from meddx.store import commit
+from meddx.store import commit, index
 
 MODEL = "seednet"
 FILM_PX = 64  # small films: the data plane (decode, predict) stays cheap beside selection
@@ -63,9 +63,6 @@ RENDERED = 200  # films actually drawn; the other new films are hard links to th
 HISTORY_DAYS = 30  # earlier nights the old inputs were scored over, one file each
 FIRST_NIGHT = dt.date(2026, 1, 1)
 PHASES_FILE = Path("_phases.json")  # set per (N, K) in the phases' process
-# A manifest is read whole, refused past --max-object-bytes (512 MiB): 10^7 URIs are 82 MB
-# of Parquet here, but longer URIs or 10^8 of them are not.
-MAX_OBJECT_BYTES = 8 * 2**30
 # The untrained model's scores drift from the synthetic history's by construction, and
 # its qc flags are not the point: these alarms would only end the night with exit 3.
 NO_ALARMS = ["--max-psi", "1e9", "--max-qc-rate", "1.0", "--max-error-rate", "1.0"]
@@ -161,6 +158,10 @@ def prepare(n: int, k: int, cache: Path, model: Path, sha: str) -> dict[str, Pat
         write_manifest(paths["alone"], new)
         write_history(paths["history"], folder, n - k, model, sha)
         (folder / "_ready").write_text("ok\n")
+    if not (paths["history"] / "_index").exists():
+        # What the earlier nights' commits left beside their rows: OUT's index.
+        log(f"indexing the history of {n - k:,} rows")
+        index.rebuild(str(paths["history"]), StorageSettings())
     return paths
 
 
@@ -177,7 +178,6 @@ def screen_config(manifest: Path, model: Path, out: Path) -> ScreenConfig:
         model=str(model),
         out=str(out),
         run_date=night_date(),
-        max_object_bytes=MAX_OBJECT_BYTES,
     )
 
 
@@ -221,11 +221,10 @@ def phase_times(
     PHASES_FILE.write_text("{}")
     stop_past(cap)
     try:
-        listed = timed(
-            phases, "listing_s", listing.list_table, cfg.input, cfg.storage, MAX_OBJECT_BYTES
-        )
-        todo = timed(phases, "selection_s", screening.select_new, cfg, listed, sha)
-        phases["selected"] = todo.num_rows
+        # The listing streams through the selection: one figure for both.
+        source = listing.open_listing(cfg.input, cfg.storage)
+        todo, seen = timed(phases, "listing_selection_s", screening.select_new, cfg, source, sha)
+        phases["selected"], phases["seen"] = todo.num_rows, seen
         selected = todo.select(listing.LISTING_SCHEMA.names)
         run_id = f"{night_date()}T030000-benchphases"
         staged = history_rows(
@@ -234,7 +233,7 @@ def phase_times(
         staging = Path(commit.staging_path(str(out), run_id))
         staging.mkdir(parents=True)
         pq.write_table(staged, staging / "0.parquet")
-        still = timed(phases, "commit_check_s", screening.select_new, cfg, selected, sha)
+        still, _ = timed(phases, "commit_check_s", screening.select_new, cfg, selected, sha)
         phases["commit_check_still_new"] = still.num_rows
         timed(
             phases,
@@ -257,7 +256,7 @@ def run_screen(manifest: Path, model: Path, out: Path, rss_cap: int) -> dict:
     ``rss_cap`` bytes is stopped (SIGTERM, as a scheduler would) before it takes the
     machine, and the run says so."""
     args = ["-v", "screen", str(manifest), "--model", str(model), "--out", str(out)]
-    args += ["--run-date", night_date(), "--max-object-bytes", str(MAX_OBJECT_BYTES), "--quiet"]
+    args += ["--run-date", night_date(), "--quiet"]
     args += NO_ALARMS
     load = os.getloadavg()[0]
     start = time.perf_counter()
@@ -380,7 +379,13 @@ def print_table(rows: list[dict]) -> None:
         p = r["phases"]
         phases = p.get("error") or ", ".join(
             f"{name[:-2]} {p[name]}"
-            for name in ("listing_s", "times_s", "selection_s", "commit_check_s", "commit_s")
+            for name in (
+                "listing_s",
+                "selection_s",
+                "listing_selection_s",
+                "commit_check_s",
+                "commit_s",
+            )
             if name in p
         )
         print(

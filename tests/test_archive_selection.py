@@ -84,6 +84,37 @@ def test_s3_listing_asks_nothing_per_object(bucket, settings, monkeypatch):
     assert table["mtime"].null_count == 0
 
 
+def test_s3_sub_prefixes_are_listed_in_parallel_ray_tasks(bucket, settings, ray_session):
+    """With Ray up and PARALLEL_PREFIXES sub-prefixes or more, the driver asks S3 for
+    one delimited page and the tasks list the rest; the table is the one-walk table."""
+    fs = filesystem(bucket, settings)
+    root = bucket.removeprefix("s3://")
+    fs.pipe({f"{root}/in/d{i % 5}/img-{i:02d}.png": b"x" * i for i in range(20)})
+    fs.pipe({f"{root}/in/top.png": b"t", f"{root}/in/_meta/x.png": b"m"})
+    fs.invalidate_cache()
+    driver = filesystem(bucket, settings)
+    calls = []
+    driver.s3.meta.events.register(
+        "before-call.s3.ListObjectsV2", lambda **kwargs: calls.append(kwargs["params"])
+    )
+    parallel = listing.list_table(f"{bucket}/in", settings)
+    assert len(calls) == 1, calls  # the delimited page; the tasks did the rest
+    assert calls[0]["query_string"]["delimiter"] == "/"
+    assert parallel.num_rows == 21 and parallel["etag"].null_count == 0
+    assert not any("/_meta/" in u for u in parallel["image_uri"].to_pylist())
+    walked = listing.list_table(f"{bucket}/in", settings)
+    assert listing.PARALLEL_PREFIXES > 5 or walked.equals(parallel)
+    import meddx.inputs.listing as module
+
+    module.PARALLEL_PREFIXES, before = 100, module.PARALLEL_PREFIXES
+    try:
+        fs.invalidate_cache()
+        one_walk = listing.list_table(f"{bucket}/in", settings)
+    finally:
+        module.PARALLEL_PREFIXES = before
+    assert one_walk.equals(parallel)
+
+
 # ---- selection ------------------------------------------------------------------------
 
 
@@ -108,6 +139,7 @@ def listed_table(uris, mtimes) -> pa.Table:
             "image_uri": pa.array(uris, pa.string()),
             "size": pa.array([100] * len(uris), pa.int64()),
             "mtime": pa.array(mtimes, pa.timestamp("us", tz="UTC")),
+            "etag": pa.nulls(len(uris), pa.string()),
         },
         schema=listing.LISTING_SCHEMA,
     )
@@ -132,7 +164,8 @@ def test_select_new_picks_new_and_changed_with_their_known_hashes(tmp_path):
     before, after = SCORED_AT - dt.timedelta(days=1), SCORED_AT + dt.timedelta(hours=1)
     uris = ["/in/a.png", "/in/b.png", "/in/c.png", "/in/new.png", "/in/s.tar", "/in/t.tar"]
     listed = listed_table(uris, [before, after, None, before, after, before])
-    todo = select_new(screen_cfg(tmp_path, out), listed, SHA)
+    todo, seen = select_new(screen_cfg(tmp_path, out), listed, SHA)
+    assert seen == len(uris)
     # b changed, new and t.tar never scored, s.tar changed (its members' rows count for it);
     # a is older than its row, c has no time (a manifest's): neither is read again.
     assert todo["image_uri"].to_pylist() == ["/in/b.png", "/in/new.png", "/in/s.tar", "/in/t.tar"]
@@ -143,7 +176,7 @@ def test_select_new_picks_new_and_changed_with_their_known_hashes(tmp_path):
     assert known["/in/new.png"] is None and known["/in/t.tar"] is None
     # Nothing changed: nothing selected, and no known column to carry.
     quiet = listed_table(uris[:3], [before, before, None])
-    assert select_new(screen_cfg(tmp_path, out), quiet, SHA).num_rows == 0
+    assert select_new(screen_cfg(tmp_path, out), quiet, SHA)[0].num_rows == 0
 
 
 def lines_run(fn, *args) -> tuple[object, int]:
@@ -181,7 +214,7 @@ def test_selection_runs_no_python_per_input(tmp_path, changed):
         mtimes = np.full(len(uris), SCORED_AT - dt.timedelta(days=1))
         mtimes[:changed] = SCORED_AT + dt.timedelta(days=1)
         listed = listed_table(uris, list(mtimes))
-        todo, lines = lines_run(select_new, screen_cfg(tmp_path, out), listed, SHA)
+        (todo, _), lines = lines_run(select_new, screen_cfg(tmp_path, out), listed, SHA)
         assert todo.num_rows == 100 + changed
         if changed:  # only the changed inputs carry hashes
             assert pc.sum(pc.is_valid(todo["known"])).as_py() == changed

@@ -213,7 +213,28 @@ def test_library_log_lines_reach_stderr_once_at_the_chosen_level(
         ),
         (["calibrate", "p", "--model", "m", "--out", "o"], "and/or --ood-percentile"),
         (["synth", "out", "--quality-set", "--mix"], "--quality-set takes a square --size"),
-        (["explain", "p", "--model", "m", "--out", "o", "--top", "0"], "--top"),
+        (["explain", "p", "--model", "m", "--out", "o", "--top", "0"], "--top must be at least 1"),
+        (
+            ["calibrate", "p", "--model", "m", "--out", "o", "--target-sensitivity", "0"],
+            "--target-sensitivity must lie in (0, 1], got 0.0",
+        ),
+        (
+            ["calibrate", "p", "--model", "m", "--out", "o", "--ood-percentile", "40"],
+            "--ood-percentile must lie in [50, 100], got 40.0",
+        ),
+        (
+            ["screen", "s", "--model", "m", "--out", "o", "--since", "-1"],
+            "--since must be at least 0",
+        ),
+        (
+            ["score", "i", "--model", "m", "--out", "o", "--max-object-bytes", "0"],
+            "--max-object-bytes must be at least 1, got 0",
+        ),
+        (
+            ["import-weights", "w", "--model", "resnet18", "--out", "o"]
+            + ["--classes", "normal,opacity", "--input-size", "16"],
+            "--input-size must lie in [32, 1024], got 16",
+        ),
         (["demo", "--n-train", "5"], "--n-train must be at least 20"),
     ],
 )

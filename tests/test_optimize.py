@@ -302,8 +302,8 @@ def test_optimize_flags_are_one_line_errors(labelled, tmp_path):
     for args, expected in [
         (["--precision", "int4"], "Invalid value for '--precision'"),
         (["--runtime", "tensorrt"], "Invalid value for '--runtime'"),
-        (["--max-images", "0"], "Invalid value for '--max-images'"),
-        (["--finetune-epochs", "-1"], "Invalid value for '--finetune-epochs'"),
+        (["--max-images", "0"], "--max-images must be at least 1, got 0"),
+        (["--finetune-epochs", "-1"], "--finetune-epochs must be at least 0, got -1"),
     ]:
         run = subprocess.run(
             [MEDDX, "optimize", str(path), "--calibration", str(data), "--out", "x.pt", *args],

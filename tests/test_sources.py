@@ -1,5 +1,6 @@
 """Inputs as hospitals hold them: tar shards and manifests, from a real S3 endpoint."""
 
+import datetime as dt
 import io
 
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 from meddx import MeddxError
 from meddx.inputs import listing, reading, shards
 from meddx.inputs.listing import labelled_inputs, list_inputs, manifest_labels
-from meddx.inputs.reading import read_objects
+from meddx.inputs.reading import KNOWN_SEPARATOR, read_objects
 from meddx.inputs.storage import StorageSettings, arrow_filesystem, filesystem
 from meddx.pipelines.scoring import ScoreConfig, score
 
@@ -216,21 +217,49 @@ def test_bad_manifests_are_clear(tmp_path):
         list_inputs(str(tmp_path / "absent.csv"), StorageSettings())
 
 
-def test_a_manifest_over_the_object_limit_is_refused_unread(tmp_path, bucket, settings):
-    body = "uri\n" + "".join(f"/data/{i:06d}.png\n" for i in range(1000))
+def test_a_manifest_is_streamed_whatever_its_size(tmp_path, bucket, settings):
+    """A manifest names the inputs, it is not one: read batch by batch, never whole, so
+    --max-object-bytes does not apply to it (an S3 Inventory listing runs to GBs)."""
+    body = "uri\n" + "".join(f"/data/{i:06d}.png\n" for i in range(100_000))
     (tmp_path / "big.csv").write_text(body)
     filesystem(bucket, settings).pipe_file(f"{bucket[5:]}/big.csv", body.encode())
     for uri, where in (
         (str(tmp_path / "big.csv"), StorageSettings()),
         (f"{bucket}/big.csv", settings),
     ):
-        with pytest.raises(MeddxError) as e:
-            listing.list_located(uri, where, max_bytes=1000)
-        assert str(e.value) == (
-            f"manifest {uri}: object of {len(body):,} bytes is over the limit of 1,000 "
-            "(--max-object-bytes)"
-        )
-        assert len(listing.list_inputs(uri, where, max_bytes=len(body))) == 1000
+        source, located = listing.list_located(uri, where)
+        assert located is None
+        reader = source.batches()
+        sizes = [batch.num_rows for batch in reader]
+        assert sum(sizes) == 100_000 and max(sizes) <= listing.BATCH_ROWS < 100_000
+        table = source.table()
+        assert table["image_uri"][99_999].as_py() == "/data/099999.png"
+
+
+def test_an_s3_inventory_listing_is_a_manifest(tmp_path):
+    """The columns S3 Inventory writes in Parquet: bucket and key make the URI, and
+    size, last_modified_date and e_tag are the listing's facts."""
+    when = dt.datetime(2026, 12, 1, 3, tzinfo=dt.UTC)
+    inventory = pa.table(
+        {
+            "bucket": ["archive", "archive", "archive"],
+            "key": ["cxr/a.dcm", "cxr/b.dcm", "cxr/a.dcm"],
+            "size": pa.array([10, 20, 10], pa.int64()),
+            "last_modified_date": pa.array([when] * 3, pa.timestamp("ms", tz="UTC")),
+            "e_tag": ["e1", "e2", "e1"],
+            "storage_class": ["STANDARD"] * 3,
+        }
+    )
+    pq.write_table(inventory, tmp_path / "inventory.parquet")
+    table = listing.list_table(str(tmp_path / "inventory.parquet"), StorageSettings())
+    assert table.schema == listing.LISTING_SCHEMA
+    assert table.to_pylist() == [
+        {"image_uri": "s3://archive/cxr/a.dcm", "size": 10, "mtime": when, "etag": "e1"},
+        {"image_uri": "s3://archive/cxr/b.dcm", "size": 20, "mtime": when, "etag": "e2"},
+    ]
+    pq.write_table(inventory.drop_columns(["key"]), tmp_path / "neither.parquet")
+    with pytest.raises(MeddxError, match="needs a 'uri' column"):
+        listing.list_table(str(tmp_path / "neither.parquet"), StorageSettings())
 
 
 def test_s3_reads_one_request_each_with_the_byte_limit(bucket, settings, monkeypatch):
@@ -301,7 +330,10 @@ def test_reading_with_decode_matches_two_stages_and_drops_known(tmp_path):
         np.testing.assert_array_equal(one[key], apart[key])
     assert list(one["status"]) == ["ok", "ok", "error", "ok", "error"]
 
-    known = {uris[0]: [apart["content_sha256"][0]], uris[1]: ["a different sha"]}
-    (kept,) = list(read_objects(batch, StorageSettings(), decode=settings, known=known))
+    known = np.empty(len(uris), dtype=object)  # null: an input not scored before
+    known[0] = [f"{uris[0]}{KNOWN_SEPARATOR}{apart['content_sha256'][0]}"]
+    known[1] = [f"{uris[1]}{KNOWN_SEPARATOR}a different sha"]
+    batch = {**batch, "known": known}
+    (kept,) = list(read_objects(batch, StorageSettings(), decode=settings))
     assert list(kept["image_uri"]) == uris[1:]
     np.testing.assert_array_equal(kept["image"], apart["image"][1:])

@@ -82,6 +82,7 @@ for command in (
     model.optimize,
     model.import_weights,
     data.demo,
+    data.reindex,
 ):
     cli.add_command(command)
 

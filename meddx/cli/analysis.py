@@ -13,7 +13,7 @@ from meddx.cli.options import (
     scored_by_option,
     storage_option,
 )
-from meddx.config import OOD_PERCENTILES, CalibrateConfig, EvaluateConfig, ExplainConfig
+from meddx.config import CalibrateConfig, EvaluateConfig, ExplainConfig
 
 
 @click.command()
@@ -86,12 +86,12 @@ def evaluate(**opts):
 @scored_by_option
 @click.option("--out", required=True, metavar="CKPT2", help="The calibrated checkpoint to write.")
 @labels_option
-@click.option("--target-sensitivity", type=click.FloatRange(0, 1, min_open=True), default=None)
-@click.option("--target-specificity", type=click.FloatRange(0, 1, min_open=True), default=None)
+@click.option("--target-sensitivity", type=float, default=None)
+@click.option("--target-specificity", type=float, default=None)
 @option(CalibrateConfig, "temperature", is_flag=True, help="Also fit temperature scaling.")
 @click.option(
     "--ood-percentile",
-    type=click.FloatRange(*OOD_PERCENTILES),
+    type=float,
     default=None,
     metavar="P",
     help="Set the out-of-distribution threshold at this percentile of the scored rows' "
@@ -136,7 +136,7 @@ def calibrate(**opts):
 @click.command()
 @click.argument("predictions")
 @scored_by_option
-@option(ExplainConfig, "top", type=click.IntRange(min=1))
+@option(ExplainConfig, "top")
 @click.option("--out", required=True, metavar="DIR", help="Folder (or s3:// prefix) for PNGs.")
 @max_object_bytes_option(ExplainConfig)
 @storage_option

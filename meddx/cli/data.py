@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import click
 
-from meddx import names
+from meddx import MeddxError, names
 from meddx.cli.options import build, option, parsed, storage_option
 from meddx.config import DemoConfig, SynthConfig
 
@@ -96,3 +96,24 @@ def demo(**opts):
     from meddx.pipelines.demo import run_demo
 
     run_demo(workdir=cfg.workdir, n_train=cfg.n_train, n_holdout=cfg.n_holdout, epochs=cfg.epochs)
+
+
+@click.command()
+@click.argument("out")
+@storage_option
+def reindex(out, storage):
+    """Rebuild OUT's index of what it holds, from its results, compacted.
+
+    Every run reads the index, not the results, to tell what is new; a lost or stale
+    index is caught up from the results by the next run anyway. This does it now, under
+    OUT's lease (another run holding OUT: exit 4)."""
+    from meddx.inputs import storage as stores
+    from meddx.pipelines import cluster
+    from meddx.store import index, lease
+
+    if not stores.exists(out, storage):
+        raise MeddxError(f"no results under {out}")
+    run_id = cluster.new_run_id("reindex")
+    with lease.held(out, storage, run_id, "reindex", 0.0, names.DEFAULT_LOCK_TIMEOUT):
+        rows, files = index.rebuild(out, storage)
+    click.echo(f"reindexed {out}: {rows} rows from {files} result files")

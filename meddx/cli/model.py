@@ -7,7 +7,7 @@ import click
 
 from meddx import MeddxError, names
 from meddx.cli.options import build, findings_option, option, parsed, storage_option
-from meddx.config import IMAGE_SIZES, OPTIMIZED_RUNTIMES, ImportWeightsConfig, OptimizeConfig
+from meddx.config import OPTIMIZED_RUNTIMES, ImportWeightsConfig, OptimizeConfig
 
 
 @click.command()
@@ -24,13 +24,11 @@ from meddx.config import IMAGE_SIZES, OPTIMIZED_RUNTIMES, ImportWeightsConfig, O
 @option(
     OptimizeConfig,
     "max_images",
-    type=click.IntRange(min=1),
     help="Labelled images to calibrate and check on.",
 )
 @option(
     OptimizeConfig,
     "finetune_epochs",
-    type=click.IntRange(min=0),
     help="int8 by quantization-aware fine-tuning: this many epochs of distillation toward "
     "torch fp32 on the tuning half, for models post-training quantization cannot hold.",
 )
@@ -107,7 +105,7 @@ def _names(text: str) -> tuple[str, ...]:
     callback=parsed(_floats),
     help="The cut on the score; multi-label: one, or one per finding.",
 )
-@option(ImportWeightsConfig, "input_size", type=click.IntRange(*IMAGE_SIZES))
+@option(ImportWeightsConfig, "input_size")
 @option(ImportWeightsConfig, "mean", metavar="R,G,B", callback=parsed(_floats))
 @option(ImportWeightsConfig, "std", metavar="R,G,B", callback=parsed(_floats))
 @option(

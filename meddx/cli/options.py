@@ -102,7 +102,6 @@ def max_object_bytes_option(config):
     return option(
         config,
         "max_object_bytes",
-        type=click.IntRange(min=1),
         help="Refuse any object or tar member larger than this (read no further).",
     )
 

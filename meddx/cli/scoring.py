@@ -238,7 +238,6 @@ def score(input, **opts):
     ScreenConfig,
     "since_days",
     "--since",
-    type=click.IntRange(0),
     metavar="DAYS",
     help="A DICOMweb SOURCE is asked only for studies of the last DAYS days (StudyDate), "
     "unless its query sets StudyDate.",

@@ -25,6 +25,7 @@ import posixpath
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
+import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -44,61 +45,165 @@ def is_manifest(uri: str) -> bool:
 LISTING_SCHEMA = pa.schema(
     [
         ("image_uri", pa.string()),
-        ("size", pa.int64()),  # bytes; null when the source does not say (a manifest)
+        ("size", pa.int64()),  # bytes; null when the source does not say
         ("mtime", pa.timestamp("us", tz="UTC")),  # last modified; null when unknown
+        ("etag", pa.string()),  # the store's entity tag (S3); null where there is none
     ]
 )
+BATCH_ROWS = 65_536  # a streamed manifest's batches
+# Columns a manifest may carry beside ``uri``, and an S3 Inventory listing's names for
+# them (its ``bucket`` and ``key`` make the URI): taken as the listing's facts.
+MANIFEST_FACTS = {
+    "size": ("size",),
+    "mtime": ("mtime", "last_modified_date"),
+    "etag": ("etag", "e_tag"),
+}
 
 
-def list_table(
-    input_uri: str, settings: StorageSettings, max_bytes: int = DEFAULT_MAX_OBJECT_BYTES
-) -> pa.Table:
+class Listing:
+    """The inputs INPUT names, as LISTING_SCHEMA batches: ``batches()`` streams them
+    (a manifest of any size is read batch by batch, never whole), ``table()`` gathers
+    them, unique by URI in first-seen order. ``failure`` holds the error a stream met,
+    for a consumer (a query engine) that reports it as its own."""
+
+    def __init__(self, source: str, table=None, settings=None, empty_ok: bool = False):
+        self.source, self._table, self._settings = source, table, settings
+        self.empty_ok = empty_ok  # a PACS's quiet night is no error: the caller decides
+        self.failure: Exception | None = None
+
+    def batches(self) -> pa.RecordBatchReader:
+        if self._table is not None:
+            return pa.RecordBatchReader.from_batches(
+                LISTING_SCHEMA, self._table.to_batches(BATCH_ROWS)
+            )
+        return pa.RecordBatchReader.from_batches(LISTING_SCHEMA, self._manifest_batches())
+
+    def table(self) -> pa.Table:
+        if self._table is None:
+            table = self.batches().read_all()
+            if self.failure:
+                raise self.failure
+            # A study listed twice is still one input (the first occurrence is kept).
+            first = pc.index_in(pc.unique(table["image_uri"]), table["image_uri"])
+            self._table = table.take(first)
+        if not (self._table.num_rows or self.empty_ok):
+            raise MeddxError(f"no inputs under {self.source}")
+        return self._table
+
+    def _manifest_batches(self):
+        try:
+            scanner = _manifest_scanner(self.source, self._settings)
+            for batch in scanner.to_batches():
+                yield _listing_batch(batch)
+        except MeddxError as exc:
+            self.failure = exc
+            raise
+        except (pa.ArrowInvalid, OSError) as exc:
+            if isinstance(exc, FileNotFoundError):
+                self.failure = MeddxError(f"manifest not found: {self.source}")
+            else:
+                self.failure = MeddxError(f"cannot read manifest {self.source}: {one_line(exc)}")
+            raise self.failure from None
+
+
+def _manifest_scanner(uri: str, settings: StorageSettings) -> pads.Scanner:
+    if uri.lower().endswith(".parquet"):
+        # Row group by row group, not every column chunk read ahead at once.
+        no_read_ahead = pads.ParquetFragmentScanOptions(pre_buffer=False)
+        fmt = pads.ParquetFileFormat(default_fragment_scan_options=no_read_ahead)
+    else:
+        strings = {c: pa.string() for c in ("uri", "label", "study_id", "etag", "e_tag")}
+        fmt = pads.CsvFileFormat(convert_options=pacsv.ConvertOptions(column_types=strings))
+    path = storage.strip_scheme(uri)
+    filesystem = storage.arrow_filesystem(uri, settings)
+    if filesystem.get_file_info(path).type == pafs.FileType.NotFound:
+        raise FileNotFoundError(path)
+    dataset = pads.dataset(path, filesystem=filesystem, format=fmt)
+    names = set(dataset.schema.names)
+    if "uri" in names:
+        columns = {"uri": pc.field("uri")}
+    elif {"bucket", "key"} <= names:  # an S3 Inventory listing
+        columns = {"bucket": pc.field("bucket"), "key": pc.field("key")}
+    else:
+        raise MeddxError(f"manifest {uri} needs a 'uri' column (or an S3 Inventory's bucket, key)")
+    for fact, candidates in MANIFEST_FACTS.items():
+        found = next((c for c in candidates if c in names), None)
+        if found:
+            columns[fact] = pc.field(found)
+    return dataset.scanner(
+        columns=columns, batch_size=BATCH_ROWS, batch_readahead=1, fragment_readahead=1
+    )
+
+
+def _listing_batch(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """A manifest's batch as LISTING_SCHEMA: rows without a URI left out."""
+    names = batch.schema.names
+    if "uri" in names:
+        uris = batch["uri"].cast(pa.string())
+    else:
+        bucket, key = batch["bucket"].cast(pa.string()), batch["key"].cast(pa.string())
+        uris = pc.binary_join_element_wise("s3://", bucket, "/", key, "")
+    n = batch.num_rows
+    columns = [uris]
+    for field in LISTING_SCHEMA:
+        if field.name == "image_uri":
+            continue
+        if field.name not in names:
+            columns.append(pa.nulls(n, field.type))
+            continue
+        values = batch[field.name]
+        if field.name == "mtime" and pa.types.is_timestamp(values.type) and values.type.tz is None:
+            values = pc.assume_timezone(values, "UTC")
+        columns.append(pc.cast(values, field.type, safe=False))
+    table = pa.RecordBatch.from_arrays(columns, schema=LISTING_SCHEMA)
+    return table.filter(pc.is_valid(table["image_uri"]))
+
+
+def open_listing(input_uri: str, settings: StorageSettings) -> Listing:
+    """The inputs named by INPUT: a manifest streamed as it is read, a prefix or folder
+    listed once (sorted by URI)."""
+    if is_manifest(input_uri):
+        return Listing(input_uri, settings=settings)
+    return Listing(input_uri, list_prefix(input_uri, settings))
+
+
+def list_table(input_uri: str, settings: StorageSettings) -> pa.Table:
     """The inputs named by INPUT (prefix, folder or manifest) as a LISTING_SCHEMA table,
     sorted by URI for a prefix, in first-seen order for a manifest."""
-    if is_manifest(input_uri):
-        uris = read_manifest(input_uri, settings, max_bytes)["uri"]
-        # A study listed twice is still one input (unique keeps the first occurrence).
-        table = uris_table(pc.unique(uris.cast(pa.string())))
-    else:
-        table = list_prefix(input_uri, settings)
-    if not table.num_rows:
-        raise MeddxError(f"no inputs under {input_uri}")
-    return table
+    return open_listing(input_uri, settings).table()
 
 
 def uris_table(uris) -> pa.Table:
-    """A listing of URIs alone (a manifest's, a PACS's): size and mtime null."""
+    """A listing of URIs alone (a manifest's, a PACS's): size, mtime and etag null."""
     uris = pa.chunked_array([uris]) if isinstance(uris, pa.Array) else uris
     if not isinstance(uris, pa.ChunkedArray):
         uris = pa.chunked_array([pa.array(list(uris), pa.string())], pa.string())
     n = len(uris)
-    return pa.table(
-        [uris, pa.nulls(n, pa.int64()), pa.nulls(n, LISTING_SCHEMA.field("mtime").type)],
-        schema=LISTING_SCHEMA,
-    )
+    nulls = [pa.nulls(n, f.type) for f in LISTING_SCHEMA][1:]
+    return pa.table([uris, *nulls], schema=LISTING_SCHEMA)
+
+
+# An S3 prefix with at least this many sub-prefixes is listed one sub-prefix per Ray
+# task, in parallel (when Ray is up): each task's listing stays in that worker's memory
+# and only its Arrow table reaches the driver.
+PARALLEL_PREFIXES = 4
 
 
 def list_prefix(prefix: str, settings: StorageSettings) -> pa.Table:
     """Every object under ``prefix`` (recursively), without metadata names, sorted by URI,
-    with the size and modification time the listing itself returned. A local folder is
-    listed by Arrow (one stat per entry, in C++), S3 by one paged ListObjectsV2 walk."""
+    with the size, modification time and ETag the listing itself returned. A local
+    folder is listed by Arrow (one stat per entry, in C++), S3 by paged ListObjectsV2
+    walks: one per sub-prefix in parallel Ray tasks when there are several, else one."""
     root = storage.strip_scheme(prefix).rstrip("/") or "/"
     try:
         if storage.is_s3(prefix):
-            paths, sizes, mtimes = _list_s3(prefix, root, settings)
+            table = _list_s3(prefix, root, settings)
         else:
-            paths, sizes, mtimes = _list_local(root)
+            table = _list_local(root)
     except FileNotFoundError:
         raise MeddxError(f"input not found: {prefix}") from None
     except PermissionError as exc:
         raise MeddxError(f"cannot list {prefix}: access denied") from exc
-    table = pa.table(
-        {
-            "image_uri": pa.array(paths, pa.string()),
-            "size": pa.array(sizes, pa.int64()),
-            "mtime": mtimes,
-        }
-    )
     # Metadata names (_x, .x) below the prefix are never inputs; the prefix itself may be.
     below = pc.utf8_slice_codeunits(table["image_uri"], len(root))
     table = table.filter(pc.invert(pc.match_substring_regex(below, r"(^|/)[_.]")))
@@ -108,7 +213,7 @@ def list_prefix(prefix: str, settings: StorageSettings) -> pa.Table:
     return table.sort_by("image_uri").cast(LISTING_SCHEMA)
 
 
-def _list_local(root: str) -> tuple[list, list, pa.Array]:
+def _list_local(root: str) -> pa.Table:
     fs = pafs.LocalFileSystem()
     (top,) = fs.get_file_info([root])
     if top.type == pafs.FileType.NotFound:
@@ -118,25 +223,72 @@ def _list_local(root: str) -> tuple[list, list, pa.Array]:
         entries = fs.get_file_info(pafs.FileSelector(root, recursive=True))
     files = [e for e in entries if e.type == pafs.FileType.File]
     mtimes = pa.array([e.mtime_ns for e in files], pa.int64())
-    return [e.path for e in files], [e.size for e in files], _ns_to_timestamp(mtimes)
+    return pa.table(
+        {
+            "image_uri": pa.array([e.path for e in files], pa.string()),
+            "size": pa.array([e.size for e in files], pa.int64()),
+            "mtime": _ns_to_timestamp(mtimes),
+            "etag": pa.nulls(len(files), pa.string()),
+        }
+    )
 
 
-def _list_s3(prefix: str, root: str, settings: StorageSettings) -> tuple[list, list, pa.Array]:
+def _list_s3(prefix: str, root: str, settings: StorageSettings) -> pa.Table:
     fs = storage.filesystem(prefix, settings)
+    folders = []
+    if "/" in root:  # a bucket's top level is listed as one walk
+        try:
+            top = fs.ls(root, detail=True)  # one delimited listing: keys and sub-prefixes
+        except FileNotFoundError:
+            top = []
+        folders = sorted(
+            i["name"]
+            for i in top
+            if i.get("type") == "directory"
+            and not posixpath.basename(i["name"].rstrip("/")).startswith(("_", "."))
+        )
+    if len(folders) >= PARALLEL_PREFIXES and _ray_is_up():
+        import ray
+
+        task = ray.remote(num_cpus=0.25)(_s3_subtree).options(name="meddx.list_prefix")
+        files = _infos_table([i for i in top if i.get("type") != "directory"])
+        parts = ray.get([task.remote(folder, prefix, settings) for folder in folders])
+        return pa.concat_tables([files, *parts])
     # find(detail=True) keeps what ListObjectsV2 returned for each key (Size,
-    # LastModified): nothing is asked per object.
+    # LastModified, ETag): nothing is asked per object.
     found = fs.find(root, detail=True)
     if not found:  # nothing below: the prefix is one object, an empty folder, or nothing
         info = fs.info(root)  # raises FileNotFoundError for nothing
         found = {root: info} if info.get("type") != "directory" else {}
-    infos = [info for info in found.values() if info.get("type") != "directory"]
-    mtimes = [storage.modified_time(info) for info in infos]
-    seconds = pa.array(mtimes, pa.float64())
+    return _infos_table(list(found.values()))
+
+
+def _ray_is_up() -> bool:
+    import sys
+
+    ray = sys.modules.get("ray")  # never imported (nor started) for a listing
+    return bool(ray and ray.is_initialized())
+
+
+def _s3_subtree(folder: str, prefix: str, settings: StorageSettings) -> pa.Table:
+    """Every object below one sub-prefix (a Ray task's share of a listing)."""
+    return _infos_table(
+        list(storage.filesystem(prefix, settings).find(folder, detail=True).values())
+    )
+
+
+def _infos_table(infos: list[dict]) -> pa.Table:
+    """A listing table of fsspec listing entries (folders left out)."""
+    infos = [info for info in infos if info.get("type") != "directory"]
+    seconds = pa.array([storage.modified_time(info) for info in infos], pa.float64())
     micros = pc.cast(pc.round(pc.multiply(seconds, 1e6)), pa.int64())
-    return (
-        [info["name"] for info in infos],
-        [info.get("size") for info in infos],
-        pc.cast(micros, pa.timestamp("us", tz="UTC")),
+    return pa.table(
+        {
+            "image_uri": pa.array([info["name"] for info in infos], pa.string()),
+            "size": pa.array([info.get("size") for info in infos], pa.int64()),
+            "mtime": pc.cast(micros, pa.timestamp("us", tz="UTC")),
+            "etag": pa.array([info.get("ETag") for info in infos], pa.string()),
+        }
     )
 
 
@@ -144,11 +296,9 @@ def _ns_to_timestamp(ns: pa.Array) -> pa.Array:
     return pc.cast(pc.divide(ns, 1000), pa.int64()).cast(pa.timestamp("us", tz="UTC"))
 
 
-def list_inputs(
-    input_uri: str, settings: StorageSettings, max_bytes: int = DEFAULT_MAX_OBJECT_BYTES
-) -> list[str]:
+def list_inputs(input_uri: str, settings: StorageSettings) -> list[str]:
     """The inputs' URIs alone, as a list (training, and callers that want few)."""
-    return list_table(input_uri, settings, max_bytes)["image_uri"].to_pylist()
+    return list_table(input_uri, settings)["image_uri"].to_pylist()
 
 
 def list_located(
@@ -156,16 +306,15 @@ def list_located(
     settings: StorageSettings,
     key: bytes | None = None,
     since_days: int | None = None,
-    max_bytes: int = DEFAULT_MAX_OBJECT_BYTES,
-) -> tuple[pa.Table, dict[str, str] | None]:
-    """The inputs as a listing table, and for a DICOMweb source each one's locator
+) -> tuple[Listing, dict[str, str] | None]:
+    """The inputs as a Listing, and for a DICOMweb source each one's locator
     (dicomweb.py: what its retrieval needs, never written out); None for storage.
     ``since_days`` narrows a DICOMweb query to the studies of the last days; an empty
     answer is not an error there (a quiet night), the caller decides."""
     if dicomweb.is_source(input_uri):
         located = dicomweb.list_instances(input_uri, settings, key, since_days)
-        return uris_table(list(located)), located
-    return list_table(input_uri, settings, max_bytes), None
+        return Listing(input_uri, uris_table(list(located)), empty_ok=True), located
+    return open_listing(input_uri, settings), None
 
 
 def read_manifest(

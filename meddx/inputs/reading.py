@@ -61,7 +61,6 @@ def read_objects(
     settings: StorageSettings,
     max_bytes: int = DEFAULT_MAX_OBJECT_BYTES,
     decode: DecodeSettings | None = None,
-    known: dict[str, list[str]] | None = None,
     path_key: bytes | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Fetch each input's bytes (expanding tar shards into their members), refusing any
@@ -73,19 +72,18 @@ def read_objects(
     column does not survive Ray's Arrow conversion as None.
 
     With ``decode``, each batch is decoded (``decode_images``) before it leaves the
-    task, after dropping the rows scored already (``drop_known``: the batch's ``known``
-    column, or the ``known`` dict): a
-    film's bytes (13-50 MB at detector size) then never pass through Ray's Arrow blocks,
-    only its pixels at model size do. Two stages would copy the bytes into Arrow and
-    back, 10 ms of a core per detector film.
+    task, after dropping the rows scored already (``drop_known``, by the batch's ``known``
+    column): a film's bytes (13-50 MB at detector size) then never pass through Ray's
+    Arrow blocks, only its pixels at model size do. Two stages would copy the bytes into
+    Arrow and back, 10 ms of a core per detector film.
 
     With ``path_key``, paths leave the task only as pseudonyms (``pseudonymize_paths``;
-    ``known`` is then keyed by them, as OUT's index holds them).
+    the ``known`` column then names them, as OUT's index holds them).
     """
     for chunk in _read_chunks(batch, settings, max_bytes):
         if path_key:
             chunk = pseudonymize_paths(chunk, path_key)
-        chunk = drop_known(chunk, known)
+        chunk = drop_known(chunk)
         yield decode_images(chunk, decode) if decode is not None else chunk
 
 
@@ -223,33 +221,22 @@ def read_uris(
 KNOWN_SEPARATOR = "\0"
 
 
-def drop_known(
-    batch: dict[str, np.ndarray], known: dict[str, list[str]] | None = None
-) -> dict[str, np.ndarray]:
+def drop_known(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Drop rows whose (image_uri, content_sha256) was already scored: an object that was
     touched but not changed. Unreadable rows are kept (they become error rows).
 
     What was scored comes with the rows, in a ``known`` column (each input's
     ``NAME KNOWN_SEPARATOR SHA`` strings, null for a new one; a shard's rows all carry
-    its list), which is then dropped; or, from older callers, as a ``known`` dict."""
+    its list), which is then dropped."""
     carried = batch.get("known")
-    if carried is None and not known:
+    if carried is None:
         return batch
-    if carried is not None:
-        uris, shas = batch["image_uri"], batch["content_sha256"]
-        keep = np.array(
-            [
-                not (sha and listed is not None and f"{uri}{KNOWN_SEPARATOR}{sha}" in listed)
-                for uri, sha, listed in zip(uris, shas, carried, strict=True)
-            ],
-            dtype=bool,
-        )
-    else:
-        keep = np.array(
-            [
-                not (sha and sha in known.get(uri, ()))
-                for uri, sha in zip(batch["image_uri"], batch["content_sha256"], strict=True)
-            ],
-            dtype=bool,
-        )
+    uris, shas = batch["image_uri"], batch["content_sha256"]
+    keep = np.array(
+        [
+            not (sha and listed is not None and f"{uri}{KNOWN_SEPARATOR}{sha}" in listed)
+            for uri, sha, listed in zip(uris, shas, carried, strict=True)
+        ],
+        dtype=bool,
+    )
     return {k: v[keep] for k, v in batch.items() if k != "known"}

@@ -29,8 +29,8 @@ from meddx.names import OUTPUT_SCHEMA
 from meddx.pacs import stow
 from meddx.pipelines import cluster
 from meddx.pipelines.dataset import build_dataset, file_metadata
-from meddx.pipelines.path_names import path_key, write_path_map
-from meddx.store import commit, lease, progress
+from meddx.pipelines.path_names import indexed_names, path_key, write_path_map
+from meddx.store import commit, index, lease, progress
 
 T = TypeVar("T", covariant=True)
 
@@ -44,6 +44,7 @@ class Selection:
     # as OUT's rows name it: those bytes are dropped after reading, before decoding).
     todo: pa.Table
     inputs: pa.Table  # every input the committed rows stand for (todo, a resumed run's)
+    seen: int = 0  # the distinct inputs the source listed
     resumed: str | None = None  # the killed run this one continues, under its run id
     kept_rows: int = 0  # ... and the rows it had staged, which are kept
     notes: tuple[str, ...] = ()  # said beside what recovery did
@@ -56,7 +57,6 @@ class Outcome:
     run_id: str
     ckpt: Checkpoint
     sha: str
-    listed: pa.Table  # every input the source listed (listing.LISTING_SCHEMA)
     located: dict[str, str] | None  # a DICOMweb source's locators
     selection: Selection
     recovered: tuple[str, ...]  # what was left of earlier runs, and what became of it
@@ -83,7 +83,11 @@ class Policy(Protocol[T]):
         """An uncommitted run of the run date whose staged rows recovery must keep."""
 
     def select(
-        self, listed: pa.Table, located: dict[str, str] | None, sha: str, resumed: str | None
+        self,
+        listed: listing.Listing,
+        located: dict[str, str] | None,
+        sha: str,
+        resumed: str | None,
     ) -> Selection:
         """The inputs to score now, of those listed, for the checkpoint ``sha``."""
 
@@ -112,7 +116,7 @@ def execute(cfg: ScoreConfig, policy: Policy[T], started: float | None = None) -
         # the very same file.
         ckpt, sha = registry.read_checkpoint(cfg.model, cfg.storage, cfg.model_sha256)
         listed, located = listing.list_located(
-            cfg.input, cfg.storage, secret.pseudonym_key(), policy.since_days, cfg.max_object_bytes
+            cfg.input, cfg.storage, secret.pseudonym_key(), policy.since_days
         )
         chosen = policy.select(listed, located, sha, resumed)
         run_id = chosen.resumed or run_id
@@ -135,6 +139,9 @@ def execute(cfg: ScoreConfig, policy: Policy[T], started: float | None = None) -
         committed = bool(chosen.todo.num_rows or chosen.kept_rows)
         if committed:
             policy.check(run_id, sha, chosen, held)
+            # What the listing said of the inputs, for the index the commit updates.
+            facts = chosen.inputs.append_column("name", indexed_names(cfg, chosen.inputs))
+            index.stage_inputs(cfg.out, cfg.storage, commit.staging_path(cfg.out, run_id), facts)
             # The lease is renewed, or the commit refused, just before the plan is written.
             commit.commit(
                 cfg.out, cfg.storage, run_id, cfg.run_date, fence=held.check, replace=policy.replace
@@ -156,7 +163,6 @@ def execute(cfg: ScoreConfig, policy: Policy[T], started: float | None = None) -
                 run_id=run_id,
                 ckpt=ckpt,
                 sha=sha,
-                listed=listed,
                 located=located,
                 selection=chosen,
                 recovered=(*recovered, *chosen.notes),

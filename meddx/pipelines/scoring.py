@@ -78,7 +78,8 @@ class Scoring:
             return None
         return commit.last_uncommitted(self.cfg.out, self.cfg.storage, self.cfg.run_date)
 
-    def select(self, listed, located, sha: str, resumed: str | None) -> run.Selection:
+    def select(self, source, located, sha: str, resumed: str | None) -> run.Selection:
+        listed = source.table()  # scoring reads every input: the listing is the work
         if not listed.num_rows:  # a folder or manifest without inputs is refused as listed
             host = dicomweb.endpoint(self.cfg.input).host
             raise MeddxError(f"no instances match the query on {host}")
@@ -87,7 +88,7 @@ class Scoring:
         notes = ()
         if self.cfg.resume:
             notes = (f"nothing to resume for {self.cfg.run_date}: scoring every input",)
-        return run.Selection(todo=listed, inputs=listed, notes=notes)
+        return run.Selection(todo=listed, inputs=listed, seen=listed.num_rows, notes=notes)
 
     def check(self, run_id: str, sha: str, selection: run.Selection, held: lease.Lease) -> None:
         cfg = self.cfg
@@ -103,7 +104,7 @@ class Scoring:
         ok = pc.sum(pc.equal(outcome.rows["status"], "ok")).as_py() or 0
         sent = outcome.sent
         return ScoreSummary(
-            inputs=outcome.listed.num_rows,
+            inputs=outcome.selection.seen,
             ok=ok,
             errors=rows - ok,
             rows_written=rows,
@@ -140,4 +141,10 @@ def resume(cfg: ScoreConfig, run_id: str, listed: pa.Table, sha: str) -> run.Sel
             f"run {run_id} scored inputs that INPUT no longer lists: run without --resume"
         )
     todo = listed.filter(pc.invert(pc.is_in(names, value_set=done)))
-    return run.Selection(todo=todo, inputs=listed, resumed=run_id, kept_rows=staged.num_rows)
+    return run.Selection(
+        todo=todo,
+        inputs=listed,
+        seen=listed.num_rows,
+        resumed=run_id,
+        kept_rows=staged.num_rows,
+    )

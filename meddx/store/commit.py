@@ -34,6 +34,7 @@ from meddx import MeddxError
 from meddx.inputs import storage
 from meddx.inputs.storage import StorageSettings
 from meddx.names import OUTPUT_SCHEMA
+from meddx.store import index
 
 STAGING = "_staging"
 COMMIT = "_COMMIT"
@@ -50,9 +51,13 @@ def _path(out: str, *parts: str) -> str:
 
 
 def parquet_files(fs, folder: str) -> list[str]:
-    """The Parquet files below ``folder`` (a path of ``fs``), sorted; none when it is
-    absent."""
-    return sorted(p for p in fs.find(folder) if p.endswith(".parquet"))
+    """The Parquet files below ``folder`` (a path of ``fs``), sorted, but metadata names
+    (``_x``, ``.x``: a run's ``_inputs.parquet``); none when it is absent."""
+    return sorted(
+        p
+        for p in fs.find(folder)
+        if p.endswith(".parquet") and not posixpath.basename(p).startswith(("_", "."))
+    )
 
 
 def partition_uri(out: str, run_date: str) -> str:
@@ -220,9 +225,27 @@ def commit(
     fence()
     fs.pipe_file(posixpath.join(staging, COMMIT), json.dumps(plan).encode())
     _move_all(fs, plan)
+    _index_run(fs, out, settings, plan, staging)
     fs.rm(staging, recursive=True)
     fs.invalidate_cache()
     return [target for _, target in moves]
+
+
+def _index_run(fs, out: str, settings: StorageSettings, plan: dict, staging: str) -> None:
+    """The index's part of a commit, after the moves and before the staging folder goes:
+    the run's index file, then a compaction when enough have gathered. A failure leaves
+    the results as committed: the next reader of the index adds the run from them."""
+    try:
+        targets = [target for _, target in plan["moves"]]
+        index.record_run(fs, out, settings, plan["run_id"], targets, staging)
+        index.compact(out, settings)
+    except Exception as exc:
+        log.warning(
+            "meddx: index not updated for run %s (%s): the next run adds it from the results",
+            plan["run_id"],
+            type(exc).__name__,
+        )
+        log.debug("meddx: the index update's failure", exc_info=True)
 
 
 def drop_staged(out: str, settings: StorageSettings, run_id: str, uris: set[str]) -> int:
@@ -290,6 +313,7 @@ def recover(out: str, settings: StorageSettings, keep: str | None = None) -> lis
                 done.append(refused)
                 continue
             _move_all(fs, plan)
+            _index_run(fs, out, settings, plan, folder)
             done.append(f"finished commit of {plan['run_id']}")
         elif posixpath.basename(folder) == keep:
             done.append(f"resuming uncommitted run {keep}")

@@ -1,0 +1,333 @@
+"""The index of what OUT holds: one row per committed result row, a few columns of it,
+in a few files, so that "what is new tonight" reads the index, not every partition.
+
+    OUT/_index/base-GENERATION.parquet     the compacted rows of many runs
+    OUT/_index/runs/dt=RUN_DATE/RUN_ID.parquet   one run's rows, since the last compaction
+
+A row holds ``name`` (the input as listed, as OUT's rows name it: a tar member counts
+for its shard), ``image_uri``, ``content_sha256``, ``model_sha256``, ``scored_at``,
+``run_id``, ``dt`` and what the listing said of the input when it was selected
+(``size``, ``mtime``, ``etag``; null where the source said nothing, or the row was
+rebuilt from the results).
+
+The results are the truth; the index follows them:
+
+- a commit writes its run's file after the moves and before its staging folder goes, so
+  ``commit.recover`` finishes it with the moves of a run killed in between;
+- every reader (``scan``) checks which runs the results hold against those the index
+  covers, by file names alone (one listing of OUT): rows of runs whose files are gone (a
+  replaced partition, a deleted one) are left out, and runs the index lacks (lost, an
+  older meddx, a crash) are read from their result files and added before it answers;
+- past ``COMPACT_AFTER`` run files, ``compact`` streams the live rows into a new base
+  and removes what it covers. A reader takes the newest readable base and ignores run
+  files it covers, so a compaction killed midway loses nothing.
+
+``rebuild`` (``meddx reindex OUT``) removes the index and reads it again from the
+results. Index files are written under the run's lease on OUT, like the results.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import posixpath
+import re
+import uuid
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from meddx.inputs import storage
+from meddx.inputs.storage import StorageSettings
+
+INDEX = "_index"
+RUNS = "runs"
+# The listing facts of a run's selected inputs, staged beside its rows until the commit.
+INPUTS_FILE = "_inputs.parquet"
+COMPACT_AFTER = 16  # run files the index holds before they are merged into a base
+BATCH_ROWS = 65_536
+COVERED_KEY = b"meddx.index.files"  # an index file's result files, relative to OUT
+
+INDEX_SCHEMA = pa.schema(
+    [
+        ("name", pa.string()),
+        ("image_uri", pa.string()),
+        ("content_sha256", pa.string()),
+        ("model_sha256", pa.string()),
+        ("scored_at", pa.timestamp("us", tz="UTC")),
+        ("run_id", pa.string()),
+        ("dt", pa.string()),
+        ("size", pa.int64()),
+        ("mtime", pa.timestamp("us", tz="UTC")),
+        ("etag", pa.string()),
+        ("file", pa.string()),  # the result file it stands for, relative to OUT
+    ]
+)
+# What a run's selected inputs carried from the listing, by name.
+INPUTS_SCHEMA = pa.schema([INDEX_SCHEMA.field(n) for n in ("name", "size", "mtime", "etag")])
+# The columns of a result row the index keeps.
+FROM_RESULTS = ["image_uri", "content_sha256", "model_sha256", "scored_at", "run_id"]
+_BASE = re.compile(r"base-(\d{6})\.parquet")
+
+log = logging.getLogger(__name__)
+
+
+def _root(out: str) -> str:
+    return posixpath.join(storage.strip_scheme(out).rstrip("/"), INDEX)
+
+
+def _out_root(out: str) -> str:
+    return storage.strip_scheme(out).rstrip("/")
+
+
+def _result_files(fs, out: str) -> set[str]:
+    """OUT's committed Parquet files (``dt=*/NAME.parquet``), relative to OUT, from one
+    listing."""
+    root = _out_root(out)
+    if not fs.exists(root):
+        return set()
+    files = set()
+    for path in fs.find(root):
+        relative = path[len(root) + 1 :]
+        parts = relative.split("/")
+        if (
+            len(parts) == 2
+            and parts[0].startswith("dt=")
+            and parts[1].endswith(".parquet")
+            and not parts[1].startswith(("_", "."))
+        ):
+            files.add(relative)
+    return files
+
+
+def _covers(fs, path: str) -> set[str]:
+    """The result files an index file stands for (its key-value metadata)."""
+    with fs.open(path, "rb") as fh:
+        meta = pq.read_metadata(fh).metadata or {}
+    return set(json.loads(meta[COVERED_KEY]))
+
+
+class _State:
+    """The index as storage holds it now, against the results."""
+
+    def __init__(self, fs, out: str):
+        self.fs, self.out, self.root = fs, out, _root(out)
+        fs.invalidate_cache()
+        found = fs.find(self.root) if fs.exists(self.root) else []
+        self.base, self.in_base = None, set()
+        bases = sorted((p for p in found if _BASE.fullmatch(posixpath.basename(p))), reverse=True)
+        for path in bases:  # the newest readable one
+            try:
+                self.in_base, self.base = _covers(fs, path), path
+                break
+            except Exception:  # half-written, or not ours: an older base or the results
+                name = posixpath.basename(path)
+                log.warning("meddx: index file %s is unreadable: left out", name)
+        self.old_bases = [p for p in bases if p != self.base]
+        runs_dir = posixpath.join(self.root, RUNS) + "/"
+        self.run_files: dict[str, set[str]] = {}  # every run file -> the files it covers
+        for path in found:
+            if path.startswith(runs_dir) and path.endswith(".parquet"):
+                try:
+                    self.run_files[path] = _covers(fs, path)
+                except Exception:
+                    log.warning(
+                        "meddx: index file %s is unreadable: left out", path[len(runs_dir) :]
+                    )
+        # Run files a base already holds (a compaction stopped before removing them).
+        self.loose = {p: f for p, f in self.run_files.items() if not f <= self.in_base}
+        self.covered = set(self.in_base).union(*self.loose.values())
+        self.results = _result_files(fs, out)
+
+    def live(self) -> set[str]:
+        """Covered result files still in OUT."""
+        return self.covered & self.results
+
+    def uncovered(self) -> list[str]:
+        """Result files the index does not stand for."""
+        return sorted(self.results - self.covered)
+
+
+def _results_rows(
+    out: str, settings: StorageSettings, files: list[str], inputs: pa.Table | None = None
+) -> pa.Table:
+    """Index rows of some of OUT's result files (relative to OUT), with the listing facts
+    of ``inputs`` (INPUTS_SCHEMA) where given, else null."""
+    fs = storage.arrow_filesystem(out, settings)
+    root = _out_root(out)
+    parts = []
+    for relative in files:
+        table = pq.read_table(posixpath.join(root, relative), filesystem=fs, columns=FROM_RESULTS)
+        n = table.num_rows
+        dt = relative.split("/")[0][3:]
+        table = table.append_column("dt", pa.array([dt] * n, pa.string()))
+        parts.append(table.append_column("file", pa.array([relative] * n, pa.string())))
+    return _as_index_rows(pa.concat_tables(parts) if parts else None, inputs)
+
+
+def _as_index_rows(rows: pa.Table | None, inputs: pa.Table | None = None) -> pa.Table:
+    if rows is None or not rows.num_rows:
+        return INDEX_SCHEMA.empty_table()
+    rows = rows.append_column("name", storage.shards_of(rows["image_uri"]))
+    if inputs is not None and inputs.num_rows:
+        facts = inputs.group_by("name").aggregate(
+            [("size", "max"), ("mtime", "max"), ("etag", "max")]
+        )
+        facts = facts.rename_columns({f"{c}_max": c for c in ("size", "mtime", "etag")})
+        rows = rows.join(facts, "name", join_type="left outer")
+    n = rows.num_rows
+    columns = [
+        rows[f.name] if f.name in rows.column_names else pa.nulls(n, f.type) for f in INDEX_SCHEMA
+    ]
+    return pa.Table.from_arrays(columns, schema=INDEX_SCHEMA)
+
+
+def _write(fs, path: str, table: pa.Table, covers) -> None:
+    """Write whole or not at all (to a hidden name, then moved into place), with the
+    result files it stands for in its metadata."""
+    folder = posixpath.dirname(path)
+    fs.makedirs(folder, exist_ok=True)
+    temporary = posixpath.join(folder, f".{uuid.uuid4().hex}.tmp")
+    table = table.replace_schema_metadata({COVERED_KEY: json.dumps(sorted(covers))})
+    with fs.open(temporary, "wb") as fh:
+        pq.write_table(table, fh, row_group_size=BATCH_ROWS)
+    fs.mv(temporary, path)
+
+
+def record_run(
+    fs, out: str, settings: StorageSettings, run_id: str, targets: list[str], staging: str
+) -> int:
+    """After a run's moves: its index file, from its committed files ``targets`` (paths
+    of ``fs``) and the listing facts staged beside them (``INPUTS_FILE``, where the run
+    wrote one). Rows written."""
+    fs.invalidate_cache()
+    root = _out_root(out)
+    files = [t[len(root) + 1 :] for t in targets if fs.exists(t)]
+    inputs_path = posixpath.join(staging, INPUTS_FILE)
+    inputs = None
+    if fs.exists(inputs_path):
+        with fs.open(inputs_path, "rb") as fh:
+            inputs = pq.read_table(fh, schema=INPUTS_SCHEMA)
+    rows = _results_rows(out, settings, files, inputs)
+    _write(fs, posixpath.join(_root(out), RUNS, f"{run_id}.parquet"), rows, files)
+    return rows.num_rows
+
+
+def stage_inputs(out: str, settings: StorageSettings, staging: str, inputs: pa.Table) -> None:
+    """Keep what the listing said of a run's inputs (``name``, as OUT's rows name them,
+    with size, mtime and etag) in its staging folder, for ``record_run``."""
+    fs = storage.filesystem(out, settings)
+    n = inputs.num_rows
+    table = pa.Table.from_arrays(
+        [
+            inputs[f.name] if f.name in inputs.column_names else pa.nulls(n, f.type)
+            for f in INPUTS_SCHEMA
+        ],
+        schema=INPUTS_SCHEMA,
+    )
+    _write(fs, posixpath.join(staging, INPUTS_FILE), table, ())
+
+
+def _catch_up(state: _State, settings: StorageSettings) -> int:
+    """One index file for the result files the index lacks; how many files it read."""
+    files = state.uncovered()
+    if not files:
+        return 0
+    rows = _results_rows(state.out, settings, files)
+    _write(
+        state.fs, posixpath.join(state.root, RUNS, f"read-{uuid.uuid4().hex}.parquet"), rows, files
+    )
+    log.info("meddx: index: %d result files read into it", len(files))
+    return len(files)
+
+
+def scan(
+    out: str, settings: StorageSettings, columns: list[str] | None = None
+) -> pa.RecordBatchReader:
+    """The live index rows (of result files OUT still holds), in batches; result files
+    the index lacks are read into it first. Call it while holding OUT's lease."""
+    fs = storage.filesystem(out, settings)
+    state = _State(fs, out)
+    if _catch_up(state, settings):
+        state = _State(fs, out)
+    live = state.live()
+    files = sorted(p for p, covers in state.loose.items() if covers & live)
+    if state.base and state.in_base & live:
+        files.insert(0, state.base)
+    columns = columns or INDEX_SCHEMA.names
+    if not files:
+        return pa.RecordBatchReader.from_batches(
+            INDEX_SCHEMA.empty_table().select(columns).schema, []
+        )
+    dataset = pads.dataset(
+        files,
+        filesystem=storage.arrow_filesystem(out, settings),
+        format="parquet",
+        schema=INDEX_SCHEMA,
+    )
+    return dataset.scanner(
+        columns=columns,
+        filter=pc.field("file").isin(pa.array(sorted(live), pa.string())),
+        batch_size=BATCH_ROWS,
+        # Row group by row group: not the whole file's columns read ahead at once.
+        fragment_scan_options=pads.ParquetFragmentScanOptions(pre_buffer=False),
+        batch_readahead=1,
+        fragment_readahead=1,
+    ).to_reader()
+
+
+def compact(out: str, settings: StorageSettings, force: bool = False) -> bool:
+    """Past ``COMPACT_AFTER`` run files (or with ``force``), stream the live rows into a
+    new base and remove what it covers; True when it did."""
+    fs = storage.filesystem(out, settings)
+    state = _State(fs, out)
+    if not force and len(state.loose) <= COMPACT_AFTER:
+        return False
+    reader = scan(out, settings)
+    state = _State(fs, out)  # as scan left it (it may have caught up)
+    live = sorted(state.live())
+    generation = 1 + max(
+        (
+            int(_BASE.fullmatch(posixpath.basename(p)).group(1))
+            for p in [*([state.base] if state.base else []), *state.old_bases]
+        ),
+        default=0,
+    )
+    target = posixpath.join(state.root, f"base-{generation:06d}.parquet")
+    temporary = posixpath.join(state.root, f".{uuid.uuid4().hex}.tmp")
+    schema = INDEX_SCHEMA.with_metadata({COVERED_KEY: json.dumps(live)})
+    fs.makedirs(state.root, exist_ok=True)
+    with fs.open(temporary, "wb") as fh, pq.ParquetWriter(fh, schema) as writer:
+        for batch in reader:
+            writer.write_batch(batch, row_group_size=BATCH_ROWS)
+    fs.mv(temporary, target)
+    for path in [
+        *state.old_bases,
+        *([state.base] if state.base else []),
+        *state.run_files,
+    ]:
+        fs.rm(path)
+    fs.invalidate_cache()
+    log.info(
+        "meddx: index: compacted %d result files into %s", len(live), posixpath.basename(target)
+    )
+    return True
+
+
+def rebuild(out: str, settings: StorageSettings) -> tuple[int, int]:
+    """Remove the index and read it again from the results (compacted); its rows and
+    the result files they came from."""
+    fs = storage.filesystem(out, settings)
+    root = _root(out)
+    if fs.exists(root):
+        fs.rm(root, recursive=True)
+    fs.invalidate_cache()
+    compact(out, settings, force=True)
+    files = set()
+    rows = 0
+    for batch in scan(out, settings, ["file"]):
+        rows += batch.num_rows
+        files.update(pc.unique(batch["file"]).to_pylist())
+    return rows, len(files)
