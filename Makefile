@@ -85,10 +85,14 @@ bench-scale-dicom: install
 # a Parquet manifest of ARCHIVE URIs whose history holds the rest, against the same films
 # alone; listing, selection and commit times and the driver's peak RSS. 10^7 takes long:
 # make bench-archive ARCHIVE=1e7 NEW_FILMS=20000 (docs/benchmarks.md).
+# Then the ListObjectsV2 requests and seconds of listing S3_OBJECTS objects on moto's
+# server, in one walk and in parallel Ray tasks per sub-prefix.
 ARCHIVE ?= 1e5,1e6
 NEW_FILMS ?= 2000
+S3_OBJECTS ?= 1e5
 bench-archive: install
 	$(BIN)/python benchmarks/archive_scale.py --archive $(ARCHIVE) --night $(NEW_FILMS) $(ARGS)
+	$(BIN)/python benchmarks/s3_listing.py --objects $(S3_OBJECTS)
 
 # Decode ms per film and format (detector-size films, one core): meddx against the loop
 # users write (pydicom + LUTs or PIL, torchvision Resize) and the bare fastest decoder.

@@ -3,6 +3,7 @@ returned (no per-object request), and selecting the night's inputs runs no Pytho
 listed input or committed row."""
 
 import datetime as dt
+import logging
 import sys
 
 import numpy as np
@@ -16,7 +17,8 @@ from meddx.config import ScreenConfig
 from meddx.inputs import listing, reading
 from meddx.inputs.storage import StorageSettings, filesystem
 from meddx.names import OUTPUT_SCHEMA
-from meddx.pipelines.screening import select_new
+from meddx.pipelines import selection
+from meddx.pipelines.selection import select_new
 
 from .images import png
 
@@ -118,7 +120,7 @@ def test_s3_sub_prefixes_are_listed_in_parallel_ray_tasks(bucket, settings, ray_
 # ---- selection ------------------------------------------------------------------------
 
 
-def write_history(out, uris: list[str], when=SCORED_AT, sha=SHA):
+def write_history(out, uris: list[str], when=SCORED_AT, sha=SHA, name="part-0.parquet"):
     """Committed rows as meddx writes them: OUTPUT_SCHEMA, under dt=."""
     n = len(uris)
     columns = {f.name: pa.nulls(n, f.type) for f in OUTPUT_SCHEMA}
@@ -130,7 +132,7 @@ def write_history(out, uris: list[str], when=SCORED_AT, sha=SHA):
     table = pa.table([columns[f.name] for f in OUTPUT_SCHEMA], schema=OUTPUT_SCHEMA)
     folder = out / "dt=2026-11-01"
     folder.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, folder / "part-0.parquet")
+    pq.write_table(table, folder / name)
 
 
 def listed_table(uris, mtimes) -> pa.Table:
@@ -177,6 +179,30 @@ def test_select_new_picks_new_and_changed_with_their_known_hashes(tmp_path):
     # Nothing changed: nothing selected, and no known column to carry.
     quiet = listed_table(uris[:3], [before, before, None])
     assert select_new(screen_cfg(tmp_path, out), quiet, SHA)[0].num_rows == 0
+
+
+def test_a_large_archive_is_selected_in_a_ray_task(tmp_path, ray_session, monkeypatch, caplog):
+    """Past OFF_DRIVER_ROWS the join runs in a Ray task: the same inputs, hashes and
+    count come back, and a user's error is still one line."""
+    out = tmp_path / "out"
+    write_history(out, ["/in/a.png", "/in/b.png"])
+    later = SCORED_AT + dt.timedelta(hours=1)
+    listed = listed_table(["/in/a.png", "/in/b.png", "/in/new.png"], [SCORED_AT, later, later])
+    here = select_new(screen_cfg(tmp_path, out), listed, SHA)
+    monkeypatch.setattr(selection, "OFF_DRIVER_ROWS", 0)
+    with caplog.at_level(logging.DEBUG, logger="meddx.pipelines.selection"):
+        there = select_new(screen_cfg(tmp_path, out), listed, SHA)
+    assert "meddx: selection in a Ray task (index of 2 rows)" in caplog.messages
+    assert there[1] == here[1] == 3
+    assert there[0].equals(here[0])
+    assert there[0]["image_uri"].to_pylist() == ["/in/b.png", "/in/new.png"]
+    write_history(out, ["/in/c.png"], sha="b" * 64, name="part-1.parquet")
+    with pytest.raises(MeddxError) as refused:
+        select_new(screen_cfg(tmp_path, out), listed, SHA)
+    assert str(refused.value) == (
+        f"{out} holds results of another model (bbbbbbbbbbbb...): pass --new-model to score "
+        "everything again with this one"
+    )
 
 
 def lines_run(fn, *args) -> tuple[object, int]:

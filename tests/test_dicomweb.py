@@ -44,7 +44,8 @@ def credentials(monkeypatch):
 
 
 def listed(server: Server, **kwargs) -> dict[str, str]:
-    return dicomweb.list_instances(server.source, StorageSettings(), KEY, **kwargs)
+    table = dicomweb.list_instances(server.source, StorageSettings(), KEY, **kwargs)
+    return dict(zip(table["image_uri"].to_pylist(), table["locator"].to_pylist(), strict=True))
 
 
 # ---- QIDO-RS paging -------------------------------------------------------------------

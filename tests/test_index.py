@@ -95,14 +95,17 @@ def test_a_commit_indexes_its_rows_with_what_the_listing_said(out, settings):
     ]
 
 
-def test_a_lost_index_is_read_again_from_the_results(out, settings, caplog):
+def test_a_lost_index_is_read_again_from_the_results(out, settings, caplog, monkeypatch):
     committed(out, settings, "2026-11-01-run1", ["/in/a.png", "/in/b.png"])
     committed(out, settings, "2026-11-02-run2", ["/in/c.png"], run_date="2026-11-02")
     before = scanned(out, settings)
     filesystem(out, settings).rm(f"{strip_scheme(out)}/_index", recursive=True)
+    monkeypatch.setattr(index, "CATCH_UP_ROWS", 2)  # a history is read a few rows at a time
     with caplog.at_level(logging.INFO, logger="meddx.store.index"):
         after = scanned(out, settings)
     assert "meddx: index: 2 result files read into it" in caplog.messages
+    read = [f for f in index_files(out, settings) if f.startswith("runs/read-")]
+    assert len(read) == 2  # the first file's 2 rows, then the second's 1
     assert after["image_uri"].to_pylist() == before["image_uri"].to_pylist()
     assert after["content_sha256"].to_pylist() == before["content_sha256"].to_pylist()
     assert after["size"].null_count == 3  # the listing's facts are not in the results

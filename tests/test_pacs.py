@@ -311,7 +311,9 @@ def test_listing_pages_through_every_level(pacs, films, monkeypatch):
     monkeypatch.setattr(dicomweb, "QIDO_PAGE", 2)
     monkeypatch.setenv("MEDDX_DICOMWEB_USER", pacs_mod.USER)
     monkeypatch.setenv("MEDDX_DICOMWEB_PASSWORD", pacs_mod.PASSWORD)
-    located = dicomweb.list_instances(pacs.source, StorageSettings(), KEY.encode())
+    table = dicomweb.list_instances(pacs.source, StorageSettings(), KEY.encode())
+    assert table.schema == dicomweb.LOCATED_SCHEMA
+    located = dicomweb.locators_of(table, table["image_uri"])
     assert len(located) == 6
     assert all(
         re.fullmatch(r"dicomweb://127\.0\.0\.1:\d+/instances/[0-9a-f]{32}", u) for u in located
@@ -323,8 +325,8 @@ def test_listing_pages_through_every_level(pacs, films, monkeypatch):
         f"{pacs.source}?PatientID={pydicom.dcmread(films[2]).PatientID}",
         StorageSettings(),
         KEY.encode(),
-    ).items()
-    assert one[0] in located
+    ).to_pylist()
+    assert located[one["image_uri"]] == one["locator"]
 
 
 def test_a_truncated_multipart_body_is_told_from_a_whole_one():

@@ -43,6 +43,9 @@ from collections import Counter
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, urljoin, urlsplit, urlunsplit
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from meddx import MeddxError, one_line, secret
 from meddx.imaging.dicom import pseudonym
 from meddx.inputs.storage import StorageSettings, TooLarge
@@ -326,11 +329,16 @@ def since_filter(days: int, today: dt.date | None = None) -> str:
     return f"{start:%Y%m%d}-"
 
 
+# What a DICOMweb listing gives: each instance's input name and its locator.
+LOCATED_SCHEMA = pa.schema([("image_uri", pa.string()), ("locator", pa.string())])
+
+
 def list_instances(
     source: str, settings: StorageSettings, key: bytes | None, since_days: int | None = None
-) -> dict[str, str]:
-    """{image_uri: locator} for every image instance the source's query matches (the
-    locator, "URL STUDY SERIES SOP", is what WADO-RS needs; it never leaves the run).
+) -> pa.Table:
+    """Every image instance the source's query matches, as a LOCATED_SCHEMA table built
+    page by page (one Arrow batch per QIDO-RS page of instances): its ``image_uri`` and
+    its locator, "URL STUDY SERIES SOP", what WADO-RS needs (it never leaves the run).
     With ``since_days``, only studies of the last that many days (unless the query sets
     its own StudyDate). A listing cut short (``_paged``) is a warning, not an error: the
     night goes on with what was listed."""
@@ -344,7 +352,7 @@ def list_instances(
     if since_days is not None and "StudyDate" not in filters:
         filters["StudyDate"] = since_filter(since_days)
     c = client(where.url, settings)
-    located: dict[str, str] = {}
+    batches: list[pa.RecordBatch] = []
     cut: Counter = Counter()
     try:
         for study in _paged(c.search_for_studies, cut, "studies", search_filters=filters):
@@ -357,22 +365,41 @@ def list_instances(
                 if _value(series, "SeriesDescription") == RESULTS_SERIES:
                     continue
                 series_uid = _value(series, "SeriesInstanceUID")
-                for inst in _paged(
+                found = _paged(
                     c.search_for_instances,
                     cut,
                     "instances of a series",
                     study_instance_uid=study_uid,
                     series_instance_uid=series_uid,
-                ):
-                    sop = _value(inst, "SOPInstanceUID")
-                    uri = f"{URI_SCHEME}{where.host}/instances/{pseudonym(sop, key)}"
-                    located[uri] = " ".join((where.url, study_uid, series_uid, sop))
+                )
+                sops = [_value(inst, "SOPInstanceUID") for inst in found]
+                batches.append(
+                    pa.record_batch(
+                        [
+                            [
+                                f"{URI_SCHEME}{where.host}/instances/{pseudonym(u, key)}"
+                                for u in sops
+                            ],
+                            [" ".join((where.url, study_uid, series_uid, u)) for u in sops],
+                        ],
+                        schema=LOCATED_SCHEMA,
+                    )
+                )
     except MeddxError:
         raise
     except Exception as exc:
         raise MeddxError(f"listing {where.host} failed: {reason(exc, where.host)}") from None
     warn_cut(where.host, cut)
-    return located
+    table = pa.Table.from_batches(batches, LOCATED_SCHEMA)
+    # An instance listed twice (in two series' answers) is one input.
+    return table.take(pc.index_in(pc.unique(table["image_uri"]), table["image_uri"]))
+
+
+def locators_of(located: pa.Table, uris) -> dict[str, str]:
+    """{image_uri: locator} for ``uris`` alone (the night's inputs), from a listing."""
+    uris = pa.chunked_array([uris]) if isinstance(uris, pa.Array) else uris
+    where = pc.index_in(uris, value_set=located["image_uri"].combine_chunks())
+    return dict(zip(uris.to_pylist(), located["locator"].take(where).to_pylist(), strict=True))
 
 
 def locator_parts(locator: str) -> tuple[str, str, str, str]:

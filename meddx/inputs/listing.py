@@ -69,7 +69,14 @@ class Listing:
     def __init__(self, source: str, table=None, settings=None, empty_ok: bool = False):
         self.source, self._table, self._settings = source, table, settings
         self.empty_ok = empty_ok  # a PACS's quiet night is no error: the caller decides
+        # Streamed from a manifest, which may name an input twice; else each once.
+        self.streamed = table is None
         self.failure: Exception | None = None
+
+    @property
+    def rows(self) -> int:
+        """The inputs listed, where the listing is held (a streamed one: 0)."""
+        return 0 if self._table is None else self._table.num_rows
 
     def batches(self) -> pa.RecordBatchReader:
         if self._table is not None:
@@ -306,14 +313,15 @@ def list_located(
     settings: StorageSettings,
     key: bytes | None = None,
     since_days: int | None = None,
-) -> tuple[Listing, dict[str, str] | None]:
+) -> tuple[Listing, pa.Table | None]:
     """The inputs as a Listing, and for a DICOMweb source each one's locator
-    (dicomweb.py: what its retrieval needs, never written out); None for storage.
+    (``dicomweb.LOCATED_SCHEMA``: what its retrieval needs, never written out); None
+    for storage.
     ``since_days`` narrows a DICOMweb query to the studies of the last days; an empty
     answer is not an error there (a quiet night), the caller decides."""
     if dicomweb.is_source(input_uri):
         located = dicomweb.list_instances(input_uri, settings, key, since_days)
-        return Listing(input_uri, uris_table(list(located)), empty_ok=True), located
+        return Listing(input_uri, uris_table(located["image_uri"]), empty_ok=True), located
     return open_listing(input_uri, settings), None
 
 

@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 
 from meddx import secret
 from meddx.config import ScoreConfig
-from meddx.inputs import listing, storage
+from meddx.inputs import dicomweb, listing, storage
 from meddx.model import registry
 from meddx.model.registry import Checkpoint
 from meddx.names import OUTPUT_SCHEMA
@@ -85,7 +85,7 @@ class Policy(Protocol[T]):
     def select(
         self,
         listed: listing.Listing,
-        located: dict[str, str] | None,
+        located: pa.Table | None,
         sha: str,
         resumed: str | None,
     ) -> Selection:
@@ -115,10 +115,16 @@ def execute(cfg: ScoreConfig, policy: Policy[T], started: float | None = None) -
         # Fail fast, in the driver, before the dataset is built; the actors then insist on
         # the very same file.
         ckpt, sha = registry.read_checkpoint(cfg.model, cfg.storage, cfg.model_sha256)
-        listed, located = listing.list_located(
+        if storage.is_s3(cfg.input) and not listing.is_manifest(cfg.input):
+            cluster.init_ray()  # an S3 prefix is listed by sub-prefix in Ray tasks
+        listed, listed_at = listing.list_located(
             cfg.input, cfg.storage, secret.pseudonym_key(), policy.since_days
         )
-        chosen = policy.select(listed, located, sha, resumed)
+        chosen = policy.select(listed, listed_at, sha, resumed)
+        # A DICOMweb source's locators, of this run's inputs alone.
+        located = None
+        if listed_at is not None:
+            located = dicomweb.locators_of(listed_at, chosen.inputs["image_uri"])
         run_id = chosen.resumed or run_id
         startup = time.perf_counter() - start
         if chosen.todo.num_rows:

@@ -37,23 +37,23 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from meddx import MeddxAlarm, MeddxError
+from meddx import MeddxAlarm
 from meddx.analysis import drift, page
 from meddx.config import ScreenConfig
-from meddx.inputs import listing, path_pseudonyms, reading, storage
+from meddx.inputs import listing, path_pseudonyms, storage
 from meddx.model.registry import Checkpoint
 from meddx.names import HUMAN_READ, OUTPUT_SCHEMA, QC_OK
 from meddx.pacs import stow
 from meddx.pipelines import run
-from meddx.pipelines.path_names import as_indexed, indexed_names
-from meddx.store import commit, index, lease, sql
+from meddx.pipelines.path_names import as_indexed
+from meddx.pipelines.selection import select_new
+from meddx.store import commit, lease
 
 log = logging.getLogger(__name__)
 
@@ -101,110 +101,6 @@ class NightSummary:
 def screen(cfg: ScreenConfig) -> NightSummary:
     """One night, holding the lease on OUT from before recovery to after the report."""
     return run.execute(cfg, Screening(cfg))
-
-
-# ---- what is new ------------------------------------------------------------------------
-
-
-# What a listed input is tested against: the index row of its last scoring (for this
-# model, with a content hash). New: none; changed: modified after that scoring, or its
-# size, mtime or etag differ from what the listing said then (where both say).
-SELECT_SQL = """
-CREATE TEMP TABLE listed AS
-    SELECT name, min(ordinal) AS ordinal, arg_min_null(image_uri, ordinal) AS image_uri,
-           arg_min_null(size, ordinal) AS size, arg_min_null(mtime, ordinal) AS mtime,
-           arg_min_null(etag, ordinal) AS etag
-    FROM listing GROUP BY name;
-CREATE TEMP TABLE picked AS
-    SELECT l.ordinal, l.name, l.image_uri, l.size, l.mtime, l.etag, s.last IS NOT NULL AS again
-    FROM listed l LEFT JOIN (
-        SELECT name, max(scored_at) AS last, arg_max(size, scored_at) AS size,
-               arg_max(mtime, scored_at) AS mtime, arg_max(etag, scored_at) AS etag
-        FROM idx WHERE model_sha256 = $sha AND content_sha256 IS NOT NULL GROUP BY name
-    ) s USING (name)
-    WHERE s.last IS NULL OR l.mtime > s.last OR l.size <> s.size OR l.mtime <> s.mtime
-       OR l.etag <> s.etag;
-"""
-KNOWN_SQL = """
-SELECT name, list(image_uri || $separator || content_sha256) AS known
-FROM idx WHERE model_sha256 = $sha AND content_sha256 IS NOT NULL
-    AND name IN (SELECT name FROM picked WHERE again)
-GROUP BY name
-"""
-OTHER_MODEL_SQL = """
-SELECT model_sha256 FROM idx WHERE model_sha256 <> $sha LIMIT 1
-"""
-INDEX_COLUMNS = ["name", "image_uri", "content_sha256", "model_sha256", "scored_at"]
-
-
-def _named(cfg: ScreenConfig, source: listing.Listing) -> pa.RecordBatchReader:
-    """The listing's batches with ``name`` (as OUT's rows name each input) and
-    ``ordinal`` (its place in the listing)."""
-    schema = listing.LISTING_SCHEMA.append(pa.field("name", pa.string())).append(
-        pa.field("ordinal", pa.int64())
-    )
-
-    def batches():
-        start = 0
-        for batch in source.batches():
-            table = pa.Table.from_batches([batch], listing.LISTING_SCHEMA)
-            ordinal = pa.array(np.arange(start, start + batch.num_rows, dtype=np.int64))
-            start += batch.num_rows
-            table = table.append_column("name", indexed_names(cfg, table))
-            yield from table.append_column("ordinal", ordinal).to_batches()
-
-    return pa.RecordBatchReader.from_batches(schema, batches())
-
-
-def select_new(cfg: ScreenConfig, source: listing.Listing | pa.Table, sha: str):
-    """The inputs of ``source`` to read for this model, in the listing's order, and how
-    many distinct inputs it listed: those OUT's index holds no row for, and those
-    changed since (modified after they were last scored, or another size, mtime or
-    etag than the listing gave then; a tar member counts for its shard).
-
-    A re-checked input carries ``known``: the ``NAME\0CONTENT_SHA256`` of each row OUT
-    holds for it (NAME as ``as_indexed`` names it, a pseudonym under
-    --pseudonymize-paths), which the read stage drops unscored when the bytes are the
-    same; null for a new input. The listing and the index stream through DuckDB within
-    its memory budget (``meddx.store.sql``): nothing here holds either whole, and no
-    step runs per row in Python."""
-    if isinstance(source, pa.Table):
-        source = listing.Listing(cfg.input, source, empty_ok=True)
-    con = sql.connect()
-    try:
-        con.register("idx", index.scan(cfg.out, cfg.storage, ["model_sha256"]))
-        other = next(iter(con.execute(OTHER_MODEL_SQL, {"sha": sha}).fetchall()), None)
-        if other and not cfg.new_model:
-            raise MeddxError(
-                f"{cfg.out} holds results of another model ({other[0][:12]}...): "
-                "pass --new-model to score everything again with this one"
-            )
-        con.register("listing", _named(cfg, source))
-        con.register(
-            "idx", index.scan(cfg.out, cfg.storage, [*INDEX_COLUMNS, "size", "mtime", "etag"])
-        )
-        con.execute(SELECT_SQL, {"sha": sha}).fetchall()
-        ((seen,),) = con.execute("SELECT count(*) FROM listed").fetchall()
-        picked = con.sql("SELECT * FROM picked ORDER BY ordinal").to_arrow_table()
-        known = None
-        if pc.any(picked["again"]).as_py():
-            con.register("idx", index.scan(cfg.out, cfg.storage, INDEX_COLUMNS))
-            params = {"sha": sha, "separator": reading.KNOWN_SEPARATOR}
-            known = con.sql(KNOWN_SQL, params=params).to_arrow_table()
-    except duckdb.Error:
-        if source.failure:
-            raise source.failure from None
-        raise
-    finally:
-        con.close()
-    if not seen and not source.empty_ok:
-        raise MeddxError(f"no inputs under {source.source}")
-    todo = picked.select(listing.LISTING_SCHEMA.names).cast(listing.LISTING_SCHEMA)
-    if known is None:
-        return todo, seen
-    # Each picked input's list (null for a new one), by position: a take, not a join.
-    where = pc.index_in(picked["name"], value_set=known["name"].combine_chunks())
-    return todo.append_column("known", known["known"].take(where)), seen
 
 
 # ---- the run --------------------------------------------------------------------------------

@@ -47,6 +47,7 @@ RUNS = "runs"
 # The listing facts of a run's selected inputs, staged beside its rows until the commit.
 INPUTS_FILE = "_inputs.parquet"
 COMPACT_AFTER = 16  # run files the index holds before they are merged into a base
+CATCH_UP_ROWS = 1_000_000  # result rows per index file when they are read into it
 BATCH_ROWS = 65_536
 COVERED_KEY = b"meddx.index.files"  # an index file's result files, relative to OUT
 
@@ -102,11 +103,11 @@ def _result_files(fs, out: str) -> set[str]:
     return files
 
 
-def _covers(fs, path: str) -> set[str]:
-    """The result files an index file stands for (its key-value metadata)."""
+def _covers(fs, path: str) -> tuple[set[str], int]:
+    """The result files an index file stands for (its key-value metadata), and its rows."""
     with fs.open(path, "rb") as fh:
-        meta = pq.read_metadata(fh).metadata or {}
-    return set(json.loads(meta[COVERED_KEY]))
+        meta = pq.read_metadata(fh)
+    return set(json.loads((meta.metadata or {})[COVERED_KEY])), meta.num_rows
 
 
 class _State:
@@ -117,10 +118,12 @@ class _State:
         fs.invalidate_cache()
         found = fs.find(self.root) if fs.exists(self.root) else []
         self.base, self.in_base = None, set()
+        self.rows: dict[str, int] = {}  # of each readable index file
         bases = sorted((p for p in found if _BASE.fullmatch(posixpath.basename(p))), reverse=True)
         for path in bases:  # the newest readable one
             try:
-                self.in_base, self.base = _covers(fs, path), path
+                self.in_base, self.rows[path] = _covers(fs, path)
+                self.base = path
                 break
             except Exception:  # half-written, or not ours: an older base or the results
                 name = posixpath.basename(path)
@@ -131,7 +134,7 @@ class _State:
         for path in found:
             if path.startswith(runs_dir) and path.endswith(".parquet"):
                 try:
-                    self.run_files[path] = _covers(fs, path)
+                    self.run_files[path], self.rows[path] = _covers(fs, path)
                 except Exception:
                     log.warning(
                         "meddx: index file %s is unreadable: left out", path[len(runs_dir) :]
@@ -231,51 +234,70 @@ def stage_inputs(out: str, settings: StorageSettings, staging: str, inputs: pa.T
 
 
 def _catch_up(state: _State, settings: StorageSettings) -> int:
-    """One index file for the result files the index lacks; how many files it read."""
+    """Index files for the result files the index lacks, about CATCH_UP_ROWS rows each
+    (a whole history is read in bounded memory); how many result files it read."""
     files = state.uncovered()
-    if not files:
-        return 0
-    rows = _results_rows(state.out, settings, files)
-    _write(
-        state.fs, posixpath.join(state.root, RUNS, f"read-{uuid.uuid4().hex}.parquet"), rows, files
-    )
-    log.info("meddx: index: %d result files read into it", len(files))
+    group: list[str] = []
+    parts: list[pa.Table] = []
+    for i, relative in enumerate(files):
+        group.append(relative)
+        parts.append(_results_rows(state.out, settings, [relative]))
+        if sum(t.num_rows for t in parts) >= CATCH_UP_ROWS or i == len(files) - 1:
+            name = f"read-{uuid.uuid4().hex}.parquet"
+            _write(state.fs, posixpath.join(state.root, RUNS, name), pa.concat_tables(parts), group)
+            group, parts = [], []
+    if files:
+        log.info("meddx: index: %d result files read into it", len(files))
     return len(files)
+
+
+class Snapshot:
+    """The index as it stands, caught up with the results once: ``scan`` it as often as
+    a selection needs. Take it while holding OUT's lease (catching up writes)."""
+
+    def __init__(self, out: str, settings: StorageSettings):
+        self.out, self.settings = out, settings
+        fs = storage.filesystem(out, settings)
+        state = _State(fs, out)
+        if _catch_up(state, settings):
+            state = _State(fs, out)
+        self.live = state.live()
+        self.files = sorted(p for p, covers in state.loose.items() if covers & self.live)
+        if state.base and state.in_base & self.live:
+            self.files.insert(0, state.base)
+        self.rows = sum(state.rows[p] for p in self.files)  # dead files' rows included
+
+    def scan(self, columns: list[str] | None = None, where=None) -> pa.RecordBatchReader:
+        """The live index rows (of result files OUT still holds), in batches; ``where``:
+        an Arrow expression they must meet besides."""
+        columns = columns or INDEX_SCHEMA.names
+        if not self.files:
+            return pa.RecordBatchReader.from_batches(
+                INDEX_SCHEMA.empty_table().select(columns).schema, []
+            )
+        dataset = pads.dataset(
+            self.files,
+            filesystem=storage.arrow_filesystem(self.out, self.settings),
+            format="parquet",
+            schema=INDEX_SCHEMA,
+        )
+        live = pc.field("file").isin(pa.array(sorted(self.live), pa.string()))
+        return dataset.scanner(
+            columns=columns,
+            filter=live if where is None else live & where,
+            batch_size=BATCH_ROWS,
+            # Row group by row group: not the whole file's columns read ahead at once.
+            fragment_scan_options=pads.ParquetFragmentScanOptions(pre_buffer=False),
+            batch_readahead=1,
+            fragment_readahead=1,
+        ).to_reader()
 
 
 def scan(
     out: str, settings: StorageSettings, columns: list[str] | None = None
 ) -> pa.RecordBatchReader:
-    """The live index rows (of result files OUT still holds), in batches; result files
-    the index lacks are read into it first. Call it while holding OUT's lease."""
-    fs = storage.filesystem(out, settings)
-    state = _State(fs, out)
-    if _catch_up(state, settings):
-        state = _State(fs, out)
-    live = state.live()
-    files = sorted(p for p, covers in state.loose.items() if covers & live)
-    if state.base and state.in_base & live:
-        files.insert(0, state.base)
-    columns = columns or INDEX_SCHEMA.names
-    if not files:
-        return pa.RecordBatchReader.from_batches(
-            INDEX_SCHEMA.empty_table().select(columns).schema, []
-        )
-    dataset = pads.dataset(
-        files,
-        filesystem=storage.arrow_filesystem(out, settings),
-        format="parquet",
-        schema=INDEX_SCHEMA,
-    )
-    return dataset.scanner(
-        columns=columns,
-        filter=pc.field("file").isin(pa.array(sorted(live), pa.string())),
-        batch_size=BATCH_ROWS,
-        # Row group by row group: not the whole file's columns read ahead at once.
-        fragment_scan_options=pads.ParquetFragmentScanOptions(pre_buffer=False),
-        batch_readahead=1,
-        fragment_readahead=1,
-    ).to_reader()
+    """The live index rows, in batches (``Snapshot(...).scan``)."""
+    return Snapshot(out, settings).scan(columns)
 
 
 def compact(out: str, settings: StorageSettings, force: bool = False) -> bool:
