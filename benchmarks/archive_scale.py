@@ -224,7 +224,10 @@ def phase_times(
         # The listing streams through the selection: one figure for both. Here it runs in
         # this process (a night runs it in a Ray task): this process's peak is its memory.
         source = listing.open_listing(cfg.input, cfg.storage)
-        todo, seen = timed(phases, "listing_selection_s", selection._select, cfg, source, sha)
+        snapshot = index.Snapshot(str(out), cfg.storage)
+        todo, seen = timed(
+            phases, "listing_selection_s", selection._select, cfg, source, sha, snapshot
+        )
         phases["selected"], phases["seen"] = todo.num_rows, seen
         selected = todo.select(listing.LISTING_SCHEMA.names)
         run_id = f"{night_date()}T030000-benchphases"
@@ -234,8 +237,14 @@ def phase_times(
         staging = Path(commit.staging_path(str(out), run_id))
         staging.mkdir(parents=True)
         pq.write_table(staged, staging / "0.parquet")
+        # As Screening.check does it: against what the index gained since the selection.
         check = listing.Listing(cfg.input, selected, empty_ok=True)
-        still, _ = timed(phases, "commit_check_s", selection._select, cfg, check, sha)
+
+        def recheck():
+            since = index.Snapshot(str(out), cfg.storage).since(snapshot)
+            return selection._select(cfg, check, sha, since)
+
+        still, _ = timed(phases, "commit_check_s", recheck)
         phases["commit_check_still_new"] = still.num_rows
         timed(
             phases,

@@ -203,3 +203,28 @@ def test_meddx_reindex_rebuilds_the_index(tmp_path, settings):
     )
     assert bad.returncode == 1
     assert bad.stderr.strip().splitlines() == [f"meddx: error: no results under {absent}"]
+
+
+def test_the_query_engine_stays_offline_quiet_and_within_its_budget():
+    from meddx.store import sql
+
+    con = sql.connect()
+    settings = con.execute(
+        "SELECT current_setting('autoinstall_known_extensions'),"
+        " current_setting('autoload_known_extensions'), current_setting('enable_progress_bar'),"
+        " current_setting('memory_limit')"
+    ).fetchall()
+    assert settings[0][:3] == (False, False, False)
+    assert settings[0][3].endswith("MiB") and float(settings[0][3].split()[0]) <= 256
+
+
+def test_a_snapshot_since_another_reads_what_came_between(out, settings):
+    """The commit's re-check reads only what the index gained since the selection."""
+    committed(out, settings, "2026-11-01-run1", ["/in/a.png", "/in/b.png"])
+    before = index.Snapshot(out, settings)
+    committed(out, settings, "2026-11-01-run2", ["/in/c.png"])
+    between = index.Snapshot(out, settings).since(before)
+    assert between.rows == 1
+    assert between.scan().read_all()["image_uri"].to_pylist() == ["/in/c.png"]
+    index.compact(out, settings, force=True)  # a new base: all of it again
+    assert index.Snapshot(out, settings).since(before).rows == 3

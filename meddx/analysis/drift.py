@@ -46,13 +46,16 @@ def scores_by_date(
     rows = commit.read_results(
         out,
         settings,
-        ["score", "model_sha256", "dt"],
+        ["score", "dt"],
         where=(pc.field("status") == "ok") & (pc.field("model_sha256") == sha),
         dates=dates,
     )
-    found = np.asarray(rows["dt"].to_pylist(), dtype=object)
-    scores = np.asarray(rows["score"].to_pylist(), dtype=float)
-    return {d: scores[found == d] for d in dates if (found == d).any()}
+    by_date = {}
+    for d in dates:  # Arrow to numpy per night: no Python object per row
+        scores = rows.filter(pc.equal(rows["dt"], d))["score"]
+        if len(scores):
+            by_date[d] = scores.to_numpy().astype(float)
+    return by_date
 
 
 def recent_scores(

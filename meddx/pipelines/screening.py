@@ -53,7 +53,7 @@ from meddx.pacs import stow
 from meddx.pipelines import run
 from meddx.pipelines.path_names import as_indexed
 from meddx.pipelines.selection import select_new
-from meddx.store import commit, lease
+from meddx.store import commit, index, lease
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +119,7 @@ class Screening:
     columns: ClassVar[list[str]] = [f.name for f in OUTPUT_SCHEMA]
     # The selected inputs (listing rows), which check selects by again.
     selected: pa.Table = field(default_factory=lambda: listing.uris_table([]))
+    snapshot: index.Snapshot | None = None  # the index the selection read
 
     @property
     def since_days(self) -> int:
@@ -128,7 +129,8 @@ class Screening:
         return None  # a night's inputs are selected anew: nothing of a killed one is kept
 
     def select(self, listed: listing.Listing, located, sha: str, resumed: None) -> run.Selection:
-        todo, seen = select_new(self.cfg, listed, sha)
+        self.snapshot = index.Snapshot(self.cfg.out, self.cfg.storage)
+        todo, seen = select_new(self.cfg, listed, sha, self.snapshot)
         self.selected = todo.select(listing.LISTING_SCHEMA.names)
         return run.Selection(todo=todo, inputs=self.selected, seen=seen)
 
@@ -136,8 +138,10 @@ class Screening:
         cfg = self.cfg
         held.check()
         # Defence in depth, for a store that ignores conditional writes: inputs another
-        # run committed since they were selected are not committed again.
-        still_new = select_new(cfg, self.selected, sha)[0]["image_uri"]
+        # run committed since they were selected are not committed again. Only what the
+        # index gained since the selection is read: the night's cost, not the archive's.
+        since = index.Snapshot(cfg.out, cfg.storage).since(self.snapshot)
+        still_new = select_new(cfg, self.selected, sha, since)[0]["image_uri"]
         uris = self.selected["image_uri"]
         gone = uris.filter(pc.invert(pc.is_in(uris, value_set=still_new.combine_chunks())))
         if len(gone):

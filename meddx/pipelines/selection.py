@@ -147,14 +147,20 @@ def _select(
     return todo.append_column("known", known["known"].take(where)), seen
 
 
-def select_new(cfg: ScreenConfig, source: listing.Listing | pa.Table, sha: str):
+def select_new(
+    cfg: ScreenConfig,
+    source: listing.Listing | pa.Table,
+    sha: str,
+    snapshot: index.Snapshot | None = None,
+):
     """The inputs of ``source`` to read for this model (a listing table, in the
     listing's order, with ``known`` where some were scored already) and how many
-    distinct inputs it listed: ``_select``, in the driver for small archives and in a
-    Ray task for large ones (``OFF_DRIVER_ROWS``)."""
+    distinct inputs it listed, against ``snapshot`` (by default the index as it stands):
+    ``_select``, in the driver for small work and in a Ray task for large
+    (``OFF_DRIVER_ROWS``)."""
     if isinstance(source, pa.Table):
         source = listing.Listing(cfg.input, source, empty_ok=True)
-    snapshot = index.Snapshot(cfg.out, cfg.storage)
+    snapshot = snapshot or index.Snapshot(cfg.out, cfg.storage)
     rows = snapshot.rows
     if not (source.streamed or source.rows >= OFF_DRIVER_ROWS or rows >= OFF_DRIVER_ROWS):
         return _select(cfg, source, sha, snapshot)
@@ -166,7 +172,7 @@ def select_new(cfg: ScreenConfig, source: listing.Listing | pa.Table, sha: str):
     log.debug("meddx: selection in a Ray task (index of %d rows)", rows)
     task = ray.remote(num_cpus=1, max_retries=0)(_select).options(name="meddx.select")
     try:
-        return ray.get(task.remote(cfg, source, sha))
+        return ray.get(task.remote(cfg, source, sha, snapshot))
     except ray.exceptions.RayTaskError as exc:
         if isinstance(exc.cause, MeddxError):  # a user's error, one line as in the driver
             raise exc.cause from None

@@ -28,6 +28,7 @@ results. Index files are written under the run's lease on OUT, like the results.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import posixpath
@@ -262,10 +263,27 @@ class Snapshot:
         if _catch_up(state, settings):
             state = _State(fs, out)
         self.live = state.live()
+        self.base = state.base
         self.files = sorted(p for p, covers in state.loose.items() if covers & self.live)
         if state.base and state.in_base & self.live:
             self.files.insert(0, state.base)
-        self.rows = sum(state.rows[p] for p in self.files)  # dead files' rows included
+        self._rows = {p: state.rows[p] for p in self.files}
+
+    @property
+    def rows(self) -> int:
+        """Rows of the index files it reads (those of result files gone included)."""
+        return sum(self._rows.values())
+
+    def since(self, earlier: Snapshot) -> Snapshot:
+        """This snapshot less the index files ``earlier`` read: the rows committed in
+        between, whatever the archive's size (all of it, when a compaction came in
+        between)."""
+        if self.base != earlier.base:
+            return self
+        later = copy.copy(self)
+        later.files = [p for p in self.files if p not in set(earlier.files)]
+        later._rows = {p: self._rows[p] for p in later.files}
+        return later
 
     def scan(self, columns: list[str] | None = None, where=None) -> pa.RecordBatchReader:
         """The live index rows (of result files OUT still holds), in batches; ``where``:

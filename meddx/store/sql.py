@@ -15,8 +15,8 @@ MEMORY_LIMIT = os.environ.get("MEDDX_SQL_MEMORY", "256MB")  # DuckDB's own budge
 
 def connect() -> duckdb.DuckDBPyConnection:
     """A fresh in-memory DuckDB: two threads at most, MEMORY_LIMIT, spilling to the
-    system's temporary folder, no extensions."""
-    return duckdb.connect(
+    system's temporary folder, no extensions, no progress bar."""
+    con = duckdb.connect(
         config={
             "memory_limit": MEMORY_LIMIT,
             "threads": min(2, os.cpu_count() or 1),
@@ -26,3 +26,5 @@ def connect() -> duckdb.DuckDBPyConnection:
             "autoload_known_extensions": False,
         }
     )
+    con.execute("SET enable_progress_bar = false").fetchall()  # the CLI alone writes there
+    return con
