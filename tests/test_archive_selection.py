@@ -55,6 +55,24 @@ def test_manifest_listing_drops_repeats_in_first_seen_order(tmp_path):
     assert table["size"].null_count == table["mtime"].null_count == 3
 
 
+def test_a_folder_is_listed_subtree_by_subtree_in_uri_order(tmp_path):
+    """A prefix streams one subtree at a time, never held whole, and the stream is in
+    URI order ('a.png' < 'a/...' < 'a0.png'), metadata names left out."""
+    names = ["z.png", "a/1.png", "a0.png", "b/c/2.png", "a.png", "_meta/x.png", "b/.x.png"]
+    for name in names:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    source = listing.open_listing(str(tmp_path), StorageSettings())
+    batches = list(source.batches())
+    assert len(batches) == 5  # a.png, a/, a0.png, b/, z.png
+    uris = [u for b in batches for u in b["image_uri"].to_pylist()]
+    expected = ["a.png", "a/1.png", "a0.png", "b/c/2.png", "z.png"]
+    assert uris == [str(tmp_path / n) for n in expected]
+    assert source.table()["image_uri"].to_pylist() == uris
+    with pytest.raises(MeddxError, match="input not found"):
+        listing.open_listing(str(tmp_path / "absent"), StorageSettings())
+
+
 def test_s3_listing_asks_nothing_per_object(bucket, settings, monkeypatch):
     fs = filesystem(bucket, settings)
     root = bucket.removeprefix("s3://")

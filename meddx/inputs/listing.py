@@ -61,16 +61,24 @@ MANIFEST_FACTS = {
 
 
 class Listing:
-    """The inputs INPUT names, as LISTING_SCHEMA batches: ``batches()`` streams them
-    (a manifest of any size is read batch by batch, never whole), ``table()`` gathers
-    them, unique by URI in first-seen order. ``failure`` holds the error a stream met,
-    for a consumer (a query engine) that reports it as its own."""
+    """The inputs INPUT names, as LISTING_SCHEMA batches: ``batches()`` streams them (a
+    manifest batch by batch, a prefix subtree by subtree: neither is held whole),
+    ``table()`` gathers them, unique by URI, in the listing's order. ``failure`` holds
+    the error a stream met, for a consumer (a query engine) that reports it as its own."""
 
-    def __init__(self, source: str, table=None, settings=None, empty_ok: bool = False):
+    def __init__(
+        self,
+        source: str,
+        table=None,
+        settings=None,
+        empty_ok: bool = False,
+        prefix: _Prefix | None = None,
+    ):
         self.source, self._table, self._settings = source, table, settings
+        self._prefix = prefix
         self.empty_ok = empty_ok  # a PACS's quiet night is no error: the caller decides
-        # Streamed from a manifest, which may name an input twice; else each once.
-        self.streamed = table is None
+        # A manifest may name an input twice; a prefix, a table or a PACS each once.
+        self.may_repeat = table is None and prefix is None
         self.failure: Exception | None = None
 
     @property
@@ -83,6 +91,8 @@ class Listing:
             return pa.RecordBatchReader.from_batches(
                 LISTING_SCHEMA, self._table.to_batches(BATCH_ROWS)
             )
+        if self._prefix is not None:
+            return pa.RecordBatchReader.from_batches(LISTING_SCHEMA, self._prefix.batches())
         return pa.RecordBatchReader.from_batches(LISTING_SCHEMA, self._manifest_batches())
 
     def table(self) -> pa.Table:
@@ -90,9 +100,9 @@ class Listing:
             table = self.batches().read_all()
             if self.failure:
                 raise self.failure
-            # A study listed twice is still one input (the first occurrence is kept).
-            first = pc.index_in(pc.unique(table["image_uri"]), table["image_uri"])
-            self._table = table.take(first)
+            if self.may_repeat:  # a study listed twice is still one input (the first)
+                table = table.take(pc.index_in(pc.unique(table["image_uri"]), table["image_uri"]))
+            self._table = table
         if not (self._table.num_rows or self.empty_ok):
             raise MeddxError(f"no inputs under {self.source}")
         return self._table
@@ -168,10 +178,11 @@ def _listing_batch(batch: pa.RecordBatch) -> pa.RecordBatch:
 
 def open_listing(input_uri: str, settings: StorageSettings) -> Listing:
     """The inputs named by INPUT: a manifest streamed as it is read, a prefix or folder
-    listed once (sorted by URI)."""
+    listed subtree by subtree, sorted by URI (its top level is listed now: a prefix
+    that does not exist is refused at once)."""
     if is_manifest(input_uri):
         return Listing(input_uri, settings=settings)
-    return Listing(input_uri, list_prefix(input_uri, settings))
+    return Listing(input_uri, settings=settings, prefix=_Prefix(input_uri, settings))
 
 
 def list_table(input_uri: str, settings: StorageSettings) -> pa.Table:
@@ -190,84 +201,109 @@ def uris_table(uris) -> pa.Table:
     return pa.table([uris, *nulls], schema=LISTING_SCHEMA)
 
 
-# An S3 prefix with at least this many sub-prefixes is listed one sub-prefix per Ray
-# task, in parallel (when Ray is up): each task's listing stays in that worker's memory
-# and only its Arrow table reaches the driver.
+# A prefix or folder with at least this many sub-prefixes (sub-folders) is listed one
+# per Ray task, in parallel, when Ray is up: each task's listing stays in that worker's
+# memory and only its Arrow table comes back.
 PARALLEL_PREFIXES = 4
+
+
+class _Prefix:
+    """A prefix (S3) or folder, listed as its top level now and then one subtree at a
+    time: a listing table per subtree, in URI order, without metadata names."""
+
+    def __init__(self, prefix: str, settings: StorageSettings):
+        self.prefix, self.settings = prefix, settings
+        self.root = storage.strip_scheme(prefix).rstrip("/") or "/"
+        try:
+            files, self.folders = _top_level(prefix, self.root, settings)
+        except FileNotFoundError:
+            raise MeddxError(f"input not found: {prefix}") from None
+        except PermissionError as exc:
+            raise MeddxError(f"cannot list {prefix}: access denied") from exc
+        self.files = self._clean(files)
+
+    def batches(self):
+        """The top level's objects and each subtree's, in URI order ('a.png' before
+        'a/...', which comes before 'a0')."""
+        tables = self._subtrees()
+        at = 0
+        for folder in self.folders:
+            # Top-level objects before this folder, then the folder's own.
+            key = self._uri(folder + "/")
+            before = self.files.filter(pc.less(self.files["image_uri"], key))
+            yield from before.slice(at).to_batches()
+            at = before.num_rows
+            table = self._clean(next(tables))
+            if table.num_rows:
+                yield from table.to_batches(BATCH_ROWS)
+        yield from self.files.slice(at).to_batches()
+
+    def _subtrees(self):
+        if len(self.folders) >= PARALLEL_PREFIXES and _ray_is_up():
+            import ray
+
+            task = ray.remote(num_cpus=0.25)(_subtree).options(name="meddx.list_prefix")
+            refs = [task.remote(d, self.prefix, self.settings) for d in self.folders]
+            for ref in refs:  # in order; the others wait in the object store
+                yield ray.get(ref)
+            return
+        for folder in self.folders:
+            yield _subtree(folder, self.prefix, self.settings)
+
+    def _uri(self, path: str) -> str:
+        return f"s3://{path}" if storage.is_s3(self.prefix) else path
+
+    def _clean(self, table: pa.Table) -> pa.Table:
+        """Metadata names (_x, .x) below the prefix left out (the prefix itself may be
+        one), S3 keys as s3:// URIs, sorted."""
+        below = pc.utf8_slice_codeunits(table["image_uri"], len(self.root))
+        table = table.filter(pc.invert(pc.match_substring_regex(below, r"(^|/)[_.]")))
+        if storage.is_s3(self.prefix):
+            uris = pc.binary_join_element_wise("s3://", table["image_uri"], "")
+            table = table.set_column(0, "image_uri", uris)
+        return table.sort_by("image_uri").cast(LISTING_SCHEMA)
 
 
 def list_prefix(prefix: str, settings: StorageSettings) -> pa.Table:
     """Every object under ``prefix`` (recursively), without metadata names, sorted by URI,
-    with the size, modification time and ETag the listing itself returned. A local
-    folder is listed by Arrow (one stat per entry, in C++), S3 by paged ListObjectsV2
-    walks: one per sub-prefix in parallel Ray tasks when there are several, else one."""
-    root = storage.strip_scheme(prefix).rstrip("/") or "/"
-    try:
-        if storage.is_s3(prefix):
-            table = _list_s3(prefix, root, settings)
-        else:
-            table = _list_local(root)
-    except FileNotFoundError:
-        raise MeddxError(f"input not found: {prefix}") from None
-    except PermissionError as exc:
-        raise MeddxError(f"cannot list {prefix}: access denied") from exc
-    # Metadata names (_x, .x) below the prefix are never inputs; the prefix itself may be.
-    below = pc.utf8_slice_codeunits(table["image_uri"], len(root))
-    table = table.filter(pc.invert(pc.match_substring_regex(below, r"(^|/)[_.]")))
-    if storage.is_s3(prefix):
-        uris = pc.binary_join_element_wise("s3://", table["image_uri"], "")
-        table = table.set_column(0, "image_uri", uris)
-    return table.sort_by("image_uri").cast(LISTING_SCHEMA)
+    with the size, modification time and ETag the listing itself returned (no request
+    per object)."""
+    return Listing(prefix, settings=settings, prefix=_Prefix(prefix, settings)).table()
 
 
-def _list_local(root: str) -> pa.Table:
-    fs = pafs.LocalFileSystem()
-    (top,) = fs.get_file_info([root])
-    if top.type == pafs.FileType.NotFound:
-        raise FileNotFoundError(root)
-    entries = [top] if top.type == pafs.FileType.File else []
-    if top.type == pafs.FileType.Directory:
-        entries = fs.get_file_info(pafs.FileSelector(root, recursive=True))
-    files = [e for e in entries if e.type == pafs.FileType.File]
-    mtimes = pa.array([e.mtime_ns for e in files], pa.int64())
-    return pa.table(
-        {
-            "image_uri": pa.array([e.path for e in files], pa.string()),
-            "size": pa.array([e.size for e in files], pa.int64()),
-            "mtime": _ns_to_timestamp(mtimes),
-            "etag": pa.nulls(len(files), pa.string()),
-        }
-    )
-
-
-def _list_s3(prefix: str, root: str, settings: StorageSettings) -> pa.Table:
+def _top_level(prefix: str, root: str, settings: StorageSettings) -> tuple[pa.Table, list[str]]:
+    """The objects directly under ``root`` (or ``root`` itself, an object) and its
+    sub-prefixes (sub-folders) but metadata ones, as paths of the store; raises
+    FileNotFoundError when there is nothing."""
+    if not storage.is_s3(prefix):
+        fs = pafs.LocalFileSystem()
+        (top,) = fs.get_file_info([root])
+        if top.type == pafs.FileType.NotFound:
+            raise FileNotFoundError(root)
+        if top.type == pafs.FileType.File:
+            return _local_table([top]), []
+        entries = fs.get_file_info(pafs.FileSelector(root))
+        folders = [e.path for e in entries if e.type == pafs.FileType.Directory]
+        files = [e for e in entries if e.type == pafs.FileType.File]
+        return _local_table(files), sorted(f for f in folders if not _hidden(f))
     fs = storage.filesystem(prefix, settings)
-    folders = []
-    if "/" in root:  # a bucket's top level is listed as one walk
-        try:
-            top = fs.ls(root, detail=True)  # one delimited listing: keys and sub-prefixes
-        except FileNotFoundError:
-            top = []
-        folders = sorted(
-            i["name"]
-            for i in top
-            if i.get("type") == "directory"
-            and not posixpath.basename(i["name"].rstrip("/")).startswith(("_", "."))
-        )
-    if len(folders) >= PARALLEL_PREFIXES and _ray_is_up():
-        import ray
+    try:
+        top = fs.ls(root, detail=True)  # one delimited listing
+    except FileNotFoundError:
+        top = []
+    if not top:  # a bucket's top, one object, an empty prefix or nothing: one walk
+        found = fs.find(root, detail=True)
+        if not found:
+            info = fs.info(root)  # raises FileNotFoundError for nothing
+            found = {root: info} if info.get("type") != "directory" else {}
+        return _infos_table(list(found.values())), []
+    folders = [i["name"].rstrip("/") for i in top if i.get("type") == "directory"]
+    files = [i for i in top if i.get("type") != "directory"]
+    return _infos_table(files), sorted(f for f in folders if not _hidden(f))
 
-        task = ray.remote(num_cpus=0.25)(_s3_subtree).options(name="meddx.list_prefix")
-        files = _infos_table([i for i in top if i.get("type") != "directory"])
-        parts = ray.get([task.remote(folder, prefix, settings) for folder in folders])
-        return pa.concat_tables([files, *parts])
-    # find(detail=True) keeps what ListObjectsV2 returned for each key (Size,
-    # LastModified, ETag): nothing is asked per object.
-    found = fs.find(root, detail=True)
-    if not found:  # nothing below: the prefix is one object, an empty folder, or nothing
-        info = fs.info(root)  # raises FileNotFoundError for nothing
-        found = {root: info} if info.get("type") != "directory" else {}
-    return _infos_table(list(found.values()))
+
+def _hidden(path: str) -> bool:
+    return posixpath.basename(path).startswith(("_", "."))
 
 
 def _ray_is_up() -> bool:
@@ -277,10 +313,25 @@ def _ray_is_up() -> bool:
     return bool(ray and ray.is_initialized())
 
 
-def _s3_subtree(folder: str, prefix: str, settings: StorageSettings) -> pa.Table:
-    """Every object below one sub-prefix (a Ray task's share of a listing)."""
-    return _infos_table(
-        list(storage.filesystem(prefix, settings).find(folder, detail=True).values())
+def _subtree(folder: str, prefix: str, settings: StorageSettings) -> pa.Table:
+    """Every object below one sub-prefix or sub-folder (a task's share of a listing)."""
+    if not storage.is_s3(prefix):
+        fs = pafs.LocalFileSystem()
+        entries = fs.get_file_info(pafs.FileSelector(folder, recursive=True))
+        return _local_table([e for e in entries if e.type == pafs.FileType.File])
+    found = storage.filesystem(prefix, settings).find(folder, detail=True)
+    return _infos_table(list(found.values()))
+
+
+def _local_table(files: list) -> pa.Table:
+    mtimes = pa.array([e.mtime_ns for e in files], pa.int64())
+    return pa.table(
+        {
+            "image_uri": pa.array([e.path for e in files], pa.string()),
+            "size": pa.array([e.size for e in files], pa.int64()),
+            "mtime": _ns_to_timestamp(mtimes),
+            "etag": pa.nulls(len(files), pa.string()),
+        }
     )
 
 

@@ -122,7 +122,7 @@ def _select(
         con.register("idx", snapshot.scan(["name", "scored_at", "size", "mtime", "etag"], mine))
         picked = named.todo(con.sql(SELECT_SQL).to_arrow_table())
         seen = named.rows
-        if source.streamed:  # a manifest may name an input twice
+        if source.may_repeat:  # a manifest may name an input twice
             con.register("listing", named.reader())
             ((seen,),) = con.execute(DISTINCT_SQL).fetchall()
         known = None
@@ -162,7 +162,7 @@ def select_new(
         source = listing.Listing(cfg.input, source, empty_ok=True)
     snapshot = snapshot or index.Snapshot(cfg.out, cfg.storage)
     rows = snapshot.rows
-    if not (source.streamed or source.rows >= OFF_DRIVER_ROWS or rows >= OFF_DRIVER_ROWS):
+    if not (source.may_repeat or source.rows >= OFF_DRIVER_ROWS or rows >= OFF_DRIVER_ROWS):
         return _select(cfg, source, sha, snapshot)
     import ray
 
