@@ -3,7 +3,6 @@ returned (no per-object request), and selecting the night's inputs runs no Pytho
 listed input or committed row."""
 
 import datetime as dt
-import logging
 import sys
 
 import numpy as np
@@ -199,7 +198,7 @@ def test_select_new_picks_new_and_changed_with_their_known_hashes(tmp_path):
     assert select_new(screen_cfg(tmp_path, out), quiet, SHA)[0].num_rows == 0
 
 
-def test_a_large_archive_is_selected_in_a_ray_task(tmp_path, ray_session, monkeypatch, caplog):
+def test_a_large_archive_is_selected_in_a_ray_task(tmp_path, ray_session, monkeypatch):
     """Past OFF_DRIVER_ROWS the join runs in a Ray task: the same inputs, hashes and
     count come back, and a user's error is still one line."""
     out = tmp_path / "out"
@@ -207,10 +206,13 @@ def test_a_large_archive_is_selected_in_a_ray_task(tmp_path, ray_session, monkey
     later = SCORED_AT + dt.timedelta(hours=1)
     listed = listed_table(["/in/a.png", "/in/b.png", "/in/new.png"], [SCORED_AT, later, later])
     here = select_new(screen_cfg(tmp_path, out), listed, SHA)
+    table = listing.Listing("x", listed)
+    assert not selection.off_driver(table, 2)
+    assert selection.off_driver(listing.Listing("x.parquet"), 0)  # a manifest streams
+    assert selection.off_driver(table, selection.OFF_DRIVER_ROWS)
     monkeypatch.setattr(selection, "OFF_DRIVER_ROWS", 0)
-    with caplog.at_level(logging.DEBUG, logger="meddx.pipelines.selection"):
-        there = select_new(screen_cfg(tmp_path, out), listed, SHA)
-    assert "meddx: selection in a Ray task (index of 2 rows)" in caplog.messages
+    assert selection.off_driver(table, 2)
+    there = select_new(screen_cfg(tmp_path, out), listed, SHA)
     assert there[1] == here[1] == 3
     assert there[0].equals(here[0])
     assert there[0]["image_uri"].to_pylist() == ["/in/b.png", "/in/new.png"]

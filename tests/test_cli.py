@@ -21,6 +21,7 @@ COMMANDS = [
     "optimize",
     "import-weights",
     "demo",
+    "reindex",
 ]
 
 

@@ -182,9 +182,14 @@ def test_an_unreadable_index_file_is_left_out_and_read_again(tmp_path, settings,
     out = str(tmp_path / "results")
     committed(out, settings, "2026-11-01-run1", ["/in/a.png"])
     (tmp_path / "results/_index/runs/2026-11-01-run1.parquet").write_bytes(b"not parquet")
+    (tmp_path / "results/_index/.0123.tmp").write_bytes(b"a write killed midway")
     with caplog.at_level(logging.INFO, logger="meddx.store.index"):
         assert scanned(out, settings)["image_uri"].to_pylist() == ["/in/a.png"]
     assert any("is unreadable: left out" in m for m in caplog.messages)
+    # The next compaction clears what is of no use.
+    assert index.compact(out, settings, force=True)
+    assert index_files(out, settings) == ["base-000001.parquet"]
+    assert scanned(out, settings)["image_uri"].to_pylist() == ["/in/a.png"]
 
 
 def test_meddx_reindex_rebuilds_the_index(tmp_path, settings):

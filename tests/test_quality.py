@@ -121,7 +121,7 @@ def test_rows_carry_qc_and_ood_score_and_evaluate_reports_them(ray_session, tmp_
     noise = [r for u, r in rows.items() if category[u] == "noise"]
     assert sum(r["qc"] != QC_OK for r in chest) <= 2  # of 24 held-out films
     assert all(r["qc"] == QC_OOD for r in noise)
-    files = [f for f in (tmp_path / "results").rglob("*.parquet")]
+    files = sorted((tmp_path / "results").glob("dt=*/*.parquet"))  # not _index/
     meta = pq.read_schema(files[0]).metadata
     assert float(meta[b"meddx.ood_threshold"]) == pytest.approx(threshold)
     assert json.loads(meta[b"meddx.qc_values"]) == list(QC_VALUES)

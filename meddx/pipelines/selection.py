@@ -147,6 +147,12 @@ def _select(
     return todo.append_column("known", known["known"].take(where)), seen
 
 
+def off_driver(source: listing.Listing, index_rows: int) -> bool:
+    """Whether the join runs in a Ray task: for a manifest (streamed, of any size), or a
+    listing or an index of OFF_DRIVER_ROWS or more."""
+    return source.may_repeat or max(source.rows, index_rows) >= OFF_DRIVER_ROWS
+
+
 def select_new(
     cfg: ScreenConfig,
     source: listing.Listing | pa.Table,
@@ -162,7 +168,7 @@ def select_new(
         source = listing.Listing(cfg.input, source, empty_ok=True)
     snapshot = snapshot or index.Snapshot(cfg.out, cfg.storage)
     rows = snapshot.rows
-    if not (source.may_repeat or source.rows >= OFF_DRIVER_ROWS or rows >= OFF_DRIVER_ROWS):
+    if not off_driver(source, rows):
         return _select(cfg, source, sha, snapshot)
     import ray
 

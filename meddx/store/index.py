@@ -343,12 +343,12 @@ def compact(out: str, settings: StorageSettings, force: bool = False) -> bool:
         for batch in reader:
             writer.write_batch(batch, row_group_size=BATCH_ROWS)
     fs.mv(temporary, target)
-    for path in [
-        *state.old_bases,
-        *([state.base] if state.base else []),
-        *state.run_files,
-    ]:
-        fs.rm(path)
+    # Everything else the index folder holds is covered by the new base or is of no use:
+    # earlier bases, run files, unreadable files, what a killed write left.
+    fs.invalidate_cache()
+    for path in fs.find(state.root):
+        if path != target:
+            fs.rm(path)
     fs.invalidate_cache()
     log.info(
         "meddx: index: compacted %d result files into %s", len(live), posixpath.basename(target)
