@@ -208,7 +208,9 @@ def test_a_large_archive_is_selected_in_a_ray_task(tmp_path, ray_session, monkey
     here = select_new(screen_cfg(tmp_path, out), listed, SHA)
     table = listing.Listing("x", listed)
     assert not selection.off_driver(table, 2)
-    assert selection.off_driver(listing.Listing("x.parquet"), 0)  # a manifest streams
+    manifest = tmp_path / "night.parquet"
+    pq.write_table(pa.table({"uri": [f"/in/{i}.png" for i in range(1000)]}), manifest)
+    assert listing.open_listing(str(manifest), StorageSettings()).rows == 1000  # its footer
     assert selection.off_driver(table, selection.OFF_DRIVER_ROWS)
     monkeypatch.setattr(selection, "OFF_DRIVER_ROWS", 0)
     assert selection.off_driver(table, 2)

@@ -51,6 +51,7 @@ LISTING_SCHEMA = pa.schema(
     ]
 )
 BATCH_ROWS = 65_536  # a streamed manifest's batches
+CSV_ROW_BYTES = 64  # about what a CSV manifest's row of URI (and label) takes
 # Columns a manifest may carry beside ``uri``, and an S3 Inventory listing's names for
 # them (its ``bucket`` and ``key`` make the URI): taken as the listing's facts.
 MANIFEST_FACTS = {
@@ -83,8 +84,21 @@ class Listing:
 
     @property
     def rows(self) -> int:
-        """The inputs listed, where the listing is held (a streamed one: 0)."""
-        return 0 if self._table is None else self._table.num_rows
+        """The inputs listed where the listing is held; a manifest's rows as its Parquet
+        footer says, or a CSV's as its bytes suggest; a prefix's: 0 (not known yet)."""
+        if self._table is not None:
+            return self._table.num_rows
+        if self._prefix is not None:
+            return 0
+        path = storage.strip_scheme(self.source)
+        filesystem = storage.arrow_filesystem(self.source, self._settings)
+        try:
+            if self.source.lower().endswith(".parquet"):
+                with filesystem.open_input_file(path) as fh:
+                    return pq.read_metadata(fh).num_rows
+            return (filesystem.get_file_info(path).size or 0) // CSV_ROW_BYTES
+        except (OSError, pa.ArrowInvalid):
+            return 0  # the stream will say what is wrong with it
 
     def batches(self) -> pa.RecordBatchReader:
         if self._table is not None:

@@ -4,9 +4,9 @@ from this model, or that changed since, as one join.
 The listing and the index stream through DuckDB (``meddx.store.sql``) within its memory
 budget, and no step runs per input in Python. The join's own memory grows with the
 archive (its index side holds one entry per name, spilled past the budget), so on an
-archive of ``OFF_DRIVER_ROWS`` or more, or a manifest streamed as it is read, it runs
-in a Ray task beside the driver: the driver holds only the night's selection. This
-module imports no model, so that task starts in a second.
+archive (or manifest) of ``OFF_DRIVER_ROWS`` or more it runs in a Ray task beside the
+driver: the driver holds only the night's selection. This module imports no model, so
+that task starts in a second.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from meddx.inputs import listing, reading
 from meddx.pipelines.path_names import indexed_names, path_key
 from meddx.store import index, sql
 
-# Listings or indexes this large are joined in a Ray task, not in the driver.
+# Listings or indexes this large are joined in a Ray task, not in the driver (a prefix
+# is listed as the join reads it: its size is known only from the index's).
 OFF_DRIVER_ROWS = 100_000
 
 log = logging.getLogger(__name__)
@@ -148,9 +149,9 @@ def _select(
 
 
 def off_driver(source: listing.Listing, index_rows: int) -> bool:
-    """Whether the join runs in a Ray task: for a manifest (streamed, of any size), or a
-    listing or an index of OFF_DRIVER_ROWS or more."""
-    return source.may_repeat or max(source.rows, index_rows) >= OFF_DRIVER_ROWS
+    """Whether the join runs in a Ray task: for a listing (a manifest's, as its size
+    says) or an index of OFF_DRIVER_ROWS or more."""
+    return max(source.rows, index_rows) >= OFF_DRIVER_ROWS
 
 
 def select_new(
