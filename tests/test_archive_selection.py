@@ -72,6 +72,72 @@ def test_a_folder_is_listed_subtree_by_subtree_in_uri_order(tmp_path):
         listing.open_listing(str(tmp_path / "absent"), StorageSettings())
 
 
+def test_folders_whose_names_sort_below_the_slash_keep_uri_order(tmp_path):
+    """'a-b/' and 'a b/' come before 'a/' in URI order ('-' and ' ' sort below '/'):
+    every input once, in order, whatever the folder names."""
+    names = ["a.png", "a/x.png", "a-b/y.png", "a b/z.png", "b.png", "a0/w.png"]
+    for name in names:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    uris = listing.list_table(str(tmp_path), StorageSettings())["image_uri"].to_pylist()
+    assert uris == sorted(str(tmp_path / n) for n in names)
+
+
+def test_a_failure_below_the_prefix_is_one_line_without_the_path(tmp_path, monkeypatch):
+    for name in ("a/MRN1234567/x.png", "b.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+
+    def denied(folder, prefix, settings):
+        raise PermissionError(13, "Permission denied", f"{folder}/MRN1234567")
+
+    monkeypatch.setattr(listing, "_subtree", denied)
+    source = listing.open_listing(str(tmp_path), StorageSettings())
+    with pytest.raises(MeddxError) as failed:
+        source.table()
+    assert str(failed.value) == f"cannot list {tmp_path}: access denied below it"
+    out = tmp_path / "out"
+    write_history(out, ["/in/old.png"])
+    with pytest.raises(MeddxError) as failed:  # through the query engine too
+        select_new(
+            screen_cfg(tmp_path, out), listing.open_listing(str(tmp_path), StorageSettings()), SHA
+        )
+    assert str(failed.value) == f"cannot list {tmp_path}: access denied below it"
+    assert "MRN" not in str(failed.value)
+
+
+def test_the_task_takes_the_path_key_from_the_driver(tmp_path, monkeypatch):
+    """Under --pseudonymize-paths the join names inputs by the key the driver read: a
+    task's process needs no key of its own."""
+    import dataclasses
+
+    from meddx.inputs.path_pseudonyms import path_pseudonym
+
+    key = b"k" * 32
+    out = tmp_path / "out"
+    write_history(out, [path_pseudonym("/in/a.png", key)])
+    monkeypatch.delenv("MEDDX_PSEUDONYM_KEY", raising=False)
+    monkeypatch.delenv("MEDDX_PSEUDONYM_KEY_FILE", raising=False)
+    cfg = dataclasses.replace(screen_cfg(tmp_path, out), pseudonymize_paths=True)
+    listed = listed_table(["/in/a.png", "/in/b.png"], [SCORED_AT, SCORED_AT])
+    todo, seen = selection._select(cfg, listing.Listing("x", listed), SHA, key=key)
+    assert todo["image_uri"].to_pylist() == ["/in/b.png"] and seen == 2
+
+
+def test_the_query_engine_out_of_memory_is_one_line(tmp_path, monkeypatch):
+    from meddx.store import sql
+
+    out = tmp_path / "out"
+    history = [f"/in/{i:06d}-{'x' * 80}.png" for i in range(200_000)]
+    write_history(out, history)
+    listed = listed_table(history, [SCORED_AT] * len(history))
+    monkeypatch.setattr(sql, "MEMORY_LIMIT", "4MB")
+    with pytest.raises(MeddxError) as failed:
+        selection._select(screen_cfg(tmp_path, out), listing.Listing("x", listed), SHA)
+    assert str(failed.value).startswith("selecting the night's inputs failed: ")
+    assert "\n" not in str(failed.value)
+
+
 def test_s3_listing_asks_nothing_per_object(bucket, settings, monkeypatch):
     fs = filesystem(bucket, settings)
     root = bucket.removeprefix("s3://")

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
+from meddx import MeddxError
 from meddx.cli import cli
 from meddx.inputs.storage import filesystem, strip_scheme
 from meddx.names import OUTPUT_SCHEMA
@@ -233,3 +234,16 @@ def test_a_snapshot_since_another_reads_what_came_between(out, settings):
     assert between.scan().read_all()["image_uri"].to_pylist() == ["/in/c.png"]
     index.compact(out, settings, force=True)  # a new base: all of it again
     assert index.Snapshot(out, settings).since(before).rows == 3
+
+
+def test_an_unreadable_result_file_stops_the_run_in_one_line(tmp_path, settings):
+    out = str(tmp_path / "results")
+    committed(out, settings, "2026-11-01-run1", ["/in/a.png"])
+    (tmp_path / "results/dt=2026-11-02").mkdir()
+    (tmp_path / "results/dt=2026-11-02/broken-0.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(MeddxError) as stopped:
+        scanned(out, settings)
+    assert str(stopped.value) == (
+        "result file dt=2026-11-02/broken-0.parquet is unreadable (ArrowInvalid): repair or "
+        "remove it, then run meddx reindex"
+    )

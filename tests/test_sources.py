@@ -240,14 +240,20 @@ def test_an_s3_inventory_listing_is_a_manifest(tmp_path):
     """The columns S3 Inventory writes in Parquet: bucket and key make the URI, and
     size, last_modified_date and e_tag are the listing's facts."""
     when = dt.datetime(2026, 12, 1, 3, tzinfo=dt.UTC)
+    keys = ["cxr/a.dcm", "cxr/b.dcm", "cxr/a.dcm", "cxr/_meta/x.dcm", "cxr/", "cxr/old.dcm"]
+    keys += ["cxr/gone.dcm"]
+    n = len(keys)
     inventory = pa.table(
         {
-            "bucket": ["archive", "archive", "archive"],
-            "key": ["cxr/a.dcm", "cxr/b.dcm", "cxr/a.dcm"],
-            "size": pa.array([10, 20, 10], pa.int64()),
-            "last_modified_date": pa.array([when] * 3, pa.timestamp("ms", tz="UTC")),
-            "e_tag": ["e1", "e2", "e1"],
-            "storage_class": ["STANDARD"] * 3,
+            "bucket": ["archive"] * n,
+            "key": keys,
+            "size": pa.array([10, 20, 10, 1, 0, 5, 6], pa.int64()),
+            "last_modified_date": pa.array([when] * n, pa.timestamp("ms", tz="UTC")),
+            "e_tag": ["e1", "e2", "e1", "m", "f", "o", "g"],
+            "storage_class": ["STANDARD"] * n,
+            # A versioned inventory: an earlier version, and a deleted object.
+            "is_latest": [True] * 5 + [False, True],
+            "is_delete_marker": [False] * 6 + [True],
         }
     )
     pq.write_table(inventory, tmp_path / "inventory.parquet")
@@ -257,6 +263,14 @@ def test_an_s3_inventory_listing_is_a_manifest(tmp_path):
         {"image_uri": "s3://archive/cxr/a.dcm", "size": 10, "mtime": when, "etag": "e1"},
         {"image_uri": "s3://archive/cxr/b.dcm", "size": 20, "mtime": when, "etag": "e2"},
     ]
+    # A manifest whose mtime is seconds since the epoch, as many exports write it; one
+    # whose mtime cannot be a time is refused in one line.
+    (tmp_path / "epoch.csv").write_text("uri,mtime\n/a.png,1764547200.5\n")
+    (epoch,) = listing.list_table(str(tmp_path / "epoch.csv"), StorageSettings()).to_pylist()
+    assert epoch["mtime"] == dt.datetime(2025, 12, 1, 0, 0, 0, 500000, tzinfo=dt.UTC)
+    pq.write_table(pa.table({"uri": ["/a.png"], "mtime": [True]}), tmp_path / "bad.parquet")
+    with pytest.raises(MeddxError, match=r"^cannot read manifest .*bad\.parquet: "):
+        listing.list_table(str(tmp_path / "bad.parquet"), StorageSettings())
     pq.write_table(inventory.drop_columns(["key"]), tmp_path / "neither.parquet")
     with pytest.raises(MeddxError, match="needs a 'uri' column"):
         listing.list_table(str(tmp_path / "neither.parquet"), StorageSettings())

@@ -51,6 +51,8 @@ LISTING_SCHEMA = pa.schema(
     ]
 )
 BATCH_ROWS = 65_536  # a streamed manifest's batches
+# An S3 Inventory's version columns, where it lists versions.
+INVENTORY_VERSIONS = {"is_latest", "is_delete_marker"}
 CSV_ROW_BYTES = 64  # about what a CSV manifest's row of URI (and label) takes
 # Columns a manifest may carry beside ``uri``, and an S3 Inventory listing's names for
 # them (its ``bucket`` and ``key`` make the URI): taken as the listing's facts.
@@ -106,20 +108,36 @@ class Listing:
                 LISTING_SCHEMA, self._table.to_batches(BATCH_ROWS)
             )
         if self._prefix is not None:
-            return pa.RecordBatchReader.from_batches(LISTING_SCHEMA, self._prefix.batches())
+            return pa.RecordBatchReader.from_batches(LISTING_SCHEMA, self._prefix_batches())
         return pa.RecordBatchReader.from_batches(LISTING_SCHEMA, self._manifest_batches())
 
     def table(self) -> pa.Table:
         if self._table is None:
-            table = self.batches().read_all()
-            if self.failure:
-                raise self.failure
+            try:
+                table = self.batches().read_all()
+            except Exception:
+                if self.failure:
+                    raise self.failure from None
+                raise
             if self.may_repeat:  # a study listed twice is still one input (the first)
                 table = table.take(pc.index_in(pc.unique(table["image_uri"]), table["image_uri"]))
             self._table = table
         if not (self._table.num_rows or self.empty_ok):
             raise MeddxError(f"no inputs under {self.source}")
         return self._table
+
+    def _prefix_batches(self):
+        """The prefix's batches; a failure below its top level (a folder it may not read,
+        a lost connection, a listing task that died) is one line naming INPUT, never the
+        path below it, which may hold patient data."""
+        try:
+            yield from self._prefix.batches()
+        except PermissionError:
+            self.failure = MeddxError(f"cannot list {self.source}: access denied below it")
+            raise self.failure from None
+        except Exception as exc:
+            self.failure = MeddxError(f"listing {self.source} failed ({type(exc).__name__})")
+            raise self.failure from None
 
     def _manifest_batches(self):
         try:
@@ -129,7 +147,7 @@ class Listing:
         except MeddxError as exc:
             self.failure = exc
             raise
-        except (pa.ArrowInvalid, OSError) as exc:
+        except (pa.ArrowException, OSError) as exc:
             if isinstance(exc, FileNotFoundError):
                 self.failure = MeddxError(f"manifest not found: {self.source}")
             else:
@@ -155,6 +173,8 @@ def _manifest_scanner(uri: str, settings: StorageSettings) -> pads.Scanner:
         columns = {"uri": pc.field("uri")}
     elif {"bucket", "key"} <= names:  # an S3 Inventory listing
         columns = {"bucket": pc.field("bucket"), "key": pc.field("key")}
+        for version in INVENTORY_VERSIONS & names:
+            columns[version] = pc.field(version)
     else:
         raise MeddxError(f"manifest {uri} needs a 'uri' column (or an S3 Inventory's bucket, key)")
     for fact, candidates in MANIFEST_FACTS.items():
@@ -167,11 +187,22 @@ def _manifest_scanner(uri: str, settings: StorageSettings) -> pads.Scanner:
 
 
 def _listing_batch(batch: pa.RecordBatch) -> pa.RecordBatch:
-    """A manifest's batch as LISTING_SCHEMA: rows without a URI left out."""
+    """A manifest's batch as LISTING_SCHEMA: rows without a URI left out. An S3
+    Inventory's rows are its objects as a prefix listing would give them: metadata names
+    (``_x``, ``.x``) and folder markers left out, and, in a versioned inventory, only
+    the current version of each object that is not deleted."""
     names = batch.schema.names
     if "uri" in names:
         uris = batch["uri"].cast(pa.string())
     else:
+        bucket, key = batch["bucket"].cast(pa.string()), batch["key"].cast(pa.string())
+        keep = pc.invert(pc.fill_null(pc.match_substring_regex(key, r"(^|/)[_.]|/$"), True))
+        if "is_latest" in names:
+            keep = pc.and_(keep, pc.fill_null(batch["is_latest"].cast(pa.bool_()), True))
+        if "is_delete_marker" in names:
+            deleted = pc.fill_null(batch["is_delete_marker"].cast(pa.bool_()), False)
+            keep = pc.and_(keep, pc.invert(deleted))
+        batch = batch.filter(keep)
         bucket, key = batch["bucket"].cast(pa.string()), batch["key"].cast(pa.string())
         uris = pc.binary_join_element_wise("s3://", bucket, "/", key, "")
     n = batch.num_rows
@@ -185,6 +216,12 @@ def _listing_batch(batch: pa.RecordBatch) -> pa.RecordBatch:
         values = batch[field.name]
         if field.name == "mtime" and pa.types.is_timestamp(values.type) and values.type.tz is None:
             values = pc.assume_timezone(values, "UTC")
+        if field.name == "mtime" and (
+            pa.types.is_integer(values.type) or pa.types.is_floating(values.type)
+        ):
+            # Seconds since the epoch, as many exports write them.
+            micros = pc.round(pc.multiply(values.cast(pa.float64()), 1e6))
+            values = micros.cast(pa.int64())
         columns.append(pc.cast(values, field.type, safe=False))
     table = pa.RecordBatch.from_arrays(columns, schema=LISTING_SCHEMA)
     return table.filter(pc.is_valid(table["image_uri"]))
@@ -219,6 +256,7 @@ def uris_table(uris) -> pa.Table:
 # per Ray task, in parallel, when Ray is up: each task's listing stays in that worker's
 # memory and only its Arrow table comes back.
 PARALLEL_PREFIXES = 4
+LISTING_TASKS = 64  # at most, per listing: a prefix of 10^5 study folders is not 10^5 tasks
 
 
 class _Prefix:
@@ -229,11 +267,14 @@ class _Prefix:
         self.prefix, self.settings = prefix, settings
         self.root = storage.strip_scheme(prefix).rstrip("/") or "/"
         try:
-            files, self.folders = _top_level(prefix, self.root, settings)
+            files, folders = _top_level(prefix, self.root, settings)
         except FileNotFoundError:
             raise MeddxError(f"input not found: {prefix}") from None
         except PermissionError as exc:
             raise MeddxError(f"cannot list {prefix}: access denied") from exc
+        # In URI order a folder's objects start at "folder/": 'a-b/' and 'a b/' come
+        # before 'a/' ('-' and ' ' sort below '/').
+        self.folders = sorted(folders, key=lambda f: f + "/")
         self.files = self._clean(files)
 
     def batches(self):
@@ -253,13 +294,17 @@ class _Prefix:
         yield from self.files.slice(at).to_batches()
 
     def _subtrees(self):
+        """Each folder's table, in order: in Ray tasks when there are enough of them and
+        Ray is up, a run of neighbouring folders per task (at most LISTING_TASKS)."""
         if len(self.folders) >= PARALLEL_PREFIXES and _ray_is_up():
             import ray
 
-            task = ray.remote(num_cpus=0.25)(_subtree).options(name="meddx.list_prefix")
-            refs = [task.remote(d, self.prefix, self.settings) for d in self.folders]
+            task = ray.remote(num_cpus=0.25)(_subtrees).options(name="meddx.list_prefix")
+            per = -(-len(self.folders) // LISTING_TASKS)
+            runs = [self.folders[i : i + per] for i in range(0, len(self.folders), per)]
+            refs = [task.remote(run, self.prefix, self.settings) for run in runs]
             for ref in refs:  # in order; the others wait in the object store
-                yield ray.get(ref)
+                yield from ray.get(ref)
             return
         for folder in self.folders:
             yield _subtree(folder, self.prefix, self.settings)
@@ -301,6 +346,7 @@ def _top_level(prefix: str, root: str, settings: StorageSettings) -> tuple[pa.Ta
         files = [e for e in entries if e.type == pafs.FileType.File]
         return _local_table(files), sorted(f for f in folders if not _hidden(f))
     fs = storage.filesystem(prefix, settings)
+    fs.invalidate_cache(root)  # what the store holds now, not what this process saw before
     try:
         top = fs.ls(root, detail=True)  # one delimited listing
     except FileNotFoundError:
@@ -325,6 +371,11 @@ def _ray_is_up() -> bool:
 
     ray = sys.modules.get("ray")  # never imported (nor started) for a listing
     return bool(ray and ray.is_initialized())
+
+
+def _subtrees(folders: list[str], prefix: str, settings: StorageSettings) -> list[pa.Table]:
+    """A run of neighbouring folders, listed one after the other (one task's share)."""
+    return [_subtree(folder, prefix, settings) for folder in folders]
 
 
 def _subtree(folder: str, prefix: str, settings: StorageSettings) -> pa.Table:

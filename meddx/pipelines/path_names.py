@@ -33,10 +33,12 @@ def as_indexed(cfg: ScoreConfig, uris) -> dict[str, str]:
     return {path_pseudonyms.path_pseudonym(u, key) if key else u: u for u in uris}
 
 
-def indexed_names(cfg: ScoreConfig, listed: pa.Table) -> pa.ChunkedArray:
+def indexed_names(cfg: ScoreConfig, listed: pa.Table, key: bytes | None = None) -> pa.ChunkedArray:
     """Each listed input as OUT's rows name it: itself, or its keyed pseudonym under
-    --pseudonymize-paths (an HMAC per input: the one per-input step Arrow cannot do)."""
-    key = path_key(cfg)
+    --pseudonymize-paths (an HMAC per input: the one per-input step Arrow cannot do).
+    ``key``: the path key as the driver read it (a Ray task's process may not have the
+    site's key in its environment)."""
+    key = key or path_key(cfg)
     if not key:
         return listed["image_uri"]
     names = [path_pseudonyms.path_pseudonym(u, key) for u in listed["image_uri"].to_pylist()]

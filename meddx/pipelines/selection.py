@@ -58,9 +58,9 @@ class _Named:
     ``image_uri`` only where it differs from the name (--pseudonymize-paths). Counts
     the rows it streamed."""
 
-    def __init__(self, cfg: ScreenConfig, source: listing.Listing):
-        self.cfg, self.source, self.rows = cfg, source, 0
-        self.renamed = path_key(cfg) is not None
+    def __init__(self, cfg: ScreenConfig, source: listing.Listing, key: bytes | None):
+        self.cfg, self.source, self.rows, self.key = cfg, source, 0, key
+        self.renamed = key is not None
         facts = [f for f in listing.LISTING_SCHEMA if f.name != "image_uri"]
         uri = [listing.LISTING_SCHEMA.field("image_uri")] if self.renamed else []
         self.schema = pa.schema(
@@ -77,7 +77,7 @@ class _Named:
             n = batch.num_rows
             ordinal = pa.array(np.arange(self.rows, self.rows + n, dtype=np.int64))
             self.rows += n
-            table = table.append_column("name", indexed_names(self.cfg, table))
+            table = table.append_column("name", indexed_names(self.cfg, table, self.key))
             yield from (
                 table.append_column("ordinal", ordinal).select(self.schema.names).to_batches()
             )
@@ -93,7 +93,11 @@ class _Named:
 
 
 def _select(
-    cfg: ScreenConfig, source: listing.Listing, sha: str, snapshot: index.Snapshot | None = None
+    cfg: ScreenConfig,
+    source: listing.Listing,
+    sha: str,
+    snapshot: index.Snapshot | None = None,
+    key: bytes | None = None,
 ):
     """The inputs of ``source`` to read for this model, in the listing's order, and how
     many distinct inputs it listed: those OUT's index holds no row for, and those
@@ -116,7 +120,7 @@ def _select(
                     "pass --new-model to score everything again with this one"
                 )
     mine = (pc.field("model_sha256") == sha) & pc.field("content_sha256").is_valid()
-    named = _Named(cfg, source)
+    named = _Named(cfg, source, key if key is not None else path_key(cfg))
     con = sql.connect()
     try:
         con.register("listing", named.reader())
@@ -132,10 +136,13 @@ def _select(
             con.register("idx", snapshot.scan(["name", "image_uri", "content_sha256"], mine))
             params = {"separator": reading.KNOWN_SEPARATOR}
             known = con.sql(KNOWN_SQL, params=params).to_arrow_table()
-    except duckdb.Error:
-        if source.failure:
+    except duckdb.Error as exc:
+        if source.failure:  # the listing's own one-line reason
             raise source.failure from None
-        raise
+        # The engine's first line (out of memory, a temporary folder it cannot write),
+        # never a row's value: the streams' own errors are the listing's, above.
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise MeddxError(f"selecting the night's inputs failed: {reason}") from None
     finally:
         con.close()
     if not seen and not source.empty_ok:
@@ -169,8 +176,9 @@ def select_new(
         source = listing.Listing(cfg.input, source, empty_ok=True)
     snapshot = snapshot or index.Snapshot(cfg.out, cfg.storage)
     rows = snapshot.rows
+    key = path_key(cfg)  # read here: a task's process may not have the site's key
     if not off_driver(source, rows):
-        return _select(cfg, source, sha, snapshot)
+        return _select(cfg, source, sha, snapshot, key)
     import ray
 
     from meddx.pipelines import cluster
@@ -179,8 +187,10 @@ def select_new(
     log.debug("meddx: selection in a Ray task (index of %d rows)", rows)
     task = ray.remote(num_cpus=1, max_retries=0)(_select).options(name="meddx.select")
     try:
-        return ray.get(task.remote(cfg, source, sha, snapshot))
-    except ray.exceptions.RayTaskError as exc:
-        if isinstance(exc.cause, MeddxError):  # a user's error, one line as in the driver
-            raise exc.cause from None
-        raise
+        return ray.get(task.remote(cfg, source, sha, snapshot, key))
+    except ray.exceptions.RayError as exc:
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, MeddxError):  # a user's error, one line as in the driver
+            raise cause from None
+        # A worker killed (out of memory, a lost node): one line; Ray logged the rest.
+        raise MeddxError(f"the selection task failed ({type(exc).__name__})") from None

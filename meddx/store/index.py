@@ -40,8 +40,10 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
+from meddx import MeddxError
 from meddx.inputs import storage
 from meddx.inputs.storage import StorageSettings
+from meddx.names import OUTPUT_SCHEMA
 
 INDEX = "_index"
 RUNS = "runs"
@@ -163,12 +165,35 @@ def _results_rows(
     root = _out_root(out)
     parts = []
     for relative in files:
-        table = pq.read_table(posixpath.join(root, relative), filesystem=fs, columns=FROM_RESULTS)
+        table = _result_columns(fs, posixpath.join(root, relative), relative)
         n = table.num_rows
         dt = relative.split("/")[0][3:]
         table = table.append_column("dt", pa.array([dt] * n, pa.string()))
         parts.append(table.append_column("file", pa.array([relative] * n, pa.string())))
     return _as_index_rows(pa.concat_tables(parts) if parts else None, inputs)
+
+
+def _result_columns(fs, path: str, relative: str) -> pa.Table:
+    """The index's columns of one result file, null where an older file lacks one; an
+    unreadable file stops the run in one line (its rows cannot be told apart from new)."""
+    try:
+        present = set(pq.read_schema(path, filesystem=fs).names)
+        table = pq.read_table(
+            path, filesystem=fs, columns=[c for c in FROM_RESULTS if c in present]
+        )
+    except (OSError, pa.ArrowException) as exc:
+        raise MeddxError(
+            f"result file {relative} is unreadable ({type(exc).__name__}): repair or "
+            "remove it, then run meddx reindex"
+        ) from None
+    n = table.num_rows
+    schema = OUTPUT_SCHEMA
+    return pa.table(
+        {
+            c: table[c] if c in table.column_names else pa.nulls(n, schema.field(c).type)
+            for c in FROM_RESULTS
+        }
+    )
 
 
 def _as_index_rows(rows: pa.Table | None, inputs: pa.Table | None = None) -> pa.Table:
