@@ -335,7 +335,7 @@ def test_selection_runs_no_python_per_input(tmp_path, changed):
         else:
             assert "known" not in todo.column_names
         runs[n] = lines
-    assert runs[20_000] <= runs[2_000] + 20, runs  # not 18,000 more
+    assert runs[20_000] <= runs[2_000] + 200, runs  # not 18,000 more
 
 
 def test_read_stage_drops_known_bytes_from_the_column(tmp_path):
