@@ -5,7 +5,7 @@ it takes and its wall time, walked in one process and split over parallel Ray ta
 
 The objects (a few bytes each) sit under PREFIXES sub-prefixes of one input prefix, as
 an archive is laid out by date or by site. Both ways are run in one process, side by
-side: ``listing.list_table`` with ``PARALLEL_PREFIXES`` set past the sub-prefixes (one
+side: ``listing.list_table`` with ``prefixes.PARALLEL_PREFIXES`` set past the sub-prefixes (one
 paged walk in the driver), then with Ray up (one delimited page in the driver, one
 walk per sub-prefix in a task). Requests are counted with botocore's event hook in the
 driver; a task's walk is the same code, so the one-walk count is the total either way.
@@ -21,7 +21,7 @@ import uuid
 
 from record import log, machine, write_result
 
-from meddx.inputs import listing, storage
+from meddx.inputs import listing, prefixes, storage
 from meddx.inputs.storage import StorageSettings
 from meddx.pipelines import cluster
 from meddx.pipelines.local_s3 import s3_server
@@ -59,11 +59,11 @@ def main(args: argparse.Namespace) -> None:
 
         fs.invalidate_cache()
         calls = count_requests(storage.filesystem(prefix, settings))
-        listing.PARALLEL_PREFIXES, parallel_at = args.prefixes + 1, listing.PARALLEL_PREFIXES
+        prefixes.PARALLEL_PREFIXES, parallel_at = args.prefixes + 1, prefixes.PARALLEL_PREFIXES
         start = time.perf_counter()
         walked = listing.list_table(prefix, settings)
         one_walk = {"seconds": round(time.perf_counter() - start, 2), "requests": len(calls)}
-        listing.PARALLEL_PREFIXES = parallel_at
+        prefixes.PARALLEL_PREFIXES = parallel_at
 
         cluster.init_ray()
         fs.invalidate_cache()

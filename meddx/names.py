@@ -185,3 +185,15 @@ def positive_class_of(class_names) -> str:
     """The class whose probability is the screening score: the one that is not 'normal'."""
     others = [c for c in class_names if c != NORMAL]
     return others[0] if others else class_names[-1]
+
+
+# The columns of a listing: what the one listing of a prefix returns for each object.
+LISTING_SCHEMA = pa.schema(
+    [
+        ("image_uri", pa.string()),
+        ("size", pa.int64()),  # bytes; null when the source does not say
+        ("mtime", pa.timestamp("us", tz="UTC")),  # last modified; null when unknown
+        ("etag", pa.string()),  # the store's entity tag (S3); null where there is none
+    ]
+)
+LISTING_BATCH_ROWS = 65_536  # rows per batch of a streamed listing

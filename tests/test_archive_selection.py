@@ -13,7 +13,7 @@ import pytest
 
 from meddx import MeddxError
 from meddx.config import ScreenConfig
-from meddx.inputs import listing, reading
+from meddx.inputs import listing, prefixes, reading
 from meddx.inputs.storage import StorageSettings, filesystem
 from meddx.names import OUTPUT_SCHEMA
 from meddx.pipelines import selection
@@ -91,7 +91,7 @@ def test_a_failure_below_the_prefix_is_one_line_without_the_path(tmp_path, monke
     def denied(folder, prefix, settings):
         raise PermissionError(13, "Permission denied", f"{folder}/MRN1234567")
 
-    monkeypatch.setattr(listing, "_subtree", denied)
+    monkeypatch.setattr(prefixes, "_subtree", denied)
     source = listing.open_listing(str(tmp_path), StorageSettings())
     with pytest.raises(MeddxError) as failed:
         source.table()
@@ -188,15 +188,13 @@ def test_s3_sub_prefixes_are_listed_in_parallel_ray_tasks(bucket, settings, ray_
     assert parallel.num_rows == 21 and parallel["etag"].null_count == 0
     assert not any("/_meta/" in u for u in parallel["image_uri"].to_pylist())
     walked = listing.list_table(f"{bucket}/in", settings)
-    assert listing.PARALLEL_PREFIXES > 5 or walked.equals(parallel)
-    import meddx.inputs.listing as module
-
-    module.PARALLEL_PREFIXES, before = 100, module.PARALLEL_PREFIXES
+    assert prefixes.PARALLEL_PREFIXES > 5 or walked.equals(parallel)
+    prefixes.PARALLEL_PREFIXES, before = 100, prefixes.PARALLEL_PREFIXES
     try:
         fs.invalidate_cache()
         one_walk = listing.list_table(f"{bucket}/in", settings)
     finally:
-        module.PARALLEL_PREFIXES = before
+        prefixes.PARALLEL_PREFIXES = before
     assert one_walk.equals(parallel)
 
 

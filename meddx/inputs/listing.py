@@ -1,16 +1,16 @@
-"""What to read: INPUT as an Arrow table of inputs, and the manifests that name inputs
-and labels.
+"""What to read: INPUT as a stream of Arrow batches of inputs, and the manifests that
+name inputs and labels.
 
 INPUT is one of
-- a folder or s3:// prefix: every object under it, recursively;
+- a folder or s3:// prefix: every object under it, recursively (``prefixes.py``);
 - a ``.csv`` or ``.parquet`` manifest with a ``uri`` column (optional ``label`` and
-  ``study_id``): only the listed objects, nothing is listed, so a night's new studies
-  start scoring at once;
+  ``study_id``), or an S3 Inventory listing: only the listed objects, nothing is listed,
+  so a night's new studies start scoring at once;
 - a DICOMweb query (``dicomweb.py``): the instances it finds.
 
-A listing is data, not a Python list: ``list_table`` gives ``image_uri``, ``size`` and
-``mtime`` as the one recursive listing returned them (no per-object ``info()`` or HEAD),
-null where a manifest or a PACS says nothing of them.
+A listing is data, not a Python list: ``Listing`` streams ``image_uri``, ``size``,
+``mtime`` and ``etag`` (``names.LISTING_SCHEMA``) as the listing returned them (no
+per-object ``info()`` or HEAD), null where a manifest or a PACS says nothing of them.
 
 Wherever an object ends in ``.tar`` (``.tar.gz``, ``.tgz``) it is a shard whose image
 members are the inputs (``shards.py``). Names starting with ``_`` or ``.`` are metadata
@@ -31,8 +31,16 @@ import pyarrow.parquet as pq
 
 from meddx import MeddxError, one_line
 from meddx.inputs import dicomweb, storage
+from meddx.inputs.prefixes import Prefix
 from meddx.inputs.storage import StorageSettings
-from meddx.names import DEFAULT_MAX_OBJECT_BYTES, MANIFEST_NAME
+from meddx.names import (
+    DEFAULT_MAX_OBJECT_BYTES,
+    LISTING_SCHEMA,
+    MANIFEST_NAME,
+)
+from meddx.names import (
+    LISTING_BATCH_ROWS as BATCH_ROWS,
+)
 
 MANIFEST_SUFFIXES = (".csv", ".parquet")
 
@@ -41,16 +49,6 @@ def is_manifest(uri: str) -> bool:
     return uri.lower().endswith(MANIFEST_SUFFIXES)
 
 
-# The columns of a listing: what the one listing of a prefix returns for each object.
-LISTING_SCHEMA = pa.schema(
-    [
-        ("image_uri", pa.string()),
-        ("size", pa.int64()),  # bytes; null when the source does not say
-        ("mtime", pa.timestamp("us", tz="UTC")),  # last modified; null when unknown
-        ("etag", pa.string()),  # the store's entity tag (S3); null where there is none
-    ]
-)
-BATCH_ROWS = 65_536  # a streamed manifest's batches
 # An S3 Inventory's version columns, where it lists versions.
 INVENTORY_VERSIONS = {"is_latest", "is_delete_marker"}
 CSV_ROW_BYTES = 64  # about what a CSV manifest's row of URI (and label) takes
@@ -75,7 +73,7 @@ class Listing:
         table=None,
         settings=None,
         empty_ok: bool = False,
-        prefix: _Prefix | None = None,
+        prefix: Prefix | None = None,
     ):
         self.source, self._table, self._settings = source, table, settings
         self._prefix = prefix
@@ -233,7 +231,7 @@ def open_listing(input_uri: str, settings: StorageSettings) -> Listing:
     that does not exist is refused at once)."""
     if is_manifest(input_uri):
         return Listing(input_uri, settings=settings)
-    return Listing(input_uri, settings=settings, prefix=_Prefix(input_uri, settings))
+    return Listing(input_uri, settings=settings, prefix=Prefix(input_uri, settings))
 
 
 def list_table(input_uri: str, settings: StorageSettings) -> pa.Table:
@@ -250,173 +248,6 @@ def uris_table(uris) -> pa.Table:
     n = len(uris)
     nulls = [pa.nulls(n, f.type) for f in LISTING_SCHEMA][1:]
     return pa.table([uris, *nulls], schema=LISTING_SCHEMA)
-
-
-# A prefix or folder with at least this many sub-prefixes (sub-folders) is listed one
-# per Ray task, in parallel, when Ray is up: each task's listing stays in that worker's
-# memory and only its Arrow table comes back.
-PARALLEL_PREFIXES = 4
-LISTING_TASKS = 64  # at most, per listing: a prefix of 10^5 study folders is not 10^5 tasks
-
-
-class _Prefix:
-    """A prefix (S3) or folder, listed as its top level now and then one subtree at a
-    time: a listing table per subtree, in URI order, without metadata names."""
-
-    def __init__(self, prefix: str, settings: StorageSettings):
-        self.prefix, self.settings = prefix, settings
-        self.root = storage.strip_scheme(prefix).rstrip("/") or "/"
-        try:
-            files, folders = _top_level(prefix, self.root, settings)
-        except FileNotFoundError:
-            raise MeddxError(f"input not found: {prefix}") from None
-        except PermissionError as exc:
-            raise MeddxError(f"cannot list {prefix}: access denied") from exc
-        # In URI order a folder's objects start at "folder/": 'a-b/' and 'a b/' come
-        # before 'a/' ('-' and ' ' sort below '/').
-        self.folders = sorted(folders, key=lambda f: f + "/")
-        self.files = self._clean(files)
-
-    def batches(self):
-        """The top level's objects and each subtree's, in URI order ('a.png' before
-        'a/...', which comes before 'a0')."""
-        tables = self._subtrees()
-        at = 0
-        for folder in self.folders:
-            # Top-level objects before this folder, then the folder's own.
-            key = self._uri(folder + "/")
-            before = self.files.filter(pc.less(self.files["image_uri"], key))
-            yield from before.slice(at).to_batches()
-            at = before.num_rows
-            table = self._clean(next(tables))
-            if table.num_rows:
-                yield from table.to_batches(BATCH_ROWS)
-        yield from self.files.slice(at).to_batches()
-
-    def _subtrees(self):
-        """Each folder's table, in order: in Ray tasks when there are enough of them and
-        Ray is up, a run of neighbouring folders per task (at most LISTING_TASKS)."""
-        if len(self.folders) >= PARALLEL_PREFIXES and _ray_is_up():
-            import ray
-
-            task = ray.remote(num_cpus=0.25)(_subtrees).options(name="meddx.list_prefix")
-            per = -(-len(self.folders) // LISTING_TASKS)
-            runs = [self.folders[i : i + per] for i in range(0, len(self.folders), per)]
-            refs = [task.remote(run, self.prefix, self.settings) for run in runs]
-            for ref in refs:  # in order; the others wait in the object store
-                yield from ray.get(ref)
-            return
-        for folder in self.folders:
-            yield _subtree(folder, self.prefix, self.settings)
-
-    def _uri(self, path: str) -> str:
-        return f"s3://{path}" if storage.is_s3(self.prefix) else path
-
-    def _clean(self, table: pa.Table) -> pa.Table:
-        """Metadata names (_x, .x) below the prefix left out (the prefix itself may be
-        one), S3 keys as s3:// URIs, sorted."""
-        below = pc.utf8_slice_codeunits(table["image_uri"], len(self.root))
-        table = table.filter(pc.invert(pc.match_substring_regex(below, r"(^|/)[_.]")))
-        if storage.is_s3(self.prefix):
-            uris = pc.binary_join_element_wise("s3://", table["image_uri"], "")
-            table = table.set_column(0, "image_uri", uris)
-        return table.sort_by("image_uri").cast(LISTING_SCHEMA)
-
-
-def list_prefix(prefix: str, settings: StorageSettings) -> pa.Table:
-    """Every object under ``prefix`` (recursively), without metadata names, sorted by URI,
-    with the size, modification time and ETag the listing itself returned (no request
-    per object)."""
-    return Listing(prefix, settings=settings, prefix=_Prefix(prefix, settings)).table()
-
-
-def _top_level(prefix: str, root: str, settings: StorageSettings) -> tuple[pa.Table, list[str]]:
-    """The objects directly under ``root`` (or ``root`` itself, an object) and its
-    sub-prefixes (sub-folders) but metadata ones, as paths of the store; raises
-    FileNotFoundError when there is nothing."""
-    if not storage.is_s3(prefix):
-        fs = pafs.LocalFileSystem()
-        (top,) = fs.get_file_info([root])
-        if top.type == pafs.FileType.NotFound:
-            raise FileNotFoundError(root)
-        if top.type == pafs.FileType.File:
-            return _local_table([top]), []
-        entries = fs.get_file_info(pafs.FileSelector(root))
-        folders = [e.path for e in entries if e.type == pafs.FileType.Directory]
-        files = [e for e in entries if e.type == pafs.FileType.File]
-        return _local_table(files), sorted(f for f in folders if not _hidden(f))
-    fs = storage.filesystem(prefix, settings)
-    fs.invalidate_cache(root)  # what the store holds now, not what this process saw before
-    try:
-        top = fs.ls(root, detail=True)  # one delimited listing
-    except FileNotFoundError:
-        top = []
-    if not top:  # a bucket's top, one object, an empty prefix or nothing: one walk
-        found = fs.find(root, detail=True)
-        if not found:
-            info = fs.info(root)  # raises FileNotFoundError for nothing
-            found = {root: info} if info.get("type") != "directory" else {}
-        return _infos_table(list(found.values())), []
-    folders = [i["name"].rstrip("/") for i in top if i.get("type") == "directory"]
-    files = [i for i in top if i.get("type") != "directory"]
-    return _infos_table(files), sorted(f for f in folders if not _hidden(f))
-
-
-def _hidden(path: str) -> bool:
-    return posixpath.basename(path).startswith(("_", "."))
-
-
-def _ray_is_up() -> bool:
-    import sys
-
-    ray = sys.modules.get("ray")  # never imported (nor started) for a listing
-    return bool(ray and ray.is_initialized())
-
-
-def _subtrees(folders: list[str], prefix: str, settings: StorageSettings) -> list[pa.Table]:
-    """A run of neighbouring folders, listed one after the other (one task's share)."""
-    return [_subtree(folder, prefix, settings) for folder in folders]
-
-
-def _subtree(folder: str, prefix: str, settings: StorageSettings) -> pa.Table:
-    """Every object below one sub-prefix or sub-folder (a task's share of a listing)."""
-    if not storage.is_s3(prefix):
-        fs = pafs.LocalFileSystem()
-        entries = fs.get_file_info(pafs.FileSelector(folder, recursive=True))
-        return _local_table([e for e in entries if e.type == pafs.FileType.File])
-    found = storage.filesystem(prefix, settings).find(folder, detail=True)
-    return _infos_table(list(found.values()))
-
-
-def _local_table(files: list) -> pa.Table:
-    mtimes = pa.array([e.mtime_ns for e in files], pa.int64())
-    return pa.table(
-        {
-            "image_uri": pa.array([e.path for e in files], pa.string()),
-            "size": pa.array([e.size for e in files], pa.int64()),
-            "mtime": _ns_to_timestamp(mtimes),
-            "etag": pa.nulls(len(files), pa.string()),
-        }
-    )
-
-
-def _infos_table(infos: list[dict]) -> pa.Table:
-    """A listing table of fsspec listing entries (folders left out)."""
-    infos = [info for info in infos if info.get("type") != "directory"]
-    seconds = pa.array([storage.modified_time(info) for info in infos], pa.float64())
-    micros = pc.cast(pc.round(pc.multiply(seconds, 1e6)), pa.int64())
-    return pa.table(
-        {
-            "image_uri": pa.array([info["name"] for info in infos], pa.string()),
-            "size": pa.array([info.get("size") for info in infos], pa.int64()),
-            "mtime": pc.cast(micros, pa.timestamp("us", tz="UTC")),
-            "etag": pa.array([info.get("ETag") for info in infos], pa.string()),
-        }
-    )
-
-
-def _ns_to_timestamp(ns: pa.Array) -> pa.Array:
-    return pc.cast(pc.divide(ns, 1000), pa.int64()).cast(pa.timestamp("us", tz="UTC"))
 
 
 def list_inputs(input_uri: str, settings: StorageSettings) -> list[str]:
