@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from meddx import MeddxError
 from meddx.inputs.storage import StorageSettings
@@ -19,6 +20,7 @@ from meddx.names import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_MODALITIES,
     DEFAULT_MODEL,
+    DEFAULT_STORE_SIZE,
     DEFAULT_VIEWS,
     DICOMWEB_SCHEMES,
     IMAGENET_MEAN,
@@ -42,6 +44,9 @@ SYNTH_SIZES = (64, 4300)
 IMAGE_SIZES = (32, 1024)
 # The input side torchvision's classifiers were designed for, and meddx trains at.
 DEFAULT_IMAGE_SIZE = 224
+# Short sides a store of films keeps (meddx prepare): at least what models take, at most
+# what a film is worth keeping at in 8 bits.
+STORE_SIZES = (32, 2048)
 # A progress line this often when not on a terminal: a cron log stays readable, and a
 # stalled run shows within a minute.
 PROGRESS_SECONDS = 30.0
@@ -61,6 +66,16 @@ def one_of(choices: tuple[str, ...], config, name: str) -> None:
     value = getattr(config, name)
     if value not in choices:
         raise MeddxError(f"--{name} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def _run_date(text: str) -> None:
+    """Refuse a run date that is not YYYY-MM-DD: the partition's name, one spelling per date."""
+    try:
+        canonical = dt.date.fromisoformat(text).isoformat() == text
+    except (TypeError, ValueError):
+        canonical = False
+    if not canonical:
+        raise MeddxError(f"--run-date must be YYYY-MM-DD, got {text!r}")
 
 
 @dataclass(frozen=True)
@@ -100,15 +115,13 @@ class ScoreConfig:
     pseudonymize_paths: bool = False
     # ... and where each run's pseudonym -> path table goes (a folder); None: nowhere.
     path_map: str | None = None
+    # A store of model-ready films (meddx prepare) that INPUT's films are read from:
+    # those new or changed are decoded into it first, under its own lease.
+    store: str | None = None
     storage: StorageSettings = StorageSettings()
 
     def __post_init__(self):
-        try:
-            canonical = dt.date.fromisoformat(self.run_date).isoformat() == self.run_date
-        except (TypeError, ValueError):
-            canonical = False
-        if not canonical:  # the partition's name: one spelling per date
-            raise MeddxError(f"--run-date must be YYYY-MM-DD, got {self.run_date!r}")
+        _run_date(self.run_date)
         if isinstance(self.modalities, str):  # "CR,DX" or "any", as on the command line
             object.__setattr__(self, "modalities", parse_modalities(self.modalities))
         if isinstance(self.views, str):  # "PA,AP" or "any"
@@ -170,6 +183,48 @@ class ScreenConfig(ScoreConfig):
 
 
 @dataclass(frozen=True)
+class PrepareConfig:
+    """What ``meddx prepare`` runs on: INPUT, the STORE of model-ready films it adds the
+    new and changed inputs to, and the size they are kept at."""
+
+    input: str
+    out: str  # the store
+    size: int = DEFAULT_STORE_SIZE  # the short side films are kept at
+    run_date: str = field(default_factory=lambda: dt.date.today().isoformat())
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_object_bytes: int = DEFAULT_MAX_OBJECT_BYTES
+    wait_for_lock: float = 0.0
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT
+    progress_seconds: float = PROGRESS_SECONDS
+    quiet: bool = False
+    since_days: int = 2  # a DICOMweb INPUT: the studies of the last this many days
+    allow_insecure_http: bool = False
+    storage: StorageSettings = StorageSettings()
+    # What the run skeleton and the selection read of every run's config: a store keeps
+    # each input under its own path (the source's), and is one decoder's films.
+    pseudonymize_paths: ClassVar[bool] = False
+    path_map: ClassVar[None] = None
+    results_to: ClassVar[None] = None
+    new_model: ClassVar[bool] = False
+
+    def __post_init__(self):
+        _run_date(self.run_date)
+        low, high = STORE_SIZES
+        if not low <= self.size <= high:
+            raise MeddxError(f"--size must lie in [{low}, {high}], got {self.size}")
+        at_least(1, self, "max_pixels", "max_object_bytes")
+        at_least(0, self, "wait_for_lock", "since_days")
+        if not self.progress_seconds > 0:
+            raise MeddxError(f"--progress-seconds must be above 0, got {self.progress_seconds}")
+        if not self.lock_timeout > 0:
+            raise MeddxError(f"--lock-timeout must be above 0, got {self.lock_timeout}")
+        if self.input.lower().startswith(DICOMWEB_SCHEMES):
+            from meddx.inputs.dicomweb import check_transport  # pydicom: DICOMweb runs only
+
+            check_transport(self.input, self.allow_insecure_http)
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """What ``meddx train`` runs on: the labelled DATA, the checkpoint to write, DDP."""
 
@@ -201,6 +256,9 @@ class TrainConfig:
     optimize: bool = False
     progress_seconds: float = PROGRESS_SECONDS  # rank 0's line within an epoch this often
     quiet: bool = False  # no progress lines (within and after each epoch)
+    # A store of films (meddx prepare) the images are read from, every epoch, after DATA's
+    # new and changed ones are decoded into it; DATA itself may be a store.
+    store: str | None = None
     storage: StorageSettings = field(default_factory=StorageSettings)
 
     def __post_init__(self):

@@ -72,6 +72,9 @@ DEFAULT_MODALITIES = ("CR", "DX")
 DEFAULT_VIEWS = ("PA", "AP")
 # Seconds without a heartbeat before the lease on OUT is stale and may be taken over.
 DEFAULT_LOCK_TIMEOUT = 300.0
+# The short side a store of model-ready films keeps them at (meddx prepare): twice what
+# the models here take, so a model up to 512 px reads the store without upscaling.
+DEFAULT_STORE_SIZE = 512
 # Labelled images a precision or int8 check calibrates and checks on.
 DEFAULT_CHECK_IMAGES = 1000
 

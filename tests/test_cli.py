@@ -12,6 +12,7 @@ from .helpers import MEDDX
 
 COMMANDS = [
     "synth",
+    "prepare",
     "train",
     "score",
     "screen",
@@ -62,6 +63,8 @@ def test_top_level_help_lists_every_command():
             "'onnx' is not one of",
         ),
         (["optimize", "m.pt", "--out", "o.pt"], "Missing option '--calibration'"),
+        (["prepare", "in"], "Missing option '--out'"),
+        (["prepare", "in", "--out", "s", "--size", "4096"], "--size must lie in"),
     ],
 )
 def test_bad_flags_are_one_line_errors(args, expected):

@@ -32,6 +32,7 @@ from meddx.inputs.storage import StorageSettings  # noqa: E402
 from meddx.model import registry
 from meddx.model.registry import Checkpoint  # noqa: E402
 from meddx.names import DEFAULT_MAX_OBJECT_BYTES  # noqa: E402
+from meddx.store import films  # noqa: E402
 
 
 def last_conv_block(model: nn.Module) -> nn.Module:
@@ -91,28 +92,47 @@ def cams(
     settings: StorageSettings,
     max_bytes: int = DEFAULT_MAX_OBJECT_BYTES,
     locators: dict[str, str] | None = None,
+    store: str | None = None,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """(model-size pixels, Grad-CAM) for each row, in order. The images are read as
     scoring reads them (the same limits; each tar shard streamed once for all its
-    members; a DICOMweb instance by its locator)."""
+    members; a DICOMweb instance by its locator), or from ``store``'s films (meddx
+    prepare) where the run read them there."""
     model = registry.model_from_checkpoint(ckpt)
     mean, std = torch.tensor(ckpt.mean), torch.tensor(ckpt.std)
-    decode_settings = decode.DecodeSettings(size=ckpt.input_size, modalities=None)
-    blobs = reading.read_uris([row["image_uri"] for row in rows], settings, max_bytes, locators)
+    decode_settings = decode.DecodeSettings(size=ckpt.input_size, modalities=None, views=None)
     out = []
-    for row, (data, error) in zip(rows, blobs, strict=True):
-        if error:
-            raise MeddxError(f"cannot read {row['image_uri']}: {error}")
-        try:
-            pixels, _ = decode.decode_image(data, decode_settings)
-        except decode.DecodeError as exc:
-            raise MeddxError(f"cannot decode {row['image_uri']}: {exc}") from None
+    for row, pixels in zip(
+        rows, _images(rows, settings, max_bytes, locators, store, decode_settings), strict=True
+    ):
         x = to_model_input(torch.tensor(pixels).unsqueeze(0), mean, std).requires_grad_(False)
         target = ckpt.positive_index
         if ckpt.multi_label and row.get("probs"):  # the finding behind the score
             target = int(np.argmax(row["probs"]))
         out.append((pixels, grad_cam(model, x, target)))
     return out
+
+
+def _images(rows, settings, max_bytes, locators, store, decode_settings):
+    """Each row's model-size pixels, read and decoded, or from the store."""
+    uris = [row["image_uri"] for row in rows]
+    if store:
+        for uri, (pixels, error) in zip(
+            uris, films.read_uris(store, settings, uris, decode_settings), strict=True
+        ):
+            if pixels is None:
+                raise MeddxError(f"cannot read {uri} from the store: {error}")
+            yield pixels
+        return
+    for uri, (data, error) in zip(
+        uris, reading.read_uris(uris, settings, max_bytes, locators), strict=True
+    ):
+        if error:
+            raise MeddxError(f"cannot read {uri}: {error}")
+        try:
+            yield decode.decode_image(data, decode_settings)[0]
+        except decode.DecodeError as exc:
+            raise MeddxError(f"cannot decode {uri}: {exc}") from None
 
 
 def titled_overlays(
@@ -146,7 +166,10 @@ def explain(
         raise MeddxError(f"{predictions} was not scored by {model} (sha256 differs)")
     table = table.filter(pc.equal(table["status"], "ok")).sort_by([("score", "descending")])
     rows = table.slice(0, top).to_pylist()
-    pngs = titled_overlays(rows, cams(rows, ckpt, settings, max_bytes), ckpt)
+    store = meta.get("meddx.store") or None  # the run read its films from a store
+    if store and not films.is_store(store, settings):
+        store = None  # moved or gone: the sources, then
+    pngs = titled_overlays(rows, cams(rows, ckpt, settings, max_bytes, store=store), ckpt)
     written = []
     for rank, (row, png) in enumerate(zip(rows, pngs, strict=True), start=1):
         uri = storage.join(out, f"{rank:03d}-{pseudonymous_id(row)}.png")

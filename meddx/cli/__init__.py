@@ -73,6 +73,7 @@ def cli(ctx, quiet, verbose):
 
 for command in (
     data.synth,
+    data.prepare,
     training.train,
     scoring.score,
     scoring.screen,

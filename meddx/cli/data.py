@@ -6,8 +6,16 @@ from __future__ import annotations
 import click
 
 from meddx import MeddxError, names
-from meddx.cli.options import build, option, parsed, storage_option
-from meddx.config import DemoConfig, SynthConfig
+from meddx.cli.options import (
+    build,
+    given,
+    max_object_bytes_option,
+    option,
+    parsed,
+    storage_option,
+    with_ca_bundle,
+)
+from meddx.config import DemoConfig, PrepareConfig, SynthConfig
 
 
 def _prevalences(text: str):
@@ -117,3 +125,94 @@ def reindex(out, storage):
     with lease.held(out, storage, run_id, "reindex", 0.0, names.DEFAULT_LOCK_TIMEOUT):
         rows, files = index.rebuild(out, storage)
     click.echo(f"reindexed {out}: {rows} rows from {files} result files")
+
+
+@click.command()
+@click.argument("input")
+@click.option("--out", required=True, metavar="STORE", help="The store's folder or s3:// prefix.")
+@option(
+    PrepareConfig,
+    "size",
+    metavar="PX",
+    help="The short side films are kept at (their aspect is kept); models up to this "
+    "input size read the store.",
+)
+@click.option(
+    "--run-date",
+    default=None,
+    metavar="YYYY-MM-DD",
+    help="The store's partition the films go to: STORE/dt=RUN_DATE/ [default: today].",
+)
+@option(PrepareConfig, "max_pixels", help="Refuse images with more pixels (decompression bombs).")
+@max_object_bytes_option(PrepareConfig)
+@option(
+    PrepareConfig,
+    "progress_seconds",
+    metavar="SECONDS",
+    help="Off a terminal (logs, cron), a progress line this often; on one, a live line.",
+)
+@option(PrepareConfig, "quiet", is_flag=True, help="No progress output.")
+@option(
+    PrepareConfig,
+    "wait_for_lock",
+    metavar="SECONDS",
+    help="Wait this long for another run writing to STORE to finish, then refuse (exit 4).",
+)
+@option(
+    PrepareConfig,
+    "lock_timeout",
+    metavar="SECONDS",
+    help="A run whose lease on STORE is silent this long has died: it is taken over.",
+)
+@option(
+    PrepareConfig,
+    "since_days",
+    "--since",
+    metavar="DAYS",
+    help="A DICOMweb INPUT is asked only for studies of the last DAYS days (StudyDate).",
+)
+@click.option(
+    "--ca-bundle",
+    envvar="MEDDX_CA_BUNDLE",
+    default=None,
+    type=click.Path(exists=True, dir_okay=False),
+    help="PEM file of the site's CA for DICOMweb over TLS; env MEDDX_CA_BUNDLE.",
+)
+@option(
+    PrepareConfig,
+    "allow_insecure_http",
+    is_flag=True,
+    help="Send DICOMweb credentials over plain http to hosts other than loopback.",
+)
+@storage_option
+def prepare(input, **opts):
+    """Decode each input of INPUT once into STORE, a store of model-ready films.
+
+    INPUT is what score takes: a folder or s3:// prefix, a manifest, a DICOMweb server.
+    Each film is kept after its LUTs and window, 8-bit, with its short side at --size,
+    with its quality figures, the DICOM attributes that identify no one and its source's
+    URI and content hash. A second run decodes only inputs that are new or changed.
+    score, screen and train read STORE as their INPUT (or through --store) without
+    decoding. One run writes to STORE at a time (exit 4 otherwise).
+    """
+    cfg = build(PrepareConfig, input=input, **given(with_ca_bundle(opts)))
+    import time
+
+    from meddx.inputs import storage
+    from meddx.pipelines import cluster
+
+    started = time.perf_counter()
+    if storage.missing_locally(cfg.input):
+        raise MeddxError(f"input not found: {cfg.input}")
+    cluster.init_ray_importing("meddx.pipelines.prepare")
+    from meddx.pipelines.prepare import prepare as run
+
+    s = run(cfg, started)
+    for line in s.recovered:
+        click.echo(f"recovered: {line}")
+    click.echo(
+        f"inputs_seen={s.inputs_seen} prepared={s.prepared} rows={s.rows} ok={s.ok} "
+        f"errors={s.errors} stored_mib={s.stored_bytes / 2**20:.1f} seconds={s.seconds:.1f} "
+        f"images_per_s={s.images_per_s:.1f}"
+    )
+    click.echo(f"store {cfg.out} (run_id {s.run_id})")

@@ -26,6 +26,13 @@ SCORING_OPTIONS = [
     ),
     click.option("--out", required=True, metavar="OUT", help="Results folder or s3:// prefix."),
     click.option(
+        "--store",
+        default=None,
+        metavar="STORE",
+        help="Read the films from this store (meddx prepare), decoding into it first those "
+        "of INPUT it lacks or holds an older version of [default: decode INPUT].",
+    ),
+    click.option(
         "--run-date",
         default=None,
         metavar="YYYY-MM-DD",

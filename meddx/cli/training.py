@@ -87,6 +87,13 @@ TRAIN_OPTIONS = [
         help="Also make the int8 OpenVINO model for CPU nodes (as meddx optimize does), "
         "checked on the validation split; kept only when it holds.",
     ),
+    click.option(
+        "--store",
+        default=None,
+        metavar="STORE",
+        help="Read the images from this store (meddx prepare) every epoch, decoding into "
+        "it first those of DATA it lacks [default: decode DATA every epoch].",
+    ),
     storage_option,
 ]
 
@@ -99,8 +106,10 @@ def train(data, **opts):
 
     DATA is a folder or s3:// prefix, or a .csv/.parquet manifest with uri and label
     columns. Labels come from the manifest (DATA/_manifest.csv when present), else from
-    class folder names. With --findings, a multi-label model learns the manifest's 0/1
-    column for each finding.
+    class folder names. DATA may be a store of films (meddx prepare), labelled by its
+    sources' class folders; --store reads a store and takes the labels from DATA.
+    With --findings, a multi-label model learns the manifest's 0/1 column for each
+    finding.
     """
     cfg = build(TrainConfig, data=data, **opts)
     from meddx.pipelines.training import train as run

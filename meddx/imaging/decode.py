@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -61,6 +62,9 @@ class DecodeSettings:
     # Decode only the resolution the model needs (False: every film at full size, the
     # reference the reduced path is checked against).
     reduce: bool = True
+    # Squash to size x size, as models take films; False: keep the film's aspect with its
+    # short side at ``size``, as a store of films keeps them (``meddx prepare``).
+    square: bool = True
 
     @property
     def target(self) -> int | None:
@@ -160,7 +164,7 @@ def decode_image(data: bytes, settings: DecodeSettings) -> tuple[np.ndarray, dic
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, zlib.error...
         raise DecodeError(f"cannot decode {fmt.upper()}: {one_line(exc)}") from exc
     info = {**INFO_DEFAULTS, "rows": height, "columns": width, "frames": 1}
-    return resize(gray, settings.size), info
+    return resize(gray, settings.size, settings.square), info
 
 
 def _decode_dicom(data: bytes, settings: DecodeSettings) -> tuple[np.ndarray, dict]:
@@ -179,11 +183,20 @@ def _dicom_pixels(data: bytes, settings: DecodeSettings) -> tuple[np.ndarray, di
     unit = dicom.to_unit_gray(
         ds, max_pixels=settings.max_pixels, modalities=settings.modalities, target=settings.target
     )
-    return resize(unit, settings.size), info
+    return resize(unit, settings.size, settings.square), info
 
 
-def resize(gray: np.ndarray | Image.Image, size: int) -> np.ndarray:
-    """Squash to size x size (keeps both lung fields whole; radiographs are near-square).
+def fitted(width: int, height: int, size: int, square: bool = True) -> tuple[int, int]:
+    """(width, height) after ``resize``: size x size, or the short side at ``size``."""
+    if square:
+        return size, size
+    short = min(width, height)
+    return max(1, round(width * size / short)), max(1, round(height * size / short))
+
+
+def resize(gray: np.ndarray | Image.Image, size: int, square: bool = True) -> np.ndarray:
+    """Squash to size x size (keeps both lung fields whole; radiographs are near-square),
+    or with ``square`` False scale to a short side of ``size``, keeping the aspect.
 
     The one resize every film goes through, reduced or not: a box reduction by the largest
     integer factor that keeps the short side >= size, then an antialiased bilinear step
@@ -191,12 +204,13 @@ def resize(gray: np.ndarray | Image.Image, size: int) -> np.ndarray:
     reduced decode and a full one meet the same filter."""
     if isinstance(gray, np.ndarray):
         img = Image.fromarray(box_reduce(gray, size).astype(np.float32), mode="F")
-        out = np.asarray(img.resize((size, size), Image.BILINEAR))
+        out = np.asarray(img.resize(fitted(*img.size, size, square), Image.BILINEAR))
         return (np.clip(out, 0, 1) * 255 + 0.5).astype(np.uint8)
     factor = min(gray.size) // size
     if factor > 1:
         gray = gray.reduce(factor)
-    return np.asarray(gray.resize((size, size), Image.BILINEAR), dtype=np.uint8)
+    target = fitted(*gray.size, size, square)
+    return np.asarray(gray.resize(target, Image.BILINEAR), dtype=np.uint8)
 
 
 # Low quality, judged on the model's own input (after the VOI window, at input size), in
@@ -209,15 +223,27 @@ MIN_SPAN = 24  # the 1st-99th percentile span of an extreme low-contrast film
 MAX_CLIPPED = 0.6  # the share of pixels at 0-2 or 253-255 of a saturated film
 
 
+def pixel_figures(image: np.ndarray) -> dict[str, float]:
+    """What the quality check reads of a uint8 image: its standard deviation, its 1st and
+    99th percentiles, and the share of its pixels at the ends of the scale."""
+    lo, hi = np.percentile(image, (1, 99))
+    clipped = np.count_nonzero((image <= 2) | (image >= 253)) / image.size
+    return {
+        "pixel_std": float(image.std()),
+        "pixel_p01": float(lo),
+        "pixel_p99": float(hi),
+        "pixel_clipped": clipped,
+    }
+
+
 def quality_check(image: np.ndarray) -> str | None:
     """Why ``image`` (uint8, the model's input) is too poor to score, or None."""
-    if float(image.std()) < MIN_STD:
+    figures = pixel_figures(image)
+    if figures["pixel_std"] < MIN_STD:
         return "near-constant"
-    lo, hi = np.percentile(image, (1, 99))
-    if hi - lo < MIN_SPAN:
+    if figures["pixel_p99"] - figures["pixel_p01"] < MIN_SPAN:
         return "low contrast"
-    clipped = np.count_nonzero((image <= 2) | (image >= 253)) / image.size
-    if clipped > MAX_CLIPPED:
+    if figures["pixel_clipped"] > MAX_CLIPPED:
         return "saturated"
     return None
 
@@ -230,48 +256,66 @@ def qc_of(image: np.ndarray, info: dict, settings: DecodeSettings) -> str:
     return QC_LOW_QUALITY if quality_check(image) else QC_OK
 
 
-def decode_images(batch: dict[str, np.ndarray], settings: DecodeSettings) -> dict[str, np.ndarray]:
-    """Bytes -> uint8 (size, size) pixels, status, error and info columns per input."""
-    n = len(batch["image_uri"])
-    images = np.zeros((n, settings.size, settings.size), dtype=np.uint8)
-    status, errors, infos, qc = [], [], [], []
-    for i, (data, read_error) in enumerate(zip(batch["bytes"], batch["read_error"], strict=True)):
-        info = INFO_DEFAULTS
+def decode_each(
+    batch: dict[str, np.ndarray], settings: DecodeSettings
+) -> Iterator[tuple[np.ndarray | None, dict, str]]:
+    """(pixels, info, "") per row of a read batch, or (None, INFO_DEFAULTS, reason) for a
+    row that could not be read or decoded: one input's failure is its own row."""
+    for data, read_error in zip(batch["bytes"], batch["read_error"], strict=True):
         if read_error:
-            status.append("error")
-            errors.append(read_error)
-            infos.append(info)
-            qc.append("")
+            yield None, INFO_DEFAULTS, read_error
             continue
         try:
-            pixels, decoded = decode_image(data, settings)
-            checked = qc_of(pixels, decoded, settings)
+            pixels, info = decode_image(data, settings)
         except DecodeError as exc:
-            status.append("error")
-            errors.append(str(exc))
-            qc.append("")
-        except Exception as exc:  # one input's failure is its own row, never the block's
-            status.append("error")
-            errors.append(f"decoding failed ({type(exc).__name__})")
-            qc.append("")
+            yield None, INFO_DEFAULTS, str(exc)
+        except Exception as exc:  # whatever else: its type, never the block's failure
+            yield None, INFO_DEFAULTS, f"decoding failed ({type(exc).__name__})"
         else:
-            images[i], info = pixels, decoded
-            status.append("ok")
-            errors.append("")
-            qc.append(checked)
-        infos.append(info)
-    passthrough = {k: v for k, v in batch.items() if k not in ("bytes", "read_error")}
+            yield pixels, info, ""
+
+
+def decoded_columns(
+    passthrough: dict[str, np.ndarray],
+    images: np.ndarray,
+    errors: list[str],
+    qc: list[str],
+    infos: list[dict],
+) -> dict[str, np.ndarray]:
+    """The decode stage's batch: the columns carried through, the model-size images,
+    status, error, qc and the info columns ("" and 0 for unknown)."""
     return {
         **passthrough,
         "image": images,
-        "status": np.array(status, dtype=object),
+        "status": np.array(["error" if e else "ok" for e in errors], dtype=object),
         "error": np.array(errors, dtype=object),
         "qc": np.array(qc, dtype=object),
         **{
             name: np.array(
-                [info[name] for info in infos],
+                [info.get(name, default) for info in infos],
                 dtype=np.int64 if isinstance(default, int) else object,
             )
             for name, default in INFO_DEFAULTS.items()
         },
     }
+
+
+def decode_images(batch: dict[str, np.ndarray], settings: DecodeSettings) -> dict[str, np.ndarray]:
+    """Bytes -> uint8 (size, size) pixels, status, error and info columns per input."""
+    n = len(batch["image_uri"])
+    images = np.zeros((n, settings.size, settings.size), dtype=np.uint8)
+    errors, infos, qc = [], [], []
+    for i, (pixels, info, error) in enumerate(decode_each(batch, settings)):
+        checked = ""
+        if pixels is not None:
+            try:
+                checked = qc_of(pixels, info, settings)
+            except Exception as exc:  # one input's failure is its own row
+                error, info = f"decoding failed ({type(exc).__name__})", INFO_DEFAULTS
+            else:
+                images[i] = pixels
+        errors.append(error)
+        infos.append(info)
+        qc.append(checked)
+    passthrough = {k: v for k, v in batch.items() if k not in ("bytes", "read_error")}
+    return decoded_columns(passthrough, images, errors, qc, infos)

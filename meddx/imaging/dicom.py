@@ -195,6 +195,17 @@ def attributes(ds: Dataset, key: bytes | None) -> dict:
     return out
 
 
+def refused_modality(modality: str, modalities: tuple[str, ...] | None) -> str | None:
+    """Why a DICOM object of ``modality`` is not scored (``modalities`` asked for), or
+    None; its one line names only the attribute's code."""
+    if modalities and modality not in modalities:
+        return (
+            f"Modality {modality or '(none)'} is not one this model accepts "
+            f"({', '.join(modalities)})"
+        )
+    return None
+
+
 def to_unit_gray(
     ds: Dataset, *, max_pixels: int, modalities: tuple[str, ...] | None, target: int | None = None
 ) -> np.ndarray:
@@ -210,11 +221,9 @@ def to_unit_gray(
     if not any(t in ds for t in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         sop = getattr(ds.get("SOPClassUID"), "name", "") or "unknown SOP class"
         raise DicomError(f"DICOM object has no pixel data (Modality {modality or '?'}, {sop})")
-    if modalities and modality not in modalities:
-        raise DicomError(
-            f"Modality {modality or '(none)'} is not one this model accepts "
-            f"({', '.join(modalities)})"
-        )
+    refused = refused_modality(modality, modalities)
+    if refused:
+        raise DicomError(refused)
     if not integer(ds, "Rows", 0, 0, 65535) or not integer(ds, "Columns", 0, 0, 65535):
         raise DicomError("DICOM image has no Rows/Columns")
     shape = geometry(ds)

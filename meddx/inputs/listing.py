@@ -194,7 +194,8 @@ def _listing_batch(batch: pa.RecordBatch) -> pa.RecordBatch:
         uris = batch["uri"].cast(pa.string())
     else:
         bucket, key = batch["bucket"].cast(pa.string()), batch["key"].cast(pa.string())
-        keep = pc.invert(pc.fill_null(pc.match_substring_regex(key, r"(^|/)[_.]|/$"), True))
+        metadata = pc.match_substring_regex(key, storage.HIDDEN_PART + "|/$")  # or a folder
+        keep = pc.invert(pc.fill_null(metadata, True))
         if "is_latest" in names:
             keep = pc.and_(keep, pc.fill_null(batch["is_latest"].cast(pa.bool_()), True))
         if "is_delete_marker" in names:

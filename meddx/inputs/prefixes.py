@@ -82,7 +82,7 @@ class Prefix:
         """Metadata names (_x, .x) below the prefix left out (the prefix itself may be
         one), S3 keys as s3:// URIs, sorted."""
         below = pc.utf8_slice_codeunits(table["image_uri"], len(self.root))
-        table = table.filter(pc.invert(pc.match_substring_regex(below, r"(^|/)[_.]")))
+        table = table.filter(pc.invert(pc.match_substring_regex(below, storage.HIDDEN_PART)))
         if storage.is_s3(self.prefix):
             uris = pc.binary_join_element_wise("s3://", table["image_uri"], "")
             table = table.set_column(0, "image_uri", uris)

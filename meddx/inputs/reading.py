@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import hashlib
 from collections import defaultdict, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 
@@ -62,7 +63,8 @@ def read_objects(
     max_bytes: int = DEFAULT_MAX_OBJECT_BYTES,
     decode: DecodeSettings | None = None,
     path_key: bytes | None = None,
-) -> Iterator[dict[str, np.ndarray]]:
+    rows_of: Callable[[dict[str, np.ndarray]], Any] | None = None,
+) -> Iterator[Any]:
     """Fetch each input's bytes (expanding tar shards into their members), refusing any
     object or member over ``max_bytes`` unread.
 
@@ -79,12 +81,18 @@ def read_objects(
 
     With ``path_key``, paths leave the task only as pseudonyms (``pseudonymize_paths``;
     the ``known`` column then names them, as OUT's index holds them).
+
+    ``rows_of``, in place of ``decode``: what each read chunk becomes instead (a store's
+    rows, ``films.film_rows``), in the same task.
     """
     for chunk in _read_chunks(batch, settings, max_bytes):
         if path_key:
             chunk = pseudonymize_paths(chunk, path_key)
         chunk = drop_known(chunk)
-        yield decode_images(chunk, decode) if decode is not None else chunk
+        if rows_of is not None:
+            yield rows_of(chunk)
+        else:
+            yield decode_images(chunk, decode) if decode is not None else chunk
 
 
 def _read_chunks(

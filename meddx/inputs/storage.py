@@ -174,6 +174,15 @@ def require_bucket(uri: str, settings: StorageSettings) -> None:
         pass  # a role may write where it may not look: the write itself will tell
 
 
+def absolute(uri: str) -> str:
+    """A local path made absolute (another working folder finds it); a URI as it is."""
+    return uri if "://" in uri else os.path.abspath(uri)
+
+
+# A path part that is metadata (``_x``, ``.x``), as an Arrow regex over names below a root.
+HIDDEN_PART = r"(^|/)[_.]"
+
+
 def is_hidden(path: str) -> bool:
     """Names starting with ``_`` or ``.`` are metadata, never inputs (Hadoop/Spark convention)."""
     return any(

@@ -29,6 +29,7 @@ from meddx.model.registry import Checkpoint
 from meddx.names import CPU_BATCH, GPU_BATCH, QC_VALUES
 from meddx.pipelines import cluster
 from meddx.pipelines.path_names import path_key
+from meddx.store import films
 
 # Restarts of a predictor actor whose process died before the run fails (see below).
 PREDICTOR_RESTARTS = 3
@@ -41,11 +42,16 @@ def resolve_runtime(cfg: ScoreConfig, ckpt: Checkpoint) -> str:
     return engine.resolve_runtime(cfg.runtime, ckpt, gpus)
 
 
-def file_metadata(ckpt: Checkpoint, sha: str, run_id: str, cfg: ScoreConfig) -> dict[str, str]:
+def file_metadata(
+    ckpt: Checkpoint, sha: str, run_id: str, cfg: ScoreConfig, store: films.Store | None = None
+) -> dict[str, str]:
     """Provenance in every Parquet file's key-value metadata (no credentials, no PHI)."""
     model_runtime = resolve_runtime(cfg, ckpt)
     density = ood.density_of(ckpt)
     return {
+        # The films came through a store (meddx prepare), made by this decoder: "" if not.
+        "meddx.store": storage.absolute(store.uri) if store else "",
+        "meddx.store_decode_sha256": store.films.sha256 if store else "",
         "meddx.version": __version__,
         "meddx.run_id": run_id,
         "meddx.run_date": cfg.run_date,
@@ -78,12 +84,14 @@ def build_dataset(
     run_id: str,
     sha: str,
     located: dict[str, str] | None = None,
+    store: films.Store | None = None,
 ) -> ray.data.Dataset:
     """inputs -> read + [drop already-scored bytes] + decode -> predict, as a Ray Dataset
     (reading and decoding are one task: the bytes never leave it). ``todo``: the inputs
     as a listing table, with a ``known`` column where some were scored already (their
     content hashes, whose bytes are dropped unread by the model); ``located``: each
-    DICOMweb input's locator, which the read task fetches it by."""
+    DICOMweb input's locator, which the read task fetches it by; ``store``: the store of
+    films (meddx prepare) the inputs are read from instead, decoded already."""
     modalities = ckpt.modalities if cfg.modalities is None else cfg.modalities
     views = ckpt.views if cfg.views is None else cfg.views
     decode_settings = DecodeSettings(
@@ -105,14 +113,18 @@ def build_dataset(
     # cores 53% and 91% busy, 16.7 images/s with an int8 model; without it 93% and 92%,
     # 25.1 images/s). Backpressure on the object store still bounds what is in flight.
     ray.data.DataContext.get_current().op_resource_reservation_enabled = False
+    read, read_kwargs = reading.read_objects, {"max_bytes": cfg.max_object_bytes}
+    if store is not None:  # each input's stored film, not its bytes
+        todo = films.locate(store.uri, cfg.storage, todo)
+        read, read_kwargs = films.read_films, {"store": store.uri}
     ds = ray.data.from_arrow(scored_inputs(todo, located), override_num_blocks=blocks)
     ds = ds.map_batches(
-        reading.read_objects,
+        read,
         fn_kwargs={
             "settings": cfg.storage,
-            "max_bytes": cfg.max_object_bytes,
             "decode": decode_settings,
             "path_key": path_key(cfg),
+            **read_kwargs,
         },
         batch_size=None,
         num_cpus=cluster.decode_task_cpus(resources, pool.max_size, total.get("CPU", 1)),
@@ -152,9 +164,11 @@ def shard_count(uris: pa.ChunkedArray) -> int:
 
 
 def scored_inputs(todo: pa.Table, located: dict[str, str] | None) -> pa.Table:
-    """The table the read stage gets: image_uri, a DICOMweb input's locator, and the
-    ``known`` hashes where the selection gave them (size and mtime stay behind)."""
-    table = todo.select([c for c in ("image_uri", "known") if c in todo.column_names])
+    """The table the read stage gets: image_uri, a DICOMweb input's locator, the
+    ``known`` hashes where the selection gave them and a store's files (size and mtime
+    stay behind)."""
+    wanted = ("image_uri", "known", "store_files")
+    table = todo.select([c for c in wanted if c in todo.column_names])
     if located:  # the night's instances only
         locators = [located[u] for u in todo["image_uri"].to_pylist()]
         table = table.append_column("locator", pa.array(locators, pa.string()))

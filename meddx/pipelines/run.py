@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import ClassVar, Protocol, TypeVar
+from typing import TYPE_CHECKING, ClassVar, Protocol, TypeVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -30,7 +30,10 @@ from meddx.pacs import stow
 from meddx.pipelines import cluster
 from meddx.pipelines.dataset import build_dataset, file_metadata
 from meddx.pipelines.path_names import indexed_names, path_key, write_path_map
-from meddx.store import commit, index, lease, progress
+from meddx.store import commit, films, index, lease, progress
+
+if TYPE_CHECKING:
+    import ray
 
 T = TypeVar("T", covariant=True)
 
@@ -39,7 +42,7 @@ T = TypeVar("T", covariant=True)
 class Selection:
     """What a policy chose to score in this run."""
 
-    # The inputs read and scored now: listing rows (image_uri, size, mtime), with a
+    # The inputs read and scored now: listing rows (image_uri, size, mtime, etag), with a
     # ``known`` column where some were scored already (their content hashes, per input
     # as OUT's rows name it: those bytes are dropped after reading, before decoding).
     todo: pa.Table
@@ -50,12 +53,44 @@ class Selection:
     notes: tuple[str, ...] = ()  # said beside what recovery did
 
 
+class Rows(Protocol):
+    """What a run's rows are made by: a model (``ModelRows``), or a store's decoder
+    (``meddx.pipelines.prepare``)."""
+
+    sha: str  # what made the rows (a checkpoint's hash, a decoder's fingerprint)
+    ckpt: Checkpoint | None
+
+    def dataset(
+        self, todo: pa.Table, run_id: str, located: dict[str, str] | None
+    ) -> tuple[ray.data.Dataset, pa.Schema]:
+        """The Ray Dataset of the run's rows, and their schema with its provenance."""
+
+
+class ModelRows:
+    """Rows scored by the checkpoint ``cfg.model``: read in the driver before anything
+    else (a wrong file fails fast), then insisted on by every actor."""
+
+    def __init__(self, cfg: ScoreConfig):
+        self.cfg = cfg
+        self.ckpt, self.sha = registry.read_checkpoint(cfg.model, cfg.storage, cfg.model_sha256)
+        # The store the films are read from (INPUT itself, or --store), if any: refused
+        # here when its films are smaller than the model's input.
+        uri = cfg.store or cfg.input
+        key = secret.pseudonym_key()
+        self.store = films.open_store(uri, cfg.storage, self.ckpt.input_size, key)
+
+    def dataset(self, todo, run_id, located):
+        ds = build_dataset(self.cfg, todo, self.ckpt, run_id, self.sha, located, self.store)
+        meta = file_metadata(self.ckpt, self.sha, run_id, self.cfg, self.store)
+        return ds, OUTPUT_SCHEMA.with_metadata(meta)
+
+
 @dataclass(frozen=True)
 class Outcome:
     """What the skeleton did, for the policy's ending."""
 
     run_id: str
-    ckpt: Checkpoint
+    ckpt: Checkpoint | None  # None: a store's run
     sha: str
     located: dict[str, str] | None  # a DICOMweb source's locators
     selection: Selection
@@ -74,6 +109,7 @@ class Policy(Protocol[T]):
     verb: ClassVar[str]  # the progress line's ("scored", "screened")
     replace: ClassVar[bool]  # the commit replaces the run date's partition, or adds to it
     columns: ClassVar[list[str]]  # of this run's rows, which the ending reads
+    schema: ClassVar[pa.Schema]  # of the rows (OUTPUT_SCHEMA, or a store's)
 
     @property
     def since_days(self) -> int | None:
@@ -98,6 +134,9 @@ class Policy(Protocol[T]):
         """After the commit and the results, still under the lease: what the command
         writes after and returns."""
 
+    def rows(self) -> Rows:
+        """What makes the run's rows (called under the lease, after recovery)."""
+
 
 def execute(cfg: ScoreConfig, policy: Policy[T], started: float | None = None) -> T:
     """One run of ``policy`` over ``cfg.out``, holding the lease on OUT from before
@@ -112,14 +151,9 @@ def execute(cfg: ScoreConfig, policy: Policy[T], started: float | None = None) -
     ) as held:
         resumed = policy.resumable()
         recovered = commit.recover(cfg.out, cfg.storage, keep=resumed)
-        # Fail fast, in the driver, before the dataset is built; the actors then insist on
-        # the very same file.
-        ckpt, sha = registry.read_checkpoint(cfg.model, cfg.storage, cfg.model_sha256)
-        if storage.is_s3(cfg.input) and not listing.is_manifest(cfg.input):
-            cluster.init_ray()  # an S3 prefix is listed by sub-prefix in Ray tasks
-        listed, listed_at = listing.list_located(
-            cfg.input, cfg.storage, secret.pseudonym_key(), policy.since_days
-        )
+        maker = policy.rows()
+        sha = maker.sha
+        listed, listed_at = list_input(cfg, policy.since_days)
         chosen = policy.select(listed, listed_at, sha, resumed)
         # A DICOMweb source's locators, of this run's inputs alone.
         located = None
@@ -129,9 +163,8 @@ def execute(cfg: ScoreConfig, policy: Policy[T], started: float | None = None) -
         startup = time.perf_counter() - start
         if chosen.todo.num_rows:
             cluster.init_ray()
-            ds = build_dataset(cfg, chosen.todo, ckpt, run_id, sha, located)
+            ds, schema = maker.dataset(chosen.todo, run_id, located)
             startup = time.perf_counter() - start
-            schema = OUTPUT_SCHEMA.with_metadata(file_metadata(ckpt, sha, run_id, cfg))
             with progress.Progress(
                 cfg.out,
                 cfg.storage,
@@ -156,18 +189,19 @@ def execute(cfg: ScoreConfig, policy: Policy[T], started: float | None = None) -
         seconds = time.perf_counter() - start
         sent = None
         if cfg.results_to and located and committed:
-            sent = stow.send_run(cfg, run_id, located, ckpt, sha)
+            sent = stow.send_run(cfg, run_id, located, maker.ckpt, sha)
         rows = commit.read_results(
             cfg.out,
             cfg.storage,
             policy.columns,
             where=pc.field("run_id") == run_id,
             dates=[cfg.run_date],
+            schema=policy.schema,
         )
         return policy.finish(
             Outcome(
                 run_id=run_id,
-                ckpt=ckpt,
+                ckpt=maker.ckpt,
                 sha=sha,
                 located=located,
                 selection=chosen,
@@ -179,3 +213,15 @@ def execute(cfg: ScoreConfig, policy: Policy[T], started: float | None = None) -
                 seconds=seconds,
             )
         )
+
+
+def list_input(cfg, since_days: int | None) -> tuple[listing.Listing, pa.Table | None]:
+    """INPUT's inputs, and a DICOMweb source's locators: a store's (``meddx prepare``)
+    as it holds them, each input once under its source's URI; anything else as
+    ``listing.list_located`` lists it."""
+    if films.is_store(cfg.input, cfg.storage):
+        table = films.located(cfg.input, cfg.storage).select(listing.LISTING_SCHEMA.names)
+        return listing.Listing(cfg.input, table.cast(listing.LISTING_SCHEMA)), None
+    if storage.is_s3(cfg.input) and not listing.is_manifest(cfg.input):
+        cluster.init_ray()  # an S3 prefix is listed by sub-prefix in Ray tasks
+    return listing.list_located(cfg.input, cfg.storage, secret.pseudonym_key(), since_days)

@@ -22,8 +22,9 @@ import pyarrow.compute as pc
 from meddx import MeddxError
 from meddx.config import ScoreConfig
 from meddx.inputs import dicomweb, storage
+from meddx.names import OUTPUT_SCHEMA
 from meddx.pacs import stow
-from meddx.pipelines import run
+from meddx.pipelines import prepare, run
 from meddx.pipelines.path_names import indexed_names
 from meddx.store import commit, lease
 
@@ -58,6 +59,8 @@ def score(cfg: ScoreConfig, started: float | None = None) -> ScoreSummary:
     """Score every input under ``cfg.input``; commit the rows into ``OUT/dt=RUN_DATE/``,
     holding the lease on OUT throughout. ``started``: the perf_counter() the run's clock
     starts from, where the caller started Ray before calling."""
+    if cfg.store:
+        prepare.write_through(cfg.input, cfg.store, cfg.storage, **prepare.run_options(cfg))
     return run.execute(cfg, Scoring(cfg), started)
 
 
@@ -71,7 +74,11 @@ class Scoring:
     verb: ClassVar[str] = "scored"
     replace: ClassVar[bool] = True  # re-scoring a run date replaces that partition
     columns: ClassVar[list[str]] = ["status"]
+    schema: ClassVar[pa.Schema] = OUTPUT_SCHEMA
     since_days: ClassVar[None] = None  # a DICOMweb INPUT's query says what it lists
+
+    def rows(self) -> run.Rows:
+        return run.ModelRows(self.cfg)
 
     def resumable(self) -> str | None:
         if not self.cfg.resume:

@@ -53,7 +53,7 @@ from meddx.pacs import stow
 from meddx.pipelines import run
 from meddx.pipelines.path_names import as_indexed
 from meddx.pipelines.selection import select_new
-from meddx.store import commit, index, lease
+from meddx.store import commit, films, index, lease
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +100,10 @@ class NightSummary:
 
 def screen(cfg: ScreenConfig) -> NightSummary:
     """One night, holding the lease on OUT from before recovery to after the report."""
+    if cfg.store:
+        from meddx.pipelines import prepare  # it builds on this module's policy
+
+        prepare.write_through(cfg.input, cfg.store, cfg.storage, **prepare.run_options(cfg))
     return run.execute(cfg, Screening(cfg))
 
 
@@ -117,6 +121,7 @@ class Screening:
     verb: ClassVar[str] = "screened"
     replace: ClassVar[bool] = False
     columns: ClassVar[list[str]] = [f.name for f in OUTPUT_SCHEMA]
+    schema: ClassVar[pa.Schema] = OUTPUT_SCHEMA
     # The selected inputs (listing rows), which check selects by again.
     selected: pa.Table = field(default_factory=lambda: listing.uris_table([]))
     snapshot: index.Snapshot | None = None  # the index the selection read
@@ -124,6 +129,9 @@ class Screening:
     @property
     def since_days(self) -> int:
         return self.cfg.since_days
+
+    def rows(self) -> run.Rows:
+        return run.ModelRows(self.cfg)
 
     def resumable(self) -> None:
         return None  # a night's inputs are selected anew: nothing of a killed one is kept
@@ -314,6 +322,13 @@ def spreadsheet_safe(table: pa.Table) -> pa.Table:
 REPORT_HEATMAPS = 3
 
 
+def store_of(cfg) -> str | None:
+    """The store the run read its films from (``--store``, or INPUT itself), if any."""
+    if cfg.store:
+        return cfg.store
+    return cfg.input if films.is_store(cfg.input, cfg.storage) else None
+
+
 def worklist_heatmaps(
     cfg,
     triage: pa.Table,
@@ -336,7 +351,7 @@ def worklist_heatmaps(
             if not path_pseudonyms.is_path_pseudonym(r["image_uri"]) or r["image_uri"] in paths
         ]
         readable = [{**r, "image_uri": paths.get(r["image_uri"], r["image_uri"])} for r in rows]
-        maps = cams(readable, ckpt, cfg.storage, cfg.max_object_bytes, located)
+        maps = cams(readable, ckpt, cfg.storage, cfg.max_object_bytes, located, store_of(cfg))
         return list(zip(rows, titled_overlays(rows, maps, ckpt), strict=True))
     except Exception as exc:  # a heatmap is a courtesy: never fail a night for it
         log.warning("meddx: no heatmaps in the report: %s", type(exc).__name__)

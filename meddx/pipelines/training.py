@@ -22,6 +22,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+import pyarrow as pa
 import ray
 import ray.train
 import ray.train.torch
@@ -29,7 +30,7 @@ import torch
 from ray.data.expressions import col
 from sklearn.model_selection import train_test_split
 
-from meddx import MeddxError
+from meddx import MeddxError, secret
 from meddx.config import TrainConfig
 from meddx.imaging.decode import DecodeSettings
 from meddx.inputs import listing, shards, storage
@@ -46,6 +47,7 @@ from meddx.pipelines.train_worker import (
     read_epoch_checkpoint,
     train_loop_per_worker,
 )
+from meddx.store import films
 
 # Ray Train keeps the best two epochs' checkpoints: the best to export, and one more so
 # the run can resume if the newest one was being written when a worker died.
@@ -88,9 +90,12 @@ def split(items: list[tuple[str, str | tuple[int, ...]]], val_fraction: float, s
     return [items[i] for i in train_idx], [items[i] for i in val_idx]
 
 
-def labelled_dataset(items, class_names, cfg: TrainConfig) -> ray.data.Dataset:
+def labelled_dataset(
+    items, class_names, cfg: TrainConfig, store: films.Store | None = None
+) -> ray.data.Dataset:
     """Rows of decoded images and their label: a class index, or for multi-label a
-    float32 0/1 vector in ``class_names`` (finding) order."""
+    float32 0/1 vector in ``class_names`` (finding) order; read from ``store`` (films
+    decoded once, ``meddx prepare``) where given."""
     if cfg.findings:
         rows = [{"image_uri": u, "label": np.asarray(t, dtype=np.float32)} for u, t in items]
     else:
@@ -101,8 +106,16 @@ def labelled_dataset(items, class_names, cfg: TrainConfig) -> ray.data.Dataset:
     decode = DecodeSettings(
         size=cfg.image_size, modalities=cfg.modalities or None, views=cfg.views or None
     )
+    read, kwargs = read_objects, {}
+    if store is not None:
+        uris = pa.table({"image_uri": pa.array([u for u, _ in items], pa.string())})
+        located = films.locate(store.uri, cfg.storage, uris)["store_files"].to_pylist()
+        for row, files in zip(rows, located, strict=True):
+            row["store_files"] = files
+        ds = ray.data.from_items(rows, override_num_blocks=blocks)
+        read, kwargs = films.read_films, {"store": store.uri}
     ds = ds.map_batches(
-        read_objects, fn_kwargs={"settings": cfg.storage, "decode": decode}, batch_size=None
+        read, fn_kwargs={"settings": cfg.storage, "decode": decode, **kwargs}, batch_size=None
     )
     # Unreadable training images cannot teach anything, nor can views the model is not
     # for; scoring is where every input counts.
@@ -155,7 +168,7 @@ def validation_images(ckpt: Checkpoint, val: ray.data.Dataset) -> tuple[np.ndarr
     return np.concatenate(images), truth
 
 
-def fit_ood(ckpt: Checkpoint, train_items, class_names, cfg: TrainConfig, val_images):
+def fit_ood(ckpt: Checkpoint, train_items, class_names, cfg: TrainConfig, val_images, store=None):
     """The checkpoint with its out-of-distribution density (ood.py): fitted to the
     training split's features (a sample of at most ood.MAX_FIT_IMAGES), its threshold
     set on the validation split's."""
@@ -165,7 +178,7 @@ def fit_ood(ckpt: Checkpoint, train_items, class_names, cfg: TrainConfig, val_im
     labels = []
 
     def images():
-        for batch in labelled_dataset(sample, class_names, cfg).iter_batches(
+        for batch in labelled_dataset(sample, class_names, cfg, store).iter_batches(
             batch_size=FEATURE_BATCH * 4, batch_format="numpy"
         ):
             labels.append(batch["label"])
@@ -201,15 +214,38 @@ def run_storage(cfg: TrainConfig) -> dict:
     return {"storage_path": storage.strip_scheme(path)}
 
 
+def training_store(cfg: TrainConfig) -> films.Store | None:
+    """The store the images are read from: ``--store`` (DATA's new and changed images
+    decoded into it first), DATA itself when it is one, else None."""
+    key = secret.pseudonym_key()
+    if cfg.store:
+        from meddx.pipelines.prepare import write_through
+
+        write_through(cfg.data, cfg.store, cfg.storage, quiet=cfg.quiet)
+        return films.open_store(cfg.store, cfg.storage, cfg.image_size, key)
+    store = films.open_store(cfg.data, cfg.storage, cfg.image_size, key)
+    if store is not None and cfg.findings:
+        raise MeddxError(
+            "multi-label training reads its findings from a manifest: give it as DATA and "
+            "the store as --store"
+        )
+    return store
+
+
 def train(cfg: TrainConfig) -> TrainSummary:
     start = time.perf_counter()
+    store = training_store(cfg)
     if cfg.findings:
         class_names, positive_class = list(cfg.findings), ABNORMAL
         items = listing.labelled_findings(cfg.data, cfg.storage, class_names)
         train_items, val_items = split(items, cfg.val_fraction, cfg.seed)
         class_weights = finding_weights(items, train_items, class_names)
     else:
-        items = listing.labelled_inputs(cfg.data, cfg.storage)
+        if store is not None and store.uri == cfg.data:  # the sources' class folders
+            names = films.located(store.uri, cfg.storage)["image_uri"].to_pylist()
+            items = [(uri, listing.label_from_path(uri)) for uri in names]
+        else:
+            items = listing.labelled_inputs(cfg.data, cfg.storage)
         class_names = sorted({label for _, label in items})
         if len(class_names) < 2:
             raise MeddxError(f"training needs at least two classes, found {class_names}")
@@ -255,8 +291,8 @@ def train(cfg: TrainConfig) -> TrainSummary:
             num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker=resources
         ),
         datasets={
-            "train": labelled_dataset(train_items, class_names, cfg),
-            "val": labelled_dataset(val_items, class_names, cfg),
+            "train": labelled_dataset(train_items, class_names, cfg, store),
+            "val": labelled_dataset(val_items, class_names, cfg, store),
         },
         # Validation runs whole on rank 0; only the training set is sharded across workers.
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
@@ -281,8 +317,8 @@ def train(cfg: TrainConfig) -> TrainSummary:
         raise MeddxError("training finished without a checkpoint")
     with best.as_directory() as folder:
         ckpt = read_epoch_checkpoint(folder)
-    images, truth = validation_images(ckpt, labelled_dataset(val_items, class_names, cfg))
-    ckpt = fit_ood(ckpt, train_items, class_names, cfg, images)
+    images, truth = validation_images(ckpt, labelled_dataset(val_items, class_names, cfg, store))
+    ckpt = fit_ood(ckpt, train_items, class_names, cfg, images, store)
     ckpt = pin_precision(ckpt, images, truth)
     optimized, optimize_result = "", None
     if cfg.optimize:

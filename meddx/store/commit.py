@@ -386,14 +386,17 @@ def read_results(
     columns: list[str],
     where=None,
     dates: list[str] | None = None,
+    schema: pa.Schema = OUTPUT_SCHEMA,
 ) -> pa.Table:
     """Committed rows under OUT, or an empty table: every ``dt=`` partition, or only
     those of ``dates`` (the others are never listed or read). ``dt`` is a column.
+    ``schema``: the rows' (a store's are ``films.STORE_SCHEMA``).
 
     Names starting with ``_`` (staging, run artefacts) are skipped, as every engine does.
     """
     fs = storage.filesystem(out, settings)
-    empty = RESULTS_SCHEMA.empty_table().select(columns)
+    schema = schema.append(pa.field("dt", pa.string()))
+    empty = schema.empty_table().select(columns)
     root = _path(out)
     if not fs.exists(root):
         return empty
@@ -408,7 +411,7 @@ def read_results(
         source,
         filesystem=storage.arrow_filesystem(out, settings),
         format="parquet",
-        schema=RESULTS_SCHEMA,
+        schema=schema,
         partitioning=PARTITIONING,
         **base,
     )

@@ -73,6 +73,8 @@ INDEX_SCHEMA = pa.schema(
 INPUTS_SCHEMA = pa.schema([INDEX_SCHEMA.field(n) for n in ("name", "size", "mtime", "etag")])
 # The columns of a result row the index keeps.
 FROM_RESULTS = ["image_uri", "content_sha256", "model_sha256", "scored_at", "run_id"]
+# ... and what a store's rows (``films.py``) name them: what made the row, and when.
+ALIASES = {"model_sha256": "decode_sha256", "scored_at": "prepared_at"}
 _BASE = re.compile(r"base-(\d{6})\.parquet")
 
 log = logging.getLogger(__name__)
@@ -178,9 +180,7 @@ def _result_columns(fs, path: str, relative: str) -> pa.Table:
     unreadable file stops the run in one line (its rows cannot be told apart from new)."""
     try:
         present = set(pq.read_schema(path, filesystem=fs).names)
-        table = pq.read_table(
-            path, filesystem=fs, columns=[c for c in FROM_RESULTS if c in present]
-        )
+        table = _read_columns(path, fs, present)
     except (OSError, pa.ArrowException) as exc:
         raise MeddxError(
             f"result file {relative} is unreadable ({type(exc).__name__}): repair or "
@@ -194,6 +194,14 @@ def _result_columns(fs, path: str, relative: str) -> pa.Table:
             for c in FROM_RESULTS
         }
     )
+
+
+def _read_columns(path: str, fs, present: set[str]) -> pa.Table:
+    """The index's columns of a result file, or of a store's (``films.py``), whose
+    ``decode_sha256`` and ``prepared_at`` stand for what made the row and when."""
+    wanted = {c: c if c in present else ALIASES.get(c) for c in FROM_RESULTS}
+    table = pq.read_table(path, filesystem=fs, columns=[c for c in wanted.values() if c in present])
+    return table.rename_columns([c for c, a in wanted.items() if a in present])
 
 
 def _as_index_rows(rows: pa.Table | None, inputs: pa.Table | None = None) -> pa.Table:
