@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # torch/torchvision come from pip exactly as pinned in pyproject.toml.
 PIP_INSTALL := $(BIN)/pip install --disable-pip-version-check
 
-.PHONY: install pacs-deps demo test test-fast lint nightly bench bench-qc bench-png512 bench-scale bench-scale-dicom bench-inputs bench-archive bench-decode bench-runtimes train-ddp score submit-score submit-train clean
+.PHONY: install pacs-deps demo test test-fast lint nightly bench bench-qc bench-png512 bench-scale bench-scale-dicom bench-inputs bench-archive bench-decode bench-runtimes bench-store train-ddp score submit-score submit-train clean
 
 install: $(STAMP)
 
@@ -108,6 +108,11 @@ bench-inputs: install
 bench-runtimes: install
 	$(PIP_INSTALL) -e '.[compare]'
 	$(BIN)/python benchmarks/runtimes.py
+
+# A store of model-ready films (meddx prepare) against decoding every run, on 240 and 960
+# films of the mix: prepare and score rates, store bytes, training, score agreement.
+bench-store: install
+	$(BIN)/python benchmarks/store.py
 
 # One night of screening on this machine: synthetic arrivals, then `meddx screen`.
 NIGHT ?= $(shell date +%F)

@@ -74,10 +74,13 @@ class Store:
 # ---- (c) the whole command ----------------------------------------------------------
 
 
-def meddx_score(env: dict, inputs: str, model: str, precision: str, **kw) -> dict:
-    with tempfile.TemporaryDirectory() as out:
+def meddx_score(
+    env: dict, inputs: str, model: str, precision: str, out: str | None = None, **kw
+) -> dict:
+    """``meddx score`` timed; its results are kept in ``out`` when one is given."""
+    with tempfile.TemporaryDirectory() as tmp:
         run = run_meddx(
-            ["score", inputs, "--model", model, "--out", out, "--precision", precision],
+            ["score", inputs, "--model", model, "--out", out or tmp, "--precision", precision],
             env,
             **kw,
         )
@@ -100,8 +103,9 @@ def meddx_score(env: dict, inputs: str, model: str, precision: str, **kw) -> dic
 # ---- (d) decode only ----------------------------------------------------------------
 
 
-def decode_only(settings: StorageSettings, uris: list[str]) -> float:
-    """meddx's read and decode stages on Ray with nothing after them (start-up excluded)."""
+def decode_only(settings: StorageSettings, uris: list[str], size: int = MODEL_SIZE) -> float:
+    """meddx's read and decode stages on Ray with nothing after them (start-up excluded),
+    films decoded to ``size`` (the model's input by default)."""
     import ray
 
     from meddx.inputs import reading
@@ -114,7 +118,7 @@ def decode_only(settings: StorageSettings, uris: list[str]) -> float:
         )
         ds = ds.map_batches(
             reading.read_objects,
-            fn_kwargs={"settings": settings, "decode": decode.DecodeSettings(size=MODEL_SIZE)},
+            fn_kwargs={"settings": settings, "decode": decode.DecodeSettings(size=size)},
             batch_size=None,
         )
         status = [
@@ -131,9 +135,9 @@ def decode_only(settings: StorageSettings, uris: list[str]) -> float:
 # ---- (e) training -------------------------------------------------------------------
 
 
-def training(data: Path, model: str, workers: int, env: dict) -> float:
-    """Training images/s of the last of two epochs (the first pays start-up); ``data``
-    is a folder or a manifest."""
+def training(data: Path, model: str, workers: int, env: dict, epochs: int = 2) -> float:
+    """Training images/s of the last of ``epochs`` (the first pays start-up); ``data``
+    is a folder, a manifest or a store of films."""
     with tempfile.TemporaryDirectory() as tmp:
         run = run_meddx(
             [
@@ -146,7 +150,7 @@ def training(data: Path, model: str, workers: int, env: dict) -> float:
                 "--workers",
                 str(workers),
                 "--epochs",
-                "2",
+                str(epochs),
                 "--image-size",
                 "224",
                 "--storage-path",

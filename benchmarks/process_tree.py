@@ -65,8 +65,13 @@ def busy_per_core(before: list, after: list) -> list[float]:
     ]
 
 
-# Where a run's core-seconds go: Ray names a worker's process after what it runs.
-ROLES = (("MapBatches(read_objects)", "read_decode"), ("MapBatches(Predictor)", "predictor"))
+# Where a run's core-seconds go: Ray names a worker's process after what it runs (a run
+# over a store of films reads and unpacks them in read_films).
+ROLES = (
+    ("MapBatches(read_objects)", "read_decode"),
+    ("MapBatches(read_films)", "read_decode"),
+    ("MapBatches(Predictor)", "predictor"),
+)
 
 
 class TreeCPU:

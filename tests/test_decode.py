@@ -77,3 +77,24 @@ def test_batch_stages_turn_failures_into_values(tmp_path):
     assert out["image"].shape == (3, 32, 32)
     assert out["image"][0].max() > 200 and out["image"][1].max() == 0
     assert "bytes" not in out
+
+
+def test_pixel_figures_match_numpy():
+    """The quality check's figures from one histogram equal numpy's std, percentiles
+    (linear interpolation) and clipped share, on uniform, narrow and tiny images."""
+    from meddx.imaging.decode import pixel_figures
+
+    rng = np.random.default_rng(0)
+    images = [
+        rng.integers(0, 256, (224, 224)),
+        rng.integers(100, 103, (597, 512)),
+        np.clip(rng.normal(128, 60, (5, 7)), 0, 255),
+        np.full((1, 1), 7),
+    ]
+    for image in (i.astype(np.uint8) for i in images):
+        lo, hi = np.percentile(image, (1, 99))
+        clipped = np.count_nonzero((image <= 2) | (image >= 253)) / image.size
+        figures = pixel_figures(image)
+        expected = [image.std(), lo, hi, clipped]
+        got = [figures[k] for k in ("pixel_std", "pixel_p01", "pixel_p99", "pixel_clipped")]
+        assert np.allclose(got, expected, atol=1e-9), (got, expected)

@@ -213,6 +213,7 @@ def prepare(input, **opts):
     click.echo(
         f"inputs_seen={s.inputs_seen} prepared={s.prepared} rows={s.rows} ok={s.ok} "
         f"errors={s.errors} stored_mib={s.stored_bytes / 2**20:.1f} seconds={s.seconds:.1f} "
-        f"images_per_s={s.images_per_s:.1f}"
+        f"images_per_s={s.images_per_s:.1f} startup_seconds={s.startup_seconds:.1f} "
+        f"pipeline_seconds={s.pipeline_seconds:.1f}"
     )
     click.echo(f"store {cfg.out} (run_id {s.run_id})")

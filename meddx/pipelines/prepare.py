@@ -42,6 +42,12 @@ class PrepareSummary:
     seconds: float
     stored_bytes: int  # of the films written now (their PNGs)
     recovered: tuple[str, ...] = ()
+    startup_seconds: float = 0.0  # listing, selection and Ray's start
+
+    @property
+    def pipeline_seconds(self) -> float:
+        """From the first block read to the commit."""
+        return self.seconds - self.startup_seconds
 
     @property
     def images_per_s(self) -> float:
@@ -130,6 +136,7 @@ class Preparing(Screening):
             seconds=time.perf_counter() - outcome.started,
             stored_bytes=films.run_bytes(self.cfg.out, self.cfg.storage, outcome.run_id),
             recovered=outcome.recovered,
+            startup_seconds=outcome.startup_seconds,
         )
 
 
