@@ -23,7 +23,7 @@ ALLOWED = {
     "meddx.imaging": BASE,
     "meddx.inputs": BASE | {"meddx.secret", "meddx.imaging"},
     "meddx.config": BASE | {"meddx.secret", "meddx.inputs"},
-    "meddx.store": BASE | {"meddx.inputs"},
+    "meddx.store": BASE | {"meddx.inputs", "meddx.imaging"},
     "meddx.model": BASE | {"meddx.secret", "meddx.config", "meddx.inputs", "meddx.imaging"},
     "meddx.synthetic": BASE | {"meddx.config", "meddx.inputs", "meddx.imaging"},
     "meddx.analysis": BASE

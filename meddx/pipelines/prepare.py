@@ -26,7 +26,7 @@ from meddx.inputs import reading
 from meddx.inputs.storage import StorageSettings
 from meddx.pipelines import cluster, run
 from meddx.pipelines.dataset import scored_inputs, shard_count
-from meddx.pipelines.screening import Screening
+from meddx.pipelines.selection import WhatIsNew
 from meddx.store import films
 
 
@@ -102,9 +102,9 @@ class _RowsOf:
 
 
 @dataclass
-class Preparing(Screening):
-    """Preparing's policy: a screening night's selection and check, over the store;
-    the commit adds to the run date's partition."""
+class Preparing(WhatIsNew):
+    """Preparing's policy: a screening night's selection and check (``WhatIsNew``),
+    over the store; the commit adds to the run date's partition."""
 
     cfg: PrepareConfig
     command: ClassVar[str] = "prepare"

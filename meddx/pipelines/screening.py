@@ -34,7 +34,7 @@ import dataclasses
 import json
 import logging
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
@@ -46,14 +46,14 @@ import pyarrow.parquet as pq
 from meddx import MeddxAlarm
 from meddx.analysis import drift, page
 from meddx.config import ScreenConfig
-from meddx.inputs import listing, path_pseudonyms, storage
+from meddx.inputs import path_pseudonyms, storage
 from meddx.model.registry import Checkpoint
 from meddx.names import HUMAN_READ, OUTPUT_SCHEMA, QC_OK
 from meddx.pacs import stow
 from meddx.pipelines import run
 from meddx.pipelines.path_names import as_indexed
-from meddx.pipelines.selection import select_new
-from meddx.store import commit, films, index, lease
+from meddx.pipelines.selection import WhatIsNew
+from meddx.store import commit, films
 
 log = logging.getLogger(__name__)
 
@@ -111,10 +111,10 @@ def screen(cfg: ScreenConfig) -> NightSummary:
 
 
 @dataclass
-class Screening:
-    """Screening's policy: what is new since the last night; rows another run committed
-    meanwhile are dropped before the commit, which adds to the partition; then the
-    worklist, report, summary and alarms."""
+class Screening(WhatIsNew):
+    """Screening's policy: what is new since the last night (``WhatIsNew``); rows
+    another run committed meanwhile are dropped before the commit, which adds to the
+    partition; then the worklist, report, summary and alarms."""
 
     cfg: ScreenConfig
     command: ClassVar[str] = "screen"
@@ -122,44 +122,9 @@ class Screening:
     replace: ClassVar[bool] = False
     columns: ClassVar[list[str]] = [f.name for f in OUTPUT_SCHEMA]
     schema: ClassVar[pa.Schema] = OUTPUT_SCHEMA
-    # The selected inputs (listing rows), which check selects by again.
-    selected: pa.Table = field(default_factory=lambda: listing.uris_table([]))
-    snapshot: index.Snapshot | None = None  # the index the selection read
-
-    @property
-    def since_days(self) -> int:
-        return self.cfg.since_days
 
     def rows(self) -> run.Rows:
         return run.ModelRows(self.cfg)
-
-    def resumable(self) -> None:
-        return None  # a night's inputs are selected anew: nothing of a killed one is kept
-
-    def select(self, listed: listing.Listing, located, sha: str, resumed: None) -> run.Selection:
-        self.snapshot = index.Snapshot(self.cfg.out, self.cfg.storage)
-        todo, seen = select_new(self.cfg, listed, sha, self.snapshot)
-        self.selected = todo.select(listing.LISTING_SCHEMA.names)
-        return run.Selection(todo=todo, inputs=self.selected, seen=seen)
-
-    def check(self, run_id: str, sha: str, selection: run.Selection, held: lease.Lease):
-        cfg = self.cfg
-        held.check()
-        # Defence in depth, for a store that ignores conditional writes: inputs another
-        # run committed since they were selected are not committed again. Only what the
-        # index gained since the selection is read: the night's cost, not the archive's.
-        since = index.Snapshot(cfg.out, cfg.storage).since(self.snapshot)
-        still_new = select_new(cfg, self.selected, sha, since)[0]["image_uri"]
-        uris = self.selected["image_uri"]
-        gone = uris.filter(pc.invert(pc.is_in(uris, value_set=still_new.combine_chunks())))
-        if len(gone):
-            names = set(as_indexed(cfg, gone.to_pylist()))
-            dropped = commit.drop_staged(cfg.out, cfg.storage, run_id, names)
-            log.warning(
-                "meddx: %d inputs were committed by another run meanwhile: dropped their %d rows",
-                len(gone),
-                dropped,
-            )
 
     def finish(self, outcome: run.Outcome) -> NightSummary:
         cfg, rows = self.cfg, outcome.rows

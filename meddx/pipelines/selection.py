@@ -12,6 +12,7 @@ that task starts in a second.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 
 import duckdb
 import numpy as np
@@ -21,8 +22,8 @@ import pyarrow.compute as pc
 from meddx import MeddxError
 from meddx.config import ScreenConfig
 from meddx.inputs import listing, reading
-from meddx.pipelines.path_names import indexed_names, path_key
-from meddx.store import index, sql
+from meddx.pipelines.path_names import as_indexed, indexed_names, path_key
+from meddx.store import commit, index, lease, sql
 
 # Listings or indexes this large are joined in a Ray task, not in the driver (a prefix
 # is listed as the join reads it: its size is known only from the index's).
@@ -194,3 +195,50 @@ def select_new(
             raise cause from None
         # A worker killed (out of memory, a lost node): one line; Ray logged the rest.
         raise MeddxError(f"the selection task failed ({type(exc).__name__})") from None
+
+
+@dataclass
+class WhatIsNew:
+    """The selection and check of a run that reads only what is new (``screen``,
+    ``prepare``): the listing's inputs OUT's index holds no row for from ``sha`` (or that
+    changed since), and before the commit, the rows of inputs another run committed
+    meanwhile dropped. A policy of ``meddx.pipelines.run`` builds on it."""
+
+    cfg: ScreenConfig
+    # The selected inputs (listing rows), which check selects by again.
+    selected: pa.Table = field(default_factory=lambda: listing.uris_table([]))
+    snapshot: index.Snapshot | None = None  # the index the selection read
+
+    @property
+    def since_days(self) -> int:
+        return self.cfg.since_days
+
+    def resumable(self) -> None:
+        return None  # a night's inputs are selected anew: nothing of a killed one is kept
+
+    def select(self, listed: listing.Listing, located, sha: str, resumed: None):
+        from meddx.pipelines.run import Selection  # here: the join's task imports no model
+
+        self.snapshot = index.Snapshot(self.cfg.out, self.cfg.storage)
+        todo, seen = select_new(self.cfg, listed, sha, self.snapshot)
+        self.selected = todo.select(listing.LISTING_SCHEMA.names)
+        return Selection(todo=todo, inputs=self.selected, seen=seen)
+
+    def check(self, run_id: str, sha: str, selection, held: lease.Lease) -> None:
+        cfg = self.cfg
+        held.check()
+        # Defence in depth, for a store that ignores conditional writes: inputs another
+        # run committed since they were selected are not committed again. Only what the
+        # index gained since the selection is read: the night's cost, not the archive's.
+        since = index.Snapshot(cfg.out, cfg.storage).since(self.snapshot)
+        still_new = select_new(cfg, self.selected, sha, since)[0]["image_uri"]
+        uris = self.selected["image_uri"]
+        gone = uris.filter(pc.invert(pc.is_in(uris, value_set=still_new.combine_chunks())))
+        if len(gone):
+            names = set(as_indexed(cfg, gone.to_pylist()))
+            dropped = commit.drop_staged(cfg.out, cfg.storage, run_id, names)
+            log.warning(
+                "meddx: %d inputs were committed by another run meanwhile: dropped their %d rows",
+                len(gone),
+                dropped,
+            )
