@@ -63,7 +63,7 @@ from pathlib import Path
 import torch
 from ceilings import MODEL_SIZE, ceiling, ood_cost, openvino_part
 from film_archive import archive, film_formats, films, first_films_manifest
-from meddx_runs import BUCKET, Store, decode_only, meddx_score, training
+from meddx_runs import BUCKET, Store, decode_only, meddx_score, score_figures, training
 from process_tree import meddx_env
 from record import log, machine, print_summary, write_result
 from users_loop_timing import ArchiveDataset, decode_ms_per_format, users_loop_rate
@@ -127,18 +127,7 @@ def score_from(source: str, folder: Path, ckpt, args, picked, optimized=None) ->
             if start_up
             else {}
         ),
-        "c": {
-            name: {
-                "images_per_s": round(run["images_per_s"], 1),
-                "inside_command": round(run["images_per_s_inside"], 1),
-                "pipeline": round(run["images_per_s_pipeline"], 1),
-                "core_busy": run["core_busy"],
-                "core_seconds": run["core_seconds"],
-                "rows": run["rows"],
-                "summary": run["summary"],
-            }
-            for name, run in runs.items()
-        },
+        "c": {name: score_figures(run) for name, run in runs.items()},
         "d": round(d, 1),
     }
 

@@ -100,6 +100,19 @@ def meddx_score(
     }
 
 
+def score_figures(run: dict) -> dict:
+    """What a meddx_score run keeps in a result file (bench.py, store.py)."""
+    return {
+        "images_per_s": round(run["images_per_s"], 1),
+        "inside_command": round(run["images_per_s_inside"], 1),
+        "pipeline": round(run["images_per_s_pipeline"], 1),
+        "core_busy": run["core_busy"],
+        "core_seconds": run["core_seconds"],
+        "rows": run["rows"],
+        "summary": run["summary"],
+    }
+
+
 # ---- (d) decode only ----------------------------------------------------------------
 
 

@@ -26,7 +26,8 @@ On the rendered mix (--unique films, measured whatever --n says) only:
       >= 99.5%), each AUROC and their difference (target <= 0.005), max and p99 |score
       difference|; beside them the model's own noise, max and p99 |score change| when
       each pixel of the direct path's input images (decode_image at 224 px, as meddx
-      feeds the model) moves by at most one grey level (optimize.grey_level_noise).
+      feeds the model) moves by at most one grey level (optimize.grey_level_noise); the
+      same for a resnet18 trained with meddx train's augmentation (a less brittle one).
 Writes benchmarks/results/store-<host-or-gpu>-resnet18-<preset>-<date>.json with the
 machine, and prints a table. Every score, prepare and train is its own process with its
 own Ray (process_tree.run_meddx); the temporary stores and results are removed at exit.
@@ -49,7 +50,7 @@ import pyarrow.dataset as pds
 import torch
 from ceilings import MODEL_SIZE, ceiling, trained
 from film_archive import archive, films, first_films_manifest
-from meddx_runs import decode_only, meddx_score, training
+from meddx_runs import decode_only, meddx_score, score_figures, training
 from process_tree import meddx_env, run_meddx
 from record import log, machine, write_result
 from sklearn.metrics import roc_auc_score
@@ -57,6 +58,7 @@ from sklearn.metrics import roc_auc_score
 from meddx import MeddxError
 from meddx.config import TrainConfig
 from meddx.imaging.decode import DecodeSettings, decode_image
+from meddx.imaging.transforms import TrainAugment
 from meddx.inputs.storage import StorageSettings
 from meddx.model import engine, optimize, registry
 from meddx.model.forward import inference_model, probabilities
@@ -92,19 +94,6 @@ def prepare(env: dict, folder: Path, store: Path) -> dict:
         "core_seconds": run["core_seconds"],
         "rows": int(figures["rows"]),
         "summary": summary,
-    }
-
-
-def score_figures(run: dict) -> dict:
-    """What a meddx_score run keeps in the result, as bench.py keeps it."""
-    return {
-        "images_per_s": round(run["images_per_s"], 1),
-        "inside_command": round(run["images_per_s_inside"], 1),
-        "pipeline": round(run["images_per_s_pipeline"], 1),
-        "core_busy": run["core_busy"],
-        "core_seconds": run["core_seconds"],
-        "rows": run["rows"],
-        "summary": run["summary"],
     }
 
 
@@ -190,13 +179,16 @@ def direct_images(folder: Path) -> tuple[list[str], np.ndarray]:
     )
 
 
-def trained_checkpoint(folder: Path, cache: Path) -> Path:
-    """A resnet18 that separates the mix's classes (ceilings.trained), cached."""
-    path = cache / f"store-{MODEL}-trained-{folder.name}.pt"
+def trained_checkpoint(folder: Path, cache: Path, augmented: bool = False) -> Path:
+    """A resnet18 that separates the mix's classes (ceilings.trained), cached; with
+    ``augmented``, trained with ``meddx train``'s augmentation (a less brittle model)."""
+    kind = "augmented" if augmented else "trained"
+    path = cache / f"store-{MODEL}-{kind}-{folder.name}.pt"
     if not path.exists():
-        log(f"training {MODEL} on {folder.name} in this process (once; cached)")
+        log(f"training {MODEL} ({kind}) on {folder.name} in this process (once; cached)")
         untrained = registry.untrained_checkpoint(MODEL, input_size=MODEL_SIZE)
-        ckpt, _ = trained(untrained, first_films_manifest(folder, len(films(folder)), cache))
+        manifest = first_films_manifest(folder, len(films(folder)), cache)
+        ckpt, _ = trained(untrained, manifest, augment=TrainAugment() if augmented else None)
         registry.save_checkpoint(ckpt, str(path), LOCAL)
     return path
 
@@ -346,6 +338,13 @@ def run(args) -> dict:
         rendered = by_n[args.unique]
         log("agreement: scores from the sources against scores from the store")
         agreed = agreement(ckpt, uris, images, rendered["outs"]["c"], rendered["outs"]["s"])
+        # ... and for a model trained as meddx train trains (augmented): less brittle.
+        steady = trained_checkpoint(mix, args.cache, augmented=True)
+        outs = {k: Path(tmp) / f"steady-{k}" for k in ("c", "s")}
+        meddx_score(env, str(mix), str(steady), "fp32", out=str(outs["c"]))
+        meddx_score(env, str(rendered["store"]), str(steady), "fp32", out=str(outs["s"]))
+        steady_ckpt, _ = registry.read_checkpoint(str(steady), LOCAL)
+        agreed_steady = agreement(steady_ckpt, uris, images, outs["c"], outs["s"])
         train = None
         if args.epochs:
             train = training_rates(env, mix, rendered["store"], args.epochs)
@@ -366,11 +365,12 @@ def run(args) -> dict:
         "by_n": {str(n): r["figures"] for n, r in by_n.items()},
         "training": train,
         "agreement": agreed,
+        "agreement_augmented_model": agreed_steady,
     }
 
 
 def print_table(r: dict) -> None:
-    m, g = r["machine"], r["agreement"]
+    m = r["machine"]
     print(f"\nstore bench ({r['preset']}): {MODEL} at {MODEL_SIZE} px, films of {r['size']} px")
     print(f"machine: {m['cpu']} x {m['cpus']} ({' '.join(m['cpu_flags'])}); GPU {m['gpu']}")
     check = r["int8_check"].get("check") or r["int8_check"].get("refused")
@@ -408,8 +408,13 @@ def print_table(r: dict) -> None:
             f"alone {v['step_alone']} images/s; store/direct {t['store_over_direct']}, "
             f"store/step {t['store_over_step_alone']}"
         )
+    for title, g in (("", r["agreement"]), (" (augmented model)", r["agreement_augmented_model"])):
+        print_agreement(title, g)
+
+
+def print_agreement(title: str, g: dict) -> None:
     print(
-        f"agreement, {g['films']} films, fp32: same decision {g['same_decision']:.2%} "
+        f"agreement{title}, {g['films']} films, fp32: same decision {g['same_decision']:.2%} "
         f"(>= {g['same_decision_target']:.1%}); AUROC direct {g['auroc_direct']}, store "
         f"{g['auroc_store']}, difference {g['auroc_difference']} (<= "
         f"{g['auroc_difference_target']}); |score difference| max "

@@ -228,34 +228,17 @@ def test_train_reads_the_store_every_epoch(ray_session, tmp_path):
     from meddx.config import TrainConfig
     from meddx.pipelines.training import train
 
+    def trained(data, out, **kw):
+        small = {"model": "seednet", "workers": 1, "image_size": 64, "quiet": True}
+        return train(TrainConfig(data=data, out=str(tmp_path / out), **small, **kw))
+
     source = tmp_path / "src"
     write_archive(SynthConfig(out=str(source), n=24, size=96, seed=2))
     store = str(tmp_path / "store")
-    summary = train(
-        TrainConfig(
-            data=str(source),
-            store=store,
-            out=str(tmp_path / "m.pt"),
-            model="seednet",
-            epochs=2,
-            workers=1,
-            image_size=64,
-            quiet=True,
-        )
-    )
+    summary = trained(str(source), "m.pt", store=store, epochs=2)
     assert summary.n_train + summary.n_val == 24
     assert films.located(store, LOCAL).num_rows == 24  # decoded once, into the store
     # The store alone: labelled by its sources' class folders.
     shutil.rmtree(source)
-    again = train(
-        TrainConfig(
-            data=store,
-            out=str(tmp_path / "m2.pt"),
-            model="seednet",
-            epochs=1,
-            workers=1,
-            image_size=64,
-            quiet=True,
-        )
-    )
+    again = trained(store, "m2.pt", epochs=1)
     assert again.n_train + again.n_val == 24
