@@ -134,7 +134,7 @@ def write_history(out: Path, root: Path, n_old: int, model: Path, sha: str) -> N
         # The metadata meddx writes; the runtime is torch, as the nights on this untrained
         # checkpoint resolve it (file_metadata would ask a running Ray).
         with mock.patch.object(dataset, "resolve_runtime", return_value="torch"):
-            metadata = dataset.file_metadata(ckpt, sha, run_id, cfg)
+            metadata = dataset.file_metadata((ckpt,), (sha,), run_id, cfg)
         rows = history_rows(old_uris(root, bounds[day], bounds[day + 1]), sha, run_id, night)
         folder = out / f"dt={night.isoformat()}"
         folder.mkdir(parents=True, exist_ok=True)
@@ -226,7 +226,7 @@ def phase_times(
         source = listing.open_listing(cfg.input, cfg.storage)
         snapshot = index.Snapshot(str(out), cfg.storage)
         todo, seen = timed(
-            phases, "listing_selection_s", selection._select, cfg, source, sha, snapshot
+            phases, "listing_selection_s", selection._select, cfg, source, (sha,), snapshot
         )
         phases["selected"], phases["seen"] = todo.num_rows, seen
         selected = todo.select(listing.LISTING_SCHEMA.names)
@@ -242,7 +242,7 @@ def phase_times(
 
         def recheck():
             since = index.Snapshot(str(out), cfg.storage).since(snapshot)
-            return selection._select(cfg, check, sha, since)
+            return selection._select(cfg, check, (sha,), since)
 
         still, _ = timed(phases, "commit_check_s", recheck)
         phases["commit_check_still_new"] = still.num_rows

@@ -70,7 +70,7 @@ def busy_per_core(before: list, after: list) -> list[float]:
 ROLES = (
     ("MapBatches(read_objects)", "read_decode"),
     ("MapBatches(read_films)", "read_decode"),
-    ("MapBatches(Predictor)", "predictor"),
+    ("MapBatches(Predictors)", "predictor"),
 )
 
 

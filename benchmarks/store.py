@@ -315,6 +315,42 @@ def one_archive(n: int, args, env, models: dict, tmp: Path, a: float) -> dict:
     }
 
 
+def several_models(env, folder: Path, source: Path, k_max: int, cache: Path, d, a) -> dict:
+    """k = 1..k_max checkpoints in one pass of ``meddx score DIR --model ... --model ...``
+    against k separate runs, fp32: the trained model, then models of the same
+    architecture and input size with other weights (the same cost). The target, one
+    decode plus k times the model, as pipeline seconds (start-up excluded) on this
+    machine's cores: n/d + k n/a."""
+    paths = [source]
+    for seed in range(1, k_max):
+        path = cache / f"{MODEL}-{MODEL_SIZE}-seed{seed}.pt"
+        if not path.exists():
+            ckpt = registry.untrained_checkpoint(MODEL, input_size=MODEL_SIZE, seed=seed)
+            registry.save_checkpoint(ckpt, str(path), LOCAL)
+        paths.append(path)
+    n = len(films(folder))
+    log(f"k models: {k_max} separate runs of meddx score DIR, {n} films")
+    single = [meddx_score(env, str(folder), str(p), "fp32") for p in paths]
+    by_k = {}
+    for k in range(1, k_max + 1):
+        log(f"k models: {k} in one pass")
+        one = meddx_score(env, str(folder), [str(p) for p in paths[:k]], "fp32")
+        separate = sum(r["seconds"] for r in single[:k])
+        separate_pipeline = sum(r["pipeline_seconds"] for r in single[:k])
+        bound = n / d + k * n / a
+        by_k[str(k)] = {
+            "rows": one["rows"],
+            "one_pass_s": round(one["seconds"], 1),
+            "one_pass_pipeline_s": round(one["pipeline_seconds"], 1),
+            "separate_s": round(separate, 1),
+            "separate_pipeline_s": round(separate_pipeline, 1),
+            "one_over_separate": round(one["seconds"] / separate, 3),
+            "bound_pipeline_s": round(bound, 1),
+            "pipeline_over_bound": round(one["pipeline_seconds"] / bound, 3),
+        }
+    return {"films": n, "d_decode_only": round(d, 1), "a_ceiling": round(a, 1), "by_k": by_k}
+
+
 def run(args) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     env = meddx_env()
@@ -325,29 +361,35 @@ def run(args) -> dict:
     ckpt, _ = registry.read_checkpoint(str(source), LOCAL)
     truth = np.array([Path(u).parent.name == ckpt.positive_class for u in uris])
     int8, check = None, {"holds": False, "refused": "--no-int8, or OpenVINO not installed"}
-    if args.int8 and engine.available() and device.type == "cpu":
+    if args.int8 and engine.available() and device.type == "cpu" and not args.only_models:
         int8, check = int8_for(source, images, truth)
     models = {"fp32": source, "auto": int8 or source}
     torch.set_num_threads(os.cpu_count() or 1)
     log(f"(a) ceiling on {device}, fp32, {args.ceiling_seconds:.0f} s")
     a = ceiling(inference_model(ckpt, device), None, device, args.ceiling_seconds)
-    by_n = {}
+    by_n, agreed, agreed_steady, train, several = {}, None, None, None, None
     with tempfile.TemporaryDirectory(prefix="meddx-bench-store-") as tmp:
-        for n in sorted(set(args.n) | {args.unique}):
-            by_n[n] = one_archive(n, args, env, models, Path(tmp), a)
-        rendered = by_n[args.unique]
-        log("agreement: scores from the sources against scores from the store")
-        agreed = agreement(ckpt, uris, images, rendered["outs"]["c"], rendered["outs"]["s"])
-        # ... and for a model trained as meddx train trains (augmented): less brittle.
-        steady = trained_checkpoint(mix, args.cache, augmented=True)
-        outs = {k: Path(tmp) / f"steady-{k}" for k in ("c", "s")}
-        meddx_score(env, str(mix), str(steady), "fp32", out=str(outs["c"]))
-        meddx_score(env, str(rendered["store"]), str(steady), "fp32", out=str(outs["s"]))
-        steady_ckpt, _ = registry.read_checkpoint(str(steady), LOCAL)
-        agreed_steady = agreement(steady_ckpt, uris, images, outs["c"], outs["s"])
-        train = None
-        if args.epochs:
-            train = training_rates(env, mix, rendered["store"], args.epochs)
+        if args.only_models:  # the k-models columns alone, on the mix
+            d = decode_only(LOCAL, [str(p) for p in films(mix)])
+            several = several_models(env, mix, source, args.models, args.cache, d, a)
+        else:
+            for n in sorted(set(args.n) | {args.unique}):
+                by_n[n] = one_archive(n, args, env, models, Path(tmp), a)
+            rendered = by_n[args.unique]
+            if args.models:
+                d = rendered["figures"]["d_decode_only"]
+                several = several_models(env, mix, source, args.models, args.cache, d, a)
+            log("agreement: scores from the sources against scores from the store")
+            agreed = agreement(ckpt, uris, images, rendered["outs"]["c"], rendered["outs"]["s"])
+            # ... and for a model trained as meddx train trains (augmented): less brittle.
+            steady = trained_checkpoint(mix, args.cache, augmented=True)
+            outs = {k: Path(tmp) / f"steady-{k}" for k in ("c", "s")}
+            meddx_score(env, str(mix), str(steady), "fp32", out=str(outs["c"]))
+            meddx_score(env, str(rendered["store"]), str(steady), "fp32", out=str(outs["s"]))
+            steady_ckpt, _ = registry.read_checkpoint(str(steady), LOCAL)
+            agreed_steady = agreement(steady_ckpt, uris, images, outs["c"], outs["s"])
+            if args.epochs:
+                train = training_rates(env, mix, rendered["store"], args.epochs)
     return {
         "date": dt.date.today().isoformat(),
         "model": MODEL,
@@ -366,6 +408,7 @@ def run(args) -> dict:
         "training": train,
         "agreement": agreed,
         "agreement_augmented_model": agreed_steady,
+        "several_models": several,
     }
 
 
@@ -409,7 +452,21 @@ def print_table(r: dict) -> None:
             f"store/step {t['store_over_step_alone']}"
         )
     for title, g in (("", r["agreement"]), (" (augmented model)", r["agreement_augmented_model"])):
-        print_agreement(title, g)
+        if g:
+            print_agreement(title, g)
+    if r["several_models"]:
+        m = r["several_models"]
+        print(
+            f"k models in one pass, meddx score DIR, {m['films']} films, fp32 (d "
+            f"{m['d_decode_only']}, a {m['a_ceiling']} images/s; bound n/d + k n/a):"
+        )
+        head = ("k", "one", "sep", "one/sep", "one_pipe", "bound", "pipe/bnd")
+        print(" ".join(f"{h:>8s}" for h in head) + "   (seconds)")
+        for k, f in m["by_k"].items():
+            names = ("one_pass_s", "separate_s", "one_over_separate", "one_pass_pipeline_s",
+                     "bound_pipeline_s", "pipeline_over_bound")  # fmt: skip
+            cells = (k, *(f[x] for x in names))
+            print(" ".join(f"{c:>8}" for c in cells))
 
 
 def print_agreement(title: str, g: dict) -> None:
@@ -447,6 +504,12 @@ def main() -> None:
         default=True,
         help="--runtime auto with meddx optimize's int8 checkpoint (when its check holds)",
     )
+    parser.add_argument(
+        "--models", type=int, default=3, help="k = 1..K models in one pass; 0: none [3]"
+    )
+    parser.add_argument(
+        "--only-models", action="store_true", help="only the k-models columns, on the mix"
+    )
     parser.add_argument("--cache", type=Path, default=Path("benchmarks/.cache"))
     args = parser.parse_args()
     args.n = [int(n) for n in args.n.split(",")]
@@ -455,6 +518,7 @@ def main() -> None:
         f"u{args.unique}" if args.unique != UNIQUE else "",
         args.size if args.size != DEFAULT_SIZE else "",
     ]
+    custom.append("models" if args.only_models else "")
     args.preset = "+".join(["mix", *filter(None, custom)])
     result = run(args)
     write_result(result, "store-")

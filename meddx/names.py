@@ -70,6 +70,9 @@ DEFAULT_MAX_OBJECT_BYTES = 512 * 2**20
 DEFAULT_MODALITIES = ("CR", "DX")
 # Frontal chest views: a model trained on them must not read a lateral as a negative.
 DEFAULT_VIEWS = ("PA", "AP")
+# Checkpoints scored in one pass (--model more than once): each predictor actor holds
+# them all, and a row's models are a bit mask of this many bits.
+MAX_MODELS = 8
 # Seconds without a heartbeat before the lease on OUT is stale and may be taken over.
 DEFAULT_LOCK_TIMEOUT = 300.0
 # The short side a store of model-ready films keeps them at (meddx prepare): twice what

@@ -82,6 +82,7 @@ def dicom_cr(
     patient_name: str = "Doe^Jane",
     photometric: str = "MONOCHROME2",
     modality: str = "CR",
+    view: str = "PA",
     window: tuple[float, float] | None = (2048.0, 4096.0),
     preamble: bool = True,
 ) -> bytes:
@@ -106,7 +107,7 @@ def dicom_cr(
     ds.PatientID = "MRN-0042"
     ds.PatientBirthDate = "19700101"
     ds.Modality = modality
-    ds.ViewPosition = "PA"
+    ds.ViewPosition = view
     ds.BodyPartExamined = "CHEST"
     ds.Rows, ds.Columns = pixels.shape[-2:]
     if pixels.ndim == 3:

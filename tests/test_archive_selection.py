@@ -100,7 +100,9 @@ def test_a_failure_below_the_prefix_is_one_line_without_the_path(tmp_path, monke
     write_history(out, ["/in/old.png"])
     with pytest.raises(MeddxError) as failed:  # through the query engine too
         select_new(
-            screen_cfg(tmp_path, out), listing.open_listing(str(tmp_path), StorageSettings()), SHA
+            screen_cfg(tmp_path, out),
+            listing.open_listing(str(tmp_path), StorageSettings()),
+            (SHA,),
         )
     assert str(failed.value) == f"cannot list {tmp_path}: access denied below it"
     assert "MRN" not in str(failed.value)
@@ -120,7 +122,7 @@ def test_the_task_takes_the_path_key_from_the_driver(tmp_path, monkeypatch):
     monkeypatch.delenv("MEDDX_PSEUDONYM_KEY_FILE", raising=False)
     cfg = dataclasses.replace(screen_cfg(tmp_path, out), pseudonymize_paths=True)
     listed = listed_table(["/in/a.png", "/in/b.png"], [SCORED_AT, SCORED_AT])
-    todo, seen = selection._select(cfg, listing.Listing("x", listed), SHA, key=key)
+    todo, seen = selection._select(cfg, listing.Listing("x", listed), (SHA,), key=key)
     assert todo["image_uri"].to_pylist() == ["/in/b.png"] and seen == 2
 
 
@@ -133,7 +135,7 @@ def test_the_query_engine_out_of_memory_is_one_line(tmp_path, monkeypatch):
     listed = listed_table(history, [SCORED_AT] * len(history))
     monkeypatch.setattr(sql, "MEMORY_LIMIT", "4MB")
     with pytest.raises(MeddxError) as failed:
-        selection._select(screen_cfg(tmp_path, out), listing.Listing("x", listed), SHA)
+        selection._select(screen_cfg(tmp_path, out), listing.Listing("x", listed), (SHA,))
     assert str(failed.value).startswith("selecting the night's inputs failed: ")
     assert "\n" not in str(failed.value)
 
@@ -247,7 +249,7 @@ def test_select_new_picks_new_and_changed_with_their_known_hashes(tmp_path):
     before, after = SCORED_AT - dt.timedelta(days=1), SCORED_AT + dt.timedelta(hours=1)
     uris = ["/in/a.png", "/in/b.png", "/in/c.png", "/in/new.png", "/in/s.tar", "/in/t.tar"]
     listed = listed_table(uris, [before, after, None, before, after, before])
-    todo, seen = select_new(screen_cfg(tmp_path, out), listed, SHA)
+    todo, seen = select_new(screen_cfg(tmp_path, out), listed, (SHA,))
     assert seen == len(uris)
     # b changed, new and t.tar never scored, s.tar changed (its members' rows count for it);
     # a is older than its row, c has no time (a manifest's): neither is read again.
@@ -259,7 +261,7 @@ def test_select_new_picks_new_and_changed_with_their_known_hashes(tmp_path):
     assert known["/in/new.png"] is None and known["/in/t.tar"] is None
     # Nothing changed: nothing selected, and no known column to carry.
     quiet = listed_table(uris[:3], [before, before, None])
-    assert select_new(screen_cfg(tmp_path, out), quiet, SHA)[0].num_rows == 0
+    assert select_new(screen_cfg(tmp_path, out), quiet, (SHA,))[0].num_rows == 0
 
 
 def test_a_large_archive_is_selected_in_a_ray_task(tmp_path, ray_session, monkeypatch):
@@ -269,7 +271,7 @@ def test_a_large_archive_is_selected_in_a_ray_task(tmp_path, ray_session, monkey
     write_history(out, ["/in/a.png", "/in/b.png"])
     later = SCORED_AT + dt.timedelta(hours=1)
     listed = listed_table(["/in/a.png", "/in/b.png", "/in/new.png"], [SCORED_AT, later, later])
-    here = select_new(screen_cfg(tmp_path, out), listed, SHA)
+    here = select_new(screen_cfg(tmp_path, out), listed, (SHA,))
     table = listing.Listing("x", listed)
     assert not selection.off_driver(table, 2)
     manifest = tmp_path / "night.parquet"
@@ -278,13 +280,13 @@ def test_a_large_archive_is_selected_in_a_ray_task(tmp_path, ray_session, monkey
     assert selection.off_driver(table, selection.OFF_DRIVER_ROWS)
     monkeypatch.setattr(selection, "OFF_DRIVER_ROWS", 0)
     assert selection.off_driver(table, 2)
-    there = select_new(screen_cfg(tmp_path, out), listed, SHA)
+    there = select_new(screen_cfg(tmp_path, out), listed, (SHA,))
     assert there[1] == here[1] == 3
     assert there[0].equals(here[0])
     assert there[0]["image_uri"].to_pylist() == ["/in/b.png", "/in/new.png"]
     write_history(out, ["/in/c.png"], sha="b" * 64, name="part-1.parquet")
     with pytest.raises(MeddxError) as refused:
-        select_new(screen_cfg(tmp_path, out), listed, SHA)
+        select_new(screen_cfg(tmp_path, out), listed, (SHA,))
     assert str(refused.value) == (
         f"{out} holds results of another model (bbbbbbbbbbbb...): pass --new-model to score "
         "everything again with this one"
@@ -326,7 +328,7 @@ def test_selection_runs_no_python_per_input(tmp_path, changed):
         mtimes = np.full(len(uris), SCORED_AT - dt.timedelta(days=1))
         mtimes[:changed] = SCORED_AT + dt.timedelta(days=1)
         listed = listed_table(uris, list(mtimes))
-        (todo, _), lines = lines_run(select_new, screen_cfg(tmp_path, out), listed, SHA)
+        (todo, _), lines = lines_run(select_new, screen_cfg(tmp_path, out), listed, (SHA,))
         assert todo.num_rows == 100 + changed
         if changed:  # only the changed inputs carry hashes
             assert pc.sum(pc.is_valid(todo["known"])).as_py() == changed

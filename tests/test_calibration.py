@@ -272,3 +272,60 @@ def test_finding_option_needs_a_multi_label_checkpoint(tmp_path, random_checkpoi
         " is not one\n",
     )
     assert not (tmp_path / "c.pt").exists()
+
+
+def test_calibrate_reads_its_own_models_rows(tmp_path):
+    # Results of two models, the other one first (so the top-level metadata is its):
+    # the checkpoint's rows alone set the temperature, the threshold and the OOD cut.
+    from .test_evaluate import model_meta, write_models
+
+    # calibrate re-sets the density's threshold and leaves the rest of its entry as it is.
+    ckpt = registry.untrained_checkpoint("seednet", input_size=64)
+    ckpt = ckpt.replace(extra={**ckpt.extra, "ood": {"threshold": 50.0}})
+    ckpt_path = str(tmp_path / "m.pt")
+    sha = registry.save_checkpoint(ckpt, ckpt_path, StorageSettings())
+    y, scores = synthetic_validation(n=600)
+    own = [
+        {
+            "image_uri": f"/v/{'opacity' if t else 'normal'}/{i}.png",
+            "status": "ok",
+            "score": float(s),
+            "probs": [1 - float(s), float(s)],
+            "threshold": 0.5,
+            "model_name": "seednet",
+            "model_sha256": sha,
+            "ood_score": float(i % 100) / 100,  # in [0, 0.99]
+            "run_id": "r",
+        }
+        for i, (s, t) in enumerate(zip(scores, y, strict=True))
+    ]
+    # The other model ranks the films backwards and calls them all out of distribution.
+    other = [
+        {**r, "score": 1 - r["score"], "model_name": "resnet18", "model_sha256": "cd" * 32}
+        | {"ood_score": 100.0}
+        for r in own
+    ]
+    write_models(
+        tmp_path / "val" / "p.parquet",
+        [(other, model_meta("resnet18", "cd" * 32, 0.5)), (own, model_meta("seednet", sha, 0.5))],
+    )
+    out = tmp_path / "calibrated.pt"
+    result = CliRunner().invoke(
+        cli,
+        ["calibrate", str(tmp_path / "val"), "--model", ckpt_path, "--out", str(out)]
+        + ["--target-sensitivity", "0.9", "--temperature", "--ood-percentile", "99"],
+    )
+    assert result.exit_code == 0, result.output
+    assert "of 600 rows" in result.output
+    ckpt, _ = registry.read_checkpoint(str(out), StorageSettings())
+    own_ood = np.array([r["ood_score"] for r in own], np.float32).astype(float)
+    assert ckpt.extra["ood"]["threshold"] == pytest.approx(np.percentile(own_ood, 99))
+    assert ckpt.extra["ood"]["threshold"] < 1  # the other model's 100s left out
+    assert ckpt.extra["ood"]["threshold_images"] == 600
+    record = ckpt.extra["calibration"]
+    assert record["n"] == 600 and record["calibrated_from_sha256"] == sha
+    assert record["metrics"]["auroc"] > 0.8  # its own ranking, not the backward one
+    assert ckpt.temperatures[0] == pytest.approx(3.0, rel=0.15)
+    stored = scores.astype(np.float32).astype(float)
+    scaled = sigmoid(logit(stored) / ckpt.temperatures[0])
+    assert (scaled[y == 1] >= ckpt.threshold - 1e-9).mean() >= 0.9

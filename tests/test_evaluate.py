@@ -206,3 +206,194 @@ def test_multi_label_needs_finding_columns(tmp_path):
     single.write_text("uri,label\n/data/0.png,normal\n")
     with pytest.raises(MeddxError, match="no column for finding"):
         evaluate(EvaluateConfig(str(tmp_path / "pred"), str(single)))
+
+
+# Two checkpoints whose sha256s share their first 8 hex digits: a prefix of 9 tells
+# them apart, one of 8 does not.
+SHA_A = "abcdef01" + "1" * 56
+SHA_B = "abcdef01" + "2" * 56
+
+
+def model_meta(name, sha, threshold, **more):
+    """The per-model file metadata of one model, as scoring writes it."""
+    return {
+        "meddx.model_name": name,
+        "meddx.model_sha256": sha,
+        "meddx.class_names": json.dumps(["normal", "opacity"]),
+        "meddx.positive_class": "opacity",
+        "meddx.threshold": repr(threshold),
+        "meddx.multi_label": "false",
+        "meddx.thresholds": json.dumps([threshold]),
+        **more,
+    }
+
+
+def write_models(path, models):
+    """One Parquet file holding the rows of several models (``[(rows, meta), ...]``, in
+    --model order): the top-level keys describe the first, meddx.models each."""
+    rows = [r for model_rows, _ in models for r in model_rows]
+    meta = {
+        **models[0][1],
+        "meddx.run_id": "r1",
+        "meddx.models": json.dumps([m for _, m in models]),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA.with_metadata(meta)), path)
+
+
+def single_label_rows(name, sha, threshold, positives, negatives):
+    """Rows of /data/opacity/0.png ... then /data/normal/N.png with these scores."""
+    scores = [("opacity", s) for s in positives] + [("normal", s) for s in negatives]
+    return [
+        {
+            "image_uri": f"/data/{label}/{i}.png",
+            "status": "ok",
+            "label": "opacity" if score >= threshold else "normal",
+            "score": score,
+            "probs": [1 - score, score],
+            "threshold": threshold,
+            "model_name": name,
+            "model_sha256": sha,
+            "run_id": "r1",
+        }
+        for i, (label, score) in enumerate(scores)
+    ]
+
+
+def write_two_models(root):
+    """seednet (SHA_A, the worse ranking, at 0.5) and resnet18 (SHA_B, the classes apart,
+    at 0.35) scored the same eight films."""
+    a = single_label_rows("seednet", SHA_A, 0.5, POSITIVE_SCORES, NEGATIVE_SCORES)
+    b = single_label_rows("resnet18", SHA_B, 0.35, [0.9, 0.8, 0.7, 0.6], [0.1, 0.2, 0.3, 0.4])
+    a.append({**a[0], "image_uri": "/data/opacity/broken.png", "status": "error", "score": None})
+    path = root / "dt=2026-01-01" / "part-0.parquet"
+    write_models(
+        path, [(a, model_meta("seednet", SHA_A, 0.5)), (b, model_meta("resnet18", SHA_B, 0.35))]
+    )
+
+
+def test_several_models_need_a_choice(tmp_path, capsys):
+    from .test_calibration import user_error
+
+    write_two_models(tmp_path)
+    expected = (
+        f"{tmp_path} holds 2 models (seednet abcdef011111, resnet18 abcdef012222): "
+        "--model-sha256 picks one"
+    )
+    with pytest.raises(MeddxError) as refused:
+        evaluate(EvaluateConfig(str(tmp_path)))
+    assert str(refused.value) == expected
+    # As users see it: one line on stderr, exit status 1, no traceback.
+    assert user_error(capsys, ["evaluate", str(tmp_path)]) == (1, f"meddx: error: {expected}\n")
+    from click.testing import CliRunner
+
+    result = CliRunner().invoke(cli, ["evaluate", str(tmp_path)])
+    assert result.exit_code != 0 and str(result.exception) == expected
+
+
+def test_a_prefix_picks_each_models_rows_and_metadata(tmp_path):
+    write_two_models(tmp_path)
+    a = evaluate(EvaluateConfig(str(tmp_path), model_sha256="ABCDEF011")).as_dict()
+    check(a)  # seednet's rows alone: its error row, not resnet18's eight
+    assert (a["model_name"], a["model_sha256"], a["threshold"]) == ("seednet", SHA_A, 0.5)
+    from click.testing import CliRunner
+
+    out = tmp_path / "b.json"
+    result = CliRunner().invoke(
+        cli, ["evaluate", str(tmp_path), "--model-sha256", SHA_B[:12], "--json", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "auroc=1.0000" in result.output
+    b = json.loads(out.read_text())
+    assert (b["model_name"], b["model_sha256"]) == ("resnet18", SHA_B)
+    assert b["threshold"] == pytest.approx(0.35)
+    assert (b["n"], b["rows"], b["errors"], b["auroc"]) == (8, 8, 0, 1.0)
+    assert b["confusion_matrix"] == {"tn": 3, "fp": 1, "fn": 0, "tp": 4}  # 0.4 >= 0.35
+
+
+@pytest.mark.parametrize(
+    "prefix, message",
+    [
+        ("abcdef0", "--model-sha256 takes at least 8 hex digits of a sha256"),
+        ("abcdef0g", "--model-sha256 takes at least 8 hex digits of a sha256"),
+        ("abcdef01", "--model-sha256 abcdef01 matches 2 models of {root} ("),
+        ("abcdef013", "--model-sha256 abcdef013 matches no model of {root} ("),
+    ],
+)
+def test_a_prefix_must_name_one_model(tmp_path, prefix, message):
+    write_two_models(tmp_path)
+    with pytest.raises(MeddxError) as refused:
+        evaluate(EvaluateConfig(str(tmp_path), model_sha256=prefix))
+    assert str(refused.value).startswith(message.format(root=tmp_path))
+    assert "\n" not in str(refused.value)
+
+
+def test_one_models_results_need_no_choice(tmp_path):
+    # Files scored one model at a time: no meddx.models, the top-level keys are its own.
+    write_predictions(tmp_path)
+    result = evaluate(EvaluateConfig(str(tmp_path), model_sha256="abab" * 4)).as_dict()
+    check(result)
+    assert result["model_sha256"] == "ab" * 32
+    with pytest.raises(MeddxError, match="matches no model"):
+        evaluate(EvaluateConfig(str(tmp_path), model_sha256="cd" * 32))
+
+
+def test_model_metadata_of_each_model():
+    from meddx.analysis.evaluation import model_metadata
+
+    a, b = model_meta("seednet", SHA_A, 0.5), model_meta("resnet18", SHA_B, 0.35)
+    meta = {**a, "meddx.run_id": "r1", "meddx.models": json.dumps([a, b])}
+    assert model_metadata(meta, SHA_B) == {**b, "meddx.run_id": "r1"}
+    assert model_metadata(meta, SHA_A) == {**a, "meddx.run_id": "r1"}
+    assert model_metadata(a, SHA_A) == a  # written before meddx.models
+    assert model_metadata({"meddx.positive_class": "opacity"}, SHA_B)["meddx.positive_class"]
+    with pytest.raises(MeddxError, match="does not describe model abcdef012222"):
+        model_metadata(a, SHA_B)
+    with pytest.raises(MeddxError, match="does not describe model"):
+        model_metadata({**a, "meddx.models": json.dumps([a])}, SHA_B)
+
+
+def test_a_multi_label_model_beside_a_single_label_one(tmp_path):
+    # The second model's own metadata (findings, thresholds, multi_label) is what counts,
+    # not the top-level keys, which describe the first.
+    from sklearn.metrics import roc_auc_score
+
+    truth, probs = write_multi_label(tmp_path)
+    scored = pq.read_table(tmp_path / "pred" / "dt=2026-01-01" / "part-0.parquet")
+    multi = [{**r, "model_name": "densenet121", "model_sha256": SHA_B} for r in scored.to_pylist()]
+    single = [
+        {**r, "score": 0.5, "probs": [0.5, 0.5], "threshold": 0.5, "model_sha256": SHA_A}
+        for r in multi
+    ]
+    multi_meta = model_meta(
+        "densenet121",
+        SHA_B,
+        min(THRESHOLDS),
+        **{
+            "meddx.positive_class": "abnormal",
+            "meddx.class_names": json.dumps(FINDINGS),
+            "meddx.multi_label": "true",
+            "meddx.thresholds": json.dumps(THRESHOLDS),
+        },
+    )
+    both = tmp_path / "both" / "p.parquet"
+    single_meta = model_meta(
+        "seednet",
+        SHA_A,
+        0.5,
+        **{"meddx.positive_class": "abnormal", "meddx.class_names": '["normal", "abnormal"]'},
+    )
+    write_models(both, [(single, single_meta), (multi, multi_meta)])
+    labels = str(tmp_path / "labels.csv")
+    m = evaluate(EvaluateConfig(str(both), labels, model_sha256=SHA_B[:9])).as_dict()
+    assert m["multi_label"] is True and m["model_name"] == "densenet121"
+    assert list(m["per_class"]) == FINDINGS and m["n"] == 60
+    for k, name in enumerate(FINDINGS):
+        assert m["per_class"][name]["threshold"] == pytest.approx(THRESHOLDS[k])
+        assert m["per_class"][name]["auroc"] == pytest.approx(
+            roc_auc_score(truth[:, k], probs[:, k].astype(float))
+        )
+    s = evaluate(EvaluateConfig(str(both), labels, model_sha256=SHA_A[:9])).as_dict()
+    assert s["multi_label"] is False and s["model_name"] == "seednet"
+    assert (s["rows"], s["n"], s["positives"]) == (61, 60, int(truth.max(axis=1).sum()))
+    assert s["auroc"] == 0.5  # every score 0.5

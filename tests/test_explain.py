@@ -120,3 +120,33 @@ def test_multi_label_heatmap_follows_the_top_finding(tmp_path, monkeypatch):
     # The finding behind the score, else the model's highest output.
     assert targets == [1, None]
     assert len(out) == 2 and all(p[:4] == b"\x89PNG" for p in out)
+
+
+def test_explain_reads_its_own_models_rows(tmp_path, random_checkpoint):
+    # Results of two models, the other one first: the heatmaps are of the checkpoint's
+    # highest-scoring rows, never of rows another model ranked high.
+    from .test_evaluate import model_meta, write_models
+
+    ckpt_path, sha = random_checkpoint
+    for i in range(4):
+        (tmp_path / f"{i}.png").write_bytes(png("L", size=64))
+    own = [
+        {
+            "image_uri": str(tmp_path / f"{i}.png"),
+            "status": "ok",
+            "score": score,
+            "model_name": "seednet",
+            "model_sha256": sha,
+        }
+        for i, score in enumerate([0.2, 0.7, 0.4, 0.6])
+    ]
+    other = [{**r, "score": 1 - r["score"], "model_sha256": "cd" * 32} for r in own]
+    results = tmp_path / "results" / "p.parquet"
+    write_models(
+        results,
+        [(other, model_meta("resnet18", "cd" * 32, 0.5)), (own, model_meta("seednet", sha, 0.5))],
+    )
+    written = explain(str(results.parent), ckpt_path, 2, str(tmp_path / "cams"), StorageSettings())
+    expected = [f"{rank:03d}-{pseudonymous_id(own[i])}.png" for rank, i in ((1, 1), (2, 3))]
+    assert [Path(p).name for p in written] == expected
+    assert sorted(p.name for p in (tmp_path / "cams").iterdir()) == expected

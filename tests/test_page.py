@@ -102,6 +102,8 @@ def night_rows() -> pa.Table:
                 "modality": "CR" if pseudonym else None,
                 "view_position": "PA",
                 "model_name": "seednet",
+                "model_sha256": SHA,
+                "threshold": THRESHOLD,
                 "run_id": "run-1",
                 "scored_at": at + dt.timedelta(seconds=i),
             }
@@ -156,13 +158,13 @@ def history(rng_seed: int = 0) -> dict[str, np.ndarray]:
 @pytest.fixture(scope="module")
 def night():
     rows = night_rows()
-    return rows, summary(rows), worklist(rows, THRESHOLD)
+    return rows, summary(rows), worklist(rows)
 
 
 def render(night, **kwargs) -> tuple[str, Parsed]:
     rows, s, triage = night
     text = page.render(
-        kwargs.pop("summary", s), rows, triage, kwargs.pop("history", history()), **kwargs
+        kwargs.pop("summary", s), rows, triage, [kwargs.pop("history", history())], **kwargs
     )
     return text, Parsed(text)
 
@@ -232,7 +234,7 @@ def test_the_worklist_is_the_top_of_the_positives_by_score(night):
 def test_a_night_without_positives_says_so(night):
     rows, s, _ = night
     quiet = rows.filter(pc.less(rows["score"], THRESHOLD))
-    _, parsed = render((quiet, s, worklist(quiet, THRESHOLD)))
+    _, parsed = render((quiet, s, worklist(quiet)))
     assert parsed.table("Worklist")[1:] == [["no positives above the threshold"]]
 
 
@@ -246,12 +248,12 @@ def test_the_score_history_is_plotted(night):
     plotted = png_pixels(parsed.images["Score distribution"])
     assert plotted.shape[0] > 100 and plotted.std() > 5
     # The plot is of the history given: other nights, another picture; the same, the same.
-    again = Parsed(page.render(night[1], night[0], night[2], history())).images
+    again = Parsed(page.render(night[1], night[0], night[2], [history()])).images
     assert again["Score distribution"] == parsed.images["Score distribution"]
-    other = Parsed(page.render(night[1], night[0], night[2], history(rng_seed=1))).images
+    other = Parsed(page.render(night[1], night[0], night[2], [history(rng_seed=1)])).images
     assert not np.array_equal(png_pixels(other["Score distribution"]), plotted)
     tonight_only = {RUN_DATE: history()[RUN_DATE]}
-    alone = Parsed(page.render(night[1], night[0], night[2], tonight_only)).images
+    alone = Parsed(page.render(night[1], night[0], night[2], [tonight_only])).images
     assert not np.array_equal(png_pixels(alone["Score distribution"]), plotted)
 
 

@@ -8,6 +8,8 @@ changes calibration, never the ranking (AUROC is unchanged).
 A multi-label checkpoint is calibrated one finding at a time (``finding``): that
 finding's probability against its manifest column sets its threshold and temperature;
 the checkpoint's overall threshold stays the lowest finding threshold.
+
+From results of several models only the checkpoint's own rows count.
 """
 
 from __future__ import annotations
@@ -23,7 +25,13 @@ from scipy.special import expit, logit
 from sklearn.metrics import log_loss
 
 from meddx import MeddxError
-from meddx.analysis.evaluation import Figures, finding_truth, labelled_scores, read_predictions
+from meddx.analysis.evaluation import (
+    Figures,
+    finding_truth,
+    labelled_scores,
+    one_model,
+    read_predictions,
+)
 from meddx.config import CalibrateConfig
 from meddx.inputs import listing
 from meddx.model import metrics, ood, registry
@@ -71,8 +79,9 @@ def calibrate(cfg: CalibrateConfig) -> Calibration:
     settings = cfg.storage
     ckpt, sha = registry.read_checkpoint(cfg.model, settings)
     table, meta = read_predictions(cfg.predictions, settings)
-    if meta.get("meddx.model_sha256") != sha:
+    if not pc.any(pc.equal(table["model_sha256"], sha)).as_py():
         raise MeddxError(f"{cfg.predictions} was not scored by {cfg.model} (sha256 differs)")
+    table, _, _ = one_model(table, meta, sha, cfg.predictions)  # its rows, not others'
     point = {}
     if cfg.target_sensitivity is not None or cfg.target_specificity is not None:
         ckpt, point = operating_point(ckpt, table, cfg, sha)

@@ -6,6 +6,9 @@ against none, scored by ``score`` (the highest finding probability) at the store
 threshold (the lowest finding threshold); ``per_class`` has the same figures for each
 finding (its probability in ``probs`` against its 0/1 manifest column, at its own
 threshold) and ``macro`` their means over the findings.
+
+Results of several models (``meddx score --model A --model B``) are evaluated one model
+at a time: its rows and its metadata (``one_model``).
 """
 
 from __future__ import annotations
@@ -13,9 +16,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from meddx import MeddxError
@@ -185,6 +190,77 @@ def read_predictions(uri: str, settings: StorageSettings):
     return table, {k.decode(): v.decode() for k, v in meta.items()}
 
 
+# The file metadata that describes one model; the other keys describe the run. The
+# top-level ones describe the run's first model, and MODELS lists each model's, in
+# --model order (files scored one model at a time have no MODELS).
+MODEL_KEYS = (
+    "meddx.model_name",
+    "meddx.model_sha256",
+    "meddx.class_names",
+    "meddx.positive_class",
+    "meddx.threshold",
+    "meddx.multi_label",
+    "meddx.thresholds",
+    "meddx.input_size",
+    "meddx.precision",
+    "meddx.runtime",
+    "meddx.views",
+    "meddx.ood_threshold",
+    "meddx.ood_method",
+)
+MODELS = "meddx.models"
+# The shortest sha256 prefix --model-sha256 takes: 8 hex digits, as git's short hashes.
+MIN_SHA_PREFIX = 8
+
+
+def model_metadata(meta: dict[str, str], sha: str) -> dict[str, str]:
+    """The metadata as if the results held model ``sha`` alone: the run's keys and that
+    model's (from MODELS, or the top-level ones where their sha256 is ``sha`` or
+    absent)."""
+    run = {k: v for k, v in meta.items() if k not in MODEL_KEYS and k != MODELS}
+    if MODELS in meta:
+        for described in json.loads(meta[MODELS]):
+            if described.get("meddx.model_sha256") == sha:
+                return {**run, **described}
+    elif meta.get("meddx.model_sha256", sha) == sha:
+        return dict(meta)
+    raise MeddxError(f"the predictions' metadata does not describe model {sha[:12]}")
+
+
+def one_model(table, meta: dict[str, str], sha_or_prefix: str | None, what: str):
+    """(rows, metadata, sha256) of one model of the results ``what``: the one whose
+    sha256 starts with ``sha_or_prefix``, or, when none is given, the only one there."""
+    shas = pc.unique(table["model_sha256"].drop_null()).to_pylist()
+    if not shas:
+        raise MeddxError(f"{what} has no model_sha256 in its rows")
+    chosen = shas
+    if sha_or_prefix is not None:
+        prefix = sha_or_prefix.lower()
+        if not re.fullmatch(f"[0-9a-f]{{{MIN_SHA_PREFIX},64}}", prefix):
+            raise MeddxError(
+                f"--model-sha256 takes at least {MIN_SHA_PREFIX} hex digits of a sha256"
+            )
+        chosen = [s for s in shas if s.startswith(prefix)]
+    if len(chosen) != 1:
+        held = ", ".join(f"{_model_name(table, s)} {s[:12]}" for s in _in_run_order(shas, meta))
+        if sha_or_prefix is None:
+            raise MeddxError(f"{what} holds {len(shas)} models ({held}): --model-sha256 picks one")
+        found = f"{len(chosen)} models" if chosen else "no model"
+        raise MeddxError(f"--model-sha256 {prefix} matches {found} of {what} ({held})")
+    sha = chosen[0]
+    return table.filter(pc.equal(table["model_sha256"], sha)), model_metadata(meta, sha), sha
+
+
+def _model_name(table, sha: str) -> str:
+    return table.filter(pc.equal(table["model_sha256"], sha))["model_name"][0].as_py()
+
+
+def _in_run_order(shas: list[str], meta: dict[str, str]) -> list[str]:
+    """The sha256s in --model order where the metadata lists the run's models."""
+    listed = [m.get("meddx.model_sha256") for m in json.loads(meta.get(MODELS, "[]"))]
+    return sorted(shas, key=lambda s: (listed.index(s) if s in listed else len(listed), s))
+
+
 def labelled_scores(table, truth, positive):
     """(rows with a label, their 0/1 truth) from ok rows; labels from a manifest or folder."""
     kept, y_true, unlabelled = [], [], 0
@@ -241,15 +317,13 @@ def evaluate(cfg: EvaluateConfig) -> Evaluation:
     """The figures of cfg.predictions against their labels (plots and JSON when asked)."""
     settings = cfg.storage
     table, meta = read_predictions(cfg.predictions, settings)
+    table, meta, sha = one_model(table, meta, cfg.model_sha256, cfg.predictions)
     positive = meta.get("meddx.positive_class")
     if positive is None:
         raise MeddxError(f"{cfg.predictions} has no meddx metadata (meddx.positive_class)")
     multi_label = bool(json.loads(meta.get("meddx.multi_label", "false")))
     if multi_label:
         findings = json.loads(meta["meddx.class_names"])
-        shas = set(table["model_sha256"].to_pylist())
-        if len(shas) > 1:  # per-finding thresholds come from one model's metadata
-            raise MeddxError(f"predictions mix {len(shas)} checkpoints: evaluate one model")
         rows, truth, unlabelled = finding_truth(table, cfg.labels, findings, settings)
         y_true = truth.max(axis=1, initial=0)  # abnormal: any finding present
     else:
@@ -257,10 +331,7 @@ def evaluate(cfg: EvaluateConfig) -> Evaluation:
         rows, y_true, unlabelled = labelled_scores(table, truth, positive)
     if not rows:
         raise MeddxError("no scored row has a label: pass --labels MANIFEST")
-    thresholds = set(table["threshold"].to_pylist())
-    if len(thresholds) > 1:
-        raise MeddxError(f"predictions mix thresholds {sorted(thresholds)}: evaluate one model")
-    threshold = thresholds.pop()
+    threshold = rows[0]["threshold"]  # the checkpoint's: one model's rows share it
     scores = np.array([r["score"] for r in rows], dtype=float)
     overall = Figures.of(y_true, scores, threshold)
     per_class, macro = {positive: overall}, None
@@ -294,7 +365,7 @@ def evaluate(cfg: EvaluateConfig) -> Evaluation:
         positive_class=positive,
         multi_label=multi_label,
         model_name=meta.get("meddx.model_name"),
-        model_sha256=meta.get("meddx.model_sha256"),
+        model_sha256=sha,
         macro=macro,
         ood=ood_figures(table, listing.read_manifest(cfg.labels, settings)) if cfg.labels else None,
         by_column=cfg.by or None,

@@ -6,7 +6,7 @@ For the K highest-scoring studies, the gradient of the positive class's logit we
 the last convolutional block's feature maps (Selvaraju et al., Grad-CAM); the result is
 overlaid on the preprocessed image the model saw. Files are named by rank and pseudonym.
 For a multi-label model the class is the finding that gave the study its score (its
-highest finding probability).
+highest finding probability). From results of several models, the checkpoint's own rows.
 """
 
 from __future__ import annotations
@@ -158,12 +158,13 @@ def explain(
     max_bytes: int = DEFAULT_MAX_OBJECT_BYTES,
 ) -> list[str]:
     """Write Grad-CAM overlays of the ``top`` highest-scoring ok rows; their URIs."""
-    from meddx.analysis.evaluation import read_predictions
+    from meddx.analysis.evaluation import one_model, read_predictions
 
     ckpt, sha = registry.read_checkpoint(model, settings)
     table, meta = read_predictions(predictions, settings)
-    if meta.get("meddx.model_sha256") not in (None, sha):
+    if not pc.any(pc.equal(table["model_sha256"], sha)).as_py():
         raise MeddxError(f"{predictions} was not scored by {model} (sha256 differs)")
+    table, meta, _ = one_model(table, meta, sha, predictions)  # its rows, not others'
     table = table.filter(pc.equal(table["status"], "ok")).sort_by([("score", "descending")])
     rows = table.slice(0, top).to_pylist()
     store = meta.get("meddx.store") or None  # the run read its films from a store

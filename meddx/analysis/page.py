@@ -91,15 +91,32 @@ def throughput_plot(rows: pa.Table) -> str:
     return _png_base64(fig)
 
 
-def render(summary, rows: pa.Table, triage: pa.Table, history: dict, heatmaps=()) -> str:
+def model_label(model: dict) -> str:
+    """A model as the night's page and lines name it: its architecture and hash."""
+    return f"{model['model_name']} {model['model_sha256'][:12]}"
+
+
+def render(summary, rows: pa.Table, triage: pa.Table, histories: list[dict], heatmaps=()) -> str:
     """The page of one night: ``summary`` its NightSummary, ``rows`` its rows, ``triage``
-    its worklist, ``history`` date -> ok scores, ``heatmaps`` (row, PNG) for the top of
-    the worklist."""
+    its worklist, ``histories`` each model's date -> ok scores (in --model order),
+    ``heatmaps`` (row, PNG) for the top of the worklist."""
     esc = html.escape
-    plots = [
-        ("Score distribution", score_history_plot(history, summary.run_date, summary.threshold)),
-        ("Throughput", throughput_plot(rows)),
+    models = summary.models or [
+        {
+            "model_name": summary.model_name,
+            "model_sha256": summary.model_sha256,
+            "threshold": summary.threshold,
+        }
     ]
+    several = len(models) > 1
+    plots = [
+        (
+            f"Score distribution, {esc(model_label(m))}" if several else "Score distribution",
+            score_history_plot(history, summary.run_date, m["threshold"]),
+        )
+        for m, history in zip(models, histories, strict=True)
+    ]
+    plots.append(("Throughput", throughput_plot(rows)))
     plots += [
         (f"Grad-CAM, worklist #{rank}", base64.b64encode(png).decode())
         for rank, (_, png) in enumerate(heatmaps, start=1)
@@ -129,14 +146,25 @@ def render(summary, rows: pa.Table, triage: pa.Table, history: dict, heatmaps=()
     def section(name: str) -> list[dict]:
         return [r for r in triage.to_pylist() if r["section"] == name][:TOP_WORKLIST]
 
+    def model_cell(r: dict) -> str:  # which model found it, where several looked
+        return f"<td>{esc(r['model_name'])} <code>{esc(r['model_sha256'][:12])}</code></td>"
+
     work = (
         "".join(
             f"<tr><td>{r['rank']}</td><td><code>{esc(pseudonymous_id(r))}</code></td>"
+            f"{model_cell(r) if several else ''}"
             f"<td>{r['score']:.3f}</td><td>{esc(r['label'] or '')}</td>"
             f"<td>{esc(r['modality'] or '')}</td></tr>"
             for r in section("positive")
         )
-        or "<tr><td colspan=5>no positives above the threshold</td></tr>"
+        or f"<tr><td colspan={6 if several else 5}>no positives above the threshold</td></tr>"
+    )
+    per_model = "".join(
+        f"<tr><td>{esc(m['model_name'])} <code>{esc(m['model_sha256'][:16])}</code></td>"
+        f"<td>{m['threshold']:.3f}</td><td>{m['ok']}</td><td>{m['errors']}</td>"
+        f"<td>{m['positives']}</td><td>{m['qc_flagged']}</td>"
+        f"<td>{'' if m.get('psi') is None else m['psi']}</td></tr>"
+        for m in summary.models
     )
     human = (
         "".join(
@@ -172,17 +200,31 @@ figure {{ margin: 1em 0; }} img {{ max-width: 100%; }}
 </style></head>
 <body data-images="pending">
 <h1>meddx screening, {esc(summary.run_date)}</h1>
-<p>Run <code>{esc(summary.run_id)}</code> &middot; model {esc(summary.model_name)}
-<code>{esc(summary.model_sha256[:16])}</code> &middot; threshold {summary.threshold:.3f}</p>
+<p>Run <code>{esc(summary.run_id)}</code> &middot; {
+        f"{len(models)} models, each film read once"
+        if several
+        else f"model {esc(summary.model_name)} <code>{esc(summary.model_sha256[:16])}</code>"
+        f" &middot; threshold {summary.threshold:.3f}"
+    }</p>
 {f'<div class="alarm"><strong>Alarms</strong><ul>{alarms}</ul></div>' if alarms else ""}
 <h2>Counts</h2>
 <table>{"".join(f"<tr><th>{esc(k)}</th><td>{esc(str(v))}</td></tr>" for k, v in counts)}</table>
+{
+        f'''<h2>Models</h2>
+<table><tr><th>model</th><th>threshold</th><th>ok</th><th>errors</th><th>positives</th>
+<th>needs a human read</th><th>drift (PSI)</th></tr>{per_model}</table>'''
+        if several
+        else ""
+    }
 <h2>Errors by reason</h2>
 <table><tr><th>reason</th><th>rows</th></tr>{reasons}</table>
 <h2>Worklist (top {TOP_WORKLIST})</h2>
-<p>Studies above the threshold, highest score first; pseudonymised ids only. Triage
-orders the reading: every study stays in the results.</p>
-<table><tr><th>rank</th><th>study</th><th>score</th><th>label</th><th>modality</th></tr>
+<p>Studies above the threshold, highest score first{
+        " (each study's findings by every model together)" if several else ""
+    }; pseudonymised ids only. Triage orders the reading: every study stays in the
+results.</p>
+<table><tr><th>rank</th><th>study</th>{"<th>model</th>" if several else ""}<th>score</th>
+<th>label</th><th>modality</th></tr>
 {work}</table>
 <h2>Needs a human read ({summary.qc_flagged})</h2>
 <p>Images the model should not judge alone: out of its training distribution, of low
@@ -196,7 +238,12 @@ their score; read them first-hand.</p>
 {images}
 <h2>Versions</h2>
 <table>{version_rows}
-<tr><td>model sha256</td><td><code>{esc(summary.model_sha256)}</code></td></tr></table>
+{
+        "".join(
+            f"<tr><td>model sha256</td><td><code>{esc(m['model_sha256'])}</code></td></tr>"
+            for m in models
+        )
+    }</table>
 <script>
 window.addEventListener("load", function () {{
   var imgs = Array.prototype.slice.call(document.images);

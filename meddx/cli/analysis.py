@@ -33,6 +33,12 @@ from meddx.config import CalibrateConfig, EvaluateConfig, ExplainConfig
     help="Also per subgroup: a predictions column (modality, view_position, ...) "
     "or a manifest column (site, ...).",
 )
+@click.option(
+    "--model-sha256",
+    default=None,
+    metavar="HEX",
+    help="Which model's rows, when the results hold several; a prefix is enough.",
+)
 @storage_option
 def evaluate(**opts):
     """Metrics of scored PREDICTIONS (results folder, partition or file) against labels.
@@ -40,6 +46,7 @@ def evaluate(**opts):
     At the stored threshold (sensitivity, specificity, PPV, NPV, F1, confusion matrix),
     AUROC with a 95% bootstrap CI, average precision, sensitivity at specificity 0.90 and
     0.95 and the reverse, expected calibration error and calibration slope/intercept.
+    Results of several models (score --model A --model B): --model-sha256 picks one.
     """
     cfg = build(EvaluateConfig, **opts)
     from meddx.analysis.evaluation import evaluate as run

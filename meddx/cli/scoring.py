@@ -22,7 +22,13 @@ from meddx.config import ScoreConfig, ScreenConfig
 
 SCORING_OPTIONS = [
     click.option(
-        "--model", required=True, metavar="CKPT", help="Checkpoint file (local or s3://)."
+        "--model",
+        required=True,
+        multiple=True,
+        metavar="CKPT",
+        help="Checkpoint file (local or s3://). Give it more than once to score several "
+        f"models in one pass (at most {names.MAX_MODELS}): each film is read and decoded "
+        "once, and gets one row per model.",
     ),
     click.option("--out", required=True, metavar="OUT", help="Results folder or s3:// prefix."),
     click.option(
@@ -189,7 +195,7 @@ def score(input, **opts):
     from meddx.inputs import storage
     from meddx.pipelines import cluster
 
-    for uri, what in ((cfg.input, "input"), (cfg.model, "checkpoint")):
+    for uri, what in ((cfg.input, "input"), *((m, "checkpoint") for m in cfg.models)):
         if storage.missing_locally(uri):  # a typo: one line at once, not after Ray's start
             raise MeddxError(f"{what} not found: {uri}")
 
@@ -268,6 +274,13 @@ def screen(source, **opts):
         f"rows={s.rows} ok={s.ok} errors={s.errors} positives={s.positives} "
         f"needs_human_read={s.qc_flagged} seconds={s.seconds}"
     )
+    if len(s.models) > 1:
+        for m in s.models:
+            click.echo(
+                f"  {m['model_name']} {m['model_sha256'][:12]}: ok={m['ok']} "
+                f"errors={m['errors']} positives={m['positives']} "
+                f"needs_human_read={m['qc_flagged']}"
+            )
     if s.results:
         click.echo(s.results)
     click.echo(f"report: {cfg.out.rstrip('/')}/_runs/dt={s.run_date}/report.html")

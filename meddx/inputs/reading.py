@@ -235,16 +235,31 @@ def drop_known(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
     What was scored comes with the rows, in a ``known`` column (each input's
     ``NAME KNOWN_SEPARATOR SHA`` strings, null for a new one; a shard's rows all carry
-    its list), which is then dropped."""
+    its list), which is then dropped. A run of several models carries ``models``, each
+    row's bit mask of the models to score it with, and ``known`` strings led by their
+    model's number and the separator: a model that scored these bytes loses its bit,
+    and a row with no bit left is dropped."""
     carried = batch.get("known")
     if carried is None:
         return batch
     uris, shas = batch["image_uri"], batch["content_sha256"]
-    keep = np.array(
-        [
-            not (sha and listed is not None and f"{uri}{KNOWN_SEPARATOR}{sha}" in listed)
-            for uri, sha, listed in zip(uris, shas, carried, strict=True)
-        ],
-        dtype=bool,
-    )
-    return {k: v[keep] for k, v in batch.items() if k != "known"}
+    masks = batch.get("models")
+    if masks is None:
+        keep = np.array(
+            [
+                not (sha and listed is not None and f"{uri}{KNOWN_SEPARATOR}{sha}" in listed)
+                for uri, sha, listed in zip(uris, shas, carried, strict=True)
+            ],
+            dtype=bool,
+        )
+        return {k: v[keep] for k, v in batch.items() if k != "known"}
+    masks = np.array(masks, dtype=np.int64)
+    for i, (uri, sha, listed) in enumerate(zip(uris, shas, carried, strict=True)):
+        if not sha or listed is None:
+            continue
+        scored = {s for s in listed if s.endswith(f"{KNOWN_SEPARATOR}{uri}{KNOWN_SEPARATOR}{sha}")}
+        for entry in scored:
+            masks[i] &= ~(1 << int(entry.split(KNOWN_SEPARATOR, 1)[0]))
+    keep = masks != 0
+    out = {k: v[keep] for k, v in batch.items() if k not in ("known", "models")}
+    return {**out, "models": masks[keep]}

@@ -1,7 +1,7 @@
 """The Ray Dataset a run scores, top-down as the data flow:
 
     inputs -> read bytes + [drop already-scored bytes] + decode (CPU tasks)
-        -> predict (actor pool, one model per actor, GPU if present) -> rows
+        -> predict (actor pool, the run's models in each actor, GPU if present) -> rows
 
 and the provenance every Parquet file of the run carries in its key-value metadata.
 Every input gives at least one row: a read or decode failure is caught per image and
@@ -24,7 +24,7 @@ from meddx.imaging.decode import DecodeSettings
 from meddx.inputs import reading, shards, storage
 from meddx.model import engine, ood
 from meddx.model.precision import checkpoint_precision
-from meddx.model.predictor import Predictor
+from meddx.model.predictor import Predictors
 from meddx.model.registry import Checkpoint
 from meddx.names import CPU_BATCH, GPU_BATCH, QC_VALUES
 from meddx.pipelines import cluster
@@ -43,11 +43,16 @@ def resolve_runtime(cfg: ScoreConfig, ckpt: Checkpoint) -> str:
 
 
 def file_metadata(
-    ckpt: Checkpoint, sha: str, run_id: str, cfg: ScoreConfig, store: films.Store | None = None
+    ckpts: tuple[Checkpoint, ...],
+    shas: tuple[str, ...],
+    run_id: str,
+    cfg: ScoreConfig,
+    store: films.Store | None = None,
 ) -> dict[str, str]:
-    """Provenance in every Parquet file's key-value metadata (no credentials, no PHI)."""
-    model_runtime = resolve_runtime(cfg, ckpt)
-    density = ood.density_of(ckpt)
+    """Provenance in every Parquet file's key-value metadata (no credentials, no PHI):
+    the run's, then each model's under ``meddx.models`` (in --model order), and the
+    first model's also at the top, where files of one model have always had it."""
+    models = [model_metadata(ckpt, sha, cfg) for ckpt, sha in zip(ckpts, shas, strict=True)]
     return {
         # The films came through a store (meddx prepare), made by this decoder: "" if not.
         "meddx.store": storage.absolute(store.uri) if store else "",
@@ -55,6 +60,18 @@ def file_metadata(
         "meddx.version": __version__,
         "meddx.run_id": run_id,
         "meddx.run_date": cfg.run_date,
+        **models[0],
+        "meddx.models": json.dumps(models),
+        # Quality control: the qc column's values.
+        "meddx.qc_values": json.dumps(list(QC_VALUES)),
+    }
+
+
+def model_metadata(ckpt: Checkpoint, sha: str, cfg: ScoreConfig) -> dict[str, str]:
+    """One model's provenance, as its rows' files name it."""
+    model_runtime = resolve_runtime(cfg, ckpt)
+    density = ood.density_of(ckpt)
+    return {
         "meddx.model_name": ckpt.model_name,
         "meddx.model_sha256": sha,
         "meddx.class_names": json.dumps(list(ckpt.class_names)),
@@ -68,37 +85,57 @@ def file_metadata(
             model_runtime, ckpt, checkpoint_precision(cfg.precision, ckpt)
         ),
         "meddx.runtime": model_runtime,
-        # Quality control: the qc column's values, the views accepted, and the
-        # ood_score above which a row is out_of_distribution ("" without a density).
-        "meddx.qc_values": json.dumps(list(QC_VALUES)),
-        "meddx.views": json.dumps(list(ckpt.views if cfg.views is None else cfg.views)),
+        # The views it accepts, and the ood_score above which a row is
+        # out_of_distribution ("" without a density).
+        "meddx.views": json.dumps(list(rules(cfg, ckpt)[1])),
         "meddx.ood_threshold": repr(density.threshold) if density else "",
         "meddx.ood_method": "mahalanobis" if density else "",
     }
 
 
+def rules(cfg: ScoreConfig, ckpt: Checkpoint) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The DICOM modalities and views a model's rows accept (() : any): the run's
+    options, else the checkpoint's."""
+    modalities = ckpt.modalities if cfg.modalities is None else cfg.modalities
+    views = ckpt.views if cfg.views is None else cfg.views
+    return tuple(modalities or ()), tuple(views or ())
+
+
+def union(rule_sets: list[tuple[str, ...]]) -> tuple[str, ...] | None:
+    """What films are decoded for, of several models' rules: None (any) where one takes
+    any, else every value one of them takes."""
+    if any(not r for r in rule_sets):
+        return None
+    return tuple(sorted({v for r in rule_sets for v in r}))
+
+
 def build_dataset(
     cfg: ScoreConfig,
     todo: pa.Table,
-    ckpt: Checkpoint,
+    ckpts: tuple[Checkpoint, ...],
     run_id: str,
-    sha: str,
+    shas: tuple[str, ...],
     located: dict[str, str] | None = None,
     store: films.Store | None = None,
 ) -> ray.data.Dataset:
     """inputs -> read + [drop already-scored bytes] + decode -> predict, as a Ray Dataset
     (reading and decoding are one task: the bytes never leave it). ``todo``: the inputs
     as a listing table, with a ``known`` column where some were scored already (their
-    content hashes, whose bytes are dropped unread by the model); ``located``: each
-    DICOMweb input's locator, which the read task fetches it by; ``store``: the store of
-    films (meddx prepare) the inputs are read from instead, decoded already."""
-    modalities = ckpt.modalities if cfg.modalities is None else cfg.modalities
-    views = ckpt.views if cfg.views is None else cfg.views
+    content hashes, whose bytes are dropped unread by the model) and ``models`` where
+    some need only some of several models; ``located``: each DICOMweb input's locator,
+    which the read task fetches it by; ``store``: the store of films (meddx prepare) the
+    inputs are read from instead, decoded already.
+
+    Several models: each film is decoded once, at the largest model's input size and
+    for any modality or view one of them accepts; each model then takes it at its own
+    size under its own rules (``Predictor.fitted``)."""
+    several = len(ckpts) > 1
+    each = [rules(cfg, ckpt) for ckpt in ckpts]
     decode_settings = DecodeSettings(
-        size=ckpt.input_size,
+        size=max(ckpt.input_size for ckpt in ckpts),
         max_pixels=cfg.max_pixels,
-        modalities=modalities or None,
-        views=views or None,
+        modalities=union([m for m, _ in each]),
+        views=union([v for _, v in each]),
         pseudonym_key=secret.pseudonym_key(),
     )
     total = ray.cluster_resources()
@@ -106,7 +143,17 @@ def build_dataset(
     pool, threads, resources = cluster.predictor_pool(
         cfg.actors, len(uris), total, cluster.cpu_nodes()
     )
-    model_runtime = resolve_runtime(cfg, ckpt)
+    models = [
+        {
+            "checkpoint": path,
+            "sha256": sha,
+            "runtime": resolve_runtime(cfg, ckpt),
+            # Decoding applied one model's own rules; several models', each its own.
+            "modalities": modalities if several else None,
+            "views": views if several else None,
+        }
+        for path, ckpt, sha, (modalities, views) in zip(cfg.models, ckpts, shas, each, strict=True)
+    ]
     blocks = cluster.read_blocks(len(uris), shard_count(uris))
     # Ray Data's default keeps part of the CPUs for each stage of the plan; on a small
     # node that let one decode task run at a time while a core idled (2 CPUs, 960 films:
@@ -134,13 +181,9 @@ def build_dataset(
         # that passing them as remote args is deprecated.
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
         return ds.map_batches(
-            Predictor,
-            fn_constructor_args=(cfg.model, cfg.storage, cfg.precision, run_id, sha),
-            fn_constructor_kwargs={
-                "threads": threads,
-                "compile_model": cfg.compile_model,
-                "runtime": model_runtime,
-            },
+            Predictors,
+            fn_constructor_args=(models, cfg.storage, cfg.precision, run_id),
+            fn_constructor_kwargs={"threads": threads, "compile_model": cfg.compile_model},
             batch_size=cfg.batch_size or (GPU_BATCH if "num_gpus" in resources else CPU_BATCH),
             compute=pool,
             # A predictor whose process dies (OOM kill, lost node, preempted GPU) is
@@ -167,7 +210,7 @@ def scored_inputs(todo: pa.Table, located: dict[str, str] | None) -> pa.Table:
     """The table the read stage gets: image_uri, a DICOMweb input's locator, the
     ``known`` hashes where the selection gave them and a store's files (size and mtime
     stay behind)."""
-    wanted = ("image_uri", "known", "store_files")
+    wanted = ("image_uri", "known", "models", "store_files")
     table = todo.select([c for c in wanted if c in todo.column_names])
     if located:  # the night's instances only
         locators = [located[u] for u in todo["image_uri"].to_pylist()]

@@ -62,11 +62,12 @@ def prepare(cfg: PrepareConfig, started: float | None = None) -> PrepareSummary:
 class FilmRows:
     """The store's rows, made by the decoder of ``films`` (``films.film_rows``)."""
 
-    ckpt = None
+    ckpts = (None,)
 
     def __init__(self, cfg: PrepareConfig, settings: films.FilmSettings):
         self.cfg, self.films = cfg, settings
         self.sha = settings.sha256
+        self.shas = (self.sha,)
 
     def dataset(self, todo, run_id, located):
         cfg = self.cfg

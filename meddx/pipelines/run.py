@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, ClassVar, Protocol, TypeVar
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from meddx import secret
+from meddx import MeddxError, secret
 from meddx.config import ScoreConfig
 from meddx.inputs import dicomweb, listing, storage
 from meddx.model import registry
@@ -54,11 +54,13 @@ class Selection:
 
 
 class Rows(Protocol):
-    """What a run's rows are made by: a model (``ModelRows``), or a store's decoder
-    (``meddx.pipelines.prepare``)."""
+    """What a run's rows are made by: one model or several (``ModelRows``), or a store's
+    decoder (``meddx.pipelines.prepare``)."""
 
-    sha: str  # what made the rows (a checkpoint's hash, a decoder's fingerprint)
-    ckpt: Checkpoint | None
+    # What made the rows (checkpoints' hashes, a decoder's fingerprint), one per model:
+    # every input gets a row from each.
+    shas: tuple[str, ...]
+    ckpts: tuple[Checkpoint | None, ...]
 
     def dataset(
         self, todo: pa.Table, run_id: str, located: dict[str, str] | None
@@ -67,21 +69,28 @@ class Rows(Protocol):
 
 
 class ModelRows:
-    """Rows scored by the checkpoint ``cfg.model``: read in the driver before anything
-    else (a wrong file fails fast), then insisted on by every actor."""
+    """Rows scored by the checkpoints ``cfg.models`` (one row each per input, in one pass
+    over the films): read in the driver before anything else (a wrong file fails fast),
+    then insisted on by every actor."""
 
     def __init__(self, cfg: ScoreConfig):
         self.cfg = cfg
-        self.ckpt, self.sha = registry.read_checkpoint(cfg.model, cfg.storage, cfg.model_sha256)
+        read = [registry.read_checkpoint(m, cfg.storage, cfg.model_sha256) for m in cfg.models]
+        self.ckpts = tuple(ckpt for ckpt, _ in read)
+        self.shas = tuple(sha for _, sha in read)
+        if len(set(self.shas)) < len(self.shas):
+            twice = next(s for i, s in enumerate(self.shas) if s in self.shas[:i])
+            raise MeddxError(f"two --model files are the same checkpoint ({twice[:12]}...)")
         # The store the films are read from (INPUT itself, or --store), if any: refused
-        # here when its films are smaller than the model's input.
+        # here when its films are smaller than the largest model input.
         uri = cfg.store or cfg.input
         key = secret.pseudonym_key()
-        self.store = films.open_store(uri, cfg.storage, self.ckpt.input_size, key)
+        size = max(ckpt.input_size for ckpt in self.ckpts)
+        self.store = films.open_store(uri, cfg.storage, size, key)
 
     def dataset(self, todo, run_id, located):
-        ds = build_dataset(self.cfg, todo, self.ckpt, run_id, self.sha, located, self.store)
-        meta = file_metadata(self.ckpt, self.sha, run_id, self.cfg, self.store)
+        ds = build_dataset(self.cfg, todo, self.ckpts, run_id, self.shas, located, self.store)
+        meta = file_metadata(self.ckpts, self.shas, run_id, self.cfg, self.store)
         return ds, OUTPUT_SCHEMA.with_metadata(meta)
 
 
@@ -90,8 +99,8 @@ class Outcome:
     """What the skeleton did, for the policy's ending."""
 
     run_id: str
-    ckpt: Checkpoint | None  # None: a store's run
-    sha: str
+    ckpts: tuple[Checkpoint | None, ...]  # (None,): a store's run
+    shas: tuple[str, ...]
     located: dict[str, str] | None  # a DICOMweb source's locators
     selection: Selection
     recovered: tuple[str, ...]  # what was left of earlier runs, and what became of it
@@ -100,6 +109,15 @@ class Outcome:
     started: float  # the perf_counter() the run's clock started from
     startup_seconds: float  # listing, the checkpoint's check and Ray's start
     seconds: float  # from the start to the commit
+
+    @property
+    def ckpt(self) -> Checkpoint | None:
+        """The first (or only) model's checkpoint."""
+        return self.ckpts[0]
+
+    @property
+    def sha(self) -> str:
+        return self.shas[0]
 
 
 class Policy(Protocol[T]):
@@ -122,12 +140,15 @@ class Policy(Protocol[T]):
         self,
         listed: listing.Listing,
         located: pa.Table | None,
-        sha: str,
+        shas: tuple[str, ...],
         resumed: str | None,
     ) -> Selection:
-        """The inputs to score now, of those listed, for the checkpoint ``sha``."""
+        """The inputs to score now, of those listed, for the checkpoints ``shas`` (with a
+        ``models`` bit mask where some need only some of them)."""
 
-    def check(self, run_id: str, sha: str, selection: Selection, held: lease.Lease) -> None:
+    def check(
+        self, run_id: str, shas: tuple[str, ...], selection: Selection, held: lease.Lease
+    ) -> None:
         """After staging, before the commit: raise to commit nothing, or drop rows."""
 
     def finish(self, outcome: Outcome) -> T:
@@ -152,9 +173,9 @@ def execute(cfg: ScoreConfig, policy: Policy[T], started: float | None = None) -
         resumed = policy.resumable()
         recovered = commit.recover(cfg.out, cfg.storage, keep=resumed)
         maker = policy.rows()
-        sha = maker.sha
+        shas = maker.shas
         listed, listed_at = list_input(cfg, policy.since_days)
-        chosen = policy.select(listed, listed_at, sha, resumed)
+        chosen = policy.select(listed, listed_at, shas, resumed)
         # A DICOMweb source's locators, of this run's inputs alone.
         located = None
         if listed_at is not None:
@@ -169,7 +190,7 @@ def execute(cfg: ScoreConfig, policy: Policy[T], started: float | None = None) -
                 cfg.out,
                 cfg.storage,
                 run_id,
-                chosen.todo.num_rows,
+                pairs(chosen.todo, len(shas)),
                 policy.verb,
                 cfg.progress_seconds,
                 cfg.quiet,
@@ -177,7 +198,7 @@ def execute(cfg: ScoreConfig, policy: Policy[T], started: float | None = None) -
                 commit.write_staged(ds, cfg.out, cfg.storage, run_id, schema)
         committed = bool(chosen.todo.num_rows or chosen.kept_rows)
         if committed:
-            policy.check(run_id, sha, chosen, held)
+            policy.check(run_id, shas, chosen, held)
             # What the listing said of the inputs, for the index the commit updates.
             facts = chosen.inputs.append_column("name", indexed_names(cfg, chosen.inputs))
             index.stage_inputs(cfg.out, cfg.storage, commit.staging_path(cfg.out, run_id), facts)
@@ -189,7 +210,7 @@ def execute(cfg: ScoreConfig, policy: Policy[T], started: float | None = None) -
         seconds = time.perf_counter() - start
         sent = None
         if cfg.results_to and located and committed:
-            sent = stow.send_run(cfg, run_id, located, maker.ckpt, sha)
+            sent = stow.send_run(cfg, run_id, located, maker.ckpts[0], shas[0])
         rows = commit.read_results(
             cfg.out,
             cfg.storage,
@@ -201,8 +222,8 @@ def execute(cfg: ScoreConfig, policy: Policy[T], started: float | None = None) -
         return policy.finish(
             Outcome(
                 run_id=run_id,
-                ckpt=maker.ckpt,
-                sha=sha,
+                ckpts=maker.ckpts,
+                shas=shas,
                 located=located,
                 selection=chosen,
                 recovered=(*recovered, *chosen.notes),
@@ -225,3 +246,12 @@ def list_input(cfg, since_days: int | None) -> tuple[listing.Listing, pa.Table |
     if storage.is_s3(cfg.input) and not listing.is_manifest(cfg.input):
         cluster.init_ray()  # an S3 prefix is listed by sub-prefix in Ray tasks
     return listing.list_located(cfg.input, cfg.storage, secret.pseudonym_key(), since_days)
+
+
+def pairs(todo: pa.Table, models: int) -> int:
+    """The (input, model) rows a run's inputs are to give: each input's models (its
+    ``models`` bit mask, or all of them)."""
+    if "models" not in todo.column_names:
+        return todo.num_rows * models
+    masks = todo["models"].to_numpy()
+    return int(sum(((masks >> m) & 1).sum() for m in range(models)))

@@ -85,26 +85,30 @@ class Scoring:
             return None
         return commit.last_uncommitted(self.cfg.out, self.cfg.storage, self.cfg.run_date)
 
-    def select(self, source, located, sha: str, resumed: str | None) -> run.Selection:
+    def select(self, source, located, shas, resumed: str | None) -> run.Selection:
         listed = source.table()  # scoring reads every input: the listing is the work
         if not listed.num_rows:  # a folder or manifest without inputs is refused as listed
             host = dicomweb.endpoint(self.cfg.input).host
             raise MeddxError(f"no instances match the query on {host}")
         if resumed:
-            return resume(self.cfg, resumed, listed, sha)
+            return resume(self.cfg, resumed, listed, shas)
         notes = ()
         if self.cfg.resume:
             notes = (f"nothing to resume for {self.cfg.run_date}: scoring every input",)
         return run.Selection(todo=listed, inputs=listed, seen=listed.num_rows, notes=notes)
 
-    def check(self, run_id: str, sha: str, selection: run.Selection, held: lease.Lease) -> None:
+    def check(self, run_id: str, shas, selection: run.Selection, held: lease.Lease) -> None:
         cfg = self.cfg
-        staged = commit.read_staged(cfg.out, cfg.storage, run_id, ["status"]).num_rows
-        if staged < selection.inputs.num_rows:  # at least one row an input (a shard, many)
-            commit.discard(cfg.out, cfg.storage, run_id)
-            raise MeddxError(
-                f"staged {staged} rows for {selection.inputs.num_rows} inputs: not committed"
-            )
+        staged = commit.read_staged(cfg.out, cfg.storage, run_id, ["model_sha256"])
+        # At least one row an input (a shard, many) from each model.
+        for sha in shas:
+            rows = pc.sum(pc.equal(staged["model_sha256"], sha)).as_py() or 0
+            if rows < selection.inputs.num_rows:
+                commit.discard(cfg.out, cfg.storage, run_id)
+                of = f" of model {sha[:12]}..." if len(shas) > 1 else ""
+                raise MeddxError(
+                    f"staged {rows} rows{of} for {selection.inputs.num_rows} inputs: not committed"
+                )
 
     def finish(self, outcome: run.Outcome) -> ScoreSummary:
         rows = outcome.rows.num_rows
@@ -127,18 +131,23 @@ class Scoring:
         )
 
 
-def resume(cfg: ScoreConfig, run_id: str, listed: pa.Table, sha: str) -> run.Selection:
+def resume(cfg: ScoreConfig, run_id: str, listed: pa.Table, shas) -> run.Selection:
     """``--resume``: continue the killed run ``run_id`` under its id, keeping the rows it
     staged and scoring the inputs it has none for (an anti-join of the listing against
     the staged rows, by the name OUT's rows give each input). Its half-written files are
     dropped (their inputs are scored again)."""
     commit.readable_staged(cfg.out, cfg.storage, run_id)
     staged = commit.read_staged(cfg.out, cfg.storage, run_id, ["image_uri", "model_sha256"])
-    models_used = set(pc.unique(staged["model_sha256"]).to_pylist()) - {sha}
-    if models_used:
+    used = set(pc.unique(staged["model_sha256"]).to_pylist())
+    if used - set(shas):
         raise MeddxError(
-            f"run {run_id} was scoring with another checkpoint ({sorted(models_used)[0][:12]}"
+            f"run {run_id} was scoring with another checkpoint ({sorted(used - set(shas))[0][:12]}"
             "...): run without --resume to start over"
+        )
+    if used and used != set(shas):  # its inputs have rows of each of its models, or none
+        raise MeddxError(
+            f"run {run_id} was scoring {len(used)} of these {len(shas)} checkpoints: "
+            "run without --resume to start over"
         )
     # A member counts for its shard; the staged rows name inputs as indexed_names does.
     done = pc.unique(storage.shards_of(staged["image_uri"]).combine_chunks())

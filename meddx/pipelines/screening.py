@@ -89,6 +89,10 @@ class NightSummary:
     reports_stored: int = 0
     reports_failed: int = 0
     results: str = ""
+    # Each model's figures, in --model order (model_name, model_sha256, threshold, rows,
+    # ok, errors, positives, qc_flagged, psi): the fields above count every model's rows
+    # and name the first model.
+    models: list[dict] = dataclasses.field(default_factory=list)
 
     @property
     def qc_rate(self) -> float:
@@ -129,10 +133,19 @@ class Screening(WhatIsNew):
     def finish(self, outcome: run.Outcome) -> NightSummary:
         cfg, rows = self.cfg, outcome.rows
         summary = summarise(cfg, outcome)
-        reference, history = drift.recent_scores(
-            cfg.out, cfg.storage, outcome.sha, cfg.run_date, cfg.drift_window, page.HISTORY_RUNS
-        )
-        scored = drift.measure(reference, ok_scores(rows))
+        # Each model's drift against its own recent nights.
+        drifts, histories = [], []
+        for sha in outcome.shas:
+            reference, history = drift.recent_scores(
+                cfg.out, cfg.storage, sha, cfg.run_date, cfg.drift_window, page.HISTORY_RUNS
+            )
+            drifts.append(drift.measure(reference, ok_scores(of_model(rows, sha))))
+            histories.append(history)
+        models = [
+            {**m, "psi": round(d.psi, 4) if d else None}
+            for m, d in zip(summary.models, drifts, strict=True)
+        ]
+        summary = dataclasses.replace(summary, models=models)
         if outcome.sent:
             summary = dataclasses.replace(
                 summary,
@@ -140,13 +153,18 @@ class Screening(WhatIsNew):
                 reports_failed=len(outcome.sent.failed),
                 results=stow.describe(outcome.sent, cfg.results_to),
             )
-        alarms = check_alarms(cfg, summary, scored)
-        summary = dataclasses.replace(summary, drift=scored, alarms=alarms)
+        alarms = check_alarms(cfg, summary, drifts)
+        summary = dataclasses.replace(summary, drift=drifts[0], alarms=alarms)
         paths = as_indexed(cfg, outcome.selection.todo["image_uri"].to_pylist())
-        write_artefacts(cfg, summary, rows, outcome.ckpt, history, outcome.located, paths)
+        ckpts = dict(zip(outcome.shas, outcome.ckpts, strict=True))
+        write_artefacts(cfg, summary, rows, ckpts, histories, outcome.located, paths)
         if summary.alarms:
             raise MeddxAlarm("; ".join(summary.alarms))
         return summary
+
+
+def of_model(rows: pa.Table, sha: str) -> pa.Table:
+    return rows.filter(pc.equal(rows["model_sha256"], sha))
 
 
 def ok_scores(rows: pa.Table) -> np.ndarray:
@@ -177,7 +195,7 @@ def summarise(cfg: ScreenConfig, outcome: run.Outcome) -> NightSummary:
         errors=len(status) - ok,
         error_rate=(len(status) - ok) / len(status) if status else 0.0,
         errors_by_reason=dict(errors.most_common()),
-        positives=positives(rows, ckpt.threshold).num_rows,
+        positives=positives(rows).num_rows,
         threshold=ckpt.threshold,
         model_name=ckpt.model_name,
         model_sha256=outcome.sha,
@@ -187,10 +205,29 @@ def summarise(cfg: ScreenConfig, outcome: run.Outcome) -> NightSummary:
         versions=page.versions(),
         qc_flagged=sum(flagged.values()),
         qc_by_reason=dict(flagged.most_common()),
+        models=[
+            model_figures(of_model(rows, sha), c, sha)
+            for c, sha in zip(outcome.ckpts, outcome.shas, strict=True)
+        ],
     )
 
 
-def check_alarms(cfg: ScreenConfig, summary: NightSummary, scored: drift.Drift | None):
+def model_figures(rows: pa.Table, ckpt: Checkpoint, sha: str) -> dict:
+    """One model's counts of the night."""
+    ok = pc.sum(pc.equal(rows["status"], "ok")).as_py() or 0
+    return {
+        "model_name": ckpt.model_name,
+        "model_sha256": sha,
+        "threshold": ckpt.threshold,
+        "rows": rows.num_rows,
+        "ok": ok,
+        "errors": rows.num_rows - ok,
+        "positives": positives(rows).num_rows,
+        "qc_flagged": rows.filter(needs_qc(rows)).num_rows,
+    }
+
+
+def check_alarms(cfg: ScreenConfig, summary: NightSummary, drifts: list[drift.Drift | None]):
     alarms = []
     if summary.rows and summary.error_rate > cfg.max_error_rate:
         alarms.append(
@@ -207,11 +244,14 @@ def check_alarms(cfg: ScreenConfig, summary: NightSummary, scored: drift.Drift |
         alarms.append(
             f"{summary.reports_failed} studies' reports were not stored: {summary.results}"
         )
-    if scored is not None and scored.psi > cfg.max_psi:
-        alarms.append(
-            f"score distribution drifted: PSI {scored.psi:.3f} over --max-psi {cfg.max_psi} "
-            f"against {len(scored.reference_dates)} earlier run date(s)"
-        )
+    several = len(summary.models) > 1
+    for model, scored in zip(summary.models, drifts, strict=True):
+        if scored is not None and scored.psi > cfg.max_psi:
+            which = f" of {page.model_label(model)}" if several else ""
+            alarms.append(
+                f"score distribution{which} drifted: PSI {scored.psi:.3f} over --max-psi "
+                f"{cfg.max_psi} against {len(scored.reference_dates)} earlier run date(s)"
+            )
     return alarms
 
 
@@ -219,12 +259,12 @@ def needs_qc(rows: pa.Table) -> pa.Expression:
     return pc.and_(pc.equal(rows["status"], "ok"), pc.not_equal(rows["qc"], QC_OK))
 
 
-def positives(rows: pa.Table, threshold: float) -> pa.Table:
-    """Scored rows at or above the threshold that passed quality control."""
+def positives(rows: pa.Table) -> pa.Table:
+    """Scored rows at or above their model's threshold that passed quality control."""
     return rows.filter(
         pc.and_(
             pc.and_(pc.equal(rows["status"], "ok"), pc.equal(rows["qc"], QC_OK)),
-            pc.greater_equal(rows["score"], threshold),
+            pc.greater_equal(rows["score"], rows["threshold"]),
         )
     )
 
@@ -240,19 +280,19 @@ WORKLIST_COLUMNS = [
     "modality",
     "view_position",
     "model_name",
+    "model_sha256",
     "run_id",
 ]
 
 
-def worklist(rows: pa.Table, threshold: float) -> pa.Table:
-    """Two sections, each ranked from 1. ``positive``: rows above the threshold that
-    passed quality control, highest score first. ``needs a human read``: every row whose
-    qc is not ok, whatever its score (the model's score of an image it should not judge
-    is no negative), grouped by reason, highest score first. Triage only orders the
-    reading."""
-    found = positives(rows, threshold).sort_by(
-        [("score", "descending"), ("image_uri", "ascending")]
-    )
+def worklist(rows: pa.Table) -> pa.Table:
+    """Two sections, each ranked from 1. ``positive``: rows above their model's
+    threshold that passed quality control, highest score first; with several models,
+    each study's findings together (the study of the highest score first, then its rows
+    by score). ``needs a human read``: every row whose qc is not ok, whatever its score
+    (the model's score of an image it should not judge is no negative), grouped by
+    reason, highest score first. Triage only orders the reading."""
+    found = by_study(positives(rows))
     flagged = rows.filter(needs_qc(rows)).sort_by(
         [("qc", "ascending"), ("score", "descending"), ("image_uri", "ascending")]
     )
@@ -297,13 +337,13 @@ def store_of(cfg) -> str | None:
 def worklist_heatmaps(
     cfg,
     triage: pa.Table,
-    ckpt: Checkpoint,
+    ckpts: dict[str, Checkpoint],
     located: dict[str, str] | None = None,
     paths: dict[str, str] | None = None,
 ) -> list[tuple[dict, bytes]]:
-    """Overlays of the top positives; ``paths``: the input behind each image_uri (a
-    pseudonym's path, read here and never written). A tar member's pseudonym has none:
-    it gets no overlay."""
+    """Overlays of the top positives, each by the model that found it (``ckpts``, by
+    sha256); ``paths``: the input behind each image_uri (a pseudonym's path, read here
+    and never written). A tar member's pseudonym has none: it gets no overlay."""
     from meddx.analysis.explain import cams, titled_overlays
 
     try:
@@ -315,19 +355,49 @@ def worklist_heatmaps(
             for r in rows
             if not path_pseudonyms.is_path_pseudonym(r["image_uri"]) or r["image_uri"] in paths
         ]
-        readable = [{**r, "image_uri": paths.get(r["image_uri"], r["image_uri"])} for r in rows]
-        maps = cams(readable, ckpt, cfg.storage, cfg.max_object_bytes, located, store_of(cfg))
-        return list(zip(rows, titled_overlays(rows, maps, ckpt), strict=True))
+        overlays = {}
+        for sha, ckpt in ckpts.items():
+            mine = [r for r in rows if r["model_sha256"] == sha]
+            readable = [{**r, "image_uri": paths.get(r["image_uri"], r["image_uri"])} for r in mine]
+            maps = cams(readable, ckpt, cfg.storage, cfg.max_object_bytes, located, store_of(cfg))
+            for r, png in zip(mine, titled_overlays(mine, maps, ckpt), strict=True):
+                overlays[(r["image_uri"], sha)] = png
+        return [(r, overlays[(r["image_uri"], r["model_sha256"])]) for r in rows]
     except Exception as exc:  # a heatmap is a courtesy: never fail a night for it
         log.warning("meddx: no heatmaps in the report: %s", type(exc).__name__)
         return []
 
 
+def by_study(found: pa.Table) -> pa.Table:
+    """Positive rows highest score first; of several models, each study's rows together
+    (a study: its pseudonym, or the image without one), by its highest score."""
+    order = [("score", "descending"), ("image_uri", "ascending")]
+    if len(pc.unique(found["model_sha256"])) < 2:
+        return found.sort_by(order)
+    study = pc.coalesce(found["study_pseudonym"], found["image_uri"])
+    best = found.append_column("study", study).group_by("study").aggregate([("score", "max")])
+    at = pc.index_in(study, value_set=best["study"].combine_chunks())
+    found = found.append_column("study_best", best["score_max"].take(at))
+    found = found.append_column("study", study)
+    ranked = found.sort_by(
+        [("study_best", "descending"), ("study", "ascending"), *order, ("model_name", "ascending")]
+    )
+    return ranked.drop_columns(["study_best", "study"])
+
+
 def write_artefacts(
-    cfg, summary: NightSummary, rows, ckpt: Checkpoint, history, located=None, paths=None
+    cfg,
+    summary: NightSummary,
+    rows,
+    ckpts: dict[str, Checkpoint],
+    histories: list,
+    located=None,
+    paths=None,
 ) -> None:
+    """The worklist, report and summary of the night; ``ckpts``: each model by its
+    sha256, ``histories``: each model's recent scores by date, in --model order."""
     folder = storage.join(cfg.out, commit.RUNS, f"dt={cfg.run_date}")
-    triage = worklist(rows, summary.threshold)
+    triage = worklist(rows)
     buf = pa.BufferOutputStream()
     pq.write_table(triage, buf)
     storage.write_bytes(
@@ -338,8 +408,8 @@ def write_artefacts(
     storage.write_bytes(
         storage.join(folder, "worklist.csv"), csv_buf.getvalue().to_pybytes(), cfg.storage
     )
-    overlays = worklist_heatmaps(cfg, triage, ckpt, located, paths)
-    html = page.render(summary, rows, triage, history, overlays)
+    overlays = worklist_heatmaps(cfg, triage, ckpts, located, paths)
+    html = page.render(summary, rows, triage, histories, overlays)
     storage.write_bytes(storage.join(folder, "report.html"), html.encode(), cfg.storage)
     storage.write_bytes(
         storage.join(folder, "summary.json"), summary.to_json().encode(), cfg.storage

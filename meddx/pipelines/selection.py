@@ -47,9 +47,13 @@ WHERE s.last IS NULL OR l.mtime > s.last OR l.size <> s.size OR l.mtime <> s.mti
    OR l.etag <> s.etag
 """
 KNOWN_SQL = """
-SELECT name, list(image_uri || $separator || content_sha256) AS known
+SELECT name, list($model || image_uri || $separator || content_sha256) AS known
 FROM idx WHERE name IN (SELECT name FROM again) GROUP BY name
 """
+# Several models: each input's models (a bit mask, ``reading.drop_known``) and what
+# each of them holds of it.
+MODELS_SQL = "SELECT name, bit_or(models) AS models FROM picks GROUP BY name"
+KNOWNS_SQL = "SELECT name, flatten(list(known)) AS known FROM knowns GROUP BY name"
 DISTINCT_SQL = "SELECT count(*) FROM (SELECT DISTINCT name FROM listing)"
 
 
@@ -96,47 +100,77 @@ class _Named:
 def _select(
     cfg: ScreenConfig,
     source: listing.Listing,
-    sha: str,
+    shas: tuple[str, ...],
     snapshot: index.Snapshot | None = None,
     key: bytes | None = None,
 ):
-    """The inputs of ``source`` to read for this model, in the listing's order, and how
-    many distinct inputs it listed: those OUT's index holds no row for, and those
-    changed since (modified after they were last scored, or another size, mtime or
-    etag than the listing gave then; a tar member counts for its shard).
+    """The inputs of ``source`` to read for these models, in the listing's order, and
+    how many distinct inputs it listed: those OUT's index holds no row for from a model,
+    and those changed since (modified after they were last scored, or another size,
+    mtime or etag than the listing gave then; a tar member counts for its shard).
 
     A re-checked input carries ``known``: the ``NAME<NUL>CONTENT_SHA256`` of each row OUT
     holds for it (NAME as ``as_indexed`` names it, a pseudonym under
     --pseudonymize-paths), which the read stage drops unscored when the bytes are the
-    same; null for a new input. The listing and the index stream through DuckDB within
-    its memory budget (``meddx.store.sql``): nothing here holds either whole, and no
+    same; null for a new input. With several models, each input carries ``models``, the
+    bit mask of those it is new or changed for (bit i: ``shas[i]``), and each ``known``
+    string starts with its model's number and a NUL. The listing and the index stream
+    through DuckDB within its memory budget (``meddx.store.sql``; the listing is kept
+    in a table of its own, spilled past the budget, when several models join it): no
     step runs per row in Python."""
     snapshot = snapshot or index.Snapshot(cfg.out, cfg.storage)
     if not cfg.new_model:
-        for batch in snapshot.scan(["model_sha256"], where=pc.field("model_sha256") != sha):
+        others = pc.invert(pc.field("model_sha256").isin(list(shas)))
+        for batch in snapshot.scan(["model_sha256"], where=others):
             if batch.num_rows:
                 other = batch["model_sha256"][0].as_py()
                 raise MeddxError(
                     f"{cfg.out} holds results of another model ({other[:12]}...): "
                     "pass --new-model to score everything again with this one"
                 )
-    mine = (pc.field("model_sha256") == sha) & pc.field("content_sha256").is_valid()
+    several = len(shas) > 1
     named = _Named(cfg, source, key if key is not None else path_key(cfg))
     con = sql.connect()
     try:
-        con.register("listing", named.reader())
-        con.register("idx", snapshot.scan(["name", "scored_at", "size", "mtime", "etag"], mine))
-        picked = named.todo(con.sql(SELECT_SQL).to_arrow_table())
-        seen = named.rows
-        if source.may_repeat:  # a manifest may name an input twice
+        if several:  # one listing, joined once per model
+            con.register("listed", named.reader())
+            con.execute("CREATE TEMP TABLE listing AS SELECT * FROM listed")
+            con.unregister("listed")
+        else:
             con.register("listing", named.reader())
+        picks, knowns = [], []
+        for m, sha in enumerate(shas):
+            mine = (pc.field("model_sha256") == sha) & pc.field("content_sha256").is_valid()
+            con.register("idx", snapshot.scan(["name", "scored_at", "size", "mtime", "etag"], mine))
+            picked = con.sql(SELECT_SQL).to_arrow_table()
+            picks.append(
+                picked.append_column("models", pa.array([1 << m] * picked.num_rows, pa.int64()))
+            )
+            if pc.any(picked["again"]).as_py():
+                con.register("again", picked.filter(picked["again"]).select(["name"]))
+                con.register("idx", snapshot.scan(["name", "image_uri", "content_sha256"], mine))
+                params = {
+                    "separator": reading.KNOWN_SEPARATOR,
+                    "model": f"{m}{reading.KNOWN_SEPARATOR}" if several else "",
+                }
+                knowns.append(con.sql(KNOWN_SQL, params=params).to_arrow_table())
+        seen = named.rows
+        if source.may_repeat and not several:  # a manifest may name an input twice
+            con.register("listing", named.reader())
+        if source.may_repeat:
             ((seen,),) = con.execute(DISTINCT_SQL).fetchall()
-        known = None
-        if pc.any(picked["again"]).as_py():
-            con.register("again", picked.filter(picked["again"]).select(["name"]))
-            con.register("idx", snapshot.scan(["name", "image_uri", "content_sha256"], mine))
-            params = {"separator": reading.KNOWN_SEPARATOR}
-            known = con.sql(KNOWN_SQL, params=params).to_arrow_table()
+        picked = named.todo(pa.concat_tables(picks))
+        known = pa.concat_tables(knowns) if knowns else None
+        if several:
+            con.register("picks", pa.concat_tables(picks).select(["name", "models"]))
+            masks = con.sql(MODELS_SQL).to_arrow_table()
+            where = pc.index_in(picked["name"], value_set=masks["name"].combine_chunks())
+            picked = picked.set_column(
+                picked.schema.get_field_index("models"), "models", masks["models"].take(where)
+            )
+            if known is not None:
+                con.register("knowns", known)
+                known = con.sql(KNOWNS_SQL).to_arrow_table()
     except duckdb.Error as exc:
         if source.failure:  # the listing's own one-line reason
             raise source.failure from None
@@ -149,6 +183,8 @@ def _select(
     if not seen and not source.empty_ok:
         raise MeddxError(f"no inputs under {source.source}")
     todo = picked.select(listing.LISTING_SCHEMA.names).cast(listing.LISTING_SCHEMA)
+    if several:
+        todo = todo.append_column("models", picked["models"].cast(pa.int64()))
     if known is None:
         return todo, seen
     # Each picked input's list (null for a new one), by position: a take, not a join.
@@ -165,11 +201,12 @@ def off_driver(source: listing.Listing, index_rows: int) -> bool:
 def select_new(
     cfg: ScreenConfig,
     source: listing.Listing | pa.Table,
-    sha: str,
+    shas: tuple[str, ...],
     snapshot: index.Snapshot | None = None,
 ):
-    """The inputs of ``source`` to read for this model (a listing table, in the
-    listing's order, with ``known`` where some were scored already) and how many
+    """The inputs of ``source`` to read for these models (a listing table, in the
+    listing's order, with ``known`` where some were scored already, and ``models`` with
+    several) and how many
     distinct inputs it listed, against ``snapshot`` (by default the index as it stands):
     ``_select``, in the driver for small work and in a Ray task for large
     (``OFF_DRIVER_ROWS``)."""
@@ -179,7 +216,7 @@ def select_new(
     rows = snapshot.rows
     key = path_key(cfg)  # read here: a task's process may not have the site's key
     if not off_driver(source, rows):
-        return _select(cfg, source, sha, snapshot, key)
+        return _select(cfg, source, shas, snapshot, key)
     import ray
 
     from meddx.pipelines import cluster
@@ -188,7 +225,7 @@ def select_new(
     log.debug("meddx: selection in a Ray task (index of %d rows)", rows)
     task = ray.remote(num_cpus=1, max_retries=0)(_select).options(name="meddx.select")
     try:
-        return ray.get(task.remote(cfg, source, sha, snapshot, key))
+        return ray.get(task.remote(cfg, source, shas, snapshot, key))
     except ray.exceptions.RayError as exc:
         cause = getattr(exc, "cause", None)
         if isinstance(cause, MeddxError):  # a user's error, one line as in the driver
@@ -216,29 +253,50 @@ class WhatIsNew:
     def resumable(self) -> None:
         return None  # a night's inputs are selected anew: nothing of a killed one is kept
 
-    def select(self, listed: listing.Listing, located, sha: str, resumed: None):
+    def select(self, listed: listing.Listing, located, shas: tuple[str, ...], resumed: None):
         from meddx.pipelines.run import Selection  # here: the join's task imports no model
 
         self.snapshot = index.Snapshot(self.cfg.out, self.cfg.storage)
-        todo, seen = select_new(self.cfg, listed, sha, self.snapshot)
-        self.selected = todo.select(listing.LISTING_SCHEMA.names)
-        return Selection(todo=todo, inputs=self.selected, seen=seen)
+        todo, seen = select_new(self.cfg, listed, shas, self.snapshot)
+        names = listing.LISTING_SCHEMA.names
+        self.selected = todo.select([c for c in (*names, "models") if c in todo.column_names])
+        return Selection(todo=todo, inputs=todo.select(names), seen=seen)
 
-    def check(self, run_id: str, sha: str, selection, held: lease.Lease) -> None:
+    def check(self, run_id: str, shas: tuple[str, ...], selection, held: lease.Lease) -> None:
         cfg = self.cfg
         held.check()
         # Defence in depth, for a store that ignores conditional writes: inputs another
-        # run committed since they were selected are not committed again. Only what the
-        # index gained since the selection is read: the night's cost, not the archive's.
+        # run committed since they were selected are not committed again, per model. Only
+        # what the index gained since the selection is read: the night's cost, not the
+        # archive's.
         since = index.Snapshot(cfg.out, cfg.storage).since(self.snapshot)
-        still_new = select_new(cfg, self.selected, sha, since)[0]["image_uri"]
-        uris = self.selected["image_uri"]
-        gone = uris.filter(pc.invert(pc.is_in(uris, value_set=still_new.combine_chunks())))
-        if len(gone):
+        listed = self.selected.select(listing.LISTING_SCHEMA.names)
+        still = select_new(cfg, listed, shas, since)[0]
+        wanted = models_of(self.selected, len(shas))
+        at = pc.index_in(self.selected["image_uri"], value_set=still["image_uri"].combine_chunks())
+        needed = np.zeros(len(wanted), dtype=np.int64)
+        needed[pc.is_valid(at).to_numpy(zero_copy_only=False)] = models_of(still, len(shas))[
+            pc.drop_null(at).to_numpy()
+        ]
+        for m, sha in enumerate(shas):
+            gone = self.selected["image_uri"].filter(
+                pa.array(((wanted >> m) & 1 == 1) & ((needed >> m) & 1 == 0))
+            )
+            if not len(gone):
+                continue
             names = set(as_indexed(cfg, gone.to_pylist()))
-            dropped = commit.drop_staged(cfg.out, cfg.storage, run_id, names)
+            model = sha if len(shas) > 1 else None
+            dropped = commit.drop_staged(cfg.out, cfg.storage, run_id, names, model)
             log.warning(
                 "meddx: %d inputs were committed by another run meanwhile: dropped their %d rows",
                 len(gone),
                 dropped,
             )
+
+
+def models_of(todo: pa.Table, k: int) -> np.ndarray:
+    """Each selected input's models, as a bit mask (bit i: the run's model i): its
+    ``models`` column, or all ``k`` where it has none (one model)."""
+    if "models" in todo.column_names:
+        return todo["models"].to_numpy()
+    return np.full(todo.num_rows, (1 << k) - 1, dtype=np.int64)

@@ -248,9 +248,12 @@ def _index_run(fs, out: str, settings: StorageSettings, plan: dict, staging: str
         log.debug("meddx: the index update's failure", exc_info=True)
 
 
-def drop_staged(out: str, settings: StorageSettings, run_id: str, uris: set[str]) -> int:
+def drop_staged(
+    out: str, settings: StorageSettings, run_id: str, uris: set[str], model: str | None = None
+) -> int:
     """Remove from a run's staged files the rows of ``uris`` (a shard's members go with
-    their shard); the number of rows removed."""
+    their shard), of the model ``model`` only where given (a run of several); the
+    number of rows removed."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
@@ -261,7 +264,10 @@ def drop_staged(out: str, settings: StorageSettings, run_id: str, uris: set[str]
         with fs.open(path, "rb") as fh:
             table = pq.read_table(fh)
         base = storage.shards_of(table["image_uri"])
-        keep = pc.invert(pc.is_in(base, pa.array(sorted(uris), pa.string())))
+        drop = pc.is_in(base, pa.array(sorted(uris), pa.string()))
+        if model is not None:
+            drop = pc.and_(drop, pc.equal(table["model_sha256"], model))
+        keep = pc.invert(drop)
         kept = table.filter(keep)
         if kept.num_rows == table.num_rows:
             continue

@@ -1,8 +1,11 @@
-"""The frozen configurations the command line builds and the library runs on.
+"""The frozen configurations the command line builds and the library runs on: the runs
+(score, screen, prepare, train, synth, demo) here, the commands on models and their
+results in ``models``, the checks they share in ``checks``.
 
 Every limit on an option is checked here, once, whoever builds the config (the CLI, a
-job script, a test). Imports neither torch nor Ray: the CLI reads the defaults below
-for ``--help`` and builds a config before anything heavy is imported.
+job script, a test). This package must not import torch, Ray or any meddx package
+but ``meddx.inputs`` and ``meddx.secret``: the CLI reads the defaults below for
+``--help`` and builds a config before anything heavy is imported.
 """
 
 from __future__ import annotations
@@ -12,9 +15,23 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from meddx import MeddxError
+from meddx.config.checks import (
+    DEFAULT_IMAGE_SIZE,
+    IMAGE_SIZES,
+    at_least,
+    check_run_date,
+    one_of,
+)
+from meddx.config.models import (  # noqa: F401 (meddx.config names every config)
+    OPTIMIZED_RUNTIMES,
+    CalibrateConfig,
+    EvaluateConfig,
+    ExplainConfig,
+    ImportWeightsConfig,
+    OptimizeConfig,
+)
 from meddx.inputs.storage import StorageSettings
 from meddx.names import (
-    DEFAULT_CHECK_IMAGES,
     DEFAULT_LOCK_TIMEOUT,
     DEFAULT_MAX_OBJECT_BYTES,
     DEFAULT_MAX_PIXELS,
@@ -23,27 +40,19 @@ from meddx.names import (
     DEFAULT_STORE_SIZE,
     DEFAULT_VIEWS,
     DICOMWEB_SCHEMES,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
+    MAX_MODELS,
     MODEL_NAMES,
-    OPTIMIZED_PRECISIONS,
     PRECISIONS,
     RUNTIMES,
     SYNTH_FORMATS,
     parse_finding_names,
     parse_modalities,
     parse_views,
-    positive_class_of,
 )
 
 # Synthetic films: 64 px is the smallest that still draws ribs and a visible opacity;
 # 4,300 covers the largest chest detectors (43 cm at 100 um).
 SYNTH_SIZES = (64, 4300)
-# Image sides training accepts: below 32 px the networks' strides leave nothing; above
-# 1,024 a batch of 32 no longer fits a worker's memory.
-IMAGE_SIZES = (32, 1024)
-# The input side torchvision's classifiers were designed for, and meddx trains at.
-DEFAULT_IMAGE_SIZE = 224
 # Short sides a store of films keeps (meddx prepare): at least what models take, at most
 # what a film is worth keeping at in 8 bits.
 STORE_SIZES = (32, 2048)
@@ -52,37 +61,13 @@ STORE_SIZES = (32, 2048)
 PROGRESS_SECONDS = 30.0
 
 
-def at_least(low: float, config, *names: str) -> None:
-    """Refuse a config whose field NAME (an option --NAME) is below ``low``; None (the
-    default chosen later) passes."""
-    for name in names:
-        value = getattr(config, name)
-        if value is not None and not value >= low:
-            raise MeddxError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
-
-
-def one_of(choices: tuple[str, ...], config, name: str) -> None:
-    """Refuse a config whose field NAME (an option --NAME) is not one of ``choices``."""
-    value = getattr(config, name)
-    if value not in choices:
-        raise MeddxError(f"--{name} must be one of {', '.join(choices)}, got {value!r}")
-
-
-def _run_date(text: str) -> None:
-    """Refuse a run date that is not YYYY-MM-DD: the partition's name, one spelling per date."""
-    try:
-        canonical = dt.date.fromisoformat(text).isoformat() == text
-    except (TypeError, ValueError):
-        canonical = False
-    if not canonical:
-        raise MeddxError(f"--run-date must be YYYY-MM-DD, got {text!r}")
-
-
 @dataclass(frozen=True)
 class ScoreConfig:
     """What ``meddx score`` runs on: INPUT, the checkpoint, OUT and how to score."""
 
     input: str
+    # The checkpoint; several (a tuple, --model given more than once) are scored in one
+    # pass: ``model`` keeps the first and ``more_models`` the others.
     model: str
     out: str
     batch_size: int | None = None  # None: GPU_BATCH with GPUs, else CPU_BATCH
@@ -118,10 +103,16 @@ class ScoreConfig:
     # A store of model-ready films (meddx prepare) that INPUT's films are read from:
     # those new or changed are decoded into it first, under its own lease.
     store: str | None = None
+    more_models: tuple[str, ...] = ()
     storage: StorageSettings = StorageSettings()
 
     def __post_init__(self):
-        _run_date(self.run_date)
+        check_run_date(self.run_date)
+        if not isinstance(self.model, str):  # --model A --model B
+            first, *more = self.model
+            object.__setattr__(self, "model", first)
+            object.__setattr__(self, "more_models", (*more, *self.more_models))
+        self._check_models()
         if isinstance(self.modalities, str):  # "CR,DX" or "any", as on the command line
             object.__setattr__(self, "modalities", parse_modalities(self.modalities))
         if isinstance(self.views, str):  # "PA,AP" or "any"
@@ -152,6 +143,23 @@ class ScoreConfig:
             raise MeddxError(f"--lock-timeout must be above 0, got {self.lock_timeout}")
         one_of(RUNTIMES, self, "runtime")
         one_of(PRECISIONS, self, "precision")
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        """The checkpoints of the run, in the order given: one row each per input."""
+        return (self.model, *self.more_models)
+
+    def _check_models(self) -> None:
+        models = self.models
+        if len(models) > MAX_MODELS:
+            raise MeddxError(f"--model at most {MAX_MODELS} times in one pass, got {len(models)}")
+        twice = next((m for i, m in enumerate(models) if m in models[:i]), None)
+        if twice is not None:
+            raise MeddxError(f"--model {twice} is given twice")
+        if len(models) > 1 and self.model_sha256 is not None:
+            raise MeddxError("--model-sha256 pins one checkpoint: give one --model with it")
+        if len(models) > 1 and self.results_to is not None:
+            raise MeddxError("--results-to stores one model's reports: give one --model with it")
 
 
 @dataclass(frozen=True)
@@ -208,7 +216,7 @@ class PrepareConfig:
     new_model: ClassVar[bool] = False
 
     def __post_init__(self):
-        _run_date(self.run_date)
+        check_run_date(self.run_date)
         low, high = STORE_SIZES
         if not low <= self.size <= high:
             raise MeddxError(f"--size must lie in [{low}, {high}], got {self.size}")
@@ -323,164 +331,6 @@ class SynthConfig:
             raise MeddxError("--findings prevalences must lie in [0, 1]")
         if self.quality_set and (self.height not in (None, self.size) or self.mix or self.findings):
             raise MeddxError("--quality-set takes a square --size and no --mix/--findings")
-
-
-@dataclass(frozen=True)
-class EvaluateConfig:
-    """What ``meddx evaluate`` reads and writes: scored PREDICTIONS against their labels."""
-
-    predictions: str  # a results tree, a dt= partition or one Parquet file
-    labels: str | None = None  # a manifest (uri, label, finding columns); None: class folders
-    json_path: str | None = None  # also write the figures as JSON here
-    plots: str | None = None  # ROC, precision-recall, reliability and histogram PNGs here
-    by: str | None = None  # also per value of this predictions or manifest column
-    storage: StorageSettings = StorageSettings()
-
-
-# An out-of-distribution threshold below the median of in-distribution scores would
-# flag half of the films the model was trained for.
-OOD_PERCENTILES = (50, 100)
-
-
-@dataclass(frozen=True)
-class CalibrateConfig:
-    """What ``meddx calibrate`` sets on MODEL from its scored validation PREDICTIONS: the
-    operating point for a target (and a temperature) and/or the OOD threshold."""
-
-    predictions: str
-    model: str
-    out: str  # the calibrated checkpoint to write
-    labels: str | None = None  # None: the class folder in image_uri
-    target_sensitivity: float | None = None
-    target_specificity: float | None = None
-    temperature: bool = False  # also fit temperature scaling
-    ood_percentile: float | None = None  # the OOD threshold at this percentile of ood_score
-    finding: str | None = None  # multi-label: the finding whose threshold is set
-    storage: StorageSettings = StorageSettings()
-
-    def __post_init__(self):
-        targets = (self.target_sensitivity, self.target_specificity)
-        if None not in targets:
-            raise MeddxError("give one of --target-sensitivity, --target-specificity")
-        if targets == (None, None) and self.ood_percentile is None:
-            raise MeddxError(
-                "give --target-sensitivity or --target-specificity, and/or --ood-percentile"
-            )
-        for name, value in zip(("sensitivity", "specificity"), targets, strict=True):
-            if value is not None and not 0 < value <= 1:
-                raise MeddxError(f"--target-{name} must lie in (0, 1], got {value}")
-        low, high = OOD_PERCENTILES
-        if self.ood_percentile is not None and not low <= self.ood_percentile <= high:
-            raise MeddxError(
-                f"--ood-percentile must lie in [{low:g}, {high:g}], got {self.ood_percentile}"
-            )
-
-
-# The runtimes ``meddx optimize`` exports to.
-OPTIMIZED_RUNTIMES = ("openvino",)
-
-
-@dataclass(frozen=True)
-class OptimizeConfig:
-    """What ``meddx optimize`` makes: CHECKPOINT's model for CPU nodes, tuned and checked
-    on the labelled images of CALIBRATION, written with the artefact inside to OUT."""
-
-    checkpoint: str
-    calibration: str
-    out: str
-    runtime: str = OPTIMIZED_RUNTIMES[0]
-    precision: str = OPTIMIZED_PRECISIONS[0]
-    max_images: int = DEFAULT_CHECK_IMAGES  # labelled images to tune and check on
-    # Epochs of quantization-aware fine-tuning; 0: post-training quantization only.
-    finetune_epochs: int = 0
-    storage: StorageSettings = StorageSettings()
-
-    def __post_init__(self):
-        one_of(OPTIMIZED_RUNTIMES, self, "runtime")
-        one_of(OPTIMIZED_PRECISIONS, self, "precision")
-        at_least(1, self, "max_images")
-        at_least(0, self, "finetune_epochs")
-
-
-@dataclass(frozen=True)
-class ImportWeightsConfig:
-    """What ``meddx import-weights`` wraps: a state dict trained elsewhere, with what the
-    training knew (classes or findings, input size, normalisation, thresholds)."""
-
-    weights: str
-    out: str
-    model_name: str
-    classes: tuple[str, ...] | None = None  # single-label: the outputs in order
-    findings: tuple[str, ...] | None = None  # multi-label: one sigmoid output each
-    positive_class: str | None = None  # None: the class that is not 'normal'
-    threshold: tuple[float, ...] = (0.5,)  # one, or (multi-label) one per finding
-    input_size: int = DEFAULT_IMAGE_SIZE
-    mean: tuple[float, ...] = IMAGENET_MEAN
-    std: tuple[float, ...] = IMAGENET_STD
-    modalities: tuple[str, ...] = DEFAULT_MODALITIES
-    storage: StorageSettings = StorageSettings()
-
-    def __post_init__(self):
-        if self.model_name not in MODEL_NAMES:
-            raise MeddxError(
-                f"unknown model {self.model_name!r}; choose from {', '.join(MODEL_NAMES)}"
-            )
-        if (self.classes is None) == (self.findings is None):
-            raise MeddxError("give either --classes (single-label) or --findings (multi-label)")
-        if self.classes is not None and (
-            len(self.classes) < 2 or len(set(self.classes)) != len(self.classes)
-        ):
-            raise MeddxError("--classes needs two or more distinct names")
-        if self.findings and len(self.threshold) not in (1, len(self.findings)):
-            raise MeddxError(f"--threshold needs 1 or {len(self.findings)} values")
-        if not self.findings and len(self.threshold) != 1:
-            raise MeddxError("--threshold takes one value for a single-label model")
-        if self.positive_class is not None and (
-            self.findings or self.positive_class not in self.class_names
-        ):
-            raise MeddxError(
-                f"--positive-class must be one of --classes {','.join(self.class_names)}"
-            )
-        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
-            raise MeddxError("--mean and --std need three values each, --std's above 0")
-        if not all(0 < t < 1 for t in self.threshold):
-            raise MeddxError("--threshold values must lie strictly between 0 and 1")
-        low, high = IMAGE_SIZES
-        if not low <= self.input_size <= high:
-            raise MeddxError(f"--input-size must lie in [{low}, {high}], got {self.input_size}")
-
-    @property
-    def class_names(self) -> tuple[str, ...]:
-        """The model's outputs in order: the findings, or the classes."""
-        return tuple(self.findings or self.classes)
-
-    @property
-    def positive(self) -> str:
-        """The class whose probability is the score (single-label)."""
-        return self.positive_class or positive_class_of(self.class_names)
-
-    @property
-    def thresholds(self) -> tuple[float, ...]:
-        """One threshold per output (multi-label) or the one (single-label)."""
-        if self.findings and len(self.threshold) == 1:
-            return self.threshold * len(self.findings)
-        return self.threshold
-
-
-@dataclass(frozen=True)
-class ExplainConfig:
-    """What ``meddx explain`` draws: Grad-CAM overlays of the TOP highest-scoring rows of
-    PREDICTIONS, scored by MODEL, as PNGs under OUT."""
-
-    predictions: str
-    model: str
-    out: str
-    top: int = 10
-    max_object_bytes: int = DEFAULT_MAX_OBJECT_BYTES
-    storage: StorageSettings = StorageSettings()
-
-    def __post_init__(self):
-        at_least(1, self, "top", "max_object_bytes")
 
 
 @dataclass(frozen=True)
