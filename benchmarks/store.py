@@ -423,7 +423,8 @@ def print_table(r: dict) -> None:
     )
     head = ("films", "d", "d512", "p_pipe", "p/d", "p/d512", "store%", "c", "s", "s/a", "s/c")
     head += ("s_auto", "/a", "/c")
-    print(" ".join(f"{h:>7s}" for h in head) + "   (images/s, whole commands)")
+    if r["by_n"]:
+        print(" ".join(f"{h:>7s}" for h in head) + "   (images/s, whole commands)")
     for n, f in r["by_n"].items():
         q = f["ratios"]
         cells = (

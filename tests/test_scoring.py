@@ -162,7 +162,7 @@ def test_killed_predictor_still_one_row_per_input(ray_session, tmp_path, random_
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not killed:
             pids = subprocess.run(
-                ["pgrep", "-f", r"MapBatches\(Predictor\)"], capture_output=True, text=True
+                ["pgrep", "-f", r"MapBatches\(Predictors\)"], capture_output=True, text=True
             ).stdout.split()
             if pids:
                 time.sleep(1.0)  # let it score a few batches first

@@ -23,7 +23,7 @@ from meddx.model import registry
 from meddx.pipelines.run import ModelRows
 from meddx.pipelines.scoring import score
 from meddx.pipelines.screening import screen
-from meddx.store import commit
+from meddx.store import commit, index
 
 from .images import dicom_cr, png
 
@@ -153,6 +153,16 @@ def test_nights_of_several_models_score_each_input_once_per_model(
     fs.pipe_file(f"{incoming}/img-2.png", png("RGB", size=90))
     third = night("2026-12-03", a, b)
     assert (third.new_inputs, third.rows) == (2, 2)
+    # The touched film is in the index with its new mtime: not read again, nor after a
+    # compaction folds the note into the index's base.
+    assert night("2026-12-04", a, b).new_inputs == 0
+    assert index.compact(f"{bucket}/results", settings, force=True)
+    assert night("2026-12-04", a, b).new_inputs == 0
+    # A night whose only news is a touched film: read, nothing staged, nothing committed.
+    fs.pipe_file(f"{incoming}/img-3.png", png("L", size=63))
+    touched = night("2026-12-05", a, b)
+    assert (touched.new_inputs, touched.rows) == (1, 0)
+    assert night("2026-12-05", a, b).new_inputs == 0
     rows = by_model(f"{bucket}/results", settings)  # asserts (input, model, version) once
     assert {len(r) for r in rows.values()} == {7}
     assert len(commit.read_results(f"{bucket}/results", settings, ["status"])) == 5 + 9 + 2

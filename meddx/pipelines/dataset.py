@@ -163,6 +163,11 @@ def build_dataset(
     read, read_kwargs = reading.read_objects, {"max_bytes": cfg.max_object_bytes}
     if store is not None:  # each input's stored film, not its bytes
         todo = films.locate(store.uri, cfg.storage, todo)
+        # In the order of the files that hold them: a block then reads one night's
+        # files, not a piece of every night's.
+        first = pc.fill_null(pc.list_element(todo["store_files"], 0), "")
+        order = pa.table({"file": first, "uri": todo["image_uri"]})
+        todo = todo.take(pc.sort_indices(order, [("file", "ascending"), ("uri", "ascending")]))
         read, read_kwargs = films.read_films, {"store": store.uri}
     ds = ray.data.from_arrow(scored_inputs(todo, located), override_num_blocks=blocks)
     ds = ds.map_batches(

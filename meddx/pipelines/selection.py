@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 
 from meddx import MeddxError
 from meddx.config import ScreenConfig
-from meddx.inputs import listing, reading
+from meddx.inputs import listing, reading, storage
 from meddx.pipelines.path_names import as_indexed, indexed_names, path_key
 from meddx.store import commit, index, lease, sql
 
@@ -245,6 +245,8 @@ class WhatIsNew:
     # The selected inputs (listing rows), which check selects by again.
     selected: pa.Table = field(default_factory=lambda: listing.uris_table([]))
     snapshot: index.Snapshot | None = None  # the index the selection read
+    # ... of them, those read again to compare their bytes (a new mtime, say).
+    again: pa.Table = field(default_factory=lambda: listing.uris_table([]))
 
     @property
     def since_days(self) -> int:
@@ -260,6 +262,8 @@ class WhatIsNew:
         todo, seen = select_new(self.cfg, listed, shas, self.snapshot)
         names = listing.LISTING_SCHEMA.names
         self.selected = todo.select([c for c in (*names, "models") if c in todo.column_names])
+        if "known" in todo.column_names:
+            self.again = self.selected.filter(pc.is_valid(todo["known"]))
         return Selection(todo=todo, inputs=todo.select(names), seen=seen)
 
     def check(self, run_id: str, shas: tuple[str, ...], selection, held: lease.Lease) -> None:
@@ -292,6 +296,36 @@ class WhatIsNew:
                 len(gone),
                 dropped,
             )
+        self.record_seen(run_id, shas)
+
+    def record_seen(self, run_id: str, shas: tuple[str, ...]) -> None:
+        """The inputs read again whose bytes a model had scored already (no row of it
+        staged: the read stage dropped them), into the index with their new listing
+        facts: touched, not changed, and not read again tomorrow."""
+        if not self.again.num_rows:
+            return
+        cfg = self.cfg
+        made_by = "model_sha256" if "model_sha256" in self.schema.names else "decode_sha256"
+        staged = commit.read_staged(cfg.out, cfg.storage, run_id, ["image_uri", made_by])
+        names = indexed_names(cfg, self.again.select(listing.LISTING_SCHEMA.names))
+        masks = models_of(self.again, len(shas))
+        facts = self.again.select(["size", "mtime", "etag"]).append_column("name", names)
+        seen = []
+        for m, sha in enumerate(shas):
+            scored = storage.shards_of(staged["image_uri"].filter(pc.equal(staged[made_by], sha)))
+            mine = pc.and_(
+                pa.array((masks >> m) & 1 == 1),
+                pc.invert(pc.is_in(names, value_set=scored.combine_chunks())),
+            )
+            part = facts.filter(mine)
+            seen.append(
+                part.append_column("model_sha256", pa.array([sha] * part.num_rows, pa.string()))
+            )
+        rows = index.record_seen(
+            cfg.out, cfg.storage, run_id, pa.concat_tables(seen), self.snapshot
+        )
+        if rows:
+            log.info("meddx: %d inputs read again were unchanged: noted in the index", rows)
 
 
 def models_of(todo: pa.Table, k: int) -> np.ndarray:

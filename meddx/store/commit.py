@@ -72,6 +72,12 @@ def staging_path(out: str, run_id: str) -> str:
 def write_staged(ds, out: str, settings: StorageSettings, run_id: str, schema: pa.Schema) -> str:
     """Write a Ray Dataset of output rows into this run's staging folder."""
     staging = staging_path(out, run_id)
+    # The folder exists before the write: Ray removes it when no row was written (every
+    # input read was dropped as scored already), which on S3 fails for a prefix with no
+    # object under it.
+    fs = storage.filesystem(out, settings)
+    fs.makedirs(staging, exist_ok=True)
+    fs.pipe_file(posixpath.join(staging, "_started"), b"")
     ds.write_parquet(staging, filesystem=storage.arrow_filesystem(out, settings), schema=schema)
     return staging
 
@@ -82,8 +88,12 @@ def read_staged(out: str, settings: StorageSettings, run_id: str, columns: list[
     staging = staging_path(out, run_id)
     fs.invalidate_cache()
     files = parquet_files(fs, staging) if fs.exists(staging) else []
-    if not files:
-        return OUTPUT_SCHEMA.empty_table().select(columns)
+    if not files:  # (a store's columns that results lack are strings: its hashes)
+        known = OUTPUT_SCHEMA.names
+        fields = [
+            OUTPUT_SCHEMA.field(c) if c in known else pa.field(c, pa.string()) for c in columns
+        ]
+        return pa.schema(fields).empty_table()
     return pads.dataset(
         files, filesystem=storage.arrow_filesystem(out, settings), format="parquet"
     ).to_table(columns=columns)

@@ -277,7 +277,8 @@ last AS (
            arg_max(mtime, scored_at) AS mtime, arg_max(etag, scored_at) AS etag
     FROM rows GROUP BY name
 )
-SELECT l.name AS image_uri, l.size, l.mtime, l.etag, list(DISTINCT r.file) AS store_files
+SELECT l.name AS image_uri, l.size, l.mtime, l.etag,
+       list_sort(list(DISTINCT r.file)) AS store_files
 FROM last l JOIN rows r USING (name, run_id)
 {where}
 GROUP BY ALL ORDER BY image_uri

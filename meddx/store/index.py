@@ -29,6 +29,7 @@ results. Index files are written under the run's lease on OUT, like the results.
 from __future__ import annotations
 
 import copy
+import datetime
 import json
 import logging
 import posixpath
@@ -49,6 +50,8 @@ INDEX = "_index"
 RUNS = "runs"
 # The listing facts of a run's selected inputs, staged beside its rows until the commit.
 INPUTS_FILE = "_inputs.parquet"
+# Under the index: each run's inputs read again and found unchanged (``record_seen``).
+SEEN = "seen"
 COMPACT_AFTER = 16  # run files the index holds before they are merged into a base
 CATCH_UP_ROWS = 1_000_000  # result rows per index file when they are read into it
 BATCH_ROWS = 65_536
@@ -143,6 +146,18 @@ class _State:
                 except Exception:
                     log.warning(
                         "meddx: index file %s is unreadable: left out", path[len(runs_dir) :]
+                    )
+        # Inputs runs read again and found unchanged (``record_seen``), a file a run.
+        seen_dir = posixpath.join(self.root, SEEN) + "/"
+        self.seen_files = []
+        for path in found:
+            if path.startswith(seen_dir) and path.endswith(".parquet"):
+                try:
+                    _, self.rows[path] = _covers(fs, path)
+                    self.seen_files.append(path)
+                except Exception:
+                    log.warning(
+                        "meddx: index file %s is unreadable: left out", path[len(seen_dir) :]
                     )
         # Run files a base already holds (a compaction stopped before removing them).
         self.loose = {p: f for p, f in self.run_files.items() if not f <= self.in_base}
@@ -252,6 +267,46 @@ def record_run(
     return rows.num_rows
 
 
+SEEN_SQL = """
+SELECT s.name, arg_max(i.image_uri, i.scored_at) AS image_uri,
+       arg_max(i.content_sha256, i.scored_at) AS content_sha256, s.model_sha256,
+       $now AS scored_at, arg_max(i.run_id, i.scored_at) AS run_id,
+       arg_max(i.dt, i.scored_at) AS dt, s.size, s.mtime, s.etag,
+       arg_max(i.file, i.scored_at) AS file
+FROM seen s JOIN idx i ON i.name = s.name AND i.model_sha256 = s.model_sha256
+GROUP BY ALL
+"""
+
+
+def record_seen(
+    out: str, settings: StorageSettings, run_id: str, seen: pa.Table, snapshot: Snapshot
+) -> int:
+    """Index rows for inputs a run read again and found unchanged (touched: a new mtime,
+    the same bytes, so no new result row): for each (``name``, ``model_sha256``) of
+    ``seen``, its latest row in ``snapshot`` once more, with the listing's new size,
+    mtime and etag and the time of this check, so that the next run does not read it
+    again. A file of this run's under ``_index/seen/``; its rows stand for the result
+    files they name (gone with them), and a compaction folds them into the base. Rows
+    written."""
+    from meddx.store import sql
+
+    con = sql.connect()
+    try:
+        con.register("seen", seen.select(["name", "model_sha256", "size", "mtime", "etag"]))
+        names = pa.array(sorted(set(seen["name"].to_pylist())), pa.string())
+        con.register("idx", snapshot.scan(where=pc.field("name").isin(names)))
+        now = datetime.datetime.now(datetime.UTC)
+        rows = con.sql(SEEN_SQL, params={"now": now}).to_arrow_table()
+    finally:
+        con.close()
+    if not rows.num_rows:
+        return 0
+    rows = rows.select(INDEX_SCHEMA.names).cast(INDEX_SCHEMA)
+    fs = storage.filesystem(out, settings)
+    _write(fs, posixpath.join(_root(out), SEEN, f"{run_id}.parquet"), rows, ())
+    return rows.num_rows
+
+
 def stage_inputs(out: str, settings: StorageSettings, staging: str, inputs: pa.Table) -> None:
     """Keep what the listing said of a run's inputs (``name``, as OUT's rows name them,
     with size, mtime and etag) in its staging folder, for ``record_run``."""
@@ -300,6 +355,7 @@ class Snapshot:
         self.files = sorted(p for p, covers in state.loose.items() if covers & self.live)
         if state.base and state.in_base & self.live:
             self.files.insert(0, state.base)
+        self.files += sorted(state.seen_files)
         self._rows = {p: state.rows[p] for p in self.files}
 
     @property
