@@ -244,7 +244,10 @@ def agreement(ckpt, uris: list[str], images: np.ndarray, direct: Path, stored: P
     same = float(np.mean((sa >= ckpt.threshold) == (sb >= ckpt.threshold)))
     pos = ckpt.positive_index
     mine = probabilities(ckpt, images)[:, pos]
-    noise = np.abs(probabilities(ckpt, optimize.grey_level_noise(images))[:, pos] - mine)
+    noisy = probabilities(ckpt, optimize.grey_level_noise(images))[:, pos]
+    noise = np.abs(noisy - mine)
+    # The decisions one grey level of noise alone changes: the model's own floor.
+    noise_same = float(np.mean((mine >= ckpt.threshold) == (noisy >= ckpt.threshold)))
     return {
         "films": len(uris),
         "threshold": ckpt.threshold,
@@ -258,6 +261,7 @@ def agreement(ckpt, uris: list[str], images: np.ndarray, direct: Path, stored: P
         "score_difference_p99": round(float(np.quantile(diff, 0.99)), 4),
         "one_grey_level_max": round(float(noise.max()), 4),
         "one_grey_level_p99": round(float(np.quantile(noise, 0.99)), 4),
+        "one_grey_level_same_decision": round(noise_same, 4),
         # Check of the noise's reference: these images are what `score DIR` scored.
         "in_process_vs_score_dir_max": round(float(np.abs(mine - sa).max()), 5),
         "holds": same >= SAME_DECISION_TARGET
@@ -480,7 +484,8 @@ def print_agreement(title: str, g: dict) -> None:
     )
     print(
         f"    one grey level of noise on the direct path's images: |score change| max "
-        f"{g['one_grey_level_max']}, p99 {g['one_grey_level_p99']}; "
+        f"{g['one_grey_level_max']}, p99 {g['one_grey_level_p99']}, same decision "
+        f"{g.get('one_grey_level_same_decision', float('nan')):.2%}; "
         f"{'holds' if g['holds'] else 'DOES NOT HOLD'}"
     )
 
