@@ -18,15 +18,15 @@ $(STAMP): pyproject.toml
 # Orthanc with its DICOMweb plugin, from Debian's packages: the PACS the tests run
 # against (tests/pacs.py starts its own, on free ports; the service is not started).
 pacs-deps:
-	test -x /usr/sbin/Orthanc -a -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so || { \
+	test -x /usr/sbin/Orthanc -a -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so -a -x /usr/bin/storescu || { \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-	    orthanc orthanc-dicomweb >/dev/null; }
+	    orthanc orthanc-dicomweb dcmtk >/dev/null; }
 
 demo: install
 	$(BIN)/meddx demo
 
 test: install
-	@$(MAKE) -s pacs-deps || echo "warning: orthanc could not be installed; the PACS tests will skip"
+	@$(MAKE) -s pacs-deps || echo "warning: orthanc or dcmtk could not be installed; the PACS tests will skip"
 	$(BIN)/python -m pytest -v --durations=15
 
 test-fast: install

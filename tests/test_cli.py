@@ -16,6 +16,7 @@ COMMANDS = [
     "train",
     "score",
     "screen",
+    "listen",
     "evaluate",
     "calibrate",
     "explain",
@@ -65,6 +66,27 @@ def test_top_level_help_lists_every_command():
         (["optimize", "m.pt", "--out", "o.pt"], "Missing option '--calibration'"),
         (["prepare", "in"], "Missing option '--out'"),
         (["prepare", "in", "--out", "s", "--size", "4096"], "--size must lie in"),
+        (["listen", "--archive", "a", "--model", "m", "--out", "o"], "Missing option '--allow-ae'"),
+        (
+            ["listen", "--archive", "a", "--model", "m", "--out", "o", "--allow-ae", "A\\B"],
+            "not an AE title",
+        ),
+        (
+            [
+                "listen",
+                "--archive",
+                "a",
+                "--model",
+                "m",
+                "--out",
+                "o",
+                "--allow-ae",
+                "A",
+                "--port",
+                "70000",
+            ],  # fmt: skip
+            "--port must lie in [0, 65535]",
+        ),
     ],
 )
 def test_bad_flags_are_one_line_errors(args, expected):

@@ -21,7 +21,7 @@ from typing import NoReturn
 import click
 
 from meddx import MeddxAlarm, MeddxBusy, MeddxError, __version__
-from meddx.cli import analysis, data, model, scoring, training
+from meddx.cli import analysis, data, listening, model, scoring, training
 
 
 class ConsoleHandler(logging.Handler):
@@ -77,6 +77,7 @@ for command in (
     training.train,
     scoring.score,
     scoring.screen,
+    listening.listen,
     analysis.evaluate,
     analysis.calibrate,
     analysis.explain,

@@ -11,6 +11,7 @@ but ``meddx.inputs`` and ``meddx.secret``: the CLI reads the defaults below for
 from __future__ import annotations
 
 import datetime as dt
+import re
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -175,6 +176,9 @@ class ScreenConfig(ScoreConfig):
     drift_window: int = 7  # how many earlier run dates form the reference distribution
     # A DICOMweb source is asked only for studies of the last this many days (StudyDate).
     since_days: int = 2
+    # The worklist, report and summary of every run of the run date, not only this
+    # run's: meddx listen's batches keep the day's current.
+    whole_day: bool = False
 
     def __post_init__(self):
         super().__post_init__()
@@ -188,6 +192,50 @@ class ScreenConfig(ScoreConfig):
             raise MeddxError(f"--since must be at least 0 days, got {self.since_days}")
         if self.drift_window < 1:
             raise MeddxError(f"the drift window must be at least 1 night, got {self.drift_window}")
+
+
+# An AE title (PS3.5 6.2, VR AE): 1-16 characters of the default repertoire, no
+# backslash or control character, not only spaces.
+AE_TITLE = re.compile(r"[\x20-\x5b\x5d-\x7e]{1,16}")
+
+
+def parse_ae_titles(text: str | tuple[str, ...]) -> tuple[str, ...]:
+    """ "PACS1,PACS2" (or a tuple) as AE titles, each checked; one line for a bad one."""
+    titles = tuple(t.strip() for t in text.split(",")) if isinstance(text, str) else text
+    for title in titles:
+        if not AE_TITLE.fullmatch(title) or not title.strip():
+            raise MeddxError(f"not an AE title (1-16 characters, no backslash): {title!r}")
+    return titles
+
+
+@dataclass(frozen=True)
+class ListenConfig:
+    """What ``meddx listen`` runs: a DICOM receiver, the ARCHIVE it keeps what it is sent
+    in, and the screening run each settled study goes through (``scoring``, whose INPUT
+    each batch sets)."""
+
+    archive: str
+    scoring: ScreenConfig
+    allow_ae: tuple[str, ...]  # calling AE titles accepted; others rejected at association
+    ae_title: str = "MEDDX"
+    host: str = "0.0.0.0"
+    port: int = 11112
+    settle: float = 60.0  # a study is complete when nothing arrived for it this long
+    health_port: int | None = None  # GET /health on this port, None: none
+
+    def __post_init__(self):
+        object.__setattr__(self, "allow_ae", parse_ae_titles(self.allow_ae))
+        if not self.allow_ae:
+            raise MeddxError("--allow-ae names the calling AE titles to accept")
+        parse_ae_titles((self.ae_title,))
+        for name in ("port", "health_port"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= 65535:
+                raise MeddxError(f"--{name.replace('_', '-')} must lie in [0, 65535], got {value}")
+        if not self.settle >= 0:
+            raise MeddxError(f"--settle must be at least 0 seconds, got {self.settle}")
+        if self.scoring.results_to is not None:
+            raise MeddxError("meddx listen does not send results back yet: no --results-to")
 
 
 @dataclass(frozen=True)

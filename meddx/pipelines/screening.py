@@ -131,7 +131,13 @@ class Screening(WhatIsNew):
         return run.ModelRows(self.cfg)
 
     def finish(self, outcome: run.Outcome) -> NightSummary:
-        cfg, rows = self.cfg, outcome.rows
+        cfg = self.cfg
+        if cfg.whole_day:  # the run date's rows, of every run: the day's worklist
+            rows = commit.read_results(
+                cfg.out, cfg.storage, self.columns, dates=[cfg.run_date], schema=self.schema
+            )
+            outcome = dataclasses.replace(outcome, rows=rows)
+        rows = outcome.rows
         summary = summarise(cfg, outcome)
         # Each model's drift against its own recent nights.
         drifts, histories = [], []

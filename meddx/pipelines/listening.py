@@ -1,0 +1,188 @@
+"""``meddx listen``: DICOM in, studies scored as soon as they are complete.
+
+    C-STORE --> Receiver (meddx.pacs.receiver) --durable--> ARCHIVE/STUDY/INSTANCE.dcm --> ack
+                    |
+                    | a study nothing arrived for in --settle seconds
+                    v
+    a batch's manifest (uri, size, mtime, etag = the content's sha256)
+        --> a screening run (meddx.pipelines.screening): lease, selection against OUT's
+            index, staging, exactly-once commit, QC, worklist, report, alarms
+
+Each batch is one ``screen`` run over a manifest of the settled studies' instances, in
+the same process: Ray starts once and stays up between batches. The selection makes it
+exactly once per (instance, model): an instance sent again with the same bytes is not
+scored again, one with other bytes is (its etag differs). On start, one run over the
+whole archive scores what an earlier listener acknowledged and never scored (killed,
+say). Ctrl-C or SIGTERM stops accepting, lets the instances being written finish, and
+ends the batch in flight the way any run ends: what it committed stays, what it only
+staged is scored again by the next start.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import logging
+import tempfile
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from meddx import MeddxAlarm, MeddxError, secret
+from meddx.config import ListenConfig
+from meddx.pacs.receiver import Receiver, Study
+from meddx.pipelines import cluster
+from meddx.pipelines.screening import screen
+
+log = logging.getLogger(__name__)
+
+POLL_SECONDS = 0.5  # how often settled studies are looked for
+
+
+@dataclasses.dataclass
+class Counts:
+    """What the health endpoint reports, besides the receiver's own counts."""
+
+    batches: int = 0
+    rows_today: int = 0  # the run date's rows in OUT, as the last batch left them
+    failed_batches: int = 0
+    accepting: bool = False
+    caught_up: bool = False  # the start's run over the archive is done
+
+
+def listen(cfg: ListenConfig, stop: threading.Event | None = None) -> Counts:
+    """Receive until ``stop`` is set (or the process is interrupted); score each study
+    once it has settled. The counts at the end."""
+    key = secret.pseudonym_key()
+    if key is None:
+        raise MeddxError(
+            "meddx listen needs MEDDX_PSEUDONYM_KEY (or MEDDX_PSEUDONYM_KEY_FILE): the "
+            "archive names studies and instances by keyed pseudonyms of their UIDs"
+        )
+    stop = stop or threading.Event()
+    receiver = Receiver(cfg.archive, cfg.scoring.storage, key, cfg.ae_title, cfg.allow_ae)
+    counts = Counts()
+    health = None
+    if cfg.health_port is not None:
+        health = start_health(cfg.host, cfg.health_port, receiver, counts)
+    receiver.start(cfg.host, cfg.port)
+    counts.accepting = True
+    log.info("meddx listen: %s on port %d", cfg.ae_title, receiver.port)
+    try:
+        cluster.init_ray()
+        catch_up(cfg, counts)
+        counts.caught_up = True
+        while not stop.wait(POLL_SECONDS):
+            due = receiver.settled(cfg.settle)
+            if due:
+                score_batch(cfg, receiver, due, counts)
+    finally:
+        counts.accepting = False
+        receiver.stop()
+        if health is not None:
+            health.shutdown()
+    return counts
+
+
+def catch_up(cfg: ListenConfig, counts: Counts) -> None:
+    """One run over the whole archive: what an earlier listener acknowledged and did not
+    score. An archive with nothing in it yet is no error."""
+    try:
+        archive = dataclasses.replace(
+            cfg.scoring, input=cfg.archive, run_date=today(), whole_day=True
+        )
+        summary = screen(archive)
+    except MeddxAlarm as exc:
+        log.warning("meddx listen: alarm: %s", exc)
+        return
+    except MeddxError as exc:  # an empty or new archive: nothing to catch up with
+        log.info("meddx listen: nothing to catch up with (%s)", exc)
+        return
+    counts.rows_today = summary.rows
+
+
+def score_batch(cfg: ListenConfig, receiver: Receiver, due: dict[str, Study], counts) -> None:
+    """The settled studies, as one screening run over their instances; given back to the
+    receiver when the run fails, to be tried with the next batch."""
+    with tempfile.TemporaryDirectory(prefix="meddx-listen-") as folder:
+        manifest = Path(folder) / "batch.parquet"
+        pq.write_table(batch_manifest(due), manifest)
+        run = dataclasses.replace(
+            cfg.scoring, input=str(manifest), run_date=today(), whole_day=True
+        )
+        try:
+            summary = screen(run)
+        except MeddxAlarm as exc:  # committed, and said: the listener goes on
+            log.warning("meddx listen: alarm: %s", exc)
+            counts.batches += 1
+            return
+        except MeddxError as exc:
+            log.warning("meddx listen: a batch of %d studies failed: %s", len(due), exc)
+            counts.failed_batches += 1
+            receiver.give_back(due)
+            return
+    counts.batches += 1
+    counts.rows_today = summary.rows
+    log.info(
+        "meddx listen: %d studies, %d new instances; today %d rows, %d positives",
+        len(due),
+        summary.new_inputs,
+        summary.rows,
+        summary.positives,
+    )
+
+
+def batch_manifest(due: dict[str, Study]) -> pa.Table:
+    """The instances of ``due`` as a manifest: uri, size and etag, the content's sha256:
+    the same bytes sent again are not read again, other bytes under the same name are.
+    (No mtime: the content's hash says more.)"""
+    rows = [(uri, size, sha) for s in due.values() for uri, (size, sha) in s.instances.items()]
+    return pa.table(
+        {
+            "uri": pa.array([r[0] for r in rows], pa.string()),
+            "size": pa.array([r[1] for r in rows], pa.int64()),
+            "etag": pa.array([r[2] for r in rows], pa.string()),
+        }
+    )
+
+
+def today() -> str:
+    return dt.datetime.now(dt.UTC).date().isoformat()
+
+
+def start_health(host: str, port: int, receiver: Receiver, counts: Counts) -> ThreadingHTTPServer:
+    """``GET /health``: whether it is accepting, and its queue, as JSON (200, or 503
+    when not accepting)."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            studies, instances = receiver.pending()
+            body = json.dumps(
+                {
+                    "accepting": counts.accepting,
+                    "caught_up": counts.caught_up,
+                    "pending_studies": studies,
+                    "pending_instances": instances,
+                    "received": receiver.received,
+                    "refused": receiver.refused,
+                    "batches": counts.batches,
+                    "failed_batches": counts.failed_batches,
+                    "rows_today": counts.rows_today,
+                }
+            ).encode()
+            self.send_response(200 if counts.accepting else 503)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):  # the library logs through logging, not stderr
+            log.debug("meddx listen: health asked")
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True, name="meddx-health").start()
+    return server
