@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # torch/torchvision come from pip exactly as pinned in pyproject.toml.
 PIP_INSTALL := $(BIN)/pip install --disable-pip-version-check
 
-.PHONY: install pacs-deps demo test test-fast lint nightly bench bench-qc bench-png512 bench-scale bench-scale-dicom bench-inputs bench-archive bench-decode bench-runtimes bench-store train-ddp score submit-score submit-train clean
+.PHONY: install pacs-deps demo test test-fast lint nightly bench bench-qc bench-png512 bench-scale bench-scale-dicom bench-inputs bench-archive bench-decode bench-runtimes bench-store bench-listen train-ddp score submit-score submit-train clean
 
 install: $(STAMP)
 
@@ -113,6 +113,10 @@ bench-runtimes: install
 # films of the mix: prepare and score rates, store bytes, training, score agreement.
 bench-store: install
 	$(BIN)/python benchmarks/store.py
+
+# meddx listen: MB/s received from 4 storescu clients, and how soon a settled study is scored.
+bench-listen: install
+	$(BIN)/python benchmarks/listen.py
 
 # One night of screening on this machine: synthetic arrivals, then `meddx screen`.
 NIGHT ?= $(shell date +%F)

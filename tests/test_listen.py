@@ -4,7 +4,6 @@ started on free ports and stopped by its pid."""
 
 import io
 import json
-import shutil
 import signal
 import subprocess
 import time
@@ -18,11 +17,14 @@ from pydicom.uid import generate_uid
 
 from meddx.inputs.storage import StorageSettings
 from meddx.store.commit import read_results
+from meddx.synthetic.dicom_film import encode_film
 
 from .helpers import MEDDX, free_port, session_env, terminate
 from .images import dicom_cr, gradient
 
-pytestmark = pytest.mark.skipif(shutil.which("storescu") is None, reason="needs dcmtk")
+# Debian's dcmtk, by its path: pynetdicom installs a storescu of its own in the venv.
+STORESCU = "/usr/bin/storescu"
+pytestmark = pytest.mark.skipif(not Path(STORESCU).exists(), reason="needs dcmtk's storescu")
 KEY = "listen-test-key-0123456789abcdef"
 STUDY = "1.2.826.0.1.3680043.8.498.77"
 
@@ -63,22 +65,9 @@ class Listener:
         self.log.flush()
         return (self.tmp / f"listen-{self.port}.log").read_text(errors="replace")[-3000:]
 
-    def send(self, *files: Path, aet: str = "CR1") -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [
-                "storescu",
-                "-aet",
-                aet,
-                "-aec",
-                "MEDDX",
-                "127.0.0.1",
-                str(self.port),
-                *map(str, files),
-            ],  # fmt: skip
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+    def send(self, *files: Path, aet: str = "CR1", propose=()) -> subprocess.CompletedProcess:
+        args = [STORESCU, *propose, "-aet", aet, "-aec", "MEDDX", "127.0.0.1", str(self.port)]
+        return subprocess.run([*args, *map(str, files)], capture_output=True, text=True, timeout=60)
 
     def rows(self) -> list[dict]:
         if not self.out.exists():
@@ -97,14 +86,14 @@ class Listener:
         self.log.close()
 
 
-def films(folder: Path, n: int, start: int = 0) -> list[Path]:
+def films(folder: Path, n: int, start: int = 0, study: str = STUDY) -> list[Path]:
     """``n`` computed radiographs of one study, each its own instance."""
-    folder.mkdir(exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i in range(start, start + n):
         pixels = (np.roll(gradient(64), 7 * i, axis=1) * 4095).astype(np.uint16)
         ds = pydicom.dcmread(io.BytesIO(dicom_cr(pixels)))
-        ds.StudyInstanceUID = STUDY
+        ds.StudyInstanceUID = study
         path = folder / f"film-{i}.dcm"
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
@@ -154,6 +143,30 @@ def test_a_study_is_scored_once_it_settles_and_each_instance_once(listener, tmp_
     assert len(again.rows()) == 4
 
 
+def test_forty_studies_from_four_clients_at_once(listener, tmp_path):
+    server = listener()
+    batches = [
+        [f for k in range(10) for f in films(tmp_path / f"c{c}", 1, k, f"{STUDY}.{c}.{k}")]
+        for c in range(4)
+    ]
+    clients = [
+        subprocess.Popen(
+            [STORESCU, "-aet", "PACS", "-aec", "MEDDX", "127.0.0.1", str(server.port), *files],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for files in batches
+    ]
+    assert [c.wait(120) for c in clients] == [0, 0, 0, 0]
+    state = server.wait(
+        lambda h: h["rows_today"] >= 40 and h["pending_instances"] == 0, 180, "done scoring"
+    )
+    assert state["received"] == 40 and state["failed_batches"] == 0
+    rows = server.rows()
+    assert len(rows) == 40 and len({r["image_uri"] for r in rows}) == 40
+    assert len({p.parent for p in server.archive.rglob("*.dcm")}) == 40  # a folder a study
+
+
 def test_unknown_callers_and_what_is_no_instance_are_refused(listener, tmp_path):
     from pynetdicom import AE
     from pynetdicom.sop_class import ComputedRadiographyImageStorage
@@ -175,8 +188,18 @@ def test_unknown_callers_and_what_is_no_instance_are_refused(listener, tmp_path)
     assert assoc.send_c_store(good).Status == 0x0000  # and it keeps serving
     assoc.release()
     assert len(list(server.archive.rglob("*.dcm"))) == 1
+    # A JPEG 2000 film is kept as it was sent: its transfer syntax, its pixel data's bytes.
+    film = tmp_path / "j2k.dcm"
+    film.write_bytes(encode_film(gradient(96), "dicom-j2k", index=0, seed=0))
+    assert server.send(film, propose=["-xv"]).returncode == 0  # propose JPEG 2000 lossless
+    sent = pydicom.dcmread(film)
+    (kept,) = [p for p in server.archive.rglob("*.dcm") if pydicom.dcmread(p).SOPInstanceUID
+               == sent.SOPInstanceUID]  # fmt: skip
+    kept = pydicom.dcmread(kept)
+    assert kept.file_meta.TransferSyntaxUID == sent.file_meta.TransferSyntaxUID
+    assert kept.file_meta.TransferSyntaxUID.is_compressed and kept.PixelData == sent.PixelData
     state = server.state()
-    assert (state["received"], state["refused"]) == (1, 1)
+    assert (state["received"], state["refused"]) == (2, 1)
     assert "PatientName" not in server.output() and "Doe" not in server.output()
 
 

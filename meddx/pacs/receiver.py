@@ -74,6 +74,9 @@ class Receiver:
         self.local = not storage.is_s3(self.archive)
         self.ae = AE(ae_title=ae_title)
         self.ae.require_calling_aet = list(allow_ae)
+        # No limit on the PDUs a sender may send: at pynetdicom's default of 16 KB a
+        # 13 MB film is 800 PDUs, each handled in Python.
+        self.ae.maximum_pdu_size = 0
         for context in StoragePresentationContexts:
             self.ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
         self.lock = threading.Lock()

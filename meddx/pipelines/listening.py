@@ -26,6 +26,7 @@ import json
 import logging
 import tempfile
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -114,6 +115,7 @@ def score_batch(cfg: ListenConfig, receiver: Receiver, due: dict[str, Study], co
         run = dataclasses.replace(
             cfg.scoring, input=str(manifest), run_date=today(), whole_day=True
         )
+        started = time.perf_counter()
         try:
             summary = screen(run)
         except MeddxAlarm as exc:  # committed, and said: the listener goes on
@@ -128,9 +130,12 @@ def score_batch(cfg: ListenConfig, receiver: Receiver, due: dict[str, Study], co
     counts.batches += 1
     counts.rows_today = summary.rows
     log.info(
-        "meddx listen: %d studies, %d new instances; today %d rows, %d positives",
+        "meddx listen: %d studies, %d new instances, committed in %.1f s, reported in "
+        "%.1f s; today %d rows, %d positives",
         len(due),
         summary.new_inputs,
+        summary.seconds,
+        time.perf_counter() - started,
         summary.rows,
         summary.positives,
     )
