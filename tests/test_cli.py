@@ -87,6 +87,22 @@ def test_top_level_help_lists_every_command():
             ],  # fmt: skip
             "--port must lie in [0, 65535]",
         ),
+        (
+            [
+                "listen",
+                "--archive",
+                "a",
+                "--model",
+                "m",
+                "--out",
+                "o",
+                "--allow-ae",
+                "A",
+                "--tls-cert",
+                "README.md",
+            ],  # fmt: skip
+            "--tls-cert and --tls-key go together",
+        ),
     ],
 )
 def test_bad_flags_are_one_line_errors(args, expected):

@@ -32,13 +32,13 @@ STUDY = "1.2.826.0.1.3680043.8.498.77"
 class Listener:
     """A `meddx listen` process on free ports, its log in a file."""
 
-    def __init__(self, ray, tmp: Path, model: str, settle: float = 2.0):
+    def __init__(self, ray, tmp: Path, model: str, settle: float = 2.0, extra=()):
         self.tmp, self.archive, self.out = tmp, tmp / "archive", tmp / "out"
         self.port, self.health = free_port(), free_port()
         args = [MEDDX, "listen", "--ae-title", "MEDDX", "--port", str(self.port),
                 "--allow-ae", "CR1,PACS", "--archive", str(self.archive), "--model", model,
                 "--out", str(self.out), "--settle", str(settle),
-                "--health-port", str(self.health)]  # fmt: skip
+                "--health-port", str(self.health), *extra]  # fmt: skip
         self.log = open(tmp / f"listen-{self.port}.log", "wb")
         env = {**session_env(ray), "MEDDX_PSEUDONYM_KEY": KEY}
         self.proc = subprocess.Popen(args, env=env, stdout=self.log, stderr=subprocess.STDOUT)
@@ -241,3 +241,26 @@ def test_deploy_manifests_run_the_listener_with_options_it_takes():
     line = next(x for x in unit.splitlines() if x.startswith("ExecStart="))
     args = re.sub(r'"\$\w+"', "X", line.split("meddx listen ", 1)[1].rstrip("'")).split()
     assert listen.make_context("listen", args).params["settle"] == 60.0
+
+
+def test_over_tls_a_plain_association_is_refused(listener, tmp_path):
+    import ssl
+
+    from pynetdicom import AE
+    from pynetdicom.sop_class import ComputedRadiographyImageStorage
+
+    from .pacs import site_ca
+
+    ca, cert, key = site_ca(tmp_path / "tls")
+    server = listener(settle=60, extra=["--tls-cert", str(cert), "--tls-key", str(key)])
+    (film,) = films(tmp_path / "study", 1)
+    ae = AE(ae_title="PACS")
+    ae.acse_timeout = ae.network_timeout = 5
+    ae.add_requested_context(ComputedRadiographyImageStorage)
+    assert not ae.associate("127.0.0.1", server.port, ae_title="MEDDX").is_established
+    client = ssl.create_default_context(cafile=str(ca))
+    assoc = ae.associate("127.0.0.1", server.port, ae_title="MEDDX", tls_args=(client, "127.0.0.1"))
+    assert assoc.is_established
+    assert assoc.send_c_store(pydicom.dcmread(film)).Status == 0x0000
+    assoc.release()
+    assert len(list(server.archive.rglob("*.dcm"))) == 1

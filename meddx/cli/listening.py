@@ -5,7 +5,14 @@ from __future__ import annotations
 import click
 
 from meddx import names
-from meddx.cli.options import build, given, option, parsed, storage_option
+from meddx.cli.options import (
+    build,
+    given,
+    modalities_option,
+    option,
+    storage_option,
+    views_option,
+)
 from meddx.config import ListenConfig, ScreenConfig
 
 
@@ -42,22 +49,27 @@ from meddx.config import ListenConfig, ScreenConfig
 )
 @option(ScreenConfig, "precision", type=click.Choice(names.PRECISIONS), help="As score's.")
 @option(ScreenConfig, "runtime", type=click.Choice(names.RUNTIMES), help="As score's.")
+@modalities_option
+@views_option
 @click.option(
-    "--modalities",
+    "--tls-cert",
+    type=click.Path(exists=True, dir_okay=False),
     default=None,
-    metavar="LIST",
-    callback=parsed(names.parse_modalities),
-    help="DICOM Modality values to score, or 'any' [default: the checkpoint's].",
+    help="DICOM over TLS: this receiver's certificate (PEM) [default: no TLS].",
 )
 @click.option(
-    "--views",
+    "--tls-key", type=click.Path(exists=True, dir_okay=False), default=None, help="... its key."
+)
+@click.option(
+    "--tls-ca",
+    type=click.Path(exists=True, dir_okay=False),
     default=None,
-    metavar="LIST",
-    callback=parsed(names.parse_views),
-    help="DICOM ViewPosition values the model reads, or 'any' [default: the checkpoint's].",
+    help="Senders must show a certificate this CA (PEM) signed [default: any sender].",
 )
 @storage_option
-def listen(ae_title, host, port, allow_ae, archive, settle, health_port, **opts):
+def listen(
+    ae_title, host, port, allow_ae, archive, settle, health_port, tls_cert, tls_key, tls_ca, **opts
+):
     """Receive DICOM (C-STORE) into ARCHIVE and score each study once it is complete.
 
     An instance is acknowledged once its bytes are durably kept. A study nothing has
@@ -76,6 +88,9 @@ def listen(ae_title, host, port, allow_ae, archive, settle, health_port, **opts)
         port=port,
         settle=settle,
         health_port=health_port,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        tls_ca=tls_ca,
     )
     from meddx.pipelines.listening import listen as run
 

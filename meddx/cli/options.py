@@ -127,3 +127,20 @@ def findings_option(help: str):
         callback=parsed(names.parse_finding_names),
         help=help,
     )
+
+
+modalities_option = click.option(
+    "--modalities",
+    default=None,
+    metavar="LIST",
+    callback=parsed(names.parse_modalities),
+    help="DICOM Modality values to score, e.g. CR,DX, or 'any' [default: the checkpoint's].",
+)
+views_option = click.option(
+    "--views",
+    default=None,
+    metavar="LIST",
+    callback=parsed(names.parse_views),
+    help="DICOM ViewPosition values the model reads, e.g. PA,AP, or 'any'; other views "
+    "are qc=wrong_view [default: the checkpoint's].",
+)

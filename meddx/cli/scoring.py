@@ -12,10 +12,11 @@ from meddx.cli.options import (
     build,
     given,
     max_object_bytes_option,
+    modalities_option,
     option,
     options,
-    parsed,
     storage_option,
+    views_option,
     with_ca_bundle,
 )
 from meddx.config import ScoreConfig, ScreenConfig
@@ -81,21 +82,8 @@ SCORING_OPTIONS = [
     ),
     option(ScoreConfig, "max_pixels", help="Refuse images with more pixels (decompression bombs)."),
     max_object_bytes_option(ScoreConfig),
-    click.option(
-        "--modalities",
-        default=None,
-        metavar="LIST",
-        callback=parsed(names.parse_modalities),
-        help="DICOM Modality values to score, e.g. CR,DX, or 'any' [default: the checkpoint's].",
-    ),
-    click.option(
-        "--views",
-        default=None,
-        metavar="LIST",
-        callback=parsed(names.parse_views),
-        help="DICOM ViewPosition values the model reads, e.g. PA,AP, or 'any'; other views "
-        "are qc=wrong_view [default: the checkpoint's].",
-    ),
+    modalities_option,
+    views_option,
     click.option(
         "--model-sha256",
         default=None,

@@ -222,9 +222,18 @@ class ListenConfig:
     port: int = 11112
     settle: float = 60.0  # a study is complete when nothing arrived for it this long
     health_port: int | None = None  # GET /health on this port, None: none
+    # DICOM over TLS: this receiver's certificate and key (PEM); with tls_ca, senders
+    # must show a certificate that CA signed.
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "allow_ae", parse_ae_titles(self.allow_ae))
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise MeddxError("--tls-cert and --tls-key go together")
+        if self.tls_ca is not None and self.tls_cert is None:
+            raise MeddxError("--tls-ca goes with --tls-cert and --tls-key")
         if not self.allow_ae:
             raise MeddxError("--allow-ae names the calling AE titles to accept")
         parse_ae_titles((self.ae_title,))

@@ -24,6 +24,7 @@ import dataclasses
 import datetime as dt
 import json
 import logging
+import ssl
 import tempfile
 import threading
 import time
@@ -35,7 +36,7 @@ import pyarrow.parquet as pq
 
 from meddx import MeddxAlarm, MeddxError, secret
 from meddx.config import ListenConfig
-from meddx.pacs.receiver import Receiver, Study
+from meddx.pacs.receiver import Receiver, Study, tls_context
 from meddx.pipelines import cluster
 from meddx.pipelines.screening import screen
 
@@ -70,7 +71,15 @@ def listen(cfg: ListenConfig, stop: threading.Event | None = None) -> Counts:
     health = None
     if cfg.health_port is not None:
         health = start_health(cfg.host, cfg.health_port, receiver, counts)
-    receiver.start(cfg.host, cfg.port)
+    tls = None
+    if cfg.tls_cert is not None:
+        try:
+            tls = tls_context(cfg.tls_cert, cfg.tls_key, cfg.tls_ca)
+        except (ssl.SSLError, OSError) as exc:
+            raise MeddxError(
+                f"cannot load the TLS certificate or key ({type(exc).__name__})"
+            ) from None
+    receiver.start(cfg.host, cfg.port, tls)
     counts.accepting = True
     log.info("meddx listen: %s on port %d", cfg.ae_title, receiver.port)
     try:
