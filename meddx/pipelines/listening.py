@@ -43,6 +43,9 @@ from meddx.pipelines.screening import screen
 log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.5  # how often settled studies are looked for
+# How long a batch waits for another run's lease on OUT (a nightly screen, a backfill)
+# before it fails and its studies wait for the next batch.
+LOCK_WAIT_SECONDS = 3600.0
 
 
 @dataclasses.dataclass
@@ -67,10 +70,6 @@ def listen(cfg: ListenConfig, stop: threading.Event | None = None) -> Counts:
         )
     stop = stop or threading.Event()
     receiver = Receiver(cfg.archive, cfg.scoring.storage, key, cfg.ae_title, cfg.allow_ae)
-    counts = Counts()
-    health = None
-    if cfg.health_port is not None:
-        health = start_health(cfg.host, cfg.health_port, receiver, counts)
     tls = None
     if cfg.tls_cert is not None:
         try:
@@ -79,6 +78,10 @@ def listen(cfg: ListenConfig, stop: threading.Event | None = None) -> Counts:
             raise MeddxError(
                 f"cannot load the TLS certificate or key ({type(exc).__name__})"
             ) from None
+    counts = Counts()
+    health = None
+    if cfg.health_port is not None:
+        health = start_health(cfg.host, cfg.health_port, receiver, counts)
     receiver.start(cfg.host, cfg.port, tls)
     counts.accepting = True
     log.info("meddx listen: %s on port %d", cfg.ae_title, receiver.port)
@@ -109,8 +112,8 @@ def catch_up(cfg: ListenConfig, counts: Counts) -> None:
     except MeddxAlarm as exc:
         log.warning("meddx listen: alarm: %s", exc)
         return
-    except MeddxError as exc:  # an empty or new archive: nothing to catch up with
-        log.info("meddx listen: nothing to catch up with (%s)", exc)
+    except MeddxError as exc:  # a new archive (nothing in it), or a run that failed
+        log.warning("meddx listen: no catch-up run over the archive: %s", exc)
         return
     counts.rows_today = summary.rows
 
@@ -122,7 +125,12 @@ def score_batch(cfg: ListenConfig, receiver: Receiver, due: dict[str, Study], co
         manifest = Path(folder) / "batch.parquet"
         pq.write_table(batch_manifest(due), manifest)
         run = dataclasses.replace(
-            cfg.scoring, input=str(manifest), run_date=today(), whole_day=True
+            cfg.scoring,
+            input=str(manifest),
+            run_date=today(),
+            whole_day=True,
+            # Another run holding OUT (the nightly screen) is waited for, not raced.
+            wait_for_lock=max(cfg.scoring.wait_for_lock, LOCK_WAIT_SECONDS),
         )
         started = time.perf_counter()
         try:
