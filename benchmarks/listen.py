@@ -11,10 +11,12 @@ syntax; dcmtk's proposes one compressed family per run): ``--clients`` of them a
 1. Receiving: a listener whose --settle is an hour (nothing is scored meanwhile) takes
    every study from the clients into local disk; MB/s = the bytes sent over the clients'
    wall time, all of them together.
-2. On-arrival latency: a second listener (--settle S) takes the same studies, sent one
-   study after another by the clients; for each study, the time from the end of its
-   settle (its last instance acknowledged + S) to its rows being committed in OUT (polled
-   twice a second). Reported: median, p95 and max over the studies.
+2. On-arrival latency: a second listener (--settle S, --results-to Orthanc over DIMSE)
+   takes the same studies, sent one study after another by the clients; for each study,
+   the time from the end of its settle (its last instance acknowledged + S) to its rows
+   being committed in OUT, and to its Structured Report being stored in Orthanc (both
+   polled twice a second). Reported: median, p95 and max over the studies. Orthanc is
+   Debian's (tests/pacs.py starts it); without it, the commit alone is measured.
 
 The model is resnet18 at 224 px (random weights: its cost, not its scores, matters here).
 """
@@ -42,10 +44,12 @@ from film_archive import archive
 from pydicom.uid import generate_uid
 from record import log, machine, write_result
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.pacs: Orthanc
 from meddx.inputs.storage import StorageSettings
 from meddx.model import registry
 from meddx.pipelines.local_s3 import free_port, terminate
 from meddx.store.commit import read_results
+from tests import pacs as pacs_mod  # noqa: E402
 
 KEY = "bench-listen-key-0123456789abcdef"
 KEEP_LOGS: Path | None = None  # --keep-logs
@@ -72,14 +76,14 @@ def study_films(folder: Path, studies: int, per_study: int, cache: Path) -> list
 
 
 class Listener:
-    def __init__(self, work: Path, model: Path, settle: float):
+    def __init__(self, work: Path, model: Path, settle: float, extra=()):
         self.archive, self.out = work / "archive", work / "out"
         self.port, self.health = free_port(), free_port()
         self.log = open(work / "listen.log", "wb")
         meddx = str(Path(sys.executable).parent / "meddx")
         args = [meddx, "listen", "--port", str(self.port), "--allow-ae", "BENCH",
                 "--archive", str(self.archive), "--model", str(model), "--out", str(self.out),
-                "--settle", str(settle), "--health-port", str(self.health)]  # fmt: skip
+                "--settle", str(settle), "--health-port", str(self.health), *extra]  # fmt: skip
         env = {**os.environ, "MEDDX_PSEUDONYM_KEY": KEY}
         env.pop("RAY_ADDRESS", None)
         self.proc = subprocess.Popen(args, env=env, stdout=self.log, stderr=subprocess.STDOUT)
@@ -145,8 +149,35 @@ def study_key(uid: str) -> str:
     return hmac.new(KEY.encode(), uid.encode(), hashlib.sha256).hexdigest()[:32]
 
 
+def reported_studies(pacs) -> set[str]:
+    """The keys of the studies Orthanc holds an SR of."""
+    found = pacs.session().post(
+        f"{pacs.http}/tools/find",
+        json={"Level": "Study", "Query": {"ModalitiesInStudy": "SR"}, "Expand": True},
+        timeout=10,
+    )
+    return {study_key(s["MainDicomTags"]["StudyInstanceUID"]) for s in found.json()}
+
+
 def latency(work: Path, model: Path, studies: list[list[Path]], clients: int, settle: float):
-    server = Listener(work, model, settle=settle)
+    if pacs_mod.missing() is not None:
+        log(f"no PACS: {pacs_mod.missing()}; the commit alone is timed")
+        return timed(work, model, studies, clients, settle, None)
+    dicom_port = free_port()
+    extra = ["--results-to", f"dimse://PACS@127.0.0.1:{dicom_port}"]
+    server = Listener(work, model, settle, extra)
+    config = {
+        "DicomAet": "PACS",
+        "DicomPort": dicom_port,
+        "OverwriteInstances": True,
+        "DicomModalities": {"meddx": ["MEDDX", "127.0.0.1", server.port]},
+    }
+    with pacs_mod.orthanc_server(work / "orthanc", extra=config) as pacs:
+        return timed(work, model, studies, clients, settle, pacs, server)
+
+
+def timed(work, model, studies, clients, settle, pacs, server=None):
+    server = server or Listener(work, model, settle=settle)
     acked: dict[str, float] = {}
     keys = [study_key(str(pydicom.dcmread(s[0], stop_before_pixels=True).StudyInstanceUID))
             for s in studies]  # fmt: skip
@@ -160,9 +191,16 @@ def latency(work: Path, model: Path, studies: list[list[Path]], clients: int, se
     for t in threads:
         t.start()
     committed: dict[str, float] = {}
+    stored: dict[str, float] = {}
     deadline = time.monotonic() + 600
-    while len(committed) < len(studies) and time.monotonic() < deadline:
+    while time.monotonic() < deadline and (
+        len(committed) < len(studies) or (pacs is not None and len(stored) < len(studies))
+    ):
         time.sleep(0.5)
+        if pacs is not None:
+            now = time.monotonic()
+            for key in reported_studies(pacs):
+                stored.setdefault(key, now)
         if not server.out.exists():
             continue
         try:
@@ -176,17 +214,31 @@ def latency(work: Path, model: Path, studies: list[list[Path]], clients: int, se
         t.join()
     state = server.state()
     server.stop()
-    waits = np.array([committed[k] - (acked[k] + settle) for k in keys if k in committed])
-    return {
+    result = {
         "studies": len(studies),
         "scored": len(committed),
         "batches": state["batches"],
         "settle_s": settle,
-        "after_settle_s": {
-            "median": round(float(np.median(waits)), 2),
-            "p95": round(float(np.quantile(waits, 0.95)), 2),
-            "max": round(float(waits.max()), 2),
-        },
+        "after_settle_s": spread(
+            [committed[k] - (acked[k] + settle) for k in keys if k in committed]
+        ),
+    }
+    if pacs is not None:
+        result["reports_stored"] = len(stored)
+        result["report_after_settle_s"] = spread(
+            [stored[k] - (acked[k] + settle) for k in keys if k in stored]
+        )
+    return result
+
+
+def spread(waits: list[float]) -> dict:
+    if not waits:
+        return {}
+    w = np.array(waits)
+    return {
+        "median": round(float(np.median(w)), 2),
+        "p95": round(float(np.quantile(w, 0.95)), 2),
+        "max": round(float(w.max()), 2),
     }
 
 
@@ -236,6 +288,12 @@ def main() -> None:
         f"batches; committed after the settle's end: median {w['median']} s, p95 {w['p95']} "
         f"s, max {w['max']} s (settle {a['settle_s']} s)"
     )
+    if "report_after_settle_s" in a:
+        w = a["report_after_settle_s"]
+        print(
+            f"reports: {a['reports_stored']} of {a['studies']} stored in the PACS after the "
+            f"settle's end: median {w['median']} s, p95 {w['p95']} s, max {w['max']} s"
+        )
 
 
 if __name__ == "__main__":

@@ -40,6 +40,8 @@ MANIFEST_COLUMNS = ("uri", "label", "study_id")
 MANIFEST_NAME = "_manifest.csv"
 # A DICOMweb server as INPUT or --results-to (inputs/dicomweb.py).
 DICOMWEB_SCHEMES = ("dicomweb+http://", "dicomweb+https://")
+# A PACS over DIMSE as INPUT or --results-to (inputs/dimse.py): dimse://AET@HOST:PORT.
+DIMSE_SCHEME = "dimse://"
 
 # Formats ``meddx synth`` writes: what chest archives hold. ``png`` and ``jpeg`` are 8-bit
 # exports (ChestX-ray14, MIMIC-CXR-JPG), ``png16`` a 16-bit export (PadChest); ``dicom``

@@ -2,8 +2,8 @@
 
 ``orthanc_server`` starts ``/usr/sbin/Orthanc`` as a child on free HTTP and DICOM ports,
 with its own storage folder and HTTP authentication on, waits until it answers, and
-stops it by its own pid. ``seed`` stores synthetic detector-size DICOMs in it over
-STOW-RS.
+stops it by its own pid; ``extra`` adds to its configuration (what DIMSE peers may do).
+``store`` sends DICOM files to it over STOW-RS.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ def missing() -> str | None:
 class Pacs:
     http: str  # http://127.0.0.1:PORT
     pid: int
+    dicom_port: int = 0  # its DIMSE port (C-STORE, C-FIND, C-GET, C-MOVE)
 
     @property
     def dicomweb(self) -> str:
@@ -76,7 +77,8 @@ def site_ca(folder: Path) -> tuple[Path, Path, Path]:
 
 
 @contextmanager
-def orthanc_server(folder: Path, timeout: float = 60) -> Iterator[Pacs]:
+def orthanc_server(folder: Path, timeout: float = 60, extra: dict | None = None) -> Iterator[Pacs]:
+    """``extra``: more of Orthanc's configuration (DICOM modalities, say)."""
     http_port, dicom_port = free_port(), free_port()
     storage = folder / "storage"
     storage.mkdir(parents=True, exist_ok=True)
@@ -93,12 +95,13 @@ def orthanc_server(folder: Path, timeout: float = 60) -> Iterator[Pacs]:
         "Plugins": [DICOMWEB_PLUGIN],
         "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True},
         "HttpCompressionEnabled": True,  # Orthanc's default: gzip'd answers
+        **(extra or {}),
     }
     path = folder / "orthanc.json"
     path.write_text(json.dumps(config))
     log = open(folder / "orthanc.log", "wb")  # noqa: SIM115 (closed below)
     proc = subprocess.Popen([ORTHANC, str(path)], stdout=log, stderr=subprocess.STDOUT)
-    pacs = Pacs(f"http://127.0.0.1:{http_port}", proc.pid)
+    pacs = Pacs(f"http://127.0.0.1:{http_port}", proc.pid, config["DicomPort"])
     deadline = time.monotonic() + timeout
     try:
         while True:

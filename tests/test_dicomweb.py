@@ -21,7 +21,8 @@ from meddx.imaging.dicom import pseudonym
 from meddx.inputs import dicomweb
 from meddx.inputs.storage import StorageSettings
 from meddx.model import registry
-from meddx.pacs import stow
+from meddx.pacs import reports as pacs_reports
+from meddx.pacs import results
 
 from .dicomweb_server import Server, element, serving, uids
 from .helpers import MEDDX
@@ -156,8 +157,10 @@ def test_reports_are_filed_in_the_study_the_pacs_listed(ckpt):
             [(a, a_series, a1, pseudonym(b, KEY)), (a, a_series, a2, None),
              (b, b_series, b1, ""), (c, c_series, c1, None), (c, c_series, c2, None)],
         )  # fmt: skip
-        assert sorted(stow.by_listed_study(rows, located)) == sorted([a, b, c])
-        sent = stow.send(server.source, rows, located, ckpt, SHA, StorageSettings(), KEY)
+        assert sorted(results.by_study(rows, located, KEY)) == sorted(
+            pseudonym(u, KEY) for u in (a, b, c)
+        )
+        sent = results.send(server.source, rows, located, ckpt, SHA, StorageSettings(), KEY)
     assert (sent.studies, sent.instances) == (2, 3)
     assert sent.failed == (
         f"study {pseudonym(c, KEY)}: its instances differ in PatientID: no report",
@@ -174,7 +177,7 @@ def test_reports_are_filed_in_the_study_the_pacs_listed(ckpt):
         }
         assert referenced == expected
     # Named by the listed study's pseudonym, as the SR's series UID derives from it.
-    assert reports[a].SeriesInstanceUID == stow.uid("series", pseudonym(a, KEY), SHA)
+    assert reports[a].SeriesInstanceUID == pacs_reports.uid("series", pseudonym(a, KEY), SHA)
 
 
 def test_no_patient_value_reaches_a_warning_a_log_or_the_failure_line(ckpt, caplog, capfd):
@@ -191,12 +194,12 @@ def test_no_patient_value_reaches_a_warning_a_log_or_the_failure_line(ckpt, capl
         rows, located = scored(server, [(a, a_series, a1, None), (b, b_series, b1, None)])
         with warnings.catch_warnings(record=True) as shown:
             warnings.simplefilter("always")
-            sent = stow.send(server.source, rows, located, ckpt, SHA, StorageSettings(), KEY)
+            sent = results.send(server.source, rows, located, ckpt, SHA, StorageSettings(), KEY)
     assert (sent.studies, sent.instances) == (1, 1)
     assert sent.failed == (
         f"study {pseudonym(a, KEY)}: ValueError building the report; invalid PatientBirthDate",
     )
-    line = stow.describe(sent, server.source)  # what the alarm, summary and report hold
+    line = results.describe(sent, server.source)  # what the alarm, summary and report hold
     out, err = capfd.readouterr()
     said = [line, *sent.failed, out, err, caplog.text, *(str(w.message) for w in shown)]
     for probe in (PROBE_NAME, PROBE_BIRTH, "ZQXPROBE", "PID-A", a, a1, b1):
@@ -218,7 +221,7 @@ def test_a_redirect_to_another_origin_is_refused_in_one_line(ckpt):
             study, series, sop = uids(0)
             pacs.metadata = {sop: metadata(study, series, sop, "PID-A")}
             rows, located = scored(pacs, [(study, series, sop, None)])
-            sent = stow.send(pacs.source, rows, located, ckpt, SHA, StorageSettings(), KEY)
+            sent = results.send(pacs.source, rows, located, ckpt, SHA, StorageSettings(), KEY)
             assert sent.failed == (
                 f"study {pseudonym(study, KEY)}: DICOMweb server {host(pacs)} {refused}",
             )
@@ -292,7 +295,7 @@ def test_credentials_go_over_plain_http_only_to_loopback_or_when_allowed(monkeyp
     # The results server is held to it as well, when called as a library.
     monkeypatch.setenv("MEDDX_DICOMWEB_TOKEN", TOKEN)
     with pytest.raises(MeddxError, match="over plain http"):
-        stow.send(remote, pa.table({}), {}, None, SHA, StorageSettings(), KEY)
+        results.send(remote, pa.table({}), {}, None, SHA, StorageSettings(), KEY)
 
 
 def test_the_cli_refuses_credentials_over_plain_http_unless_allowed(tmp_path):

@@ -2,6 +2,7 @@
 as sending modalities, the listener as a process of its own on the session's Ray,
 started on free ports and stopped by its pid."""
 
+import contextlib
 import io
 import json
 import signal
@@ -19,6 +20,7 @@ from meddx.inputs.storage import StorageSettings
 from meddx.store.commit import read_results
 from meddx.synthetic.dicom_film import encode_film
 
+from . import pacs as pacs_mod
 from .helpers import MEDDX, free_port, session_env, terminate
 from .images import dicom_cr, gradient
 
@@ -143,28 +145,105 @@ def test_a_study_is_scored_once_it_settles_and_each_instance_once(listener, tmp_
     assert len(again.rows()) == 4
 
 
+@contextlib.contextmanager
+def orthanc_for(server: Listener, dicom_port: int, tmp: Path):
+    """Orthanc as the PACS (AE title PACS, on ``dicom_port``): it knows the listener as
+    the modality "meddx" and takes an instance sent again under its UID as the newer."""
+    if pacs_mod.missing() is not None:
+        pytest.skip(pacs_mod.missing())
+    extra = {
+        "DicomAet": "PACS",
+        "DicomPort": dicom_port,
+        "DicomModalities": {"meddx": ["MEDDX", "127.0.0.1", server.port]},
+        "OverwriteInstances": True,
+    }
+    with pacs_mod.orthanc_server(tmp / "orthanc", extra=extra) as pacs:
+        yield pacs
+
+
+def reports_in(pacs) -> dict[str, pydicom.Dataset]:
+    """The SRs Orthanc holds, by SOP Instance UID."""
+    s = pacs.session()
+    found = {}
+    for series in s.get(f"{pacs.http}/series", params={"expand": ""}).json():
+        if series["MainDicomTags"].get("Modality") != "SR":
+            continue
+        for instance in series["Instances"]:
+            data = s.get(f"{pacs.http}/instances/{instance}/file").content
+            ds = pydicom.dcmread(io.BytesIO(data))
+            found[ds.SOPInstanceUID] = ds
+    return found
+
+
+def reported(sr: pydicom.Dataset) -> set[str]:
+    """The SOP Instance UIDs an SR's measurement groups reference."""
+    import highdicom as hd
+
+    groups = hd.sr.ComprehensiveSR.from_dataset(sr).content.get_image_measurement_groups()
+    return {image.referenced_sop_instance_uid for g in groups for image in g.source_images}
+
+
+def test_orthanc_pushes_a_study_and_its_report_is_replaced_when_it_grows(listener, tmp_path):
+    dicom_port = free_port()
+    server = listener(extra=["--results-to", f"dimse://PACS@127.0.0.1:{dicom_port}"])
+    with orthanc_for(server, dicom_port, tmp_path) as pacs:
+        s = pacs.session()
+        three, late = films(tmp_path / "study", 3), films(tmp_path / "study", 1, start=3)
+        ids = [s.post(f"{pacs.http}/instances", data=p.read_bytes()).json() for p in three]
+        # Orthanc pushes the study to the listener (C-STORE), as a routing rule would.
+        study = ids[0]["ParentStudy"]
+        assert s.post(f"{pacs.http}/modalities/meddx/store", data=study).ok
+        server.wait(lambda h: h["batches"] >= 1 and h["rows_today"] >= 3, 120, "scored")
+        first = reports_in(pacs)
+        assert len(first) == 1, server.output()
+        (sr,) = first.values()
+        assert sr.StudyInstanceUID == STUDY
+        assert reported(sr) == {pydicom.dcmread(p).SOPInstanceUID for p in three}
+
+        # A fourth film of the study, later: scored, and the study's report replaced.
+        more = s.post(f"{pacs.http}/instances", data=late[0].read_bytes()).json()
+        assert s.post(f"{pacs.http}/modalities/meddx/store", data=more["ID"]).ok
+        server.wait(lambda h: h["batches"] >= 2 and h["rows_today"] >= 4, 120, "scored again")
+        second = reports_in(pacs)
+        assert list(second) == list(first), "one report per study, replaced"
+        assert reported(second[sr.SOPInstanceUID]) == {
+            pydicom.dcmread(p).SOPInstanceUID for p in [*three, *late]
+        }
+        rows = server.rows()
+        assert len(rows) == 4 and len({r["image_uri"] for r in rows}) == 4
+        assert "not stored" not in server.output()
+
+
 def test_forty_studies_from_four_clients_at_once(listener, tmp_path):
-    server = listener()
+    dicom_port = free_port()
+    server = listener(extra=["--results-to", f"dimse://PACS@127.0.0.1:{dicom_port}"])
     batches = [
         [f for k in range(10) for f in films(tmp_path / f"c{c}", 1, k, f"{STUDY}.{c}.{k}")]
         for c in range(4)
     ]
-    clients = [
-        subprocess.Popen(
-            [STORESCU, "-aet", "PACS", "-aec", "MEDDX", "127.0.0.1", str(server.port), *files],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+    with orthanc_for(server, dicom_port, tmp_path) as pacs:
+        clients = [
+            subprocess.Popen(
+                [STORESCU, "-aet", "PACS", "-aec", "MEDDX", "127.0.0.1", str(server.port), *files],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            for files in batches
+        ]
+        assert [c.wait(120) for c in clients] == [0, 0, 0, 0]
+        state = server.wait(
+            lambda h: h["rows_today"] >= 40 and h["pending_instances"] == 0, 180, "done scoring"
         )
-        for files in batches
-    ]
-    assert [c.wait(120) for c in clients] == [0, 0, 0, 0]
-    state = server.wait(
-        lambda h: h["rows_today"] >= 40 and h["pending_instances"] == 0, 180, "done scoring"
-    )
-    assert state["received"] == 40 and state["failed_batches"] == 0
-    rows = server.rows()
-    assert len(rows) == 40 and len({r["image_uri"] for r in rows}) == 40
-    assert len({p.parent for p in server.archive.rglob("*.dcm")}) == 40  # a folder a study
+        assert state["received"] == 40 and state["failed_batches"] == 0
+        rows = server.rows()
+        assert len(rows) == 40 and len({r["image_uri"] for r in rows}) == 40
+        assert len({p.parent for p in server.archive.rglob("*.dcm")}) == 40  # a folder a study
+        # Each study's report in the PACS, in its study.
+        reports = reports_in(pacs)
+        assert len(reports) == 40, server.output()
+        assert {sr.StudyInstanceUID for sr in reports.values()} == {
+            f"{STUDY}.{c}.{k}" for c in range(4) for k in range(10)
+        }
 
 
 def test_unknown_callers_and_what_is_no_instance_are_refused(listener, tmp_path):

@@ -123,6 +123,15 @@ def needles(films) -> dict[str, bytes]:
     return found
 
 
+def dataset_sha256(path: Path) -> str:
+    """The content hash of a PACS instance: of its file's bytes after the 128-byte
+    preamble, "DICM" and the file meta group (its group length element, 12 bytes, then
+    the length it gives), which each server writes its own way."""
+    meta = pydicom.dcmread(path, stop_before_pixels=True).file_meta
+    start = 128 + 4 + 12 + meta.FileMetaInformationGroupLength
+    return hashlib.sha256(path.read_bytes()[start:]).hexdigest()
+
+
 def assert_nothing_leaked(secret: dict[str, bytes], out: Path, ray_dir: Path, runs) -> None:
     """None of ``secret`` in OUT, in the Ray session's files (its logs among them) or in
     what the ``runs`` printed."""
@@ -154,8 +163,8 @@ def test_scoring_a_pacs_gives_a_row_per_instance_and_a_report_in_each_study(
         ds = pydicom.dcmread(path, stop_before_pixels=True)
         uri = f"dicomweb://{host}/instances/{pseudonym(ds.SOPInstanceUID, KEY.encode())}"
         row = rows[uri]  # the keyed pseudonym, never the UID
-        # WADO-RS brought the stored bytes: JPEG 2000, not transcoded by the server.
-        assert row["content_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+        # WADO-RS brought the stored dataset: JPEG 2000, not transcoded by the server.
+        assert row["content_sha256"] == dataset_sha256(path)
         assert row["transfer_syntax"] == "1.2.840.10008.1.2.4.90" and row["status"] == "ok"
         by_sop[ds.SOPInstanceUID] = row
     # One SR per study, in its study, found by QIDO-RS; its content is the Parquet's.
@@ -347,4 +356,5 @@ def test_credentials_in_the_url_or_results_without_a_pacs_are_refused(tmp_path):
         "score", str(tmp_path), "--model", "m.pt", "--out", str(tmp_path / "o"),
         "--results-to", "dicomweb+http://pacs/dicom-web",
     )  # fmt: skip
-    assert run.returncode == 2 and "--results-to needs a DICOMweb INPUT" in run.stderr
+    assert run.returncode == 2
+    assert "--results-to needs a PACS INPUT (DICOMweb or DIMSE)" in run.stderr

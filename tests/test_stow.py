@@ -15,7 +15,7 @@ from meddx.imaging.dicom import pseudonym
 from meddx.inputs import dicomweb
 from meddx.inputs.storage import StorageSettings
 from meddx.model import registry
-from meddx.pacs import stow
+from meddx.pacs import reports, results
 
 from .dicomweb_server import Server, serving, uids
 
@@ -30,14 +30,14 @@ FINDINGS = ["opacity", "effusion", "nodule"]
 
 def source(study: str, series: str, sop: str) -> Dataset:
     """The attributes WADO-RS metadata gives of a 64 x 64 CR (no pixels), as
-    stow.source_metadata leaves them."""
+    results.Sources leaves them."""
     ds = Dataset()
     ds.SOPClassUID, ds.SOPInstanceUID = CR_IMAGE, sop
     ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
     ds.Modality, ds.PatientSex = "CR", "F"
     for keyword, value in PATIENT.items():
         setattr(ds, keyword, value)
-    for keyword in stow.TYPE2_COPIED:
+    for keyword in reports.TYPE2_COPIED:
         if keyword not in ds:
             setattr(ds, keyword, "")
     ds.Rows = ds.Columns = 64
@@ -77,7 +77,7 @@ def stated(group) -> dict[str, tuple[float, str, str]]:
     decisions = {d.name.value: d.value.meaning for d in group.get_qualitative_evaluations()}
     out = {}
     for m in group.get_measurements():
-        assert m.name.scheme_designator == stow.FINDINGS_SCHEME
+        assert m.name.scheme_designator == reports.FINDINGS_SCHEME
         assert m.name.meaning == f"Probability of {m.name.value}"
         out[m.name.value] = (m.value, m.unit.value, decisions[m.name.value])
     assert set(decisions) == set(out)
@@ -96,26 +96,26 @@ def texts(group) -> dict[str, str]:
 def test_the_sr_states_the_positive_finding_of_each_instance(single):
     sources = study_sources(0, 2)
     study = pseudonym(sources[0].StudyInstanceUID, KEY)
-    sr = stow.sr_document(sources, [[0.65, 0.35], [0.9, 0.1]], single, SHA, study)
+    sr = reports.sr_document(sources, [[0.65, 0.35], [0.9, 0.1]], single, SHA, study)
     groups = groups_of(sr)
     assert set(groups) == {ds.SOPInstanceUID for ds in sources}
     # The positive class's probability, and its decision at the checkpoint's threshold
     # (0.4): 0.35 is under it, 0.1 too; the normal class is no finding.
     assert stated(groups[sources[0].SOPInstanceUID]) == {"opacity": (0.35, "1", "Absent")}
     assert stated(groups[sources[1].SOPInstanceUID]) == {"opacity": (0.1, "1", "Absent")}
-    above = stow.sr_document(sources, [[0.2, 0.8], [0.59, 0.41]], single, SHA, study)
+    above = reports.sr_document(sources, [[0.2, 0.8], [0.59, 0.41]], single, SHA, study)
     assert [stated(g)["opacity"][2] for g in groups_of(above).values()] == ["Present"] * 2
     for group in groups.values():
         assert texts(group)["111001"] == "seednet"
         assert texts(group)["111003"] == f"sha256:{SHA}"
     assert sr.SeriesDescription == dicomweb.RESULTS_SERIES
-    assert sr.Manufacturer == "meddx" and sr.SeriesNumber == stow.SERIES_NUMBER
+    assert sr.Manufacturer == "meddx" and sr.SeriesNumber == reports.SERIES_NUMBER
 
 
 def test_a_multi_label_sr_states_every_finding_at_its_own_threshold(multi):
     sources = study_sources(1, 1)
     study = pseudonym(sources[0].StudyInstanceUID, KEY)
-    sr = stow.sr_document(sources, [[0.35, 0.55, 0.95]], multi, SHA, study)
+    sr = reports.sr_document(sources, [[0.35, 0.55, 0.95]], multi, SHA, study)
     (group,) = groups_of(sr).values()
     assert stated(group) == {
         "opacity": (0.35, "1", "Present"),  # threshold 0.3
@@ -124,27 +124,29 @@ def test_a_multi_label_sr_states_every_finding_at_its_own_threshold(multi):
     }
 
 
-def test_the_srs_own_uids_are_functions_of_the_pseudonym_model_and_instances(single):
+def test_the_srs_own_uids_are_functions_of_the_study_pseudonym_and_model(single):
     sources = study_sources(2, 2)
     real_study = sources[0].StudyInstanceUID
     study = pseudonym(real_study, KEY)
     probs = [[0.5, 0.5], [0.4, 0.6]]
-    sr = stow.sr_document(sources, probs, single, SHA, study)
+    sr = reports.sr_document(sources, probs, single, SHA, study)
     # Filed in the listed study, in a results series named by the study's pseudonym.
     assert sr.StudyInstanceUID == real_study
-    assert sr.SeriesInstanceUID == stow.uid("series", study, SHA)
+    assert sr.SeriesInstanceUID == reports.uid("series", study, SHA)
     own = (sr.SeriesInstanceUID, sr.SOPInstanceUID)
     assert all(u.startswith("2.25.") for u in own)
     source_uids = {real_study, *(ds.SeriesInstanceUID for ds in sources)}
     source_uids |= {ds.SOPInstanceUID for ds in sources}
     assert not source_uids & set(own)
-    # The same results: the same SR; another model, another set of instances: another.
-    again = stow.sr_document(list(reversed(sources)), probs[::-1], single, SHA, study)
+    # One report per study and model: the same study's report, on more or fewer
+    # instances, has the same UIDs (sent again, it replaces the one before); another
+    # model's is another.
+    again = reports.sr_document(list(reversed(sources)), probs[::-1], single, SHA, study)
     assert (again.SeriesInstanceUID, again.SOPInstanceUID) == own
-    other_model = stow.sr_document(sources, probs, single, "ff" * 32, study)
+    other_model = reports.sr_document(sources, probs, single, "ff" * 32, study)
     assert other_model.SOPInstanceUID != sr.SOPInstanceUID
-    fewer = stow.sr_document(sources[:1], probs[:1], single, SHA, study)
-    assert fewer.SOPInstanceUID != sr.SOPInstanceUID
+    fewer = reports.sr_document(sources[:1], probs[:1], single, SHA, study)
+    assert (fewer.SeriesInstanceUID, fewer.SOPInstanceUID) == own
 
 
 def content_values(item) -> list[str]:
@@ -159,7 +161,7 @@ def content_values(item) -> list[str]:
 def test_the_patient_stays_in_the_patient_module(single):
     sources = study_sources(3, 1)
     study = pseudonym(sources[0].StudyInstanceUID, KEY)
-    sr = stow.sr_document(sources, [[0.2, 0.8]], single, SHA, study)
+    sr = reports.sr_document(sources, [[0.2, 0.8]], single, SHA, study)
     # The PACS files the SR with its patient: the module is the sources'.
     assert {k: str(sr.get(k)) for k in PATIENT} == PATIENT
     # Nothing of the patient in what the SR states: its observer, tracking, findings.
@@ -193,9 +195,9 @@ def test_send_stores_one_sr_per_study_and_the_same_one_again(single):
         scored = rows.to_pylist()[0]
         others = [{**scored, "status": "error"}, {**scored, "image_uri": "s3://bucket/x.png"}]
         rows = pa.concat_tables([rows, pa.Table.from_pylist(others, schema=rows.schema)])
-        first = stow.send(server.source, rows, located, single, SHA, StorageSettings(), KEY)
-        second = stow.send(server.source, rows, located, single, SHA, StorageSettings(), KEY)
-    assert first == second == stow.Sent(studies=2, instances=3)
+        first = results.send(server.source, rows, located, single, SHA, StorageSettings(), KEY)
+        second = results.send(server.source, rows, located, single, SHA, StorageSettings(), KEY)
+    assert first == second == results.Sent(studies=2, instances=3)
     sent = server.stored_datasets()
     assert len(sent) == 4 and all(ds.Modality == "SR" for ds in sent)
     # Twice the same two SRs: the PACS keeps one copy of each.
@@ -207,5 +209,5 @@ def test_send_stores_one_sr_per_study_and_the_same_one_again(single):
         assert set(groups) == {ds.SOPInstanceUID for ds in sources}
         for ds, q in zip(sources, p, strict=True):
             assert stated(groups[ds.SOPInstanceUID])["opacity"][0] == pytest.approx(q[1])
-    line = stow.describe(first, server.source)
+    line = results.describe(first, server.source)
     assert line == f"results: 2 reports on 3 instances stored on {server.url[7:]}"

@@ -10,6 +10,7 @@ from meddx.cli.options import (
     given,
     modalities_option,
     option,
+    results_to_option,
     storage_option,
     views_option,
 )
@@ -51,6 +52,13 @@ from meddx.config import ListenConfig, ScreenConfig
 @option(ScreenConfig, "runtime", type=click.Choice(names.RUNTIMES), help="As score's.")
 @modalities_option
 @views_option
+@results_to_option
+@option(
+    ScreenConfig,
+    "results_heatmaps",
+    is_flag=True,
+    help="With --results-to: also the Grad-CAM overlay of each study's top finding.",
+)
 @click.option(
     "--tls-cert",
     type=click.Path(exists=True, dir_okay=False),
@@ -77,7 +85,7 @@ def listen(
     exactly-once commit into OUT/dt=TODAY/, QC, worklist, report), in the same process.
     Needs MEDDX_PSEUDONYM_KEY. Ctrl-C or SIGTERM stops accepting and exits.
     """
-    scoring = build(ScreenConfig, input=archive, **given(opts))
+    scoring = build(ScreenConfig, input=archive, archive=archive, **given(opts))
     cfg = build(
         ListenConfig,
         archive=archive,

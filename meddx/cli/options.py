@@ -144,3 +144,14 @@ views_option = click.option(
     help="DICOM ViewPosition values the model reads, e.g. PA,AP, or 'any'; other views "
     "are qc=wrong_view [default: the checkpoint's].",
 )
+
+
+results_to_option = click.option(
+    "--results-to",
+    default=None,
+    metavar="PACS",
+    help="Also store a DICOM Structured Report of each scored study in its study on this "
+    "PACS: dicomweb+http(s)://HOST/PATH (STOW-RS) or dimse://AET@HOST:PORT (C-STORE). "
+    "Sent again, whole, when more of the study is scored. Needs a PACS INPUT (DICOMweb "
+    "or DIMSE), or meddx listen.",
+)

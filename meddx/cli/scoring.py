@@ -15,6 +15,7 @@ from meddx.cli.options import (
     modalities_option,
     option,
     options,
+    results_to_option,
     storage_option,
     views_option,
     with_ca_bundle,
@@ -109,14 +110,7 @@ SCORING_OPTIONS = [
         metavar="SECONDS",
         help="A run whose lease on OUT is silent this long has died: its lease is taken over.",
     ),
-    click.option(
-        "--results-to",
-        default=None,
-        metavar="DICOMWEB",
-        help="Also store a DICOM Structured Report of each scored study on this DICOMweb "
-        "server (dicomweb+http(s)://HOST/PATH, STOW-RS), in the study. Needs a DICOMweb "
-        "INPUT.",
-    ),
+    results_to_option,
     option(
         ScoreConfig,
         "results_heatmaps",

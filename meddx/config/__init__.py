@@ -11,7 +11,6 @@ but ``meddx.inputs`` and ``meddx.secret``: the CLI reads the defaults below for
 from __future__ import annotations
 
 import datetime as dt
-import re
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -41,6 +40,7 @@ from meddx.names import (
     DEFAULT_STORE_SIZE,
     DEFAULT_VIEWS,
     DICOMWEB_SCHEMES,
+    DIMSE_SCHEME,
     MAX_MODELS,
     MODEL_NAMES,
     PRECISIONS,
@@ -91,7 +91,8 @@ class ScoreConfig:
     progress_seconds: float = PROGRESS_SECONDS  # when not on a terminal
     resume: bool = False  # continue the last uncommitted run of this OUT and run date
     quiet: bool = False  # no progress at all
-    # A DICOMweb server to STOW-RS each scored study's Structured Report to (pacs/stow.py).
+    # Where each scored study's Structured Report goes (pacs/results.py): a DICOMweb
+    # server (STOW-RS) or a DIMSE peer (C-STORE).
     results_to: str | None = None
     results_heatmaps: bool = False  # ... and the top finding's Grad-CAM as a Secondary Capture
     # DICOMweb credentials may go over plain http to a host other than loopback.
@@ -105,6 +106,9 @@ class ScoreConfig:
     # those new or changed are decoded into it first, under its own lease.
     store: str | None = None
     more_models: tuple[str, ...] = ()
+    # meddx listen's ARCHIVE (ARCHIVE/STUDY/INSTANCE.dcm), when INPUT lists instances of
+    # it: a study's instances are its folder's files (its reports cover them all).
+    archive: str | None = None
     storage: StorageSettings = StorageSettings()
 
     def __post_init__(self):
@@ -123,19 +127,27 @@ class ScoreConfig:
         if self.results_heatmaps and self.results_to is None:
             raise MeddxError("--results-heatmaps goes with --results-to")
         if self.results_to is not None:
-            if not self.results_to.lower().startswith(DICOMWEB_SCHEMES):
+            if not self.results_to.lower().startswith((*DICOMWEB_SCHEMES, DIMSE_SCHEME)):
                 raise MeddxError(
-                    f"--results-to must be dicomweb+http(s)://HOST/PATH, got {self.results_to!r}"
+                    "--results-to must be dicomweb+http(s)://HOST/PATH or "
+                    f"dimse://AET@HOST:PORT, got {self.results_to!r}"
                 )
-            if not self.input.lower().startswith(DICOMWEB_SCHEMES):
+            if self.archive is None and not self.input.lower().startswith(
+                (*DICOMWEB_SCHEMES, DIMSE_SCHEME)
+            ):
                 raise MeddxError(
-                    "--results-to needs a DICOMweb INPUT: the reports go into the studies it listed"
+                    "--results-to needs a PACS INPUT (DICOMweb or DIMSE): the reports go "
+                    "into the studies it listed"
                 )
         for url in (self.input, self.results_to):
             if url is not None and url.lower().startswith(DICOMWEB_SCHEMES):
                 from meddx.inputs.dicomweb import check_transport  # pydicom: DICOMweb runs only
 
                 check_transport(url, self.allow_insecure_http)
+            if url is not None and url.lower().startswith(DIMSE_SCHEME):
+                from meddx.inputs.dimse import peer
+
+                peer(url)  # a malformed peer: one line, before anything runs
         at_least(1, self, "batch_size", "actors", "max_pixels", "max_object_bytes")
         at_least(0, self, "wait_for_lock")
         if not self.progress_seconds > 0:
@@ -194,18 +206,12 @@ class ScreenConfig(ScoreConfig):
             raise MeddxError(f"the drift window must be at least 1 night, got {self.drift_window}")
 
 
-# An AE title (PS3.5 6.2, VR AE): 1-16 characters of the default repertoire, no
-# backslash or control character, not only spaces.
-AE_TITLE = re.compile(r"[\x20-\x5b\x5d-\x7e]{1,16}")
-
-
 def parse_ae_titles(text: str | tuple[str, ...]) -> tuple[str, ...]:
     """ "PACS1,PACS2" (or a tuple) as AE titles, each checked; one line for a bad one."""
+    from meddx.inputs.dimse import ae_title  # pydicom and pynetdicom: DIMSE runs only
+
     titles = tuple(t.strip() for t in text.split(",")) if isinstance(text, str) else text
-    for title in titles:
-        if not AE_TITLE.fullmatch(title) or not title.strip():
-            raise MeddxError(f"not an AE title (1-16 characters, no backslash): {title!r}")
-    return titles
+    return tuple(ae_title(t) for t in titles)
 
 
 @dataclass(frozen=True)
@@ -243,8 +249,6 @@ class ListenConfig:
                 raise MeddxError(f"--{name.replace('_', '-')} must lie in [0, 65535], got {value}")
         if not self.settle >= 0:
             raise MeddxError(f"--settle must be at least 0 seconds, got {self.settle}")
-        if self.scoring.results_to is not None:
-            raise MeddxError("meddx listen does not send results back yet: no --results-to")
 
 
 @dataclass(frozen=True)

@@ -71,7 +71,7 @@ TIMEOUT_S = (10, 120)  # connect, read
 RETRIED_STATUS = {408, 429, 500, 502, 503, 504}
 # Series of these modalities hold no image to score (reports, key objects, states).
 NOT_IMAGES = frozenset({"SR", "KO", "PR", "SEG", "REG", "RWV", "DOC", "FID", "PLAN"})
-# meddx's results series (pacs/stow.py) carry this description: never scored as inputs.
+# meddx's results series (pacs/reports.py) carry this description: never scored as inputs.
 RESULTS_SERIES = "meddx AI results"
 
 # dicomweb-client names UIDs in its INFO lines: they must not reach any log.

@@ -6,7 +6,8 @@ INPUT is one of
 - a ``.csv`` or ``.parquet`` manifest with a ``uri`` column (optional ``label`` and
   ``study_id``), or an S3 Inventory listing: only the listed objects, nothing is listed,
   so a night's new studies start scoring at once;
-- a DICOMweb query (``dicomweb.py``): the instances it finds.
+- a DICOMweb query (``dicomweb.py``) or a DIMSE one (C-FIND, ``dimse.py``): the
+  instances it finds.
 
 A listing is data, not a Python list: ``Listing`` streams ``image_uri``, ``size``,
 ``mtime`` and ``etag`` (``names.LISTING_SCHEMA``) as the listing returned them (no
@@ -30,7 +31,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from meddx import MeddxError, one_line
-from meddx.inputs import dicomweb, storage
+from meddx.inputs import dicomweb, dimse, storage
 from meddx.inputs.prefixes import Prefix
 from meddx.inputs.storage import StorageSettings
 from meddx.names import (
@@ -262,14 +263,16 @@ def list_located(
     key: bytes | None = None,
     since_days: int | None = None,
 ) -> tuple[Listing, pa.Table | None]:
-    """The inputs as a Listing, and for a DICOMweb source each one's locator
-    (``dicomweb.LOCATED_SCHEMA``: what its retrieval needs, never written out); None
-    for storage.
-    ``since_days`` narrows a DICOMweb query to the studies of the last days; an empty
+    """The inputs as a Listing, and for a PACS source (DICOMweb or DIMSE) each one's
+    locator (``dicomweb.LOCATED_SCHEMA``: what its retrieval needs, never written out);
+    None for storage.
+    ``since_days`` narrows a PACS query to the studies of the last days; an empty
     answer is not an error there (a quiet night), the caller decides."""
-    if dicomweb.is_source(input_uri):
-        located = dicomweb.list_instances(input_uri, settings, key, since_days)
-        return Listing(input_uri, uris_table(located["image_uri"]), empty_ok=True), located
+    for pacs in (dicomweb, dimse):
+        if pacs.is_source(input_uri):
+            located = pacs.list_instances(input_uri, settings, key, since_days)
+            listed = Listing(input_uri, uris_table(located["image_uri"]), empty_ok=True)
+            return listed, located
     return open_listing(input_uri, settings), None
 
 

@@ -14,16 +14,16 @@ import hmac
 
 import numpy as np
 
-from meddx.inputs import dicomweb, storage
+from meddx.inputs import dicomweb, dimse, storage
 from meddx.inputs.storage import MEMBER_SEPARATOR
 
 PATH_PSEUDONYM = "pseudonym:"
 
 
 def path_pseudonym(uri: str, key: bytes) -> str:
-    """``uri`` as ``pseudonym:HASH[#HASH]``. A DICOMweb instance's URI is already a
-    pseudonym and stays as it is."""
-    if dicomweb.is_instance(uri) or is_path_pseudonym(uri):
+    """``uri`` as ``pseudonym:HASH[#HASH]``. A PACS instance's URI (DICOMweb or DIMSE) is
+    already a pseudonym and stays as it is."""
+    if dicomweb.is_instance(uri) or dimse.is_instance(uri) or is_path_pseudonym(uri):
         return uri
     base, sep, member = uri.partition(MEMBER_SEPARATOR)
     out = PATH_PSEUDONYM + _keyed(base, key)

@@ -2,15 +2,21 @@
 
 Loose objects are fetched several at a time (an object store's latency, not its
 bandwidth, bounds one request), tar shards are streamed member by member
-(``shards.py``), DICOMweb instances retrieved by their locators (``dicomweb.py``). A
-missing, unreadable or oversized object is a row with its reason, never an exception
-that kills a block. Rows may leave the task decoded (``decode_images``), so a film's
-bytes never pass through Ray's Arrow blocks, and with pseudonymous paths.
+(``shards.py``), PACS instances retrieved by their locators (``dicomweb.py``,
+``dimse.py``). A missing, unreadable or oversized object is a row with its reason, never
+an exception that kills a block. Rows may leave the task decoded (``decode_images``), so
+a film's bytes never pass through Ray's Arrow blocks, and with pseudonymous paths.
+
+An input's ``content_sha256`` is the hash of its bytes, but for a PACS instance the hash
+of its dataset alone (``content_sha256``): each server writes its own Part 10 file meta
+(implementation UID, source AE title), so the same instance over WADO-RS and over C-GET
+differs there and nowhere else.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +26,7 @@ import numpy as np
 
 from meddx import one_line
 from meddx.imaging.decode import DecodeSettings, decode_images
-from meddx.inputs import dicomweb, storage
+from meddx.inputs import dicomweb, dimse, storage
 from meddx.inputs.path_pseudonyms import pseudonymize_paths
 from meddx.inputs.shards import is_shard, read_shard
 from meddx.inputs.storage import MEMBER_SEPARATOR, StorageSettings
@@ -98,7 +104,7 @@ def read_objects(
 def _read_chunks(
     batch: dict[str, np.ndarray], settings: StorageSettings, max_bytes: int
 ) -> Iterator[dict[str, np.ndarray]]:
-    # A DICOMweb input's locator (its UIDs) is used to fetch it and goes no further.
+    # A PACS input's locator (its UIDs) is used to fetch it and goes no further.
     extra = [k for k in batch if k not in ("image_uri", "locator")]
     locators = (
         dict(zip(batch["image_uri"], batch["locator"], strict=True)) if "locator" in batch else {}
@@ -111,7 +117,7 @@ def _read_chunks(
             "bytes": np.array([r[1] for r in rows], dtype=object),
             "read_error": np.array([r[2] for r in rows], dtype=object),
             "content_sha256": np.array(
-                [hashlib.sha256(r[1]).hexdigest() if not r[2] else "" for r in rows], dtype=object
+                [content_sha256(r[0], r[1]) if not r[2] else "" for r in rows], dtype=object
             ),
         }
         for j, key in enumerate(extra):
@@ -142,6 +148,29 @@ def _read_chunks(
         yield flush()
 
 
+def content_sha256(uri: str, data: bytes) -> str:
+    """The hash that says whether an input changed: of its bytes, or for a PACS instance
+    of the bytes after its preamble and file meta (``dataset_offset``)."""
+    if dicomweb.is_instance(uri) or dimse.is_instance(uri):
+        return hashlib.sha256(memoryview(data)[dataset_offset(data) :]).hexdigest()
+    return hashlib.sha256(data).hexdigest()
+
+
+def dataset_offset(data: bytes) -> int:
+    """Where a Part 10 file's dataset starts, after the preamble, "DICM" and the file
+    meta group; 0 where there is no "DICM" (a bare dataset, or no DICOM at all) or the
+    meta cannot be read: then the whole bytes are the content."""
+    import pydicom.filereader
+
+    fp = io.BytesIO(data)
+    try:
+        pydicom.filereader.read_preamble(fp, False)
+        pydicom.filereader._read_file_meta_info(fp)
+    except Exception:
+        return 0
+    return fp.tell()
+
+
 def _column(values: list, dtype: np.dtype) -> np.ndarray:
     """A carried column, one element per row even where each is itself an array (a
     ``known`` list): numpy would make equal-length arrays a 2-D block."""
@@ -161,18 +190,22 @@ def fetch_all(
 ) -> Iterator[tuple[bytes, str]]:
     """read_object for each URI, in order, with READ_CONCURRENCY requests in flight: an
     object store's or a PACS's latency, not its bandwidth, bounds one request at a time.
-    A DICOMweb instance is retrieved by its locator. Local files are read one by one
-    (no latency to hide)."""
+    A PACS instance is retrieved by its locator: over DICOMweb, or by C-GET on an
+    association of its own (a few milliseconds to open beside the film's transfer, and
+    no association is shared between threads). Local files are read one by one (no
+    latency to hide)."""
     locators = locators or {}
 
     def fetch(uri: str) -> tuple[bytes, str]:
-        if dicomweb.is_instance(uri):
-            if uri not in locators:
-                return b"", "a DICOMweb instance is read only in the run that listed it"
-            return dicomweb.read(locators[uri], settings, max_bytes)
+        for pacs, kind in ((dicomweb, "DICOMweb"), (dimse, "DIMSE")):
+            if pacs.is_instance(uri):
+                if uri not in locators:
+                    return b"", f"a {kind} instance is read only in the run that listed it"
+                return pacs.read(locators[uri], settings, max_bytes)
         return read_object(uri, settings, max_bytes)
 
-    if not any(storage.is_s3(uri) or dicomweb.is_instance(uri) for uri in uris):
+    remote = (storage.is_s3, dicomweb.is_instance, dimse.is_instance)
+    if not any(test(uri) for uri in uris for test in remote):
         yield from (read_object(uri, settings, max_bytes) for uri in uris)
         return
     read_bytes, read_count = 0, 0

@@ -213,3 +213,21 @@ class Predictors:
                 part = batch
             tables.append(predictor(part))
         return pa.concat_tables(tables) if tables else OUTPUT_SCHEMA.empty_table()
+
+
+class WarmPredictors:
+    """``Predictors`` kept up across runs, as a Ray actor: each call names its run.
+    A Ray Data pipeline starts its actor pool with each dataset and ends it with it;
+    ``meddx listen`` scores a study or two at a time, and the actors' start and the
+    models' load would be most of every batch. (``meddx.pipelines.dataset.keep_warm``.)"""
+
+    def __init__(self, models: list[dict], settings: StorageSettings, precision: str, **kwargs):
+        self.inner = Predictors(models, settings, precision, run_id="", **kwargs)
+
+    def ready(self) -> bool:
+        return True
+
+    def predict(self, batch: dict[str, np.ndarray], run_id: str) -> pa.Table:
+        for predictor in self.inner.models:
+            predictor.run_id = run_id
+        return self.inner(batch)

@@ -3,6 +3,8 @@
     inputs -> read bytes + [drop already-scored bytes] + decode (CPU tasks)
         -> predict (actor pool, the run's models in each actor, GPU if present) -> rows
 
+(predict: the warm actors of ``keep_warm`` instead, where meddx listen started them)
+
 and the provenance every Parquet file of the run carries in its key-value metadata.
 Every input gives at least one row: a read or decode failure is caught per image and
 becomes a row with ``status="error"``; the model never sees a bad tensor.
@@ -10,9 +12,11 @@ becomes a row with ``status="error"``; the model never sees a bad tensor.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import warnings
+from collections.abc import Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -22,13 +26,14 @@ from meddx import __version__, secret
 from meddx.config import ScoreConfig
 from meddx.imaging.decode import DecodeSettings
 from meddx.inputs import reading, shards, storage
-from meddx.model import engine, ood
+from meddx.model import engine, ood, registry
 from meddx.model.precision import checkpoint_precision
-from meddx.model.predictor import Predictors
+from meddx.model.predictor import Predictors, WarmPredictors
 from meddx.model.registry import Checkpoint
 from meddx.names import CPU_BATCH, GPU_BATCH, QC_VALUES
 from meddx.pipelines import cluster
 from meddx.pipelines.path_names import path_key
+from meddx.pipelines.warm import forward, prime
 from meddx.store import films
 
 # Restarts of a predictor actor whose process died before the run fails (see below).
@@ -129,7 +134,6 @@ def build_dataset(
     Several models: each film is decoded once, at the largest model's input size and
     for any modality or view one of them accepts; each model then takes it at its own
     size under its own rules (``Predictor.fitted``)."""
-    several = len(ckpts) > 1
     each = [rules(cfg, ckpt) for ckpt in ckpts]
     decode_settings = DecodeSettings(
         size=max(ckpt.input_size for ckpt in ckpts),
@@ -143,17 +147,7 @@ def build_dataset(
     pool, threads, resources = cluster.predictor_pool(
         cfg.actors, len(uris), total, cluster.cpu_nodes()
     )
-    models = [
-        {
-            "checkpoint": path,
-            "sha256": sha,
-            "runtime": resolve_runtime(cfg, ckpt),
-            # Decoding applied one model's own rules; several models', each its own.
-            "modalities": modalities if several else None,
-            "views": views if several else None,
-        }
-        for path, ckpt, sha, (modalities, views) in zip(cfg.models, ckpts, shas, each, strict=True)
-    ]
+    models = predictor_models(cfg, ckpts, shas)
     blocks = cluster.read_blocks(len(uris), shard_count(uris))
     # Ray Data's default keeps part of the CPUs for each stage of the plan; on a small
     # node that let one decode task run at a time while a core idled (2 CPUs, 960 films:
@@ -181,6 +175,12 @@ def build_dataset(
         batch_size=None,
         num_cpus=cluster.decode_task_cpus(resources, pool.max_size, total.get("CPU", 1)),
     )
+    batch_size = cfg.batch_size or (GPU_BATCH if "num_gpus" in resources else CPU_BATCH)
+    warm = _WARM.get(warm_key(models, cfg))
+    if warm is not None:  # meddx listen's actors, up since it started: no start-up
+        return ds.map_batches(
+            forward, fn_kwargs={"actors": warm, "run_id": run_id}, batch_size=batch_size, num_cpus=0
+        )
     with warnings.catch_warnings():
         # max_restarts and max_task_retries have no named parameter yet: Ray 2.60 warns
         # that passing them as remote args is deprecated.
@@ -189,7 +189,7 @@ def build_dataset(
             Predictors,
             fn_constructor_args=(models, cfg.storage, cfg.precision, run_id),
             fn_constructor_kwargs={"threads": threads, "compile_model": cfg.compile_model},
-            batch_size=cfg.batch_size or (GPU_BATCH if "num_gpus" in resources else CPU_BATCH),
+            batch_size=batch_size,
             compute=pool,
             # A predictor whose process dies (OOM kill, lost node, preempted GPU) is
             # restarted and its unfinished batches re-run: the model is pure, so a re-run
@@ -202,6 +202,69 @@ def build_dataset(
             max_task_retries=-1,
             **resources,
         )
+
+
+def predictor_models(cfg: ScoreConfig, ckpts: tuple[Checkpoint, ...], shas) -> list[dict]:
+    """What each predictor actor loads: every model's checkpoint, hash, runtime and,
+    where decoding applied several models' rules, its own."""
+    several = len(ckpts) > 1
+    return [
+        {
+            "checkpoint": path,
+            "sha256": sha,
+            "runtime": resolve_runtime(cfg, ckpt),
+            # Decoding applied one model's own rules; several models', each its own.
+            "modalities": modalities if several else None,
+            "views": views if several else None,
+        }
+        for path, ckpt, sha, (modalities, views) in zip(
+            cfg.models, ckpts, shas, [rules(cfg, c) for c in ckpts], strict=True
+        )
+    ]
+
+
+# Warm predictor actors (keep_warm), by what they load: a run whose models they are
+# sends its decoded batches to them instead of starting a pool.
+_WARM: dict[str, list] = {}
+
+
+def warm_key(models: list[dict], cfg: ScoreConfig) -> str:
+    return json.dumps([models, cfg.precision, cfg.compile_model], sort_keys=True, default=str)
+
+
+@contextlib.contextmanager
+def keep_warm(cfg: ScoreConfig) -> Iterator[None]:
+    """Predictor actors for ``cfg``'s models, started now and kept up until the block
+    ends: every run of these models in this process in the meantime uses them (meddx
+    listen's batches). They ask of Ray what a pool's actors do and restart as they do."""
+    read = [registry.read_checkpoint(m, cfg.storage, cfg.model_sha256) for m in cfg.models]
+    ckpts, shas = tuple(c for c, _ in read), tuple(s for _, s in read)
+    models = predictor_models(cfg, ckpts, shas)
+    total = ray.cluster_resources()
+    # Sized as a pool for a short job: one actor per node, using the node's cores.
+    pool, threads, resources = cluster.predictor_pool(cfg.actors, 0, total, cluster.cpu_nodes())
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        actor = ray.remote(WarmPredictors).options(
+            max_restarts=PREDICTOR_RESTARTS, max_task_retries=-1, **resources
+        )
+        actors = [
+            actor.remote(
+                models, cfg.storage, cfg.precision, threads=threads, compile_model=cfg.compile_model
+            )
+            for _ in range(pool.max_size)
+        ]
+    ray.get([a.ready.remote() for a in actors])  # the models loaded before the first batch
+    cpus = max(1, int(total.get("CPU", 1)))
+    ray.data.range(cpus, override_num_blocks=cpus).map_batches(prime, batch_size=None).materialize()
+    key = warm_key(models, cfg)
+    _WARM[key] = actors
+    try:
+        yield
+    finally:
+        del _WARM[key]
+        for a in actors:
+            ray.kill(a)
 
 
 def shard_count(uris: pa.ChunkedArray) -> int:

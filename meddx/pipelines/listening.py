@@ -9,7 +9,8 @@
             index, staging, exactly-once commit, QC, worklist, report, alarms
 
 Each batch is one ``screen`` run over a manifest of the settled studies' instances, in
-the same process: Ray starts once and stays up between batches. The selection makes it
+the same process: Ray starts once and stays up between batches, and so do the predictor
+actors (``dataset.keep_warm``), with the models loaded. The selection makes it
 exactly once per (instance, model): an instance sent again with the same bytes is not
 scored again, one with other bytes is (its etag differs). On start, one run over the
 whole archive scores what an earlier listener acknowledged and never scored (killed,
@@ -38,6 +39,7 @@ from meddx import MeddxAlarm, MeddxError, secret
 from meddx.config import ListenConfig
 from meddx.pacs.receiver import Receiver, Study, tls_context
 from meddx.pipelines import cluster
+from meddx.pipelines.dataset import keep_warm
 from meddx.pipelines.screening import screen
 
 log = logging.getLogger(__name__)
@@ -89,10 +91,12 @@ def listen(cfg: ListenConfig, stop: threading.Event | None = None) -> Counts:
         cluster.init_ray()
         catch_up(cfg, counts)
         counts.caught_up = True
-        while not stop.wait(POLL_SECONDS):
-            due = receiver.settled(cfg.settle)
-            if due:
-                score_batch(cfg, receiver, due, counts)
+        # The predictor actors stay up from here on: a batch starts none.
+        with keep_warm(cfg.scoring):
+            while not stop.wait(POLL_SECONDS):
+                due = receiver.settled(cfg.settle)
+                if due:
+                    score_batch(cfg, receiver, due, counts)
     finally:
         counts.accepting = False
         receiver.stop()

@@ -26,9 +26,10 @@ from meddx.inputs import dicomweb, listing, storage
 from meddx.model import registry
 from meddx.model.registry import Checkpoint
 from meddx.names import OUTPUT_SCHEMA
-from meddx.pacs import stow
+from meddx.pacs import results
 from meddx.pipelines import cluster
 from meddx.pipelines.dataset import build_dataset, file_metadata
+from meddx.pipelines.dimse_spool import dimse_spool
 from meddx.pipelines.path_names import indexed_names, path_key, write_path_map
 from meddx.store import commit, films, index, lease, progress
 
@@ -105,7 +106,7 @@ class Outcome:
     selection: Selection
     recovered: tuple[str, ...]  # what was left of earlier runs, and what became of it
     rows: pa.Table  # this run's committed rows, in the policy's columns
-    sent: stow.Sent | None  # --results-to: what reached the PACS
+    sent: results.Sent | None  # --results-to: what reached the PACS
     started: float  # the perf_counter() the run's clock started from
     startup_seconds: float  # listing, the checkpoint's check and Ray's start
     seconds: float  # from the start to the commit
@@ -184,18 +185,20 @@ def execute(cfg: ScoreConfig, policy: Policy[T], started: float | None = None) -
         startup = time.perf_counter() - start
         if chosen.todo.num_rows:
             cluster.init_ray()
-            ds, schema = maker.dataset(chosen.todo, run_id, located)
-            startup = time.perf_counter() - start
-            with progress.Progress(
-                cfg.out,
-                cfg.storage,
-                run_id,
-                pairs(chosen.todo, len(shas)),
-                policy.verb,
-                cfg.progress_seconds,
-                cfg.quiet,
-            ):
-                commit.write_staged(ds, cfg.out, cfg.storage, run_id, schema)
+            # A DIMSE source read by C-MOVE: its receiver runs while the reads do.
+            with dimse_spool(cfg, located) as reading:
+                ds, schema = maker.dataset(chosen.todo, run_id, reading)
+                startup = time.perf_counter() - start
+                with progress.Progress(
+                    cfg.out,
+                    cfg.storage,
+                    run_id,
+                    pairs(chosen.todo, len(shas)),
+                    policy.verb,
+                    cfg.progress_seconds,
+                    cfg.quiet,
+                ):
+                    commit.write_staged(ds, cfg.out, cfg.storage, run_id, schema)
         committed = bool(chosen.todo.num_rows or chosen.kept_rows)
         if committed:
             policy.check(run_id, shas, chosen, held)
@@ -209,8 +212,8 @@ def execute(cfg: ScoreConfig, policy: Policy[T], started: float | None = None) -
             write_path_map(cfg, run_id, chosen.inputs["image_uri"].to_pylist())
         seconds = time.perf_counter() - start
         sent = None
-        if cfg.results_to and located and committed:
-            sent = stow.send_run(cfg, run_id, located, maker.ckpts[0], shas[0])
+        if cfg.results_to and committed:
+            sent = results.send_run(cfg, run_id, listed_at, maker.ckpts[0], shas[0])
         rows = commit.read_results(
             cfg.out,
             cfg.storage,

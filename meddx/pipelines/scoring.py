@@ -21,9 +21,9 @@ import pyarrow.compute as pc
 
 from meddx import MeddxError
 from meddx.config import ScoreConfig
-from meddx.inputs import dicomweb, storage
+from meddx.inputs import dicomweb, dimse, storage
 from meddx.names import OUTPUT_SCHEMA
-from meddx.pacs import stow
+from meddx.pacs import results
 from meddx.pipelines import prepare, run
 from meddx.pipelines.path_names import indexed_names
 from meddx.store import commit, lease
@@ -88,7 +88,11 @@ class Scoring:
     def select(self, source, located, shas, resumed: str | None) -> run.Selection:
         listed = source.table()  # scoring reads every input: the listing is the work
         if not listed.num_rows:  # a folder or manifest without inputs is refused as listed
-            host = dicomweb.endpoint(self.cfg.input).host
+            pacs = self.cfg.input
+            if dimse.is_source(pacs):
+                host = dimse.peer(pacs).where
+            else:
+                host = dicomweb.endpoint(pacs).host
             raise MeddxError(f"no instances match the query on {host}")
         if resumed:
             return resume(self.cfg, resumed, listed, shas)
@@ -126,7 +130,7 @@ class Scoring:
             recovered=outcome.recovered,
             resumed_rows=outcome.selection.kept_rows,
             scored_now=outcome.selection.todo.num_rows,
-            results=stow.describe(sent, self.cfg.results_to) if sent else "",
+            results=results.describe(sent, self.cfg.results_to) if sent else "",
             results_failed=len(sent.failed) if sent else 0,
         )
 

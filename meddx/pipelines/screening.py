@@ -49,7 +49,7 @@ from meddx.config import ScreenConfig
 from meddx.inputs import path_pseudonyms, storage
 from meddx.model.registry import Checkpoint
 from meddx.names import HUMAN_READ, OUTPUT_SCHEMA, QC_OK
-from meddx.pacs import stow
+from meddx.pacs import results
 from meddx.pipelines import run
 from meddx.pipelines.path_names import as_indexed
 from meddx.pipelines.selection import WhatIsNew
@@ -157,7 +157,7 @@ class Screening(WhatIsNew):
                 summary,
                 reports_stored=outcome.sent.studies,
                 reports_failed=len(outcome.sent.failed),
-                results=stow.describe(outcome.sent, cfg.results_to),
+                results=results.describe(outcome.sent, cfg.results_to),
             )
         alarms = check_alarms(cfg, summary, drifts)
         summary = dataclasses.replace(summary, drift=drifts[0], alarms=alarms)

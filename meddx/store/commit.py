@@ -28,6 +28,7 @@ import posixpath
 from collections.abc import Callable
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from meddx import MeddxError
@@ -434,3 +435,47 @@ def read_results(
     if not ds.files:
         return empty
     return ds.to_table(columns=columns, filter=where)
+
+
+def latest_rows(
+    out: str, settings: StorageSettings, uris: list[str], model_sha: str, columns: list[str]
+) -> pa.Table:
+    """The latest committed row of each of ``uris`` by checkpoint ``model_sha``, in
+    ``columns``: the index says which result file holds it, and only those files are
+    read. For the few instances of the studies a run touched (their reports), not for
+    an archive's worth. Take it while holding OUT's lease (catching up writes)."""
+    empty = OUTPUT_SCHEMA.empty_table().select(columns)
+    if not uris:
+        return empty
+    wanted = pc.field("image_uri").isin(pa.array(sorted(set(uris)), pa.string()))
+    found = (
+        index.Snapshot(out, settings)
+        .scan(
+            ["image_uri", "scored_at", "run_id", "file"],
+            where=wanted & (pc.field("model_sha256") == model_sha),
+        )
+        .read_all()
+        .sort_by([("scored_at", "descending")])
+        .to_pylist()
+    )
+    latest: dict[str, dict] = {}
+    for row in found:
+        latest.setdefault(row["image_uri"], row)
+    if not latest:
+        return empty
+    files = sorted({_path(out, row["file"]) for row in latest.values()})
+    runs = pa.array(sorted({row["run_id"] for row in latest.values()}), pa.string())
+    table = pads.dataset(
+        files,
+        filesystem=storage.arrow_filesystem(out, settings),
+        format="parquet",
+        schema=OUTPUT_SCHEMA,
+    ).to_table(
+        columns=[*columns, "run_id"] if "run_id" not in columns else columns,
+        filter=wanted & (pc.field("model_sha256") == model_sha) & pc.field("run_id").isin(runs),
+    )
+    keep = [
+        latest[u]["run_id"] == r
+        for u, r in zip(table["image_uri"].to_pylist(), table["run_id"].to_pylist(), strict=True)
+    ]
+    return table.filter(pa.array(keep, pa.bool_())).select(columns)

@@ -1,27 +1,24 @@
-"""Results back to the PACS: one DICOM Structured Report per scored study, STOW-RS'd.
+"""What meddx files in a study: one DICOM Structured Report per study and model, and
+the Grad-CAM overlay of its top finding as a Secondary Capture.
 
-    meddx score dicomweb+http://pacs/dicom-web?... --results-to dicomweb+http://pacs/dicom-web
+The SR is a Comprehensive SR in a results series of its own (``dicomweb.RESULTS_SERIES``)
+holding a TID 1500 Measurement Report (highdicom): one measurement group per scored
+instance, referencing it, with per finding the probability (a numeric measurement, UCUM
+"1") and the decision at the finding's threshold (a qualitative evaluation, SNOMED CT
+Present/Absent). The algorithm is identified by TID 4019 (DCM 111001 Algorithm Name: the
+model's name; 111003 Algorithm Version: the checkpoint's sha256). docs/pacs.md records
+the choice.
 
-After a run commits its rows, each study it scored gets a Comprehensive SR in a results
-series of its own (``dicomweb.RESULTS_SERIES``) holding a TID 1500 Measurement Report
-(highdicom): one measurement group per scored instance, referencing it, with per
-finding the probability (a numeric measurement, UCUM "1") and the decision at the
-finding's threshold (a qualitative evaluation, SNOMED CT Present/Absent). The algorithm
-is identified by TID 4019 (DCM 111001 Algorithm Name: the model's name; 111003
-Algorithm Version: the checkpoint's sha256). docs/pacs.md records the choice.
+The SR carries the patient and study modules of its sources, so the PACS files it in
+their study. Its UIDs are functions of the study's pseudonym and the checkpoint alone:
+a study's report is one instance, sent again whole (every instance scored so far) when
+more of the study is scored, so a PACS that takes an instance again under its UID holds
+the latest report and never two. The heatmap likewise.
 
-The SR carries the patient and study modules of its sources (read with WADO-RS
-metadata, no pixels), so the PACS files it in their study. Instances are grouped by the
-study QIDO-RS listed them in (their locator), which is where the PACS files them, never
-by the StudyInstanceUID their files state (missing, or stale after a reconciliation).
-It exists only in memory and on the --results-to server: never in OUT, a log or the
-report. Its UIDs are derived from the study's pseudonym, the checkpoint and the
-instances it reports on, so sending the same results again stores no second copy.
-
-The libraries on this path (pydicom, highdicom, dicomweb-client) warn and log with the
-values they complain about (``Invalid value for VR DA: '1980-01-01'``, a patient's
-name): they are silenced here, and an SR that cannot be built is recorded by the
-exception's type and the attributes' names, never by its text.
+The libraries on this path (pydicom, highdicom) warn and log with the values they
+complain about (``Invalid value for VR DA: '1980-01-01'``, a patient's name): they are
+silenced here, and an SR that cannot be built is recorded by the exception's type and
+the attributes' names, never by its text.
 """
 
 from __future__ import annotations
@@ -30,17 +27,10 @@ import contextlib
 import hashlib
 import logging
 import warnings
-from dataclasses import dataclass
 
-import pyarrow as pa
-import pyarrow.compute as pc
-
-from meddx import MeddxError, __version__, secret
-from meddx.imaging.dicom import pseudonym
+from meddx import MeddxError, __version__
 from meddx.inputs import dicomweb
-from meddx.inputs.storage import StorageSettings
 from meddx.model.registry import Checkpoint
-from meddx.store import commit
 
 SERIES_NUMBER = 9900
 # Codes of meddx's own findings: a private coding scheme, its values the class names.
@@ -57,17 +47,8 @@ TYPE2_COPIED = (
     "StudyID",
     "AccessionNumber",
 )
-# The columns of a run's rows that the SRs are built from.
-ROW_COLUMNS = ["image_uri", "status", "probs", "score", "label"]
 # Libraries whose warnings and log records on this path can quote a patient's values.
-QUIETED = ("pydicom", "highdicom", "dicomweb_client")
-
-
-@dataclass(frozen=True)
-class Sent:
-    studies: int  # SRs stored, one per study
-    instances: int  # scored instances they report on
-    failed: tuple[str, ...] = ()  # one line per study whose SR could not be stored
+QUIETED = ("pydicom", "highdicom", "dicomweb_client", "pynetdicom")
 
 
 def uid(*parts: str) -> str:
@@ -91,26 +72,6 @@ def quiet_libraries():
         finally:
             for logger, level in zip(loggers, levels, strict=True):
                 logger.setLevel(level)
-
-
-def source_metadata(locator: str, settings: StorageSettings):
-    """The instance's attributes (WADO-RS metadata: no pixel data) as a Dataset, its
-    UIDs those it was listed under. Call it under quiet_libraries()."""
-    import pydicom
-
-    url, study, series, sop = dicomweb.locator_parts(locator)
-    c = dicomweb.client(url, settings)
-    meta = dicomweb.retried(lambda: c.retrieve_instance_metadata(study, series, sop))
-    ds = pydicom.Dataset.from_json(meta, bulk_data_uri_handler=lambda *_: b"")
-    # The SR is filed in its first source's study and references each source by UID:
-    # those the PACS listed, whatever the header says (or leaves out).
-    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = study, series, sop
-    # Type 2 attributes of the patient and study modules, which the SR copies: present,
-    # if empty, in a conformant instance; a server's JSON may leave empty ones out.
-    for keyword in TYPE2_COPIED:
-        if keyword not in ds:
-            setattr(ds, keyword, "")
-    return ds
 
 
 def findings(ckpt: Checkpoint) -> list[tuple[int, str, float]]:
@@ -172,13 +133,12 @@ def sr_document(sources: list, probs: list[list[float]], ckpt: Checkpoint, sha: 
         procedure_reported=hd.sr.CodedConcept(*PLAIN_CHEST_XRAY),
         imaging_measurements=groups,
     )
-    instances = sorted(ds.SOPInstanceUID for ds in sources)
     return hd.sr.ComprehensiveSR(
         evidence=sources,
         content=content,
         series_instance_uid=uid("series", study, sha),
         series_number=SERIES_NUMBER,
-        sop_instance_uid=uid("sr", study, sha, *instances),
+        sop_instance_uid=uid("sr", study, sha),
         instance_number=1,
         manufacturer="meddx",
         series_description=dicomweb.RESULTS_SERIES,
@@ -209,7 +169,7 @@ def heatmap_capture(
         patient_orientation=stated if len(stated) == 2 else ("L", "F"),
         series_instance_uid=uid("series", study, sha),
         series_number=SERIES_NUMBER,
-        sop_instance_uid=uid("heatmap", study, sha, source.SOPInstanceUID),
+        sop_instance_uid=uid("heatmap", study, sha),
         instance_number=2,
         manufacturer="meddx",
         series_description=dicomweb.RESULTS_SERIES,
@@ -217,18 +177,6 @@ def heatmap_capture(
     if len(stated) != 2:
         image.PatientOrientation = ""  # type 2C: present, unknown
     return image
-
-
-def by_listed_study(rows: pa.Table, located: dict[str, str]) -> dict[str, list[dict]]:
-    """The scored (status ok) rows among ``rows`` that have a locator, by the Study
-    Instance UID QIDO-RS listed each under: the study the PACS files it in."""
-    grouped: dict[str, list[dict]] = {}
-    for row in rows.select(ROW_COLUMNS).to_pylist():
-        locator = located.get(row["image_uri"])
-        if row["status"] != "ok" or locator is None:
-            continue
-        grouped.setdefault(dicomweb.locator_parts(locator)[1], []).append(row)
-    return grouped
 
 
 def one_patient(sources: list) -> None:
@@ -275,88 +223,4 @@ def why_not_built(exc: Exception, sources: list) -> str:
     name = getattr(exc, "name", None)  # AttributeError's: the attribute asked for
     if isinstance(exc, AttributeError) and name and tag_for_keyword(name) is not None:
         line += f"; missing {name}"
-    return line
-
-
-def send(
-    target: str,
-    rows: pa.Table,
-    located: dict[str, str],
-    ckpt: Checkpoint,
-    sha: str,
-    settings: StorageSettings,
-    key: bytes,
-    heatmaps: bool = False,
-    allow_insecure_http: bool = False,
-) -> Sent:
-    """STOW-RS one SR per listed study among ``rows`` (a run's rows) to ``target``;
-    with ``heatmaps``, also the Grad-CAM overlay of the study's top-scoring instance.
-    ``key`` names each study by its pseudonym (in the SR's UIDs, in ``failed``). A
-    target that would get credentials over plain http is refused first, unless
-    ``allow_insecure_http`` (dicomweb.check_transport)."""
-    import requests
-
-    dicomweb.check_transport(target, allow_insecure_http)
-    where = dicomweb.endpoint(target)
-    c = dicomweb.client(where.url, settings)
-    stored, instances, failed = 0, 0, []
-    for study_uid, scored in sorted(by_listed_study(rows, located).items()):
-        study = pseudonym(study_uid, key)
-        sources: list = []
-        try:
-            with quiet_libraries():
-                for r in scored:
-                    sources.append(source_metadata(located[r["image_uri"]], settings))
-                one_patient(sources)
-                made = [sr_document(sources, [r["probs"] for r in scored], ckpt, sha, study)]
-                if heatmaps:
-                    top = max(range(len(scored)), key=lambda i: max(scored[i]["probs"]))
-                    made.append(
-                        heatmap_capture(
-                            sources[top], scored[top], located, ckpt, sha, study, settings
-                        )
-                    )
-                dicomweb.retried(lambda made=made: c.store_instances(made))
-        except MeddxError as exc:
-            failed.append(f"study {study}: {exc}")
-            continue
-        except requests.RequestException as exc:
-            failed.append(f"study {study}: {dicomweb.reason(exc, where.host)}")
-            continue
-        except Exception as exc:  # an SR highdicom will not build: say why, go on
-            failed.append(f"study {study}: {why_not_built(exc, sources)}")
-            continue
-        stored += 1
-        instances += len(scored)
-    return Sent(stored, instances, tuple(failed))
-
-
-def send_run(cfg, run_id: str, located: dict[str, str], ckpt: Checkpoint, sha: str) -> Sent:
-    """``--results-to``: the SRs of the rows run ``run_id`` committed under cfg.out."""
-
-    rows = commit.read_results(
-        cfg.out, cfg.storage, ROW_COLUMNS, where=pc.field("run_id") == run_id, dates=[cfg.run_date]
-    )
-    key = secret.pseudonym_key()
-    if key is None:  # the listing needed it: only a key removed since can miss here
-        raise MeddxError("--results-to needs MEDDX_PSEUDONYM_KEY to name the studies")
-    return send(
-        cfg.results_to,
-        rows,
-        located,
-        ckpt,
-        sha,
-        cfg.storage,
-        key,
-        cfg.results_heatmaps,
-        cfg.allow_insecure_http,
-    )
-
-
-def describe(sent: Sent, target: str) -> str:
-    """One line: what reached the PACS (and the first reason when something did not)."""
-    host = dicomweb.endpoint(target).host
-    line = f"results: {sent.studies} reports on {sent.instances} instances stored on {host}"
-    if sent.failed:
-        line += f"; {len(sent.failed)} not stored, first: {sent.failed[0]}"
     return line
