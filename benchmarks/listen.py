@@ -66,6 +66,9 @@ def study_films(folder: Path, studies: int, per_study: int, cache: Path) -> list
         for k in range(per_study):
             ds = pydicom.dcmread(sources[(s * per_study + k) % len(sources)])
             ds.StudyInstanceUID, ds.SOPInstanceUID = uid, generate_uid()
+            # One patient a study (the mix's films are each their own): a report is
+            # built only for a study of one patient.
+            ds.PatientID, ds.PatientName = f"BENCH-{s:03d}", f"Bench^{s:03d}"
             ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
             path = folder / f"study-{s:03d}" / f"film-{k}.dcm"
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -196,6 +199,8 @@ def timed(work, model, studies, clients, settle, pacs, server=None):
     while time.monotonic() < deadline and (
         len(committed) < len(studies) or (pacs is not None and len(stored) < len(studies))
     ):
+        if len(committed) == len(studies):  # the reports have a minute more, no longer
+            deadline = min(deadline, time.monotonic() + 60)
         time.sleep(0.5)
         if pacs is not None:
             now = time.monotonic()

@@ -85,6 +85,7 @@ def dicom_cr(
     view: str = "PA",
     window: tuple[float, float] | None = (2048.0, 4096.0),
     preamble: bool = True,
+    study: str = "1.2.826.0.1.3680043.8.498.1",
 ) -> bytes:
     """A 12-bit computed radiograph as DICOM bytes (explicit VR little endian); pixels
     of shape (frames, rows, columns) make a multi-frame object."""
@@ -101,7 +102,7 @@ def dicom_cr(
     ds.file_meta = meta
     ds.SOPClassUID = meta.MediaStorageSOPClassUID
     ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID = "1.2.826.0.1.3680043.8.498.1"
+    ds.StudyInstanceUID = study
     ds.SeriesInstanceUID = "1.2.826.0.1.3680043.8.498.2"
     ds.PatientName = patient_name
     ds.PatientID = "MRN-0042"

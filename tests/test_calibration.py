@@ -52,6 +52,23 @@ def test_clinical_metrics_known_points():
     )
 
 
+def test_the_calibration_error_bins_scores_on_an_edge_as_its_curve_does():
+    # Scores exactly on bin edges (0.3, 0.5, 0.8) count in the bin below, as in the curve:
+    # 0.45 and 0.5 share one bin (np.histogram split them, and the weights misaligned).
+    y = np.array([0, 1, 0, 1, 1, 0, 1, 1, 1])
+    scores = np.array([0.5, 0.5, 0.8, 0.8, 0.8, 0.15, 0.95, 0.3, 0.45])
+    from sklearn.calibration import calibration_curve
+
+    prob_true, prob_pred = calibration_curve(y, scores, n_bins=10, strategy="uniform")
+    sizes = np.bincount(np.searchsorted(np.linspace(0, 1, 11)[1:-1], scores), minlength=10)
+    expected = np.sum(sizes[sizes > 0] / len(y) * np.abs(prob_true - prob_pred))
+    assert metrics.calibration_fit(y, scores)["ece"] == pytest.approx(expected)
+    assert metrics.calibration_fit(y, scores)["ece"] == pytest.approx(
+        # 0.15 (y 0), 0.3 (y 1), 0.45 and 0.5 x2 (two thirds), 0.8 x3 (two thirds), 0.95
+        (0.15 + 0.7 + 3 * (2 / 3 - 1.45 / 3) + 3 * (0.8 - 2 / 3) + 0.05) / 9
+    )
+
+
 def test_threshold_for_targets():
     y = np.array([0] * 50 + [1] * 50)
     scores = np.r_[np.linspace(0, 0.7, 50), np.linspace(0.3, 1.0, 50)]

@@ -24,6 +24,8 @@ COMMANDS = [
     "import-weights",
     "demo",
     "reindex",
+    "audit",
+    "rules",
 ]
 
 

@@ -3,6 +3,7 @@
 import collections
 import hashlib
 import hmac
+import io
 import re
 from pathlib import Path
 
@@ -14,7 +15,8 @@ from PIL import Image
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
 from meddx.imaging import dicom
-from meddx.imaging.decode import DecodeError, DecodeSettings, decode_image, sniff
+from meddx.imaging.decode import DecodeError, DecodeSettings, Skipped, decode_image, sniff
+from meddx.imaging.rules import DEFAULT as DEFAULT_RULES
 from meddx.pipelines.scoring import ScoreConfig, score
 
 from .images import dicom_cr, gradient
@@ -71,10 +73,10 @@ def test_window_and_monochrome1_on_real_cr_files():
 
 def test_monochrome1_is_the_inverse_of_monochrome2():
     a = dicom.to_unit_gray(
-        pydicom.dcmread(__import__("io").BytesIO(dicom_cr())), max_pixels=10**6, modalities=None
+        pydicom.dcmread(io.BytesIO(dicom_cr())), max_pixels=10**6, modalities=None
     )
     b = dicom.to_unit_gray(
-        pydicom.dcmread(__import__("io").BytesIO(dicom_cr(photometric="MONOCHROME1"))),
+        pydicom.dcmread(io.BytesIO(dicom_cr(photometric="MONOCHROME1"))),
         max_pixels=10**6,
         modalities=None,
     )
@@ -84,7 +86,7 @@ def test_monochrome1_is_the_inverse_of_monochrome2():
 def test_voi_lut_sequence_wins_over_window():
     from pydicom.dataset import Dataset
 
-    ds = pydicom.dcmread(__import__("io").BytesIO(dicom_cr(window=(100.0, 10.0))))
+    ds = pydicom.dcmread(io.BytesIO(dicom_cr(window=(100.0, 10.0))))
     lut = Dataset()
     # 4096 entries, first mapped value 0, 16-bit output: a gamma curve.
     lut.LUTDescriptor = [4096, 0, 16]
@@ -98,23 +100,47 @@ def test_voi_lut_sequence_wins_over_window():
 
 def test_no_window_uses_full_range():
     pixels = (gradient(32) * 1000 + 500).astype(np.uint16)
-    ds = pydicom.dcmread(__import__("io").BytesIO(dicom_cr(pixels, window=None)))
+    ds = pydicom.dcmread(io.BytesIO(dicom_cr(pixels, window=None)))
     ours = dicom.to_unit_gray(ds, max_pixels=10**6, modalities=None)
     assert ours.min() == 0.0 and ours.max() == 1.0
+
+
+def no_pixel_data() -> bytes:
+    ds = pydicom.dcmread(io.BytesIO(dicom_cr(gradient(16))))
+    del ds.PixelData
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
 
 
 @pytest.mark.parametrize(
     "data, reason",
     [
-        (lambda: dicom_cr(modality="CT"), "Modality CT is not one this model accepts (CR, DX)"),
-        (lambda: (CORPUS / "rtplan.dcm").read_bytes(), "no pixel data"),
-        (lambda: (CORPUS / "test-SR.dcm").read_bytes(), "no pixel data"),
+        (no_pixel_data, "no pixel data"),
         (lambda: dicom_cr(np.zeros((4000, 4000), np.uint16)), "exceeds the limit"),
     ],
 )
 def test_unscorable_dicom_is_a_reason(data, reason):
     with pytest.raises(DecodeError, match=re.escape(reason)):
         decode_image(data(), DecodeSettings(size=32, max_pixels=10_000_000))
+
+
+@pytest.mark.parametrize(
+    "data, reason",
+    [
+        (
+            lambda: dicom_cr(modality="CT"),
+            'rule "modality": Modality CT is not one this model accepts (CR, DX)',
+        ),
+        (lambda: (CORPUS / "rtplan.dcm").read_bytes(), 'rule "not an image" (SOPClassUID)'),
+        (lambda: (CORPUS / "test-SR.dcm").read_bytes(), 'rule "not an image" (SOPClassUID)'),
+    ],
+)
+def test_what_the_rules_select_out_is_skipped_with_the_rule(data, reason):
+    with pytest.raises(Skipped, match=re.escape(reason)) as raised:
+        decode_image(data(), DecodeSettings(size=32, max_pixels=10_000_000))
+    # What the header said comes with it: the row keeps its attributes.
+    assert raised.value.info["modality"]
 
 
 def test_multiframe_scores_first_frame_and_says_so():
@@ -141,7 +167,7 @@ def test_multiframe_scores_first_frame_and_says_so():
 
 def test_identifiers_never_in_error_text():
     data = dicom_cr(patient_name="Secret^Person")
-    ds = pydicom.dcmread(__import__("io").BytesIO(data))
+    ds = pydicom.dcmread(io.BytesIO(data))
     text = dicom.scrub("failed near Secret^Person with MRN-0042", ds)
     assert "Secret^Person" not in text and "MRN-0042" not in text
 
@@ -180,8 +206,15 @@ def test_pydicom_corpus_one_row_per_file(ray_session, tmp_path, random_checkpoin
             rows_ok = ds.Rows > 0
         except Exception:
             continue
-        if rows_ok:
-            assert by_name[path.name.lstrip("._")]["status"] == "ok", path.name
+        if not rows_ok:
+            continue
+        row = by_name[path.name.lstrip("._")]
+        # ... unless the default rules select it out: a segmentation, a raw detector image.
+        refused = DEFAULT_RULES.refused(ds)
+        if refused:
+            assert (row["status"], row["error"]) == ("skipped", refused), path.name
+        else:
+            assert row["status"] == "ok", path.name
 
 
 @pytest.mark.slow

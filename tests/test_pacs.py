@@ -27,6 +27,7 @@ from meddx.imaging.dicom import pseudonym
 from meddx.inputs import dicomweb
 from meddx.inputs.storage import StorageSettings
 from meddx.model import registry
+from meddx.store import audit
 from meddx.synthetic.chest import write_archive
 
 from . import pacs as pacs_mod
@@ -171,6 +172,11 @@ def test_scoring_a_pacs_gives_a_row_per_instance_and_a_report_in_each_study(
 
     studies = {pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID for p in films}
     assert len(sr_instances(pacs)) == len(studies) == 5
+    # The audit log names each study reported by its pseudonym (an SR's UIDs follow from
+    # it), and the target without credentials or query values (meddx.store.audit).
+    (record,) = audit.runs(str(out), StorageSettings())
+    assert record["reports_stored"] == 5 and record["results_to"] == audit.shown(pacs.source)
+    assert sorted(record["reported_studies"]) == sorted(pseudonym(s, KEY.encode()) for s in studies)
     session = pacs.session()
     client = DICOMwebClient(pacs.dicomweb, session=pacs.session())
     seen = set()

@@ -21,7 +21,8 @@ from meddx.analysis import page
 from meddx.analysis.drift import Drift
 from meddx.imaging.dicom import pseudonymous_id
 from meddx.names import QC_OK
-from meddx.pipelines.screening import NightSummary, worklist
+from meddx.pipelines.screening import NightSummary
+from meddx.pipelines.triage import worklist
 
 RUN_DATE = "2026-11-26"
 SHA = "5eed" * 16
@@ -95,6 +96,7 @@ def night_rows() -> pa.Table:
                 "status": status,
                 "score": score,
                 "label": label or ("opacity" if (score or 0) >= THRESHOLD else "normal"),
+                "probs": None if score is None else [1 - score, score],
                 "qc": qc if status == "ok" else None,
                 "ood_score": ood,
                 "study_pseudonym": pseudonym,
@@ -142,6 +144,8 @@ def summary(rows: pa.Table, **kwargs) -> NightSummary:
         versions={"meddx": __version__, "torch": "2.14.1", "ray": "2.60.0"},
         qc_flagged=2,
         qc_by_reason={"low_quality": 1, "ood": 1},
+        positive_studies=POSITIVES,
+        qc_flagged_studies=2,
     )
     return NightSummary(**{**fields, **kwargs})
 
@@ -179,8 +183,10 @@ def test_the_page_states_the_nights_figures(night):
         "scored ok": "30",
         "errors": "2",
         "error rate": "6.2%",
-        "positives (worklist)": str(POSITIVES),
-        "needs a human read (qc not ok)": "2",
+        "positive images": str(POSITIVES),
+        "positive studies (worklist)": str(POSITIVES),
+        "images needing a human read (qc not ok)": "2",
+        "studies needing a human read": "2",
         "quality-control rate": "6.7%",
         "seconds": "12.5",
         "images/s": "2.56",
@@ -212,23 +218,49 @@ def test_the_worklist_is_the_top_of_the_positives_by_score(night):
     rows, _, _ = night
     _, parsed = render(night)
     listed = parsed.table("Worklist")
-    assert listed[0] == ["rank", "study", "score", "label", "modality"]
-    ok = [r for r in rows.to_pylist() if r["status"] == "ok" and r["qc"] == QC_OK]
+    assert listed[0] == ["rank", "study", "score", "label", "images", "qc", "modality"]
+    ok = [
+        {**r, "modality": r["modality"] or ""}
+        for r in rows.to_pylist()
+        if r["status"] == "ok" and r["qc"] == QC_OK
+    ]
     top = sorted((r for r in ok if r["score"] >= THRESHOLD), key=lambda r: -r["score"])
     expected = [
-        [str(rank), pseudonymous_id(r), f"{r['score']:.3f}", "opacity", r["modality"] or ""]
+        [str(rank), pseudonymous_id(r), f"{r['score']:.3f}", "opacity", "1", "ok", r["modality"]]
         for rank, r in enumerate(top[: page.TOP_WORKLIST], start=1)
     ]
     assert page.TOP_WORKLIST < POSITIVES and listed[1:] == expected
-    assert expected[3][1] == "9f" * 16 and expected[3][4] == "CR"  # the DICOM study
+    assert expected[3][1] == "9f" * 16 and expected[3][6] == "CR"  # the DICOM study
     # What the model should not judge alone is listed apart, whatever its score.
     human = parsed.table("Needs a human read (2)", first="rank")
-    assert [(r[2], r[3]) for r in human[1:]] == [("low_quality", "0.200"), ("ood", "0.990")]
-    assert human[2][4] == "7.25"
+    assert human[0][2:5] == ["qc", "images flagged", "score"]
+    assert [(r[2], r[3], r[4]) for r in human[1:]] == [
+        ("low_quality", "1 of 1", "0.200"),
+        ("ood", "1 of 1", "0.990"),
+    ]
+    assert human[2][5] == "7.25"
     assert dict(parsed.table("Needs a human read", first="reason")[1:]) == {
         "low_quality": "1",
         "ood": "1",
     }
+
+
+def test_a_study_of_several_images_is_one_line(night):
+    """A PA and a lateral of one study: one worklist line naming the study, which counts
+    both images and says the lateral needs a human read; one line there too."""
+    rows, s, _ = night
+    study = "5a" * 16
+    base = rows.filter(pc.equal(rows["image_uri"], rows["image_uri"][0])).to_pylist()[0]
+    pa_film = {**base, "image_uri": "s3://archive/x/pa.dcm", "study_pseudonym": study,
+               "score": 0.995, "probs": [0.005, 0.995], "modality": "DX"}  # fmt: skip
+    lateral = {**pa_film, "image_uri": "s3://archive/x/lat.dcm", "score": 0.6,
+               "probs": [0.4, 0.6], "qc": "wrong_view", "view_position": "LL"}  # fmt: skip
+    both = pa.concat_tables([rows, pa.Table.from_pylist([pa_film, lateral], schema=rows.schema)])
+    _, parsed = render((both, s, worklist(both)))
+    listed = [r for r in parsed.table("Worklist")[1:] if r[1] == study]
+    assert listed == [["1", study, "0.995", "opacity", "2", "wrong_view", "DX"]]
+    human = parsed.table("Needs a human read", first="rank")[1:]
+    assert [r[1:5] for r in human if r[1] == study] == [[study, "wrong_view", "1 of 2", "0.600"]]
 
 
 def test_a_night_without_positives_says_so(night):

@@ -183,6 +183,7 @@ def test_flagged_rows_are_a_human_read_never_a_negative(
     ]
     assert len(positive) == 12 and all("cxr-" in r["image_uri"] for r in positive)
     assert all(r["qc"] == QC_LOW_QUALITY and r["ood_score"] == "" for r in human)
+    assert {(r["flagged_images"], r["other_images"]) for r in human} == {("1", "0")}
     report = fs.cat_file(f"{root}/results/_runs/dt=2026-12-01/report.html").decode()
     assert "Needs a human read (3)" in report and "low_quality" in report
     results = read_results(f"{bucket}/results", settings, ["ood_score"])
@@ -212,5 +213,6 @@ def test_flagged_rows_are_a_human_read_never_a_negative(
     assert len(err) == 1
     assert err[0] == (
         "meddx: alarm: quality-control rate 100.0% is over --max-qc-rate 10.0% "
-        "(6 low_quality of 6 scored rows)"
+        "(6 low_quality of 6 scored rows); most likely the feed: blank, saturated or "
+        "low-contrast images"
     )

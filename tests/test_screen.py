@@ -88,6 +88,11 @@ def test_nights_rerun_and_changed_object(ray_session, bucket, settings, triage_c
     assert summary["rows"] == 40 and summary["ok"] == 40 and summary["positives"] == 40
     worklist = pacsv.read_csv(fs.open(f"{runs}/worklist.csv")).to_pylist()
     assert len(worklist) == 40 and [w["rank"] for w in worklist] == list(range(1, 41))
+    # Each PNG is its own study: one entry each, no other image, quality control ok.
+    assert summary["positive_studies"] == 40 and {w["other_images"] for w in worklist} == {0}
+    assert {(w["section"], w["qc"], w["other_image_uris"]) for w in worklist} == {
+        ("positive", "ok", "[]")
+    }
     scores = [w["score"] for w in worklist]
     assert scores == sorted(scores, reverse=True)
     assert fs.exists(f"{runs}/report.html") and fs.exists(f"{runs}/worklist.parquet")
@@ -311,7 +316,7 @@ def test_deploy_manifests_parse():
 def test_worklist_cells_a_spreadsheet_would_run_are_quoted():
     import pyarrow as pa
 
-    from meddx.pipelines.screening import spreadsheet_safe
+    from meddx.pipelines.triage import spreadsheet_safe
 
     cells = ['=HYPERLINK("http://x","PA")', "+1+cmd", "-2+3", "@SUM(A1)", "\tx", "PA", "a=b"]
     table = pa.table(

@@ -78,11 +78,13 @@ def test_one_pass_gives_each_model_its_own_rows(ray_session, tmp_path):
     assert set(rows) == {sha_a, sha_b, sha_c} and len(rows[sha_a]) == 8
 
     ct, lateral = str(films / "ct.dcm"), str(films / "lateral.dcm")
-    # Each model under its own rules: A and C refuse the CT and flag the lateral, B
+    # Each model under its own rules: A and C skip the CT and flag the lateral, B
     # scores both as any other film.
     for sha in (sha_a, sha_c):
-        assert rows[sha][ct]["status"] == "error"
-        assert rows[sha][ct]["error"] == "Modality CT is not one this model accepts (CR, DX)"
+        assert rows[sha][ct]["status"] == "skipped"
+        assert rows[sha][ct]["error"] == (
+            'rule "modality": Modality CT is not one this model accepts (CR, DX)'
+        )
         assert rows[sha][lateral]["qc"] == "wrong_view"
     assert rows[sha_b][ct]["status"] == "ok" and rows[sha_b][lateral]["qc"] != "wrong_view"
     assert {r["threshold"] for r in rows[sha_b].values()} == {0.0}
@@ -134,10 +136,12 @@ def test_nights_of_several_models_score_each_input_once_per_model(
     assert (second.new_inputs, second.rows) == (7, 9)
     assert [(m["model_sha256"], m["rows"]) for m in second.models] == [(sha_a, 2), (sha_b, 7)]
     assert (second.positives, [m["positives"] for m in second.models]) == (9, [2, 7])
-    # The worklist keeps each study's findings together; the summary names each model.
+    # The worklist: an entry per study (each PNG its own) and model, each study's
+    # entries together; the summary names each model.
     runs = f"{bucket.removeprefix('s3://')}/results/_runs/dt=2026-12-02"
     worklist = pacsv.read_csv(fs.open(f"{runs}/worklist.csv")).to_pylist()
     assert len(worklist) == 9 and {w["model_sha256"] for w in worklist} == {sha_a, sha_b}
+    assert second.positive_studies == 9 and {w["other_images"] for w in worklist} == {0}
     images = [w["image_uri"] for w in worklist]
     for uri in set(images):  # both rows of an image scored by both models are adjacent
         at = [i for i, u in enumerate(images) if u == uri]

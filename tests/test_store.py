@@ -150,13 +150,13 @@ def test_other_decode_settings_are_refused_never_mixed(ray_session, tmp_path, ra
     (source / "a.png").write_bytes(png(size=80))
     store = tmp_path / "store"
     prepare(PrepareConfig(input=str(source), out=str(store), size=48, quiet=True))
-    before = sorted(p.name for p in store.rglob("*.parquet"))
+    before = sorted(p.name for p in store.glob("dt=*/*.parquet"))
     (source / "b.png").write_bytes(png(size=90))
     with pytest.raises(MeddxError, match="holds films made with size 48.*not size 64"):
         prepare(PrepareConfig(input=str(source), out=str(store), size=64, quiet=True))
     with pytest.raises(MeddxError, match="max pixels"):
         prepare(PrepareConfig(input=str(source), out=str(store), size=48, max_pixels=10**6))
-    assert sorted(p.name for p in store.rglob("*.parquet")) == before
+    assert sorted(p.name for p in store.glob("dt=*/*.parquet")) == before
     model, _ = random_checkpoint  # 64 px: more than the store's 48
     with pytest.raises(MeddxError, match="48 px, smaller than the model's input"):
         score(ScoreConfig(input=str(store), model=model, out=str(tmp_path / "out")))

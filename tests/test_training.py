@@ -16,6 +16,7 @@ from meddx.config import SynthConfig
 from meddx.inputs.storage import StorageSettings, filesystem
 from meddx.model import registry
 from meddx.pipelines.training import TrainConfig, split, train
+from meddx.store import audit
 from meddx.synthetic.chest import write_archive
 
 from .helpers import MEDDX
@@ -47,6 +48,10 @@ def test_train_one_epoch_two_workers_from_s3(ray_session, bucket, settings, tmp_
     )
     ckpt, sha = registry.read_checkpoint(out, settings)
     assert sha == summary.sha256
+    # The run's audit records, beside the checkpoint (meddx.store.audit).
+    (run,) = audit.runs(f"{bucket}/models", settings)
+    assert (run["command"], run["outcome"], run["model_sha256"]) == ("train", "committed", [sha])
+    assert run["inputs"] == 40
     assert ckpt.model_name == "seednet" and ckpt.input_size == 64
     assert ckpt.class_names == ("normal", "opacity") and ckpt.positive_class == "opacity"
     assert ckpt.train_config["workers"] == 2 and ckpt.train_config["epochs"] == 1

@@ -8,7 +8,8 @@ finding (its probability in ``probs`` against its 0/1 manifest column, at its ow
 threshold) and ``macro`` their means over the findings.
 
 Results of several models (``meddx score --model A --model B``) are evaluated one model
-at a time: its rows and its metadata (``one_model``).
+at a time: its rows and its metadata (``one_model``). ``--by-study``: a study is one
+case, positive if any of its images is, its score the highest of its images'.
 """
 
 from __future__ import annotations
@@ -144,6 +145,7 @@ class Evaluation:
     by_column: str | None = None
     by: dict[str, Figures] = field(default_factory=dict)  # per value of by_column
     plots: tuple[str, ...] = ()  # the PNGs written
+    studies: int | None = None  # --by-study: the figures are of this many studies
 
     def as_dict(self) -> dict:
         """The overall figures at the top level, then the rest by name."""
@@ -160,6 +162,8 @@ class Evaluation:
             model_name=self.model_name,
             model_sha256=self.model_sha256,
         )
+        if self.studies is not None:
+            out["studies"] = self.studies
         if self.ood is not None:
             out["ood"] = dataclasses.asdict(self.ood)
         if self.by_column is not None:
@@ -313,6 +317,29 @@ def per_finding(rows, truth, findings, thresholds) -> tuple[dict[str, Figures], 
     return per_class, MacroMeans(**means)
 
 
+def by_study(rows: list[dict], truth: np.ndarray, manifest) -> tuple[list[dict], np.ndarray]:
+    """Each study of the labelled ``rows`` as one: its top-scoring image's row with each
+    class's highest probability, and its 0/1 ``truth`` (a column per finding) the highest
+    of its images'. A study: the row's study_pseudonym, else the manifest's study_id,
+    else the image alone."""
+    ids = {}
+    if manifest is not None and "study_id" in manifest.column_names:
+        ids = dict(zip(manifest["uri"].to_pylist(), manifest["study_id"].to_pylist(), strict=True))
+    studies: dict[tuple, list[int]] = {}
+    for i, r in enumerate(rows):
+        pseudonym, study_id = r.get("study_pseudonym"), ids.get(r["image_uri"])
+        key = ("s", pseudonym) if pseudonym else ("m", study_id) if study_id else ("i", i)
+        studies.setdefault(key, []).append(i)
+    tops, flags = [], []
+    for images in studies.values():
+        top = max(images, key=lambda i: rows[i]["score"])
+        probs = [rows[i]["probs"] for i in images]
+        highest = None if None in probs else np.max(probs, axis=0).tolist()
+        tops.append({**rows[top], "probs": highest})
+        flags.append(truth[images].max(axis=0))
+    return tops, np.array(flags, dtype=int).reshape(len(tops), truth.shape[1])
+
+
 def evaluate(cfg: EvaluateConfig) -> Evaluation:
     """The figures of cfg.predictions against their labels (plots and JSON when asked)."""
     settings = cfg.storage
@@ -331,6 +358,10 @@ def evaluate(cfg: EvaluateConfig) -> Evaluation:
         rows, y_true, unlabelled = labelled_scores(table, truth, positive)
     if not rows:
         raise MeddxError("no scored row has a label: pass --labels MANIFEST")
+    if cfg.by_study:
+        manifest = listing.read_manifest(cfg.labels, settings) if cfg.labels else None
+        rows, flags = by_study(rows, truth if multi_label else y_true[:, None], manifest)
+        y_true, truth = flags.max(axis=1), flags if multi_label else truth
     threshold = rows[0]["threshold"]  # the checkpoint's: one model's rows share it
     scores = np.array([r["score"] for r in rows], dtype=float)
     overall = Figures.of(y_true, scores, threshold)
@@ -360,7 +391,7 @@ def evaluate(cfg: EvaluateConfig) -> Evaluation:
         overall=overall,
         per_class=per_class,
         rows=len(statuses),
-        errors=sum(s != "ok" for s in statuses),
+        errors=sum(s == "error" for s in statuses),  # a skipped row is no error
         unlabelled=unlabelled,
         positive_class=positive,
         multi_label=multi_label,
@@ -371,6 +402,7 @@ def evaluate(cfg: EvaluateConfig) -> Evaluation:
         by_column=cfg.by or None,
         by=by,
         plots=tuple(plots),
+        studies=len(rows) if cfg.by_study else None,
     )
     if cfg.json_path:
         text = json.dumps(result.as_dict(), indent=2, allow_nan=True) + "\n"

@@ -128,8 +128,10 @@ def render(summary, rows: pa.Table, triage: pa.Table, histories: list[dict], hea
         ("scored ok", summary.ok),
         ("errors", summary.errors),
         ("error rate", f"{summary.error_rate:.1%}"),
-        ("positives (worklist)", summary.positives),
-        ("needs a human read (qc not ok)", summary.qc_flagged),
+        ("positive images", summary.positives),
+        ("positive studies (worklist)", summary.positive_studies),
+        ("images needing a human read (qc not ok)", summary.qc_flagged),
+        ("studies needing a human read", summary.qc_flagged_studies),
         ("quality-control rate", f"{summary.qc_rate:.1%}"),
         ("seconds", summary.seconds),
         ("images/s", summary.images_per_s),
@@ -154,10 +156,11 @@ def render(summary, rows: pa.Table, triage: pa.Table, histories: list[dict], hea
             f"<tr><td>{r['rank']}</td><td><code>{esc(pseudonymous_id(r))}</code></td>"
             f"{model_cell(r) if several else ''}"
             f"<td>{r['score']:.3f}</td><td>{esc(r['label'] or '')}</td>"
+            f"<td>{r['other_images'] + 1}</td><td>{esc(r['qc'])}</td>"
             f"<td>{esc(r['modality'] or '')}</td></tr>"
             for r in section("positive")
         )
-        or f"<tr><td colspan={6 if several else 5}>no positives above the threshold</td></tr>"
+        or f"<tr><td colspan={8 if several else 7}>no positives above the threshold</td></tr>"
     )
     per_model = "".join(
         f"<tr><td>{esc(m['model_name'])} <code>{esc(m['model_sha256'][:16])}</code></td>"
@@ -169,12 +172,13 @@ def render(summary, rows: pa.Table, triage: pa.Table, histories: list[dict], hea
     human = (
         "".join(
             f"<tr><td>{r['rank']}</td><td><code>{esc(pseudonymous_id(r))}</code></td>"
-            f"<td>{esc(r['qc'])}</td><td>{r['score']:.3f}</td>"
+            f"<td>{esc(r['qc'])}</td><td>{r['flagged_images']} of {r['other_images'] + 1}</td>"
+            f"<td>{r['score']:.3f}</td>"
             f"<td>{'' if r['ood_score'] is None else format(r['ood_score'], '.2f')}</td>"
             f"<td>{esc(r['view_position'] or '')}</td></tr>"
             for r in section(HUMAN_READ)
         )
-        or "<tr><td colspan=6>none: every scored image passed quality control</td></tr>"
+        or "<tr><td colspan=7>none: every scored image passed quality control</td></tr>"
     )
     qc_reasons = "".join(
         f"<tr><td>{esc(r)}</td><td>{n}</td></tr>" for r, n in summary.qc_by_reason.items()
@@ -219,20 +223,21 @@ figure {{ margin: 1em 0; }} img {{ max-width: 100%; }}
 <h2>Errors by reason</h2>
 <table><tr><th>reason</th><th>rows</th></tr>{reasons}</table>
 <h2>Worklist (top {TOP_WORKLIST})</h2>
-<p>Studies above the threshold, highest score first{
+<p>Studies with an image above the threshold, by the study's highest score{
         " (each study's findings by every model together)" if several else ""
-    }; pseudonymised ids only. Triage orders the reading: every study stays in the
+    }; its label names the findings of all its images, qc its images' quality-control
+state. Pseudonymised ids only. Triage orders the reading: every study stays in the
 results.</p>
 <table><tr><th>rank</th><th>study</th>{"<th>model</th>" if several else ""}<th>score</th>
-<th>label</th><th>modality</th></tr>
+<th>label</th><th>images</th><th>qc</th><th>modality</th></tr>
 {work}</table>
-<h2>Needs a human read ({summary.qc_flagged})</h2>
-<p>Images the model should not judge alone: out of its training distribution, of low
-quality, or a view it was not trained on. They are never silent negatives, whatever
-their score; read them first-hand.</p>
-{f"<table><tr><th>reason</th><th>rows</th></tr>{qc_reasons}</table>" if qc_reasons else ""}
-<table><tr><th>rank</th><th>study</th><th>qc</th><th>score</th><th>ood score</th>
-<th>view</th></tr>
+<h2>Needs a human read ({summary.qc_flagged_studies})</h2>
+<p>Studies with an image the model should not judge alone: out of its training
+distribution, of low quality, or a view it was not trained on. They are never silent
+negatives, whatever their score; read them first-hand.</p>
+{f"<table><tr><th>reason</th><th>images</th></tr>{qc_reasons}</table>" if qc_reasons else ""}
+<table><tr><th>rank</th><th>study</th><th>qc</th><th>images flagged</th><th>score</th>
+<th>ood score</th><th>view</th></tr>
 {human}</table>
 <h2>Plots</h2>
 {images}

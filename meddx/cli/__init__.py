@@ -1,12 +1,13 @@
 """The ``meddx`` command line: the click group, logging to the console, exit codes.
 
 One module per family of commands: ``data`` (synth, demo), ``training`` (train),
-``scoring`` (score, screen), ``analysis`` (evaluate, calibrate, explain) and ``model``
-(optimize, import-weights); ``options`` declares what several of them take. Each
-command builds a frozen config (``meddx.config``), calls one library function and
-formats what it returns. The CLI is the top of meddx: no part of the library imports
-it. It must not import torch or Ray when it is loaded (``--help`` and a mistyped
-option stay fast): a command imports what it runs when it runs.
+``scoring`` (score, screen), ``analysis`` (evaluate, calibrate, explain), ``model``
+(optimize, import-weights) and ``audit`` (audit, and what its log says of each command
+line); ``options`` declares what several of them take. Each command builds a frozen
+config (``meddx.config``), calls one library function and formats what it returns. The
+CLI is the top of meddx: no part of the library imports it. It must not import torch or
+Ray when it is loaded (``--help`` and a mistyped option stay fast): a command imports
+what it runs when it runs.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import NoReturn
 import click
 
 from meddx import MeddxAlarm, MeddxBusy, MeddxError, __version__
-from meddx.cli import analysis, data, listening, model, scoring, training
+from meddx.cli import analysis, audit, data, listening, model, rules, scoring, training
 
 
 class ConsoleHandler(logging.Handler):
@@ -85,8 +86,10 @@ for command in (
     model.import_weights,
     data.demo,
     data.reindex,
+    rules.rules,
+    audit.audit,
 ):
-    cli.add_command(command)
+    cli.add_command(audit.recording(command))  # the command line its runs' audit names
 
 
 def _terminated(signum, frame):

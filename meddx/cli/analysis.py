@@ -39,6 +39,13 @@ from meddx.config import CalibrateConfig, EvaluateConfig, ExplainConfig
     metavar="HEX",
     help="Which model's rows, when the results hold several; a prefix is enough.",
 )
+@click.option(
+    "--by-study",
+    is_flag=True,
+    default=False,
+    help="Figures per study (its study_pseudonym, else the manifest's study_id, else the "
+    "image): positive if any of its images is, scored by its highest score.",
+)
 @storage_option
 def evaluate(**opts):
     """Metrics of scored PREDICTIONS (results folder, partition or file) against labels.
@@ -52,6 +59,8 @@ def evaluate(**opts):
     from meddx.analysis.evaluation import evaluate as run
 
     result = run(cfg)
+    if result.studies is not None:
+        click.echo(f"by study: {result.studies} studies, each positive if any of its images is")
     if result.multi_label:
         click.echo("any finding (abnormal) vs none, score = the highest finding probability:")
     click.echo(result.overall.describe())

@@ -11,6 +11,7 @@ from meddx.cli.options import (
     modalities_option,
     option,
     results_to_option,
+    rules_option,
     storage_option,
     views_option,
 )
@@ -52,6 +53,7 @@ from meddx.config import ListenConfig, ScreenConfig
 @option(ScreenConfig, "runtime", type=click.Choice(names.RUNTIMES), help="As score's.")
 @modalities_option
 @views_option
+@rules_option
 @results_to_option
 @option(
     ScreenConfig,

@@ -145,6 +145,15 @@ views_option = click.option(
     "are qc=wrong_view [default: the checkpoint's].",
 )
 
+rules_option = click.option(
+    "--rules",
+    default=None,
+    metavar="FILE",
+    help="Selection rules (TOML or YAML; docs/rules.md): DICOM images they select out get "
+    "a row with status skipped [default: the checkpoint's, else FOR PROCESSING images and "
+    "non-image SOP classes are skipped].",
+)
+
 
 results_to_option = click.option(
     "--results-to",
@@ -154,4 +163,21 @@ results_to_option = click.option(
     "PACS: dicomweb+http(s)://HOST/PATH (STOW-RS) or dimse://AET@HOST:PORT (C-STORE). "
     "Sent again, whole, when more of the study is scored. Needs a PACS INPUT (DICOMweb "
     "or DIMSE), or meddx listen.",
+)
+
+
+metrics_file_option = click.option(
+    "--metrics-file",
+    default=None,
+    metavar="FILE.prom",
+    help="Write the run's metrics (when, how long, success, rows, errors, QC rate, drift, "
+    "alarms) to this file for node-exporter's textfile collector, failed runs too "
+    "[default: none].",
+)
+pushgateway_option = click.option(
+    "--pushgateway",
+    default=None,
+    metavar="URL",
+    help="Push the same metrics to this Prometheus Pushgateway, as job meddx_COMMAND "
+    "[default: none].",
 )

@@ -12,10 +12,13 @@ from meddx.cli.options import (
     build,
     given,
     max_object_bytes_option,
+    metrics_file_option,
     modalities_option,
     option,
     options,
+    pushgateway_option,
     results_to_option,
+    rules_option,
     storage_option,
     views_option,
     with_ca_bundle,
@@ -85,6 +88,7 @@ SCORING_OPTIONS = [
     max_object_bytes_option(ScoreConfig),
     modalities_option,
     views_option,
+    rules_option,
     click.option(
         "--model-sha256",
         default=None,
@@ -148,6 +152,8 @@ SCORING_OPTIONS = [
         help="With --pseudonymize-paths: keep each run's pseudonym -> path table as "
         "FOLDER/RUN_ID.parquet (a place only the right people read) [default: kept nowhere].",
     ),
+    metrics_file_option,
+    pushgateway_option,
     storage_option,
 ]
 
@@ -192,6 +198,8 @@ def score(input, **opts):
         click.echo(f"recovered: {line}")
     if cfg.resume:
         click.echo(f"resumed: kept {s.resumed_rows} staged rows, scored {s.scored_now} inputs")
+    if s.skipped:  # left out by the selection rules: neither scored nor errors
+        click.echo(f"skipped={s.skipped} by the selection rules (status skipped, rule in error)")
     click.echo(
         f"inputs={s.inputs} ok={s.ok} errors={s.errors} rows_written={s.rows_written} "
         f"seconds={s.seconds:.1f} images_per_s={s.images_per_s:.1f} "
@@ -251,10 +259,16 @@ def screen(source, **opts):
     s = run(cfg)
     for line in s.recovered:
         click.echo(f"recovered: {line}")
+    if s.skipped:
+        click.echo(f"skipped={s.skipped} by the selection rules (status skipped, rule in error)")
     click.echo(
         f"night {s.run_date}: inputs_seen={s.inputs_seen} new={s.new_inputs} "
         f"rows={s.rows} ok={s.ok} errors={s.errors} positives={s.positives} "
         f"needs_human_read={s.qc_flagged} seconds={s.seconds}"
+    )
+    click.echo(
+        f"worklist: {s.positive_studies} positive studies, {s.qc_flagged_studies} "
+        "needing a human read"
     )
     if len(s.models) > 1:
         for m in s.models:

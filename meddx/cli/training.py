@@ -7,7 +7,16 @@ import math
 import click
 
 from meddx import names
-from meddx.cli.options import build, findings_option, option, options, parsed, storage_option
+from meddx.cli.options import (
+    build,
+    findings_option,
+    metrics_file_option,
+    option,
+    options,
+    parsed,
+    pushgateway_option,
+    storage_option,
+)
 from meddx.config import TrainConfig
 
 TRAIN_OPTIONS = [
@@ -37,6 +46,15 @@ TRAIN_OPTIONS = [
         callback=parsed(names.parse_views),
         help="DICOM ViewPosition values trained on; other views (a lateral) are "
         "qc=wrong_view when scoring, or 'any'.",
+    ),
+    option(
+        TrainConfig,
+        "rules",
+        metavar="FILE",
+        show_default=False,
+        help="Selection rules (TOML or YAML; docs/rules.md) to train under; recorded in the "
+        "checkpoint, which scoring then applies [default: FOR PROCESSING images and "
+        "non-image SOP classes left out].",
     ),
     option(
         TrainConfig,
@@ -94,6 +112,8 @@ TRAIN_OPTIONS = [
         help="Read the images from this store (meddx prepare) every epoch, decoding into "
         "it first those of DATA it lacks [default: decode DATA every epoch].",
     ),
+    metrics_file_option,
+    pushgateway_option,
     storage_option,
 ]
 

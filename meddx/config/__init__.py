@@ -19,6 +19,7 @@ from meddx.config.checks import (
     DEFAULT_IMAGE_SIZE,
     IMAGE_SIZES,
     at_least,
+    check_metrics_targets,
     check_run_date,
     one_of,
 )
@@ -106,9 +107,16 @@ class ScoreConfig:
     # those new or changed are decoded into it first, under its own lease.
     store: str | None = None
     more_models: tuple[str, ...] = ()
+    # A file of selection rules (TOML or YAML: imaging/rules.py); None: the checkpoint's,
+    # else the default rules.
+    rules: str | None = None
     # meddx listen's ARCHIVE (ARCHIVE/STUDY/INSTANCE.dcm), when INPUT lists instances of
     # it: a study's instances are its folder's files (its reports cover them all).
     archive: str | None = None
+    # The run's metrics for Prometheus (pipelines/metrics.py), failed runs too: a textfile
+    # for node-exporter's textfile collector, and/or a Pushgateway's URL.
+    metrics_file: str | None = None
+    pushgateway: str | None = None
     storage: StorageSettings = StorageSettings()
 
     def __post_init__(self):
@@ -156,6 +164,7 @@ class ScoreConfig:
             raise MeddxError(f"--lock-timeout must be above 0, got {self.lock_timeout}")
         one_of(RUNTIMES, self, "runtime")
         one_of(PRECISIONS, self, "precision")
+        check_metrics_targets(self)
 
     @property
     def models(self) -> tuple[str, ...]:
@@ -312,6 +321,9 @@ class TrainConfig:
     modalities: tuple[str, ...] = DEFAULT_MODALITIES
     # DICOM ViewPosition values trained on (others are wrong_view when scoring); (): any.
     views: tuple[str, ...] = DEFAULT_VIEWS
+    # A file of selection rules (imaging/rules.py) to train under, recorded in the
+    # checkpoint; None: the default rules.
+    rules: str | None = None
     storage_path: str | None = None  # Ray Train run folder; shared storage on multi-node
     run_name: str | None = None  # the same name and storage path continue a stopped run
     # Worker-group restarts from the last checkpoint before the run fails: a preempted
@@ -328,6 +340,8 @@ class TrainConfig:
     # A store of films (meddx prepare) the images are read from, every epoch, after DATA's
     # new and changed ones are decoded into it; DATA itself may be a store.
     store: str | None = None
+    metrics_file: str | None = None  # as ScoreConfig's
+    pushgateway: str | None = None
     storage: StorageSettings = field(default_factory=StorageSettings)
 
     def __post_init__(self):
@@ -354,6 +368,7 @@ class TrainConfig:
             self.findings
         ):
             raise MeddxError("--findings needs distinct finding column names")
+        check_metrics_targets(self)
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ and imported checkpoints share."""
 from __future__ import annotations
 
 import datetime as dt
+import os
 
 from meddx import MeddxError
 
@@ -38,3 +39,17 @@ def check_run_date(text: str) -> None:
         canonical = False
     if not canonical:
         raise MeddxError(f"--run-date must be YYYY-MM-DD, got {text!r}")
+
+
+def check_metrics_targets(config) -> None:
+    """Refuse a ``metrics_file`` node-exporter would never read (it reads local *.prom
+    files) or whose folder is missing, and a ``pushgateway`` that is no http(s) URL:
+    caught before the run, not found missing after a silent night."""
+    path, url = config.metrics_file, config.pushgateway
+    if path is not None:
+        if "://" in path or not path.endswith(".prom"):
+            raise MeddxError(f"--metrics-file must be a local file named *.prom, got {path!r}")
+        if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise MeddxError(f"--metrics-file's folder does not exist: {path}")
+    if url is not None and not url.lower().startswith(("http://", "https://")):
+        raise MeddxError("--pushgateway must be an http:// or https:// URL")

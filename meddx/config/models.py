@@ -32,6 +32,8 @@ class EvaluateConfig:
     # Results of several models (score --model A --model B): the one to evaluate, by
     # its checkpoint's sha256 or a prefix of it.
     model_sha256: str | None = None
+    # Figures per study: positive if any of its images is, scored by its highest score.
+    by_study: bool = False
     storage: StorageSettings = StorageSettings()
 
 

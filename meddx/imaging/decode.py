@@ -21,6 +21,8 @@ from meddx import one_line
 from meddx.imaging import dicom
 from meddx.imaging.attributes import DicomError
 from meddx.imaging.pixel_data import box_reduce
+from meddx.imaging.rules import DEFAULT as DEFAULT_RULES
+from meddx.imaging.rules import RuleSet
 from meddx.names import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_MODALITIES,
@@ -29,6 +31,15 @@ from meddx.names import (
     QC_OK,
     QC_WRONG_VIEW,
 )
+
+
+class Skipped(Exception):
+    """An image the run's rules select out: its row is "skipped", with this reason (the
+    rule, never a value) and what the header said of it."""
+
+    def __init__(self, reason: str, info: dict):
+        super().__init__(reason)
+        self.info = info
 
 
 class DecodeError(Exception):
@@ -58,6 +69,8 @@ class DecodeSettings:
     max_pixels: int = DEFAULT_MAX_PIXELS
     modalities: tuple[str, ...] | None = DEFAULT_MODALITIES  # None: any DICOM modality
     views: tuple[str, ...] | None = DEFAULT_VIEWS  # DICOM ViewPosition values; None: any
+    # Selection rules on the header (imaging/rules.py), checked before any pixel.
+    rules: RuleSet = DEFAULT_RULES
     pseudonym_key: bytes | None = field(default=None, repr=False)  # HMAC key for UIDs
     # Decode only the resolution the model needs (False: every film at full size, the
     # reference the reduced path is checked against).
@@ -171,6 +184,8 @@ def _decode_dicom(data: bytes, settings: DecodeSettings) -> tuple[np.ndarray, di
     try:
         with dicom.silenced():
             return _dicom_pixels(data, settings)
+    except Skipped:
+        raise
     except DicomError as exc:
         raise DecodeError(str(exc)) from None
     except Exception as exc:  # whatever else a broken file provokes: its type, no values
@@ -180,10 +195,27 @@ def _decode_dicom(data: bytes, settings: DecodeSettings) -> tuple[np.ndarray, di
 def _dicom_pixels(data: bytes, settings: DecodeSettings) -> tuple[np.ndarray, dict]:
     ds = dicom.parse(data)
     info = {**INFO_DEFAULTS, **dicom.attributes(ds, settings.pseudonym_key)}
+    refused = selected_out(ds, settings)
+    if refused:
+        raise Skipped(refused, info)
     unit = dicom.to_unit_gray(
         ds, max_pixels=settings.max_pixels, modalities=settings.modalities, target=settings.target
     )
     return resize(unit, settings.size, settings.square), info
+
+
+def selected_out(ds, settings: DecodeSettings) -> str | None:
+    """Why the run's rules or its modalities select ``ds`` out, or None (before any
+    pixel). The rules first: "not an image" says more of an SR than its modality."""
+    refused = settings.rules.refused(ds)
+    if refused:
+        return refused
+    try:
+        modality = dicom.code(ds, "Modality")
+    except DicomError:
+        modality = ""
+    refused = dicom.refused_modality(modality, settings.modalities)
+    return f'rule "modality": {refused}' if refused else None
 
 
 def fitted(width: int, height: int, size: int, square: bool = True) -> tuple[int, int]:
@@ -269,21 +301,24 @@ def qc_of(image: np.ndarray, info: dict, settings: DecodeSettings) -> str:
 
 def decode_each(
     batch: dict[str, np.ndarray], settings: DecodeSettings
-) -> Iterator[tuple[np.ndarray | None, dict, str]]:
-    """(pixels, info, "") per row of a read batch, or (None, INFO_DEFAULTS, reason) for a
-    row that could not be read or decoded: one input's failure is its own row."""
+) -> Iterator[tuple[np.ndarray | None, dict, str, str]]:
+    """(pixels, info, "", "ok") per row of a read batch; (None, info, reason, "skipped")
+    for an image the rules select out; (None, INFO_DEFAULTS, reason, "error") for a row
+    that could not be read or decoded: one input's failure is its own row."""
     for data, read_error in zip(batch["bytes"], batch["read_error"], strict=True):
         if read_error:
-            yield None, INFO_DEFAULTS, read_error
+            yield None, INFO_DEFAULTS, read_error, "error"
             continue
         try:
             pixels, info = decode_image(data, settings)
+        except Skipped as exc:
+            yield None, exc.info, str(exc), "skipped"
         except DecodeError as exc:
-            yield None, INFO_DEFAULTS, str(exc)
+            yield None, INFO_DEFAULTS, str(exc), "error"
         except Exception as exc:  # whatever else: its type, never the block's failure
-            yield None, INFO_DEFAULTS, f"decoding failed ({type(exc).__name__})"
+            yield None, INFO_DEFAULTS, f"decoding failed ({type(exc).__name__})", "error"
         else:
-            yield pixels, info, ""
+            yield pixels, info, "", "ok"
 
 
 def decoded_columns(
@@ -292,13 +327,22 @@ def decoded_columns(
     errors: list[str],
     qc: list[str],
     infos: list[dict],
+    skipped: list[bool] | None = None,
 ) -> dict[str, np.ndarray]:
     """The decode stage's batch: the columns carried through, the model-size images,
-    status, error, qc and the info columns ("" and 0 for unknown)."""
+    status (ok, error, or skipped where ``skipped`` says), error, qc and the info
+    columns ("" and 0 for unknown)."""
+    skipped = skipped or [False] * len(errors)
     return {
         **passthrough,
         "image": images,
-        "status": np.array(["error" if e else "ok" for e in errors], dtype=object),
+        "status": np.array(
+            [
+                "skipped" if k else "error" if e else "ok"
+                for e, k in zip(errors, skipped, strict=True)
+            ],
+            dtype=object,
+        ),
         "error": np.array(errors, dtype=object),
         "qc": np.array(qc, dtype=object),
         **{
@@ -315,8 +359,8 @@ def decode_images(batch: dict[str, np.ndarray], settings: DecodeSettings) -> dic
     """Bytes -> uint8 (size, size) pixels, status, error and info columns per input."""
     n = len(batch["image_uri"])
     images = np.zeros((n, settings.size, settings.size), dtype=np.uint8)
-    errors, infos, qc = [], [], []
-    for i, (pixels, info, error) in enumerate(decode_each(batch, settings)):
+    errors, infos, qc, skipped = [], [], [], []
+    for i, (pixels, info, error, status) in enumerate(decode_each(batch, settings)):
         checked = ""
         if pixels is not None:
             try:
@@ -328,5 +372,6 @@ def decode_images(batch: dict[str, np.ndarray], settings: DecodeSettings) -> dic
         errors.append(error)
         infos.append(info)
         qc.append(checked)
+        skipped.append(status == "skipped")
     passthrough = {k: v for k, v in batch.items() if k not in ("bytes", "read_error")}
-    return decoded_columns(passthrough, images, errors, qc, infos)
+    return decoded_columns(passthrough, images, errors, qc, infos, skipped)

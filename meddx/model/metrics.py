@@ -92,7 +92,10 @@ def calibration_fit(y_true: np.ndarray, scores: np.ndarray, bins: int = 10) -> d
     if len(np.unique(y_true)) < 2:
         return out
     prob_true, prob_pred = calibration_curve(y_true, scores, n_bins=bins, strategy="uniform")
-    counts = np.histogram(scores, bins=np.linspace(0, 1, bins + 1))[0]
+    # Binned as calibration_curve bins (searchsorted on the inner edges): np.histogram
+    # puts a score on an edge (0.5) in the bin above, and the weights would not line up.
+    edges = np.linspace(0, 1, bins + 1)[1:-1]
+    counts = np.bincount(np.searchsorted(edges, scores), minlength=bins)
     weights = counts[counts > 0] / len(scores)
     out["ece"] = float(np.sum(weights * np.abs(prob_true - prob_pred)))
     p = np.clip(scores, 1e-6, 1 - 1e-6)

@@ -36,6 +36,15 @@ DEFAULT_PERCENTILE = 99.0
 # A 1,024-feature covariance is well estimated from ten times as many films; more only
 # lengthens the end of training.
 MAX_FIT_IMAGES = 10_000
+# The threshold is the 99th percentile of the validation films' scores: on a few dozen
+# films that is, in effect, their highest, and a fresh film like them exceeds it about
+# once in (films + 1). benchmarks/ood_fit.py measured the share of fresh in-distribution
+# films flagged, mean of 3 draws (max): seednet 17% (29%) with 4 threshold films, 14%
+# (24%) with 8, 5-6% (9%) with 16-32, 2.4-2.8% (6%) with 64-128, 0.6% (1%) with 256;
+# resnet18 9-11% (22%) with 4-8, 6.3% (13%) with 16, 2.3-3.5% (6.5%) with 32-64. The
+# design is 1%, the QC alarm 10%. Below this many, train says the density is not to be
+# trusted, and a QC alarm names it.
+TRUSTED_THRESHOLD_FILMS = 64
 # Images per forward pass while features are gathered on the driver (``features_of``).
 FEATURE_BATCH = 64
 
@@ -77,6 +86,22 @@ def density_of(ckpt: Checkpoint) -> Density | None:
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise MeddxError(f"the checkpoint's density is unreadable: {one_line(exc)}") from None
+
+
+def untrusted(ckpt: Checkpoint) -> str | None:
+    """One line when the checkpoint's density was fitted on too few films to be trusted
+    (its threshold set on fewer than TRUSTED_THRESHOLD_FILMS), else None."""
+    entry = ckpt.extra.get(KEY)
+    if not isinstance(entry, dict):
+        return None
+    held = entry.get("threshold_images")
+    if not isinstance(held, int) or held >= TRUSTED_THRESHOLD_FILMS:
+        return None
+    return (
+        f"the out-of-distribution density's threshold was set on {held} films "
+        f"(trusted from {TRUSTED_THRESHOLD_FILMS} validation films): it flags about one "
+        f"ordinary film in {held + 1}"
+    )
 
 
 def features_of(ckpt: Checkpoint, batches) -> np.ndarray:
@@ -140,6 +165,7 @@ def with_density(
         "fit_images": int(len(features)),
         "threshold_images": int(len(held)),
         "threshold_source": "validation" if len(validation_features) else "training",
+        "trusted": len(validation_features) >= TRUSTED_THRESHOLD_FILMS,
     }
     return ckpt.replace(extra={**ckpt.extra, KEY: entry})
 
@@ -162,5 +188,6 @@ def with_threshold(ckpt: Checkpoint, scores: np.ndarray, percentile: float, sour
         "percentile": float(percentile),
         "threshold_images": int(len(scores)),
         "threshold_source": source,
+        "trusted": len(scores) >= TRUSTED_THRESHOLD_FILMS,
     }
     return ckpt.replace(extra={**ckpt.extra, KEY: entry}), threshold

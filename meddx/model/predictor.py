@@ -151,8 +151,8 @@ class Predictor(LoadedModel):
                 continue
             dicom = bool(modality or batch["photometric"][i] or batch["transfer_syntax"][i])
             refused = refused_modality(modality, self.modalities) if dicom else None
-            if refused:
-                status[i], error[i], qc[i] = "error", refused, ""
+            if refused:  # selected out by this model's modality rule, as decoding does
+                status[i], error[i], qc[i] = "skipped", f'rule "modality": {refused}', ""
             elif self.views and view and view.upper() not in self.views:
                 qc[i] = QC_WRONG_VIEW
         return {**batch, "status": status, "error": error, "qc": qc}

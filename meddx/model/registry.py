@@ -153,6 +153,13 @@ class Checkpoint:
     extra: dict = field(default_factory=dict, repr=False)
 
     @property
+    def rules(self) -> dict | None:
+        """The selection rules it was trained under (``train --rules``: imaging/rules.py's
+        data), or None: the default rules."""
+        recorded = self.extra.get("rules")
+        return dict(recorded) if isinstance(recorded, dict) else None
+
+    @property
     def positive_index(self) -> int | None:
         """The positive class's output (None for multi-label: the score is the highest)."""
         return None if self.multi_label else self.class_names.index(self.positive_class)

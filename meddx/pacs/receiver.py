@@ -83,6 +83,8 @@ class Receiver:
         self.lock = threading.Lock()
         self.studies: dict[str, Study] = {}
         self.received = self.refused = 0
+        # Studies begun: a study that receives more after it was handed over counts again.
+        self.studies_received = 0
         self.server = None
 
     def start(self, host: str, port: int, tls: ssl.SSLContext | None = None) -> None:
@@ -128,6 +130,7 @@ class Receiver:
             return OUT_OF_RESOURCES
         with self.lock:
             self.received += 1
+            self.studies_received += study_key not in self.studies
             held = self.studies.setdefault(study_key, Study())
             held.last = time.monotonic()
             held.instances[uri] = (len(data), sha)

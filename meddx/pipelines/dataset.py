@@ -22,9 +22,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from meddx import __version__, secret
+from meddx import MeddxError, __version__, secret
 from meddx.config import ScoreConfig
+from meddx.imaging import rules as rule_set
 from meddx.imaging.decode import DecodeSettings
+from meddx.imaging.rules import DEFAULT as DEFAULT_RULES
+from meddx.imaging.rules import RuleSet
 from meddx.inputs import reading, shards, storage
 from meddx.model import engine, ood, registry
 from meddx.model.precision import checkpoint_precision
@@ -36,6 +39,7 @@ from meddx.pipelines.path_names import path_key
 from meddx.pipelines.warm import forward, prime
 from meddx.store import films
 
+MAX_RULES_BYTES = 1 << 20  # a rules file larger than this is no rules file
 # Restarts of a predictor actor whose process died before the run fails (see below).
 PREDICTOR_RESTARTS = 3
 
@@ -69,6 +73,8 @@ def file_metadata(
         "meddx.models": json.dumps(models),
         # Quality control: the qc column's values.
         "meddx.qc_values": json.dumps(list(QC_VALUES)),
+        # The selection rules images were checked against (imaging/rules.py's data).
+        "meddx.rules": json.dumps(selection_rules(cfg, ckpts).as_data(), sort_keys=True),
     }
 
 
@@ -106,6 +112,32 @@ def rules(cfg: ScoreConfig, ckpt: Checkpoint) -> tuple[tuple[str, ...], tuple[st
     return tuple(modalities or ()), tuple(views or ())
 
 
+def selection_rules(cfg, ckpts: tuple[Checkpoint, ...]) -> RuleSet:
+    """The selection rules of the run: --rules, else those its checkpoints were trained
+    under, else the default. Several models must agree on them (one decode for all)."""
+    if cfg.rules:
+        return load_rules(cfg.rules, cfg.storage)
+    recorded = {json.dumps(c.rules, sort_keys=True) for c in ckpts if c is not None}
+    if len(recorded) > 1:
+        raise MeddxError(
+            "the models were trained under different selection rules: give --rules FILE"
+        )
+    found = next(iter(recorded), "null")
+    data = json.loads(found)
+    return rule_set.parse(data, "the checkpoint's rules") if data is not None else DEFAULT_RULES
+
+
+def load_rules(uri: str, settings) -> RuleSet:
+    """A rules file (TOML, or YAML by its name), from local disk or object storage."""
+    try:
+        text = storage.read_bytes(uri, settings, MAX_RULES_BYTES).decode("utf-8")
+    except FileNotFoundError:
+        raise MeddxError(f"rules file not found: {uri}") from None
+    except (storage.TooLarge, UnicodeDecodeError) as exc:
+        raise MeddxError(f"rules file {uri}: {type(exc).__name__}") from None
+    return rule_set.loads(text, uri)
+
+
 def union(rule_sets: list[tuple[str, ...]]) -> tuple[str, ...] | None:
     """What films are decoded for, of several models' rules: None (any) where one takes
     any, else every value one of them takes."""
@@ -140,6 +172,7 @@ def build_dataset(
         max_pixels=cfg.max_pixels,
         modalities=union([m for m, _ in each]),
         views=union([v for _, v in each]),
+        rules=selection_rules(cfg, ckpts),
         pseudonym_key=secret.pseudonym_key(),
     )
     total = ray.cluster_resources()
@@ -233,10 +266,11 @@ def warm_key(models: list[dict], cfg: ScoreConfig) -> str:
 
 
 @contextlib.contextmanager
-def keep_warm(cfg: ScoreConfig) -> Iterator[None]:
+def keep_warm(cfg: ScoreConfig) -> Iterator[tuple[tuple[Checkpoint, ...], tuple[str, ...]]]:
     """Predictor actors for ``cfg``'s models, started now and kept up until the block
     ends: every run of these models in this process in the meantime uses them (meddx
-    listen's batches). They ask of Ray what a pool's actors do and restart as they do."""
+    listen's batches). They ask of Ray what a pool's actors do and restart as they do.
+    Yields the checkpoints and their hashes, as read."""
     read = [registry.read_checkpoint(m, cfg.storage, cfg.model_sha256) for m in cfg.models]
     ckpts, shas = tuple(c for c, _ in read), tuple(s for _, s in read)
     models = predictor_models(cfg, ckpts, shas)
@@ -260,7 +294,7 @@ def keep_warm(cfg: ScoreConfig) -> Iterator[None]:
     key = warm_key(models, cfg)
     _WARM[key] = actors
     try:
-        yield
+        yield ckpts, shas
     finally:
         del _WARM[key]
         for a in actors:

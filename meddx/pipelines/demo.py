@@ -87,7 +87,7 @@ def run_demo(workdir: str, n_train: int, n_holdout: int, epochs: int) -> evaluat
             click.echo(
                 f"[demo] scored {night.rows} images from S3 in {night.seconds:.1f}s "
                 f"({night.images_per_s:.1f} images/s): ok={night.ok} errors={night.errors}"
-                f" worklist={night.positives}"
+                f" worklist={night.positive_studies} studies"
             )
 
             result = evaluation.evaluate(

@@ -35,12 +35,14 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from meddx import MeddxAlarm, MeddxError, secret
+from meddx import MeddxError, secret
 from meddx.config import ListenConfig
+from meddx.pacs import reports
 from meddx.pacs.receiver import Receiver, Study, tls_context
 from meddx.pipelines import cluster
 from meddx.pipelines.dataset import keep_warm
-from meddx.pipelines.screening import screen
+from meddx.pipelines.metrics import CONTENT_TYPE, ListenMetrics
+from meddx.pipelines.screening import NightAlarm, screen
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,8 @@ class Counts:
     failed_batches: int = 0
     accepting: bool = False
     caught_up: bool = False  # the start's run over the archive is done
+    # GET /metrics: studies scored and failed, receive-to-result latency, today's rates.
+    metrics: ListenMetrics = dataclasses.field(default_factory=ListenMetrics)
 
 
 def listen(cfg: ListenConfig, stop: threading.Event | None = None) -> Counts:
@@ -92,7 +96,9 @@ def listen(cfg: ListenConfig, stop: threading.Event | None = None) -> Counts:
         catch_up(cfg, counts)
         counts.caught_up = True
         # The predictor actors stay up from here on: a batch starts none.
-        with keep_warm(cfg.scoring):
+        with keep_warm(cfg.scoring) as (ckpts, shas):
+            if cfg.scoring.results_to:
+                reports.prime(ckpts[0], shas[0])
             while not stop.wait(POLL_SECONDS):
                 due = receiver.settled(cfg.settle)
                 if due:
@@ -113,13 +119,15 @@ def catch_up(cfg: ListenConfig, counts: Counts) -> None:
             cfg.scoring, input=cfg.archive, run_date=today(), whole_day=True
         )
         summary = screen(archive)
-    except MeddxAlarm as exc:
+    except NightAlarm as exc:
         log.warning("meddx listen: alarm: %s", exc)
+        counts.metrics.committed(exc.summary)
         return
     except MeddxError as exc:  # a new archive (nothing in it), or a run that failed
         log.warning("meddx listen: no catch-up run over the archive: %s", exc)
         return
     counts.rows_today = summary.rows
+    counts.metrics.committed(summary)
 
 
 def score_batch(cfg: ListenConfig, receiver: Receiver, due: dict[str, Study], counts) -> None:
@@ -139,15 +147,18 @@ def score_batch(cfg: ListenConfig, receiver: Receiver, due: dict[str, Study], co
         started = time.perf_counter()
         try:
             summary = screen(run)
-        except MeddxAlarm as exc:  # committed, and said: the listener goes on
+        except NightAlarm as exc:  # committed, and said: the listener goes on
             log.warning("meddx listen: alarm: %s", exc)
+            counts.metrics.committed(exc.summary, due.values())
             counts.batches += 1
             return
         except MeddxError as exc:
             log.warning("meddx listen: a batch of %d studies failed: %s", len(due), exc)
             counts.failed_batches += 1
+            counts.metrics.failed(due)
             receiver.give_back(due)
             return
+    counts.metrics.committed(summary, due.values())
     counts.batches += 1
     counts.rows_today = summary.rows
     log.info(
@@ -182,10 +193,15 @@ def today() -> str:
 
 def start_health(host: str, port: int, receiver: Receiver, counts: Counts) -> ThreadingHTTPServer:
     """``GET /health``: whether it is accepting, and its queue, as JSON (200, or 503
-    when not accepting)."""
+    when not accepting); ``GET /metrics``: the same and more for Prometheus
+    (``meddx.pipelines.metrics``)."""
+    counts.metrics.watch(receiver, counts)
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 (http.server's name)
+            if self.path.partition("?")[0] == "/metrics":
+                self.reply(200, CONTENT_TYPE, counts.metrics.page())
+                return
             studies, instances = receiver.pending()
             body = json.dumps(
                 {
@@ -200,14 +216,17 @@ def start_health(host: str, port: int, receiver: Receiver, counts: Counts) -> Th
                     "rows_today": counts.rows_today,
                 }
             ).encode()
-            self.send_response(200 if counts.accepting else 503)
-            self.send_header("Content-Type", "application/json")
+            self.reply(200 if counts.accepting else 503, "application/json", body)
+
+        def reply(self, status: int, kind: str, body: bytes) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", kind)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
 
         def log_message(self, *args):  # the library logs through logging, not stderr
-            log.debug("meddx listen: health asked")
+            log.debug("meddx listen: health or metrics asked")
 
     server = ThreadingHTTPServer((host, port), Handler)
     threading.Thread(target=server.serve_forever, daemon=True, name="meddx-health").start()

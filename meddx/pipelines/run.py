@@ -28,10 +28,10 @@ from meddx.model.registry import Checkpoint
 from meddx.names import OUTPUT_SCHEMA
 from meddx.pacs import results
 from meddx.pipelines import cluster
-from meddx.pipelines.dataset import build_dataset, file_metadata
+from meddx.pipelines.dataset import build_dataset, file_metadata, selection_rules
 from meddx.pipelines.dimse_spool import dimse_spool
 from meddx.pipelines.path_names import indexed_names, path_key, write_path_map
-from meddx.store import commit, films, index, lease, progress
+from meddx.store import audit, commit, films, index, lease, progress
 
 if TYPE_CHECKING:
     import ray
@@ -82,6 +82,7 @@ class ModelRows:
         if len(set(self.shas)) < len(self.shas):
             twice = next(s for i, s in enumerate(self.shas) if s in self.shas[:i])
             raise MeddxError(f"two --model files are the same checkpoint ({twice[:12]}...)")
+        selection_rules(cfg, self.ckpts)  # a bad --rules file: one line before anything
         # The store the films are read from (INPUT itself, or --store), if any: refused
         # here when its films are smaller than the largest model input.
         uri = cfg.store or cfg.input
@@ -168,13 +169,19 @@ def execute(cfg: ScoreConfig, policy: Policy[T], started: float | None = None) -
     path_key(cfg)  # --pseudonymize-paths without a key: refused before OUT is touched
     storage.require_bucket(cfg.out, cfg.storage)
     run_id = cluster.new_run_id(cfg.run_date)
-    with lease.held(
-        cfg.out, cfg.storage, run_id, policy.command, cfg.wait_for_lock, cfg.lock_timeout
-    ) as held:
+    # The audit records (meddx.store.audit) need no lease: a refused run is recorded too.
+    record = audit.recorded(cfg.out, cfg.storage, policy.command, cfg.input, run_id, cfg.results_to)
+    with (
+        record,
+        lease.held(
+            cfg.out, cfg.storage, run_id, policy.command, cfg.wait_for_lock, cfg.lock_timeout
+        ) as held,
+    ):
         resumed = policy.resumable()
         recovered = commit.recover(cfg.out, cfg.storage, keep=resumed)
         maker = policy.rows()
         shas = maker.shas
+        record.begin(maker.ckpts, shas)  # before the first input is listed
         listed, listed_at = list_input(cfg, policy.since_days)
         chosen = policy.select(listed, listed_at, shas, resumed)
         # A DICOMweb source's locators, of this run's inputs alone.
@@ -209,11 +216,12 @@ def execute(cfg: ScoreConfig, policy: Policy[T], started: float | None = None) -
             commit.commit(
                 cfg.out, cfg.storage, run_id, cfg.run_date, fence=held.check, replace=policy.replace
             )
+            record.committed(run_id, cfg.run_date, policy.schema, secret.pseudonym_key())
             write_path_map(cfg, run_id, chosen.inputs["image_uri"].to_pylist())
         seconds = time.perf_counter() - start
         sent = None
         if cfg.results_to and committed:
-            sent = results.send_run(cfg, run_id, listed_at, maker.ckpts[0], shas[0])
+            sent = record.sent = results.send_run(cfg, run_id, listed_at, maker.ckpts[0], shas[0])
         rows = commit.read_results(
             cfg.out,
             cfg.storage,

@@ -22,9 +22,9 @@ import pyarrow.compute as pc
 from meddx import MeddxError
 from meddx.config import ScoreConfig
 from meddx.inputs import dicomweb, dimse, storage
-from meddx.names import OUTPUT_SCHEMA
+from meddx.names import OUTPUT_SCHEMA, QC_OK
 from meddx.pacs import results
-from meddx.pipelines import prepare, run
+from meddx.pipelines import metrics, prepare, run
 from meddx.pipelines.path_names import indexed_names
 from meddx.store import commit, lease
 
@@ -44,6 +44,8 @@ class ScoreSummary:
     scored_now: int = 0  # inputs this run read and scored
     results: str = ""  # --results-to: what reached the PACS, in one line
     results_failed: int = 0  # studies whose report could not be stored
+    qc_flagged: int = 0  # scored rows whose qc is not ok (they need a human read)
+    skipped: int = 0  # rows the selection rules left out (status "skipped")
 
     @property
     def pipeline_seconds(self) -> float:
@@ -58,10 +60,14 @@ class ScoreSummary:
 def score(cfg: ScoreConfig, started: float | None = None) -> ScoreSummary:
     """Score every input under ``cfg.input``; commit the rows into ``OUT/dt=RUN_DATE/``,
     holding the lease on OUT throughout. ``started``: the perf_counter() the run's clock
-    starts from, where the caller started Ray before calling."""
-    if cfg.store:
-        prepare.write_through(cfg.input, cfg.store, cfg.storage, **prepare.run_options(cfg))
-    return run.execute(cfg, Scoring(cfg), started)
+    starts from, where the caller started Ray before calling. Its metrics are published
+    at its end, whatever the end (``--metrics-file``, ``--pushgateway``)."""
+    with metrics.recorded("score", cfg.metrics_file, cfg.pushgateway, started) as record:
+        if cfg.store:
+            prepare.write_through(cfg.input, cfg.store, cfg.storage, **prepare.run_options(cfg))
+        summary = run.execute(cfg, Scoring(cfg), started)
+        record.scored(summary)
+        return summary
 
 
 @dataclass(frozen=True)
@@ -73,7 +79,7 @@ class Scoring:
     command: ClassVar[str] = "score"
     verb: ClassVar[str] = "scored"
     replace: ClassVar[bool] = True  # re-scoring a run date replaces that partition
-    columns: ClassVar[list[str]] = ["status"]
+    columns: ClassVar[list[str]] = ["status", "qc"]
     schema: ClassVar[pa.Schema] = OUTPUT_SCHEMA
     since_days: ClassVar[None] = None  # a DICOMweb INPUT's query says what it lists
 
@@ -117,11 +123,16 @@ class Scoring:
     def finish(self, outcome: run.Outcome) -> ScoreSummary:
         rows = outcome.rows.num_rows
         ok = pc.sum(pc.equal(outcome.rows["status"], "ok")).as_py() or 0
+        skipped = pc.sum(pc.equal(outcome.rows["status"], "skipped")).as_py() or 0
         sent = outcome.sent
+        flagged = pc.and_(
+            pc.equal(outcome.rows["status"], "ok"), pc.not_equal(outcome.rows["qc"], QC_OK)
+        )
         return ScoreSummary(
             inputs=outcome.selection.seen,
             ok=ok,
-            errors=rows - ok,
+            errors=rows - ok - skipped,
+            skipped=skipped,
             rows_written=rows,
             seconds=time.perf_counter() - outcome.started,
             output=commit.partition_uri(self.cfg.out, self.cfg.run_date),
@@ -132,6 +143,7 @@ class Scoring:
             scored_now=outcome.selection.todo.num_rows,
             results=results.describe(sent, self.cfg.results_to) if sent else "",
             results_failed=len(sent.failed) if sent else 0,
+            qc_flagged=pc.sum(flagged).as_py() or 0,
         )
 
 

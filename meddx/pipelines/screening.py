@@ -18,9 +18,10 @@ The run is the skeleton of ``meddx.pipelines.run``, which ``meddx score`` runs t
 4. Commit: write ``_COMMIT`` (the file list), move the files into ``OUT/dt=RUN_DATE/``,
    remove the staging folder. Readers of ``OUT/dt=*/`` never see uncommitted rows.
    (``meddx.store.commit`` holds this protocol.)
-5. Triage and report under ``OUT/_runs/dt=RUN_DATE/``: worklist (CSV and Parquet) with
-   its "positive" section and a "needs a human read" section for every row whose ``qc``
-   is not ok, ``summary.json`` and a self-contained ``report.html``.
+5. Triage and report under ``OUT/_runs/dt=RUN_DATE/``: the worklist (CSV and Parquet;
+   ``meddx.pipelines.triage``), one entry per study, with its "positive" section and a
+   "needs a human read" section for every study with an image whose ``qc`` is not ok,
+   ``summary.json`` and a self-contained ``report.html``.
 6. Alarms: error rate over ``--max-error-rate``, quality-control rate over
    ``--max-qc-rate`` or score drift (population stability index against the recent
    runs) over ``--max-psi`` -> one line and a non-zero exit.
@@ -40,19 +41,19 @@ from typing import ClassVar
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 
 from meddx import MeddxAlarm
 from meddx.analysis import drift, page
 from meddx.config import ScreenConfig
 from meddx.inputs import path_pseudonyms, storage
+from meddx.model import ood
 from meddx.model.registry import Checkpoint
-from meddx.names import HUMAN_READ, OUTPUT_SCHEMA, QC_OK
+from meddx.names import OUTPUT_SCHEMA, QC_LOW_QUALITY, QC_OK, QC_WRONG_VIEW
 from meddx.pacs import results
-from meddx.pipelines import run
+from meddx.pipelines import metrics, run
 from meddx.pipelines.path_names import as_indexed
 from meddx.pipelines.selection import WhatIsNew
+from meddx.pipelines.triage import needs_qc, positives, studies, worklist, write_worklist
 from meddx.store import commit, films
 
 log = logging.getLogger(__name__)
@@ -85,10 +86,16 @@ class NightSummary:
     # Rows whose qc is not ok (the worklist's "needs a human read"), by qc value.
     qc_flagged: int = 0
     qc_by_reason: dict[str, int] = dataclasses.field(default_factory=dict)
+    # The worklist's entries, one per (study, model): positives and those needing a
+    # human read (the counts above are of rows, one per image and model).
+    positive_studies: int = 0
+    qc_flagged_studies: int = 0
     # --results-to: Structured Reports stored on the PACS, and those that were not.
     reports_stored: int = 0
     reports_failed: int = 0
     results: str = ""
+    # Rows the selection rules left out (status "skipped"): neither scored nor errors.
+    skipped: int = 0
     # Each model's figures, in --model order (model_name, model_sha256, threshold, rows,
     # ok, errors, positives, qc_flagged, psi): the fields above count every model's rows
     # and name the first model.
@@ -102,13 +109,29 @@ class NightSummary:
         return json.dumps(dataclasses.asdict(self), indent=2, default=str) + "\n"
 
 
-def screen(cfg: ScreenConfig) -> NightSummary:
-    """One night, holding the lease on OUT from before recovery to after the report."""
-    if cfg.store:
-        from meddx.pipelines import prepare  # it builds on this module's policy
+class NightAlarm(MeddxAlarm):
+    """A night that wrote everything and raised alarms; its summary with it."""
 
-        prepare.write_through(cfg.input, cfg.store, cfg.storage, **prepare.run_options(cfg))
-    return run.execute(cfg, Screening(cfg))
+    def __init__(self, summary: NightSummary):
+        super().__init__("; ".join(summary.alarms))
+        self.summary = summary
+
+
+def screen(cfg: ScreenConfig) -> NightSummary:
+    """One night, holding the lease on OUT from before recovery to after the report; its
+    metrics published at its end, whatever the end (``--metrics-file``, ``--pushgateway``)."""
+    with metrics.recorded("screen", cfg.metrics_file, cfg.pushgateway) as record:
+        if cfg.store:
+            from meddx.pipelines import prepare  # it builds on this module's policy
+
+            prepare.write_through(cfg.input, cfg.store, cfg.storage, **prepare.run_options(cfg))
+        try:
+            summary = run.execute(cfg, Screening(cfg))
+        except NightAlarm as alarm:
+            record.night(alarm.summary)
+            raise
+        record.night(summary)
+        return summary
 
 
 # ---- the run --------------------------------------------------------------------------------
@@ -165,7 +188,7 @@ class Screening(WhatIsNew):
         ckpts = dict(zip(outcome.shas, outcome.ckpts, strict=True))
         write_artefacts(cfg, summary, rows, ckpts, histories, outcome.located, paths)
         if summary.alarms:
-            raise MeddxAlarm("; ".join(summary.alarms))
+            raise NightAlarm(summary)
         return summary
 
 
@@ -186,7 +209,8 @@ def summarise(cfg: ScreenConfig, outcome: run.Outcome) -> NightSummary:
         for e, s in zip(rows["error"].to_pylist(), status, strict=True)
         if s == "error"
     )
-    ok = status.count("ok")
+    ok, skipped = status.count("ok"), status.count("skipped")
+    failed = len(status) - ok - skipped
     flagged = Counter(
         q for q, st in zip(rows["qc"].to_pylist(), status, strict=True) if st == "ok" and q != QC_OK
     )
@@ -198,8 +222,10 @@ def summarise(cfg: ScreenConfig, outcome: run.Outcome) -> NightSummary:
         new_inputs=outcome.selection.todo.num_rows,
         rows=len(status),
         ok=ok,
-        errors=len(status) - ok,
-        error_rate=(len(status) - ok) / len(status) if status else 0.0,
+        errors=failed,
+        # Of the rows the rules selected: a skipped image is no failure.
+        error_rate=failed / (len(status) - skipped) if len(status) > skipped else 0.0,
+        skipped=skipped,
         errors_by_reason=dict(errors.most_common()),
         positives=positives(rows).num_rows,
         threshold=ckpt.threshold,
@@ -211,6 +237,8 @@ def summarise(cfg: ScreenConfig, outcome: run.Outcome) -> NightSummary:
         versions=page.versions(),
         qc_flagged=sum(flagged.values()),
         qc_by_reason=dict(flagged.most_common()),
+        positive_studies=studies(positives(rows)),
+        qc_flagged_studies=studies(rows.filter(needs_qc(rows))),
         models=[
             model_figures(of_model(rows, sha), c, sha)
             for c, sha in zip(outcome.ckpts, outcome.shas, strict=True)
@@ -221,16 +249,34 @@ def summarise(cfg: ScreenConfig, outcome: run.Outcome) -> NightSummary:
 def model_figures(rows: pa.Table, ckpt: Checkpoint, sha: str) -> dict:
     """One model's counts of the night."""
     ok = pc.sum(pc.equal(rows["status"], "ok")).as_py() or 0
+    skipped = pc.sum(pc.equal(rows["status"], "skipped")).as_py() or 0
     return {
         "model_name": ckpt.model_name,
         "model_sha256": sha,
         "threshold": ckpt.threshold,
         "rows": rows.num_rows,
         "ok": ok,
-        "errors": rows.num_rows - ok,
+        "errors": rows.num_rows - ok - skipped,
+        "skipped": skipped,
         "positives": positives(rows).num_rows,
         "qc_flagged": rows.filter(needs_qc(rows)).num_rows,
+        # Why its out-of-distribution flags are not to be trusted ("" when they are).
+        "density_doubt": (ood.untrusted(ckpt) or "") if ckpt is not None else "",
     }
+
+
+def qc_cause(summary: NightSummary) -> str:
+    """What most likely made a night's QC rate high, from what its flags say most: the
+    view, the model's density (fitted on too few films), or the feed."""
+    top = max(summary.qc_by_reason, key=summary.qc_by_reason.get, default="")
+    if top == QC_WRONG_VIEW:
+        return "the view: the feed sends views the model was not trained on (--views, --rules)"
+    if top == QC_LOW_QUALITY:
+        return "the feed: blank, saturated or low-contrast images"
+    doubts = [m["density_doubt"] for m in summary.models if m.get("density_doubt")]
+    if doubts:
+        return f"the model's density: {doubts[0]}"
+    return "the feed: films unlike the model's training films (another site, device or protocol)"
 
 
 def check_alarms(cfg: ScreenConfig, summary: NightSummary, drifts: list[drift.Drift | None]):
@@ -244,7 +290,8 @@ def check_alarms(cfg: ScreenConfig, summary: NightSummary, drifts: list[drift.Dr
         reasons = ", ".join(f"{n} {q}" for q, n in summary.qc_by_reason.items())
         alarms.append(
             f"quality-control rate {summary.qc_rate:.1%} is over --max-qc-rate "
-            f"{cfg.max_qc_rate:.1%} ({reasons} of {summary.ok} scored rows)"
+            f"{cfg.max_qc_rate:.1%} ({reasons} of {summary.ok} scored rows); most likely "
+            f"{qc_cause(summary)}"
         )
     if summary.reports_failed:
         alarms.append(
@@ -259,73 +306,6 @@ def check_alarms(cfg: ScreenConfig, summary: NightSummary, drifts: list[drift.Dr
                 f"{cfg.max_psi} against {len(scored.reference_dates)} earlier run date(s)"
             )
     return alarms
-
-
-def needs_qc(rows: pa.Table) -> pa.Expression:
-    return pc.and_(pc.equal(rows["status"], "ok"), pc.not_equal(rows["qc"], QC_OK))
-
-
-def positives(rows: pa.Table) -> pa.Table:
-    """Scored rows at or above their model's threshold that passed quality control."""
-    return rows.filter(
-        pc.and_(
-            pc.and_(pc.equal(rows["status"], "ok"), pc.equal(rows["qc"], QC_OK)),
-            pc.greater_equal(rows["score"], rows["threshold"]),
-        )
-    )
-
-
-WORKLIST_COLUMNS = [
-    "image_uri",
-    "score",
-    "label",
-    "qc",
-    "ood_score",
-    "study_pseudonym",
-    "instance_pseudonym",
-    "modality",
-    "view_position",
-    "model_name",
-    "model_sha256",
-    "run_id",
-]
-
-
-def worklist(rows: pa.Table) -> pa.Table:
-    """Two sections, each ranked from 1. ``positive``: rows above their model's
-    threshold that passed quality control, highest score first; with several models,
-    each study's findings together (the study of the highest score first, then its rows
-    by score). ``needs a human read``: every row whose qc is not ok, whatever its score
-    (the model's score of an image it should not judge is no negative), grouped by
-    reason, highest score first. Triage only orders the reading."""
-    found = by_study(positives(rows))
-    flagged = rows.filter(needs_qc(rows)).sort_by(
-        [("qc", "ascending"), ("score", "descending"), ("image_uri", "ascending")]
-    )
-    sections = []
-    for name, table in (("positive", found), (HUMAN_READ, flagged)):
-        table = table.select(WORKLIST_COLUMNS)
-        table = table.add_column(0, "rank", pa.array(range(1, table.num_rows + 1), pa.int32()))
-        sections.append(
-            table.add_column(0, "section", pa.array([name] * table.num_rows, pa.string()))
-        )
-    return pa.concat_tables(sections)
-
-
-# A spreadsheet runs a cell that starts with one of these as a formula (=HYPERLINK(...)
-# opens a URL, older ones ran commands): OWASP's CSV-injection list, tab and CR included.
-FORMULA_START = r"^[=+\-@\t\r]"
-
-
-def spreadsheet_safe(table: pa.Table) -> pa.Table:
-    """Every string cell that a spreadsheet would run as a formula, prefixed with a
-    quote (shown as text, OWASP's advice); numbers and other cells as they are."""
-    for i, column in enumerate(table.columns):
-        if pa.types.is_string(column.type):
-            risky = pc.fill_null(pc.match_substring_regex(column, FORMULA_START), False)
-            quoted = pc.binary_join_element_wise("'", column, "")
-            table = table.set_column(i, table.field(i), pc.if_else(risky, quoted, column))
-    return table
 
 
 # Grad-CAM overlays for the top of the worklist in the report: enough to see what the
@@ -374,23 +354,6 @@ def worklist_heatmaps(
         return []
 
 
-def by_study(found: pa.Table) -> pa.Table:
-    """Positive rows highest score first; of several models, each study's rows together
-    (a study: its pseudonym, or the image without one), by its highest score."""
-    order = [("score", "descending"), ("image_uri", "ascending")]
-    if len(pc.unique(found["model_sha256"])) < 2:
-        return found.sort_by(order)
-    study = pc.coalesce(found["study_pseudonym"], found["image_uri"])
-    best = found.append_column("study", study).group_by("study").aggregate([("score", "max")])
-    at = pc.index_in(study, value_set=best["study"].combine_chunks())
-    found = found.append_column("study_best", best["score_max"].take(at))
-    found = found.append_column("study", study)
-    ranked = found.sort_by(
-        [("study_best", "descending"), ("study", "ascending"), *order, ("model_name", "ascending")]
-    )
-    return ranked.drop_columns(["study_best", "study"])
-
-
 def write_artefacts(
     cfg,
     summary: NightSummary,
@@ -404,16 +367,7 @@ def write_artefacts(
     sha256, ``histories``: each model's recent scores by date, in --model order."""
     folder = storage.join(cfg.out, commit.RUNS, f"dt={cfg.run_date}")
     triage = worklist(rows)
-    buf = pa.BufferOutputStream()
-    pq.write_table(triage, buf)
-    storage.write_bytes(
-        storage.join(folder, "worklist.parquet"), buf.getvalue().to_pybytes(), cfg.storage
-    )
-    csv_buf = pa.BufferOutputStream()
-    pacsv.write_csv(spreadsheet_safe(triage), csv_buf)
-    storage.write_bytes(
-        storage.join(folder, "worklist.csv"), csv_buf.getvalue().to_pybytes(), cfg.storage
-    )
+    write_worklist(folder, triage, cfg.storage)
     overlays = worklist_heatmaps(cfg, triage, ckpts, located, paths)
     html = page.render(summary, rows, triage, histories, overlays)
     storage.write_bytes(storage.join(folder, "report.html"), html.encode(), cfg.storage)

@@ -15,6 +15,7 @@ finding a validation AUROC and a Youden threshold; the mean AUROC picks the best
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import random
 import time
@@ -33,6 +34,7 @@ from sklearn.model_selection import train_test_split
 from meddx import MeddxError, secret
 from meddx.config import TrainConfig
 from meddx.imaging.decode import DecodeSettings
+from meddx.imaging.rules import DEFAULT as DEFAULT_RULES
 from meddx.inputs import listing, shards, storage
 from meddx.inputs.reading import read_objects
 from meddx.model import ood, registry
@@ -40,14 +42,17 @@ from meddx.model.ood import FEATURE_BATCH, features_of
 from meddx.model.precision import precision_check
 from meddx.model.registry import Checkpoint
 from meddx.names import ABNORMAL, QC_WRONG_VIEW, positive_class_of
-from meddx.pipelines import cluster
+from meddx.pipelines import cluster, metrics
+from meddx.pipelines.dataset import load_rules
 from meddx.pipelines.train_worker import (
     FailureLines,
     TrainJob,
     read_epoch_checkpoint,
     train_loop_per_worker,
 )
-from meddx.store import films
+from meddx.store import audit, films
+
+log = logging.getLogger(__name__)
 
 # Ray Train keeps the best two epochs' checkpoints: the best to export, and one more so
 # the run can resume if the newest one was being written when a worker died.
@@ -104,7 +109,10 @@ def labelled_dataset(
     blocks = cluster.read_blocks(len(rows), sum(shards.is_shard(u) for u, _ in items))
     ds = ray.data.from_items(rows, override_num_blocks=blocks)
     decode = DecodeSettings(
-        size=cfg.image_size, modalities=cfg.modalities or None, views=cfg.views or None
+        size=cfg.image_size,
+        modalities=cfg.modalities or None,
+        views=cfg.views or None,
+        rules=load_rules(cfg.rules, cfg.storage) if cfg.rules else DEFAULT_RULES,
     )
     read, kwargs = read_objects, {}
     if store is not None:
@@ -247,6 +255,23 @@ def training_store(cfg: TrainConfig) -> films.Store | None:
 
 
 def train(cfg: TrainConfig) -> TrainSummary:
+    """``meddx train``: its metrics published at its end, whatever the end
+    (``--metrics-file``, ``--pushgateway``). Its audit records go beside the checkpoint,
+    under its folder's ``_audit/`` (meddx.store.audit)."""
+    logged = audit.recorded(
+        audit.beside(cfg.out), cfg.storage, "train", cfg.data, audit.new_run_id()
+    )
+    with logged, metrics.recorded("train", cfg.metrics_file, cfg.pushgateway) as record:
+        logged.begin_training(cfg.model)
+        summary = fit(cfg)
+        record.trained(summary)
+        logged.trained(cfg.model, summary.sha256, summary.n_train + summary.n_val)
+        return summary
+
+
+def fit(cfg: TrainConfig) -> TrainSummary:
+    """The labelled inputs listed and split, DDP training, the best epoch as the
+    checkpoint file (with its OOD density, precision check and optional int8 model)."""
     start = time.perf_counter()
     store = training_store(cfg)
     if cfg.findings:
@@ -332,7 +357,13 @@ def train(cfg: TrainConfig) -> TrainSummary:
         ckpt = read_epoch_checkpoint(folder)
     images, truth = validation_images(ckpt, val_ds)
     ckpt = fit_ood(ckpt, train_items, class_names, cfg, images, store)
+    doubt = ood.untrusted(ckpt)
+    if doubt:  # said here, and kept in the checkpoint (its density's "trusted": false)
+        log.warning("meddx train: %s; train on more films, or calibrate on more", doubt)
     ckpt = pin_precision(ckpt, images, truth)
+    if cfg.rules:  # what it was trained under, applied when it scores
+        rules = load_rules(cfg.rules, cfg.storage).as_data()
+        ckpt = ckpt.replace(extra={**ckpt.extra, "rules": rules})
     optimized, optimize_result = "", None
     if cfg.optimize:
         ckpt, optimized, optimize_result = with_optimized(ckpt, images, truth)

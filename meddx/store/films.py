@@ -230,9 +230,9 @@ def film_rows(chunk: dict[str, np.ndarray], decode: DecodeSettings, sha: str, ru
     so a film's bytes never leave it."""
     rows: dict[str, list] = {f.name: [] for f in STORE_SCHEMA}
     formats = [_format(b) for b in chunk["bytes"]]
-    for pixels, info, error in decode_each(chunk, decode):
+    for pixels, info, error, status in decode_each(chunk, decode):
         figures = pixel_figures(pixels) if pixels is not None else {}
-        rows["status"].append("error" if error else "ok")
+        rows["status"].append(status)
         rows["error"].append(error or None)
         rows["image"].append(None if pixels is None else _png(pixels))
         rows["height"].append(None if pixels is None else pixels.shape[0])
@@ -400,11 +400,14 @@ def _as_decoded(chunk: dict, rows: list[dict], decode: DecodeSettings) -> dict[s
     """Stored rows -> the decode stage's batch (``decoded_columns``) at the model's size."""
     n = len(rows)
     images = np.zeros((n, decode.size, decode.size), dtype=np.uint8)
-    errors, qc, infos = [], [], []
+    errors, qc, infos, skipped = [], [], [], []
     for i, (row, error) in enumerate(zip(rows, chunk["read_error"], strict=True)):
         info = {name: row.get(name) or default for name, default in INFO_DEFAULTS.items()}
+        # Selected out when prepared (the rules on the header), or by the run's modalities.
+        out = row.get("status") == "skipped"
         if not error and row.get("format") == "dicom":
-            error = dicom.refused_modality(info["modality"], decode.modalities) or ""
+            refused = dicom.refused_modality(info["modality"], decode.modalities)
+            error, out = (f'rule "modality": {refused}', True) if refused else ("", False)
         if not error and info["rows"] * info["columns"] > decode.max_pixels:
             error = (
                 f"{info['columns']}x{info['rows']} pixels exceeds the limit of "
@@ -418,10 +421,11 @@ def _as_decoded(chunk: dict, rows: list[dict], decode: DecodeSettings) -> dict[s
                 checked = qc_of(images[i], info, decode)
             except Exception as exc:  # a damaged row is its own error, never the block's
                 error = f"stored film unreadable ({type(exc).__name__})"
-        if error:
+        if error and not out:
             info = INFO_DEFAULTS
         errors.append(error)
         qc.append(checked)
         infos.append(info)
+        skipped.append(out)
     passthrough = {k: v for k, v in chunk.items() if k != "read_error"}
-    return decoded_columns(passthrough, images, errors, qc, infos)
+    return decoded_columns(passthrough, images, errors, qc, infos, skipped)
