@@ -224,6 +224,22 @@ def test_the_query_engine_stays_offline_quiet_and_within_its_budget():
     assert settings[0][3].endswith("MiB") and float(settings[0][3].split()[0]) <= 256
 
 
+def test_the_results_are_found_in_the_partitions_alone(out, settings):
+    """Parquet files under OUT's own folders (the audit log, run artefacts) are no
+    results, and are not listed to find them: the audit log grows with every run."""
+    committed(out, settings, "2026-11-01-run1", ["/in/a.png"])
+    fs = filesystem(out, settings)
+    root = strip_scheme(out)
+    for extra in ("_audit/runs/dt=2026-11-01/r-start.parquet", "_runs/dt=2026-11-01/w.parquet"):
+        fs.makedirs(f"{root}/{extra.rsplit('/', 1)[0]}", exist_ok=True)
+        with fs.open(f"{root}/{extra}", "wb") as fh:
+            pq.write_table(rows(["/in/ghost.png"], "ghost"), fh)
+    fs.invalidate_cache()
+    found = index._result_files(fs, out)
+    assert len(found) == 1 and next(iter(found)).startswith("dt=2026-11-01/")
+    assert scanned(out, settings)["image_uri"].to_pylist() == ["/in/a.png"]
+
+
 def test_a_snapshot_since_another_reads_what_came_between(out, settings):
     """The commit's re-check reads only what the index gained since the selection."""
     committed(out, settings, "2026-11-01-run1", ["/in/a.png", "/in/b.png"])

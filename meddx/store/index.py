@@ -98,7 +98,14 @@ def _result_files(fs, out: str) -> set[str]:
     if not fs.exists(root):
         return set()
     files = set()
-    for path in fs.find(root):
+    # Only the dt= partitions: OUT also holds _audit/ (files a run, never compacted),
+    # _index/ and _runs/, which would make every listing grow with the history. One
+    # listing of the keys starting "dt=" on S3; the partitions' folders on local disk.
+    if storage.is_s3(out):
+        found = fs.find(root, prefix="dt=")
+    else:
+        found = [p for d in fs.glob(posixpath.join(root, "dt=*")) for p in fs.find(d)]
+    for path in found:
         relative = path[len(root) + 1 :]
         parts = relative.split("/")
         if (
