@@ -222,16 +222,19 @@ def test_multi_label_config_errors(tmp_path):
         with pytest.raises(MeddxError, match="--findings"):
             parse_finding_names(bad)
     write_archive(SynthConfig(out=str(tmp_path / "single"), n=4, size=64))
+    out = str(tmp_path / "model" / "m.pt")  # its audit records go beside it
     with pytest.raises(MeddxError, match="no column for finding"):
-        train(TrainConfig(data=str(tmp_path / "single"), out="m.pt", findings=("nodule",)))
+        train(TrainConfig(data=str(tmp_path / "single"), out=out, findings=("nodule",)))
     (tmp_path / "loose" / "a").mkdir(parents=True)
     with pytest.raises(MeddxError, match="needs a manifest"):
-        train(TrainConfig(data=str(tmp_path / "loose"), out="m.pt", findings=("nodule",)))
+        train(TrainConfig(data=str(tmp_path / "loose"), out=out, findings=("nodule",)))
     write_archive(
         SynthConfig(out=str(tmp_path / "rare"), n=4, size=64, findings=(("nodule", 0.0),))
     )
     with pytest.raises(MeddxError, match="'nodule' needs positive and negative"):
-        train(TrainConfig(data=str(tmp_path / "rare"), out="m.pt", findings=("nodule",)))
+        train(TrainConfig(data=str(tmp_path / "rare"), out=out, findings=("nodule",)))
+    # Each refused training is in the audit log beside the checkpoint it would have been.
+    assert len(list((tmp_path / "model" / "_audit").rglob("*-end.parquet"))) == 3
 
 
 def train_command(tmp_path, env, epochs: int, *extra: str):
