@@ -75,10 +75,16 @@ class Store:
 
 
 def meddx_score(
-    env: dict, inputs: str, model: str | list[str], precision: str, out: str | None = None, **kw
+    env: dict,
+    inputs: str,
+    model: str | list[str],
+    precision: str,
+    out: str | None = None,
+    args: tuple[str, ...] = (),
+    **kw,
 ) -> dict:
-    """``meddx score`` timed (several models in one pass, given a list); its results are
-    kept in ``out`` when one is given."""
+    """``meddx score`` timed (several models in one pass, given a list), with ``args``
+    added to its command line; its results are kept in ``out`` when one is given."""
     models = [model] if isinstance(model, str) else model
     with tempfile.TemporaryDirectory() as tmp:
         run = run_meddx(
@@ -90,6 +96,7 @@ def meddx_score(
                 out or tmp,
                 "--precision",
                 precision,
+                *args,
             ],  # fmt: skip
             env,
             **kw,

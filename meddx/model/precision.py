@@ -2,9 +2,10 @@
 
 The policy: ``auto`` is bf16 (or fp16 where the GPU lacks bf16) on GPUs, bf16 on CPUs
 with native bf16 instructions and fp32 elsewhere, unless the checkpoint pins one. The
-gates: a lower precision, or the optimizer's int8 artefact, is accepted only when, on
-labelled images, no score moves more than its limit from torch fp32's and AUROC (per
-finding for a multi-label model) not more than its other limit.
+gate: a lower precision is accepted only when, on labelled images, no score moves more
+than its limit from torch fp32's and AUROC (per finding for a multi-label model) not
+more than its other limit. (The optimizer's int8 artefact has a gate of its own:
+gate.py.)
 """
 
 from __future__ import annotations
@@ -19,10 +20,6 @@ from meddx.model.registry import Checkpoint
 # pins fp32 in the checkpoint when it fails).
 BF16_MAX_SCORE_DIFF = 0.01
 BF16_MAX_AUROC_DIFF = 0.002
-# The OpenVINO int8 artefact instead of torch fp32 (``meddx optimize``): int8 rounds more
-# than bf16, and a model that moves by more than this is refused, not pinned.
-INT8_MAX_SCORE_DIFF = 0.02
-INT8_MAX_AUROC_DIFF = 0.003
 
 
 def cpu_has_native_bf16() -> bool:

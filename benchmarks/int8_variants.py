@@ -2,13 +2,13 @@
 largest score change against torch fp32 on the held-out half of the mix's first 240
 films (docs/benchmarks.md, "Start-up, 16-bit PNG and the int8 gate").
 
-    python benchmarks/int8_gate.py [MODEL [SIZE [VARIANT,...]]]
-    AC=ac MAXDROP=0.0125 python benchmarks/int8_gate.py resnet18 224 none  # accuracy control
-    AC=ac_smooth50 python benchmarks/int8_gate.py densenet121 224 none  # after SmoothQuant
-    SPEED=1 python benchmarks/int8_gate.py densenet121 224 smooth50_ignore_fc  # and img/s
-    python benchmarks/int8_gate.py densenet121 224 finetune5  # quantization-aware
-    EXTRA=data/more python benchmarks/int8_gate.py densenet121 224 finetune3_extra
-    KEEP=smooth50_nobc_ignore_fc KS=1,8,32 python benchmarks/int8_gate.py densenet121 224 none
+    python benchmarks/int8_variants.py [MODEL [SIZE [VARIANT,...]]]
+    AC=ac MAXDROP=0.0125 python benchmarks/int8_variants.py resnet18 224 none  # accuracy control
+    AC=ac_smooth50 python benchmarks/int8_variants.py densenet121 224 none  # after SmoothQuant
+    SPEED=1 python benchmarks/int8_variants.py densenet121 224 smooth50_ignore_fc  # and img/s
+    python benchmarks/int8_variants.py densenet121 224 finetune5  # quantization-aware
+    EXTRA=data/more python benchmarks/int8_variants.py densenet121 224 finetune3_extra
+    KEEP=smooth50_nobc_ignore_fc KS=1,8,32 python benchmarks/int8_variants.py densenet121 224 none
         # the k convolutions whose return to fp32 helps most, kept in fp32, for each k
 
 Needs the mix archive `make bench` renders (benchmarks/.cache/mix-240-2400x2800).
