@@ -104,10 +104,13 @@ bench-inputs: install
 	$(BIN)/python benchmarks/inputs.py --n 2000 --size 512 --out benchmarks/results/inputs-$$(hostname)-$$(date +%F).json
 
 # Model-only CPU runtimes on the same model: torch eager, OpenVINO fp32/int8 (NNCF), ONNX
-# Runtime fp32/int8 (QDQ), resnet18 and densenet121, batch 32, images/s and score closeness.
+# Runtime fp32/int8 (QDQ), resnet18 and densenet121, batch 32, images/s and score closeness;
+# then the int8 gate on resnet18 and densenet121 trained by meddx train, and what the kept
+# runtime buys `meddx score STORE` on 960 films of the mix (docs/int8.md).
 bench-runtimes: install
 	$(PIP_INSTALL) -e '.[compare]'
 	$(BIN)/python benchmarks/runtimes.py
+	$(BIN)/python benchmarks/int8_gate.py
 
 # A store of model-ready films (meddx prepare) against decoding every run, on 240 and 960
 # films of the mix: prepare and score rates, store bytes, training, score agreement.

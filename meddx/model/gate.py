@@ -35,8 +35,11 @@ FLIP_MARGIN = 0.01
 # The least half-width of the AUROC band: a model that ranks every checked film right
 # has a bootstrap interval of width 0, and one swapped pair would refuse it.
 AUROC_MIN_HALF_WIDTH = 0.003
-# Expected calibration error (10 equal-width bins) may move by this much.
-MAX_ECE_CHANGE = 0.01
+# Expected calibration error (10 equal-width bins) may move by this much. One grey level
+# of noise moves it by 0.003-0.009 (resnet18) and 0.005-0.012 (densenet121) on 120 films
+# of the benchmark's trained models, five seeds each, and one film changing bin there
+# moves it by up to 1/120: the noise's largest plus about one film (docs/int8.md).
+MAX_ECE_CHANGE = 0.02
 
 
 def flip_limit(images: int, noise_flips: int) -> int:

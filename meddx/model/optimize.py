@@ -26,7 +26,7 @@ import numpy as np
 from meddx import MeddxError
 from meddx.model import engine, gate
 from meddx.model.engine import OPTIMIZED_KEY
-from meddx.model.forward import probabilities, probs_from_logits
+from meddx.model.forward import probabilities
 from meddx.model.registry import Checkpoint
 from meddx.names import DEFAULT_CHECK_IMAGES
 
@@ -38,12 +38,6 @@ logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 # The gate (gate.py) is checked against torch fp32 on the labelled images of DATA.
 CALIBRATION_IMAGES = 300  # NNCF's default subset size
-# When post-training quantization fails the gate on the images it was tuned on, NNCF's
-# accuracy control returns to fp32 the fewest layers that keep every score there within
-# this of torch's. On a trained resnet18 (205 films of the mix, scores spread over the
-# whole range) 0.0125 gave 0.017 on the held-out half with 19 int8 operations kept
-# (about 2.5x torch); on the tests' seednet 0.010 returned every layer to fp32.
-CONTROL_SCORE_DIFF = 0.0125
 # The classifier head stays fp32: the logits are its output, so its rounding moves the
 # scores most (trained resnet18, largest change on held-out films: 0.085 with the head
 # in int8, 0.022 without), and it is a thousandth of the model's work.
@@ -96,16 +90,13 @@ def export(
     ckpt: Checkpoint,
     precision: str,
     calibration: np.ndarray | None,
-    control: tuple[np.ndarray, np.ndarray] | None = None,
     finetune_epochs: int = 0,
     range_lr: float = FINETUNE_RANGE_LRS[0],
 ) -> tuple[bytes, bytes]:
     """The model as OpenVINO IR (xml bytes, weights bytes). int8 quantizes it on the
-    float inputs ``calibration`` (N, 3, S, S); with ``control`` (inputs and torch fp32's
-    probabilities on them) NNCF's accuracy control then returns to fp32 the fewest
-    layers that keep every score there within CONTROL_SCORE_DIFF of torch's. With
-    ``finetune_epochs``, int8 is quantization-aware fine-tuning instead (``finetuned``,
-    the quantizers' ranges learning at ``range_lr``)."""
+    float inputs ``calibration`` (N, 3, S, S) by post-training quantization, or with
+    ``finetune_epochs`` by quantization-aware fine-tuning (``finetuned``, the
+    quantizers' ranges learning at ``range_lr``)."""
     import openvino as ov
 
     from meddx.model.registry import features_model
@@ -118,37 +109,15 @@ def export(
     if precision == "int8" and not finetune_epochs:
         import nncf
 
-        calibrate = nncf.Dataset([calibration[i : i + 1] for i in range(len(calibration))])
         # Full bias correction: on a trained seednet the largest score change fell from
         # 0.56 (NNCF's fast correction) to 0.055.
-        options = {
-            "subset_size": min(CALIBRATION_IMAGES, len(calibration)),
-            "fast_bias_correction": False,
-            "ignored_scope": nncf.IgnoredScope(patterns=[HEAD_SCOPE]),
-        }
-        if control is None:
-            ov_model = nncf.quantize(ov_model, calibrate, **options)
-        else:
-            inputs, reference = control
-            check = nncf.Dataset([(inputs[i : i + 1], reference[i]) for i in range(len(inputs))])
-
-            def probs(logits: np.ndarray) -> np.ndarray:
-                return probs_from_logits(logits, ckpt.multi_label, ckpt.temperatures)
-
-            def closeness(compiled, data) -> tuple[float, list[float]]:
-                out = compiled.output(0)
-                diffs = [float(np.abs(probs(compiled(x)[out])[0] - ref).max()) for x, ref in data]
-                return 1 - max(diffs), [1 - d for d in diffs]
-
-            ov_model = nncf.quantize_with_accuracy_control(
-                ov_model,
-                calibrate,
-                check,
-                validation_fn=closeness,
-                max_drop=CONTROL_SCORE_DIFF,
-                drop_type=nncf.DropType.ABSOLUTE,
-                **options,
-            )
+        ov_model = nncf.quantize(
+            ov_model,
+            nncf.Dataset([calibration[i : i + 1] for i in range(len(calibration))]),
+            subset_size=min(CALIBRATION_IMAGES, len(calibration)),
+            fast_bias_correction=False,
+            ignored_scope=nncf.IgnoredScope(patterns=[HEAD_SCOPE]),
+        )
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -274,49 +243,30 @@ def with_entry(ckpt: Checkpoint, runtime: str, precision: str, xml: bytes, weigh
 
 
 def tuned(
-    ckpt: Checkpoint,
-    precision: str,
-    images: np.ndarray,
-    reference: np.ndarray,
-    truth: np.ndarray,
-    finetune_epochs: int,
+    ckpt: Checkpoint, precision: str, images: np.ndarray, reference: np.ndarray, epochs: int
 ) -> tuple[bytes, bytes, dict]:
-    """The artefact chosen on the tuning images alone (uint8 ``images``, torch fp32's
-    ``reference`` probabilities on them, ``truth``): its xml, weights, and how it was
-    chosen.
-
-    int8 by post-training quantization is kept as it is when it holds the gate on these
-    images; otherwise NNCF's accuracy control returns layers to fp32 until every score
-    here is within CONTROL_SCORE_DIFF of torch's. int8 by fine-tuning is run at each of
-    FINETUNE_RANGE_LRS, and the one with the smaller largest score change here is kept.
-    """
+    """The artefact made on the tuning images alone (uint8 ``images``, torch fp32's
+    ``reference`` probabilities on them): its xml, weights and how it was made. int8 by
+    fine-tuning (``epochs``) runs at each of FINETUNE_RANGE_LRS and keeps the one whose
+    largest score change here is the smaller."""
     inputs = model_inputs(ckpt, images)
-    if precision != "int8":
+    if precision != "int8" or not epochs:
         return (*export(ckpt, precision, inputs), {})
-    if finetune_epochs:
-        tried = {}
-        for lr in FINETUNE_RANGE_LRS:
-            xml, weights = export(ckpt, precision, inputs, None, finetune_epochs, lr)
-            scores = probabilities(
-                with_entry(ckpt, "openvino", precision, xml, weights), images, runtime="openvino"
-            )
-            change = gate.score_change(reference, scores)["max"]
-            log.info("fine-tuned with the ranges at %g: largest tuning change %.4f", lr, change)
-            tried[lr] = (change, xml, weights)
-        best = min(tried, key=lambda lr: tried[lr][0])
-        how = {
-            "finetune_range_lr": best,
-            "finetune_tuning_max_diff": {f"{lr:g}": round(c, 6) for lr, (c, _, _) in tried.items()},
-        }
-        return tried[best][1], tried[best][2], how
-    xml, weights = export(ckpt, precision, inputs)
-    plain = with_entry(ckpt, "openvino", precision, xml, weights)
-    on_tuning = gate_check(ckpt, images, reference, truth, plain)
-    if on_tuning["holds"]:
-        return xml, weights, {"accuracy_control": False, "tuning_failed": []}
-    log.info("post-training quantization fails the gate on the tuning half; accuracy control")
-    xml, weights = export(ckpt, precision, inputs, (inputs, reference))
-    return xml, weights, {"accuracy_control": True, "tuning_failed": on_tuning["failed"]}
+    tried = {}
+    for lr in FINETUNE_RANGE_LRS:
+        xml, weights = export(ckpt, precision, inputs, epochs, lr)
+        scores = probabilities(
+            with_entry(ckpt, "openvino", precision, xml, weights), images, runtime="openvino"
+        )
+        change = gate.score_change(reference, scores)["max"]
+        log.info("fine-tuned with the ranges at %g: largest tuning change %.4f", lr, change)
+        tried[lr] = (change, xml, weights)
+    best = min(tried, key=lambda lr: tried[lr][0])
+    how = {
+        "finetune_range_lr": best,
+        "finetune_tuning_max_diff": {f"{lr:g}": round(c, 6) for lr, (c, _, _) in tried.items()},
+    }
+    return tried[best][1], tried[best][2], how
 
 
 def optimize(
@@ -356,23 +306,19 @@ def with_artefact(
     """The checkpoint with its model for ``runtime`` inside, tuned on every other of the
     uint8 ``images`` and checked on the rest against torch fp32. Raises, with the
     figures, when the check fails. ``finetune_epochs``: quantization-aware fine-tuning
-    on the tuning half instead of post-training quantization with accuracy control."""
+    on the tuning half instead of post-training quantization."""
     if len(images) < 20:
         raise MeddxError(f"{source} has {len(images)} labelled images; optimizing needs 20 or more")
     reference = probabilities(ckpt, images)
     # Tuned and chosen on every other image, checked on the rest: the gate is not the
     # images the quantization was fitted to.
     tune, held = slice(0, None, 2), slice(1, None, 2)
-    xml, weights, how = tuned(
-        ckpt, precision, images[tune], reference[tune], truth[tune], finetune_epochs
-    )
+    xml, weights, how = tuned(ckpt, precision, images[tune], reference[tune], finetune_epochs)
     candidate = with_entry(ckpt, runtime, precision, xml, weights)
     check = gate_check(ckpt, images[held], reference[held], truth[held], candidate)
     check |= how
     check["quantized_ops"] = xml.count(b'type="FakeQuantize"')
     check["finetune_epochs"] = finetune_epochs if precision == "int8" else 0
-    if precision == "int8" and not check["quantized_ops"]:
-        precision = "fp32"  # accuracy control returned every layer to fp32: say so
     if not check["holds"]:
         raise GateRefused(OptimizeResult(runtime, precision, check, None), ckpt)
     import torch
@@ -422,7 +368,7 @@ def next_step(result: OptimizeResult, ckpt: Checkpoint | None = None) -> str:
             f"one grey level of noise already moves the fp32 model this far, so fine-tuning "
             f"will not hold it (a model trained with more films or augmentation may): {meanwhile}"
         )
-    return f"fine-tuning may hold it (meddx optimize --finetune-epochs 5); until then {meanwhile}"
+    return f"fine-tuning may hold it (meddx optimize --finetune-epochs 3); until then {meanwhile}"
 
 
 def unsteady(check: dict) -> bool:
@@ -475,8 +421,6 @@ def describe(result: OptimizeResult) -> str:
     how = ""
     if c.get("finetune_epochs"):
         how = f" (fine-tuned {c['finetune_epochs']} epochs, ranges at {c['finetune_range_lr']:g})"
-    elif c.get("accuracy_control"):
-        how = " (accuracy control)"
     return f"{result.runtime} {result.precision}{how} holds the accuracy gate on {figures(c)}"
 
 
