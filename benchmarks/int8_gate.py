@@ -229,7 +229,7 @@ def fmt(x, digits=4) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
-def table(rows: list[dict]) -> str:
+def table(rows: list[dict], films: int) -> str:
     lines = [
         "model        int8 by      held  flips(noise,limit)  AUROC ref->int8 (interval)"
         "        ECE change  p50/p99/max score change"
@@ -249,7 +249,7 @@ def table(rows: list[dict]) -> str:
                 f"{fmt(s['p50'])}/{fmt(s['p99'])}/{fmt(s['max'])}"
             )
         lines.append(
-            f"{'':<12} kept: {r['kept']}; model only {r['model_only']}; score 960 films "
+            f"{'':<12} kept: {r['kept']}; model only {r['model_only']}; score {films} films "
             f"auto/fp32 = {[x['auto_over_fp32'] for x in r['score']]} "
             f"({[x['runtime_auto']['images_per_s'] for x in r['score']]} against "
             f"{[x['torch_fp32']['images_per_s'] for x in r['score']]} images/s)"
@@ -280,7 +280,7 @@ def main() -> None:
         except MeddxError as exc:
             rows.append({"model": name, "error": str(exc)})
     ok = [r for r in rows if "error" not in r]
-    print(table(ok))
+    print(table(ok, args.score_n))
     write_result(
         {
             "date": dt.date.today().isoformat(),
