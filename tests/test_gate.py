@@ -130,3 +130,18 @@ def test_one_class_among_the_films_checked_cannot_be_judged():
     check = gate.int8_gate(ckpt, probs(ref), probs(ref), probs(ref), np.ones(40))
     assert math.isnan(check["findings"]["opacity"]["auroc_reference"])
     assert check["failed"] == ["AUROC undefined (one class among the films checked)"]
+
+
+def test_optimize_help_states_the_gates_limits():
+    """`meddx optimize --help` states the limits the gate applies (the CLI stays free of
+    torch, so its text cannot read them): they change together."""
+    from click.testing import CliRunner
+
+    from meddx.cli import cli
+    from meddx.model import optimize
+
+    text = " ".join(CliRunner().invoke(cli, ["optimize", "--help"]).output.split())
+    assert f"plus 1 in {round(1 / gate.FLIP_MARGIN)}" in text
+    assert f"calibration error moves by at most {gate.MAX_ECE_CHANGE}" in text
+    rates = " and ".join(f"{lr:.0e}".replace("e-0", "e-") for lr in optimize.FINETUNE_RANGE_LRS)
+    assert f"range rates {rates}" in text
