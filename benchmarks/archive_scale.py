@@ -134,7 +134,8 @@ def write_history(out: Path, root: Path, n_old: int, model: Path, sha: str) -> N
         # The metadata meddx writes; the runtime is torch, as the nights on this untrained
         # checkpoint resolve it (file_metadata would ask a running Ray).
         with mock.patch.object(dataset, "resolve_runtime", return_value="torch"):
-            metadata = dataset.file_metadata((ckpt,), (sha,), run_id, cfg)
+            rules = dataset.selection_rules(cfg, (ckpt,))
+            metadata = dataset.file_metadata((ckpt,), (sha,), run_id, cfg, rules)
         rows = history_rows(old_uris(root, bounds[day], bounds[day + 1]), sha, run_id, night)
         folder = out / f"dt={night.isoformat()}"
         folder.mkdir(parents=True, exist_ok=True)

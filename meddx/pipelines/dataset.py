@@ -56,11 +56,13 @@ def file_metadata(
     shas: tuple[str, ...],
     run_id: str,
     cfg: ScoreConfig,
+    selection: RuleSet,
     store: films.Store | None = None,
 ) -> dict[str, str]:
     """Provenance in every Parquet file's key-value metadata (no credentials, no PHI):
     the run's, then each model's under ``meddx.models`` (in --model order), and the
-    first model's also at the top, where files of one model have always had it."""
+    first model's also at the top, where files of one model have always had it;
+    ``selection``: the run's selection rules (``selection_rules``)."""
     models = [model_metadata(ckpt, sha, cfg) for ckpt, sha in zip(ckpts, shas, strict=True)]
     return {
         # The films came through a store (meddx prepare), made by this decoder: "" if not.
@@ -74,7 +76,7 @@ def file_metadata(
         # Quality control: the qc column's values.
         "meddx.qc_values": json.dumps(list(QC_VALUES)),
         # The selection rules images were checked against (imaging/rules.py's data).
-        "meddx.rules": json.dumps(selection_rules(cfg, ckpts).as_data(), sort_keys=True),
+        "meddx.rules": json.dumps(selection.as_data(), sort_keys=True),
     }
 
 
@@ -152,6 +154,7 @@ def build_dataset(
     ckpts: tuple[Checkpoint, ...],
     run_id: str,
     shas: tuple[str, ...],
+    selection: RuleSet,
     located: dict[str, str] | None = None,
     store: films.Store | None = None,
 ) -> ray.data.Dataset:
@@ -161,7 +164,8 @@ def build_dataset(
     content hashes, whose bytes are dropped unread by the model) and ``models`` where
     some need only some of several models; ``located``: each DICOMweb input's locator,
     which the read task fetches it by; ``store``: the store of films (meddx prepare) the
-    inputs are read from instead, decoded already.
+    inputs are read from instead, decoded already; ``selection``: the run's selection
+    rules (``selection_rules``), which decoding checks each header against.
 
     Several models: each film is decoded once, at the largest model's input size and
     for any modality or view one of them accepts; each model then takes it at its own
@@ -172,7 +176,7 @@ def build_dataset(
         max_pixels=cfg.max_pixels,
         modalities=union([m for m, _ in each]),
         views=union([v for _, v in each]),
-        rules=selection_rules(cfg, ckpts),
+        rules=selection,
         pseudonym_key=secret.pseudonym_key(),
     )
     total = ray.cluster_resources()

@@ -82,7 +82,8 @@ class ModelRows:
         if len(set(self.shas)) < len(self.shas):
             twice = next(s for i, s in enumerate(self.shas) if s in self.shas[:i])
             raise MeddxError(f"two --model files are the same checkpoint ({twice[:12]}...)")
-        selection_rules(cfg, self.ckpts)  # a bad --rules file: one line before anything
+        # Read once, here: a bad --rules file is one line before anything else.
+        self.rules = selection_rules(cfg, self.ckpts)
         # The store the films are read from (INPUT itself, or --store), if any: refused
         # here when its films are smaller than the largest model input.
         uri = cfg.store or cfg.input
@@ -91,8 +92,10 @@ class ModelRows:
         self.store = films.open_store(uri, cfg.storage, size, key)
 
     def dataset(self, todo, run_id, located):
-        ds = build_dataset(self.cfg, todo, self.ckpts, run_id, self.shas, located, self.store)
-        meta = file_metadata(self.ckpts, self.shas, run_id, self.cfg, self.store)
+        ds = build_dataset(
+            self.cfg, todo, self.ckpts, run_id, self.shas, self.rules, located, self.store
+        )
+        meta = file_metadata(self.ckpts, self.shas, run_id, self.cfg, self.rules, self.store)
         return ds, OUTPUT_SCHEMA.with_metadata(meta)
 
 
