@@ -127,6 +127,7 @@ def write_history(out: Path, root: Path, n_old: int, model: Path, sha: str) -> N
     """The N - K old inputs' rows, spread over HISTORY_DAYS nights."""
     ckpt = registry.read_checkpoint(str(model), StorageSettings())[0]
     bounds = np.linspace(0, n_old, HISTORY_DAYS + 1, dtype=np.int64)
+    rules = dataset.selection_rules(ScreenConfig(input="", model=str(model), out=str(out)), (ckpt,))
     for day in range(HISTORY_DAYS):
         night = FIRST_NIGHT + dt.timedelta(days=day)
         run_id = f"{night.isoformat()}T020000-bench{day:04d}"
@@ -134,7 +135,6 @@ def write_history(out: Path, root: Path, n_old: int, model: Path, sha: str) -> N
         # The metadata meddx writes; the runtime is torch, as the nights on this untrained
         # checkpoint resolve it (file_metadata would ask a running Ray).
         with mock.patch.object(dataset, "resolve_runtime", return_value="torch"):
-            rules = dataset.selection_rules(cfg, (ckpt,))
             metadata = dataset.file_metadata((ckpt,), (sha,), run_id, cfg, rules)
         rows = history_rows(old_uris(root, bounds[day], bounds[day + 1]), sha, run_id, night)
         folder = out / f"dt={night.isoformat()}"
